@@ -1,0 +1,6 @@
+"""The one exception type that the CLI turns into a single clear line on stderr."""
+
+
+class IgptError(Exception):
+    """A user-facing error: bad input or an impossible option. The CLI prints `igpt: error: <message>`
+    and exits non-zero, without a traceback (unless `--debug`)."""

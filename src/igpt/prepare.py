@@ -1,0 +1,208 @@
+"""`igpt prepare`: images -> resized -> palette -> tokens in raster or snake order, written as a prepared
+directory (tokens, labels, palette, meta.json) that every later stage reads.
+
+The directory is built in a temporary sibling and renamed into place at the end, so an interrupted or failed
+prepare never leaves a half-written `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import IgptError
+from .palette import (
+    ORDERS,
+    decode,
+    fit_palette,
+    load_palette,
+    quantize,
+    resize_images,
+    to_channels,
+    to_sequence,
+    token_dtype,
+)
+from .sources import SOURCES, Split, load_source
+
+
+@dataclass
+class PrepareConfig:
+    """Settings of one prepare; recorded in meta.json, and a second prepare with equal settings reuses the
+    directory instead of redoing it."""
+
+    dataset: str
+    """One of fashion-mnist, mnist, cifar10, cifar100, folder, npz, digits."""
+    data_dir: str | None = None
+    """Where the source lives (its default place when None)."""
+    resolution: int | None = None
+    """Square side after box resizing; None keeps the source's own (square) size."""
+    clusters: int | None = None
+    """Palette size K; None means 16 for grey images and 512 for colour."""
+    order: str = "raster"
+    """raster (row by row) or snake (every other row reversed)."""
+    palette: str | None = None
+    """Reuse this palette file (ours or OpenAI's kmeans_centers.npy) instead of fitting one."""
+    limit: int | None = None
+    """Keep only the first N images of each split."""
+    seed: int = 0
+    """Seed of the k-means sampling and initialisation, and of folder/npz test splits."""
+    test_fraction: float = 0.1
+    """Share of images held out for testing where the source has no test split (folder, npz)."""
+    strict: bool = False
+    """Fail on an unreadable image in a folder instead of skipping and counting it."""
+
+    def __post_init__(self) -> None:
+        if self.dataset not in SOURCES:
+            raise IgptError(f"unknown dataset '{self.dataset}'; choose one of {', '.join(SOURCES)}")
+        if self.resolution is not None and self.resolution <= 0:
+            raise IgptError(f"--resolution must be positive, got {self.resolution}")
+        if self.clusters is not None and self.clusters < 2:
+            raise IgptError(f"--clusters must be at least 2, got {self.clusters}")
+        if self.order not in ORDERS:
+            raise IgptError(f"--order must be raster or snake, got '{self.order}'")
+        if self.limit is not None and self.limit <= 0:
+            raise IgptError(f"--limit must be positive, got {self.limit}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise IgptError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
+        if self.palette is not None:
+            self.palette = str(Path(self.palette).resolve())
+        if self.data_dir is not None:
+            self.data_dir = str(Path(self.data_dir).expanduser().resolve())
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare(cfg: PrepareConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
+    """Run one prepare into `out` and return its meta. An existing directory prepared with the same
+    settings is reused; one with other settings is refused unless `force`."""
+    out = Path(out)
+    settings = asdict(cfg)
+    if (out / "meta.json").is_file():
+        try:
+            old = json.loads((out / "meta.json").read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("settings") == settings:
+            _log(f"{out} already holds this prepared set; reusing it")
+            return old
+        if not force:
+            raise IgptError(f"{out} holds a set prepared with other settings; pass --force to replace it")
+    elif out.exists() and any(out.iterdir()) and not force:
+        raise IgptError(f"{out} exists and is not empty; choose another --out or pass --force")
+
+    t0 = time.perf_counter()
+    data = load_source(
+        cfg.dataset, cfg.data_dir, resolution=cfg.resolution, test_fraction=cfg.test_fraction, seed=cfg.seed,
+        strict=cfg.strict,
+    )  # fmt: skip
+    if data.skipped:
+        _log(f"warning: skipped {len(data.skipped)} unreadable file(s), e.g. {data.skipped[0]}")
+    train, test = data.train, data.test
+    if cfg.limit:
+        train = Split(train.images[: cfg.limit], train.labels[: cfg.limit])
+        test = Split(test.images[: cfg.limit], test.labels[: cfg.limit])
+    h, w = train.images.shape[1:3]
+    resolution = cfg.resolution
+    if resolution is None:
+        if h != w:
+            raise IgptError(f"the images are {h}x{w}, not square; pass --resolution")
+        resolution = h
+    t_load = time.perf_counter()
+    xtr = resize_images(train.images, resolution)
+    xte = resize_images(test.images, resolution)
+    t_resize = time.perf_counter()
+
+    if cfg.palette:
+        palette = load_palette(cfg.palette)
+        xtr, xte = to_channels(xtr, palette.shape[1]), to_channels(xte, palette.shape[1])
+        if cfg.clusters is not None and cfg.clusters != len(palette):
+            raise IgptError(f"--clusters {cfg.clusters} does not match the palette's {len(palette)} colours")
+    else:
+        k = cfg.clusters or (16 if xtr.shape[3] == 1 else 512)
+        palette = fit_palette(xtr, k, seed=cfg.seed)
+    k = len(palette)
+    t_fit = time.perf_counter()
+    dtype = token_dtype(k)
+    tok_tr = to_sequence(quantize(xtr, palette), cfg.order).astype(dtype)
+    grid_te = quantize(xte, palette)
+    tok_te = to_sequence(grid_te, cfg.order).astype(dtype)
+    rmse = float(
+        np.sqrt(np.mean((decode(grid_te, palette).astype(np.float64) - xte.astype(np.float64)) ** 2))
+    )
+    t_quant = time.perf_counter()
+
+    labelled = np.concatenate([train.labels, test.labels])
+    num_classes = len(data.class_names) if (labelled >= 0).any() else 0
+    meta = {
+        "dataset": cfg.dataset,
+        "resolution": resolution,
+        "channels": int(palette.shape[1]),
+        "clusters": k,
+        "order": cfg.order,
+        "n_train": len(tok_tr),
+        "n_test": len(tok_te),
+        "num_classes": num_classes,
+        "class_names": data.class_names if num_classes else [],
+        "quantization_rmse": round(rmse, 4),
+        "seq_len": resolution * resolution,
+        "token_dtype": dtype.name,
+        "source": data.source,
+        "source_size": [int(h), int(w)],
+        "skipped_files": len(data.skipped),
+        "palette_from": cfg.palette or "k-means fit on the training split",
+        "seconds": {
+            "load": round(t_load - t0, 3),
+            "resize": round(t_resize - t_load, 3),
+            "palette": round(t_fit - t_resize, 3),
+            "quantize": round(t_quant - t_fit, 3),
+        },
+        "igpt_version": __version__,
+        "settings": settings,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tmp.chmod(0o755)
+        np.save(tmp / "train_tokens.npy", tok_tr)
+        np.save(tmp / "test_tokens.npy", tok_te)
+        np.save(tmp / "train_labels.npy", train.labels.astype(np.int64))
+        np.save(tmp / "test_labels.npy", test.labels.astype(np.int64))
+        np.save(tmp / "palette.npy", palette.astype(np.float32))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    meta["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+    return meta
+
+
+def summary_lines(meta: dict[str, Any], out: str | Path) -> list[str]:
+    """A human summary of a prepared set, printed by the CLI."""
+    tr = meta["n_train"]
+    return [
+        f"prepared {meta['dataset']} -> {out}",
+        f"  images      train {tr:,}  test {meta['n_test']:,}  ({meta['num_classes']} classes)",
+        f"  tokens      {meta['resolution']}x{meta['resolution']} = {meta['seq_len']} per image, {meta['order']} order, "
+        f"dtype {meta['token_dtype']}",
+        f"  palette     {meta['clusters']} colours x {meta['channels']} channel(s), "
+        f"quantization RMSE {meta['quantization_rmse']:.3f} (0-255 scale)",
+        f"  time        {meta['seconds'].get('total', sum(meta['seconds'].values())):.2f} s",
+    ]

@@ -1,0 +1,321 @@
+"""Image sources: each turns a dataset on disk into uint8 images (N, H, W, C), integer labels and class names,
+for a train and a test split.
+
+Every reader validates what it reads and raises `IgptError` with one clear sentence when a file is missing,
+truncated or not what it claims to be, so `igpt prepare` never fails with a traceback on bad input.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import IgptError
+
+SOURCES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder", "npz", "digits")
+DEFAULT_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]  # fmt: skip
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+
+
+@dataclass
+class Split:
+    """One split: `images` uint8 (N, H, W, C) with C in {1, 3}; `labels` int64 (N,), -1 where unlabeled."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class ImageSet:
+    """A dataset as read from disk, before resizing and quantization."""
+
+    train: Split
+    test: Split
+    class_names: list[str]
+    source: str
+    """Where the images came from (a directory or file), recorded in meta.json."""
+    skipped: list[str] = field(default_factory=list)
+    """Files that could not be read (folder source), each as 'path (reason)'."""
+
+
+# ---------------------------------------------------------------------------------------------- IDX (MNIST)
+def read_idx(path: Path, expect_dims: int) -> np.ndarray:
+    """Read one IDX file of unsigned bytes (gzipped or not) and check its magic number and length."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise IgptError(f"cannot read IDX file {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise IgptError(f"{path} is not an IDX file of unsigned bytes (wrong magic number)")
+    ndim = raw[3]
+    if ndim != expect_dims:
+        raise IgptError(f"{path}: expected an IDX file with {expect_dims} dimension(s), found {ndim}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise IgptError(f"{path} is truncated (incomplete header)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    n = int(np.prod(shape))
+    if len(raw) - header != n:
+        raise IgptError(
+            f"{path} is truncated or padded: header promises {n} bytes, file holds {len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    raise IgptError(f"missing file {directory / stem}[.gz]")
+
+
+def load_idx_dataset(directory: Path, name: str) -> ImageSet:
+    """MNIST-format data: the four IDX files (train/t10k images and labels), gzipped or not."""
+    if not directory.is_dir():
+        hint = " (install it with: apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else ""
+        raise IgptError(f"data directory {directory} does not exist{hint}")
+    splits = []
+    for prefix in ("train", "t10k"):
+        images = read_idx(_find(directory, f"{prefix}-images-idx3-ubyte"), 3)
+        labels = read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"), 1)
+        if len(images) != len(labels):
+            raise IgptError(f"{directory}: {prefix} has {len(images)} images but {len(labels)} labels")
+        splits.append(Split(images[..., None], labels.astype(np.int64)))
+    names = FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
+    return ImageSet(splits[0], splits[1], names, str(directory))
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays: the CIFAR batches are pickles, and a pickle can run
+    arbitrary code, so anything outside this allow-list is refused."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: D102 - see class docstring
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise IgptError(f"missing file {path}")
+    try:
+        with open(path, "rb") as f:
+            d = _SafeUnpickler(f, encoding="bytes").load()
+    except Exception as e:  # noqa: BLE001 - any failure here means "not a CIFAR batch"
+        raise IgptError(f"{path} is not a CIFAR python batch ({e.__class__.__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise IgptError(f"{path} is not a CIFAR python batch (not a dictionary)")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def _cifar_batch(path: Path, label_key: str) -> Split:
+    d = _unpickle(path)
+    if "data" not in d or label_key not in d:
+        raise IgptError(f"{path} is not a CIFAR python batch (no 'data' or '{label_key}')")
+    data = np.asarray(d["data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise IgptError(
+            f"{path} is not a CIFAR python batch (data is {data.dtype} {data.shape}, not uint8 (N, 3072))"
+        )
+    labels = np.asarray(d[label_key], dtype=np.int64)
+    if len(labels) != len(data):
+        raise IgptError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return Split(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels)
+
+
+def load_cifar(directory: Path, name: str) -> ImageSet:
+    """CIFAR-10/100 as distributed: the python batch directory (`cifar-10-batches-py`, `cifar-100-python`)."""
+    if not directory.is_dir():
+        raise IgptError(f"data directory {directory} does not exist")
+    if name == "cifar10":
+        parts = [_cifar_batch(directory / f"data_batch_{i}", "labels") for i in range(1, 6)]
+        train = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
+        test = _cifar_batch(directory / "test_batch", "labels")
+        meta = _unpickle(directory / "batches.meta")
+        names = meta.get("label_names")
+    else:
+        train = _cifar_batch(directory / "train", "fine_labels")
+        test = _cifar_batch(directory / "test", "fine_labels")
+        names = _unpickle(directory / "meta").get("fine_label_names")
+    if names is None:
+        raise IgptError(f"{directory}: the meta file has no class names")
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    return ImageSet(train, test, names, str(directory))
+
+
+# ---------------------------------------------------------------------------------------------- folder
+def _load_image(path: Path, size: int | None):
+    """One image as uint8 (H, W, C), centre-cropped to a square and box-resized to `size` when given."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+        im = im.convert("L" if grey else "RGB")
+    if size is not None:
+        w, h = im.size
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        im = im.resize((size, size), Image.BOX, box=(left, top, left + s, top + s))
+    a = np.asarray(im, dtype=np.uint8)
+    return a[..., None] if a.ndim == 2 else a
+
+
+def load_folder(directory: Path, size: int | None, test_fraction: float, seed: int, strict: bool) -> ImageSet:
+    """A folder of images in any format Pillow opens. One sub-directory per class gives labels (class names are
+    the sorted sub-directory names); a flat folder is unlabeled. Images are centre-cropped to a square and
+    box-resized to `size` as they are read, so mixed sizes are fine. Unreadable files are skipped and counted,
+    or fail the run with `strict`."""
+    if not directory.is_dir():
+        raise IgptError(f"image folder {directory} does not exist")
+    classes = sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries: list[tuple[Path, int]] = []
+    if classes:
+        for ci, c in enumerate(classes):
+            entries += [
+                (p, ci)
+                for p in sorted((directory / c).rglob("*"))
+                if p.is_file() and not p.name.startswith(".")
+            ]
+    else:
+        entries = [(p, -1) for p in sorted(directory.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    images, labels, skipped = [], [], []
+    for path, label in entries:
+        if path.suffix.lower() not in IMAGE_EXTENSIONS and not strict:
+            skipped.append(f"{path} (not an image file extension)")
+            continue
+        try:
+            images.append(_load_image(path, size))
+            labels.append(label)
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
+            if strict:
+                raise IgptError(f"cannot read image {path}: {e}") from None
+            skipped.append(f"{path} ({e.__class__.__name__})")
+    if not images:
+        raise IgptError(f"no readable images in {directory}")
+    shapes = {im.shape[:2] for im in images}
+    if len(shapes) > 1:  # only possible when no size was given
+        raise IgptError(
+            f"images in {directory} have different sizes {sorted(shapes)[:3]}...; pass --resolution"
+        )
+    if any(im.shape[2] == 3 for im in images):  # mixed grey and colour: colour wins
+        images = [np.repeat(im, 3, axis=2) if im.shape[2] == 1 else im for im in images]
+    x, y = np.stack(images), np.asarray(labels, dtype=np.int64)
+    train, test = split_train_test(x, y, test_fraction, seed)
+    return ImageSet(train, test, classes, str(directory), skipped)
+
+
+def split_train_test(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> tuple[Split, Split]:
+    """A seeded random split; at least one image lands in each split when there are two or more."""
+    if not 0.0 < test_fraction < 1.0:
+        raise IgptError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    if len(x) < 2:
+        raise IgptError("need at least two images to make a train and a test split")
+    perm = np.random.default_rng(seed).permutation(len(x))
+    n_test = min(max(1, round(len(x) * test_fraction)), len(x) - 1)
+    te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    return Split(x[tr], y[tr]), Split(x[te], y[te])
+
+
+# ---------------------------------------------------------------------------------------------- npz, digits
+def _as_nhwc(a: np.ndarray, what: str) -> np.ndarray:
+    if a.dtype != np.uint8:
+        raise IgptError(f"{what} must be uint8, got {a.dtype}")
+    if a.ndim == 3:
+        a = a[..., None]
+    if a.ndim != 4 or a.shape[3] not in (1, 3):
+        raise IgptError(f"{what} must be (N, H, W) or (N, H, W, C) with C 1 or 3, got shape {a.shape}")
+    return a
+
+
+def load_npz(path: Path, test_fraction: float, seed: int) -> ImageSet:
+    """A `.npz` with `x_train` (and usually `x_test`), optional `y_train`/`y_test`, optional `class_names`.
+    Without `x_test`, a seeded `test_fraction` of `x_train` becomes the test split."""
+    if not path.is_file():
+        raise IgptError(f"npz file {path} does not exist")
+    try:
+        z = np.load(path, allow_pickle=False)
+        arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001
+        raise IgptError(f"cannot read {path} as an npz archive ({e.__class__.__name__}: {e})") from None
+    if "x_train" not in arrays:
+        raise IgptError(f"{path} has no 'x_train' array (found: {', '.join(arrays) or 'nothing'})")
+    xtr = _as_nhwc(arrays["x_train"], "x_train")
+    ytr = arrays.get("y_train", np.full(len(xtr), -1)).astype(np.int64).reshape(-1)
+    if len(ytr) != len(xtr):
+        raise IgptError(f"{path}: x_train has {len(xtr)} images but y_train has {len(ytr)} labels")
+    if "x_test" in arrays:
+        xte = _as_nhwc(arrays["x_test"], "x_test")
+        if xte.shape[1:] != xtr.shape[1:]:
+            raise IgptError(
+                f"{path}: x_test images {xte.shape[1:]} differ from x_train images {xtr.shape[1:]}"
+            )
+        yte = arrays.get("y_test", np.full(len(xte), -1)).astype(np.int64).reshape(-1)
+        if len(yte) != len(xte):
+            raise IgptError(f"{path}: x_test has {len(xte)} images but y_test has {len(yte)} labels")
+        train, test = Split(xtr, ytr), Split(xte, yte)
+    else:
+        train, test = split_train_test(xtr, ytr, test_fraction, seed)
+    labelled = np.concatenate([train.labels, test.labels])
+    if "class_names" in arrays:
+        names = [str(n) for n in arrays["class_names"]]
+    else:
+        names = [str(i) for i in range(int(labelled.max()) + 1)] if labelled.max() >= 0 else []
+    return ImageSet(train, test, names, str(path))
+
+
+def load_digits_set() -> ImageSet:
+    """scikit-learn's bundled 8x8 digits (1,797 images, values 0-16 scaled to 0-255); a fixed split of 20%
+    for testing (seed 0), so every machine gets the same sets."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    train, test = split_train_test(x, d.target.astype(np.int64), 0.2, seed=0)
+    return ImageSet(train, test, [str(i) for i in range(10)], "sklearn.datasets.load_digits")
+
+
+def load_source(
+    name: str,
+    data_dir: str | None,
+    *,
+    resolution: int | None = None,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    strict: bool = False,
+) -> ImageSet:
+    """Read the dataset `name` from `data_dir` (or its default place)."""
+    if name not in SOURCES:
+        raise IgptError(f"unknown dataset '{name}'; choose one of {', '.join(SOURCES)}")
+    if name == "digits":
+        return load_digits_set()
+    if data_dir is None:
+        if name not in DEFAULT_DIRS:
+            raise IgptError(f"dataset '{name}' needs --data-dir")
+        data_dir = DEFAULT_DIRS[name]
+    path = Path(os.path.expanduser(data_dir))
+    if name in ("fashion-mnist", "mnist"):
+        return load_idx_dataset(path, name)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(path, name)
+    if name == "folder":
+        return load_folder(path, resolution, test_fraction, seed, strict)
+    return load_npz(path, test_fraction, seed)

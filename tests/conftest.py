@@ -1,0 +1,90 @@
+"""Fixtures that write small datasets in every source format, so the tests never need downloads."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
+    """Write a uint8 array as an IDX file (magic 0x0000 08 ndim, big-endian dims)."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def smooth_images(n: int, size: int, channels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose content depends on their label (a bright bar at a label-dependent row) plus noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 60, (n, size, size, channels))
+    for i, label in enumerate(y):
+        r = (label * size) // 3
+        x[i, r : r + max(1, size // 3)] += 180
+    return np.clip(x, 0, 255).astype(np.uint8), y
+
+
+@pytest.fixture
+def idx_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "idx"
+    d.mkdir()
+    for prefix, n, seed in (("train", 40, 0), ("t10k", 12, 1)):
+        x, y = smooth_images(n, 12, 1, seed)
+        write_idx(d / f"{prefix}-images-idx3-ubyte.gz", x[..., 0])
+        write_idx(d / f"{prefix}-labels-idx1-ubyte", y, gz=False)  # mix gzipped and plain
+    return d
+
+
+@pytest.fixture
+def cifar_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
+        x, y = smooth_images(6, 32, 3, i)
+        batch = {b"data": x.transpose(0, 3, 1, 2).reshape(6, -1), b"labels": [int(v) for v in y]}
+        (d / name).write_bytes(pickle.dumps(batch))
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b", b"c"]}))
+    return d
+
+
+@pytest.fixture
+def folder_dir(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    d = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for ci, cls in enumerate(["cats", "dogs"]):
+        (d / cls).mkdir(parents=True)
+        for i in range(6):
+            size = (20 + 4 * i, 16 + 2 * i)  # mixed, non-square sizes
+            arr = (rng.integers(0, 80, (size[1], size[0], 3)) + 120 * ci).astype(np.uint8)
+            img = Image.fromarray(arr)
+            if i % 3 == 0:
+                img = img.convert("L")  # grey among colour
+            img.save(d / cls / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return d
+
+
+@pytest.fixture
+def npz_path(tmp_path: Path) -> Path:
+    xtr, ytr = smooth_images(30, 10, 3, 0)
+    xte, yte = smooth_images(10, 10, 3, 1)
+    p = tmp_path / "data.npz"
+    np.savez(p, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return p
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m igpt ARGS` in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "igpt", *map(str, args)], capture_output=True, text=True, timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
