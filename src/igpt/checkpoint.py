@@ -1,0 +1,178 @@
+"""Run directories and checkpoints: safetensors for tensors, JSON for everything else, never pickle.
+
+A run directory holds `run.json` (model shape, every training setting, the data directory and seed),
+`palette.npy` and `data_meta.json` (copies, so a run decodes images on its own), `metrics.jsonl`,
+`summary.json`, and `checkpoints/step_NNNNNNNN/` with `model.safetensors`, `optimizer.safetensors` (AdamW
+moments and the RNG state) and `state.json`. Each checkpoint is written into a hidden temporary directory and
+renamed into place, so a crash while writing leaves the previous checkpoints intact; `state.json` is written
+last and marks a checkpoint complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .data import write_json_atomic
+from .errors import IgptError
+from .model import IGPT, IGPTConfig
+
+CKPT_DIR = "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def list_checkpoints(run: str | Path) -> list[Path]:
+    """Complete checkpoints of a run (those with a state.json), oldest first."""
+    d = Path(run) / CKPT_DIR
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.name.startswith("step_") and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def clean_partial(run: str | Path) -> None:
+    """Remove temporary checkpoint directories left by a process that died while writing one."""
+    d = Path(run) / CKPT_DIR
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter state flattened to `opt.{index}.{name}` tensors for safetensors."""
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            t = v if torch.is_tensor(v) else torch.tensor(v)
+            out[f"opt.{i}.{k}"] = t.detach().cpu().contiguous()
+    return out
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("opt."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = t
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def save_checkpoint(
+    run: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    extra_tensors: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep: set[int],
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically, then prune: the newest `keep_last` (so a damaged latest still
+    leaves one that loads) and the steps in `keep` stay."""
+    d = Path(run) / CKPT_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / f"step_{step:08d}"
+    tmp = d / f".tmp-step_{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
+    save_file(extra_tensors, tmp / "optimizer.safetensors")
+    with open(tmp / "state.json", "w") as f:
+        json.dump(state, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync_dir(d)
+    ckpts = list_checkpoints(run)
+    for p in ckpts[:-keep_last]:
+        if int(p.name[5:]) not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """Model tensors, optimizer/RNG tensors and state of one checkpoint; IgptError if any file is damaged."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        model = load_file(path / "model.safetensors")
+        extra = (
+            load_file(path / "optimizer.safetensors") if (path / "optimizer.safetensors").is_file() else {}
+        )
+    except (OSError, json.JSONDecodeError, SafetensorError, ValueError) as e:
+        raise IgptError(f"checkpoint {path} is damaged ({e.__class__.__name__}: {e})") from None
+    return model, extra, state
+
+
+def latest_readable(run: str | Path, quiet: bool = False):
+    """The newest checkpoint that reads cleanly, falling back past damaged ones with a warning.
+    Returns (path, model tensors, extra tensors, state) or None when the run has no checkpoint."""
+    for path in reversed(list_checkpoints(run)):
+        try:
+            return (path, *read_checkpoint(path))
+        except IgptError as e:
+            if not quiet:
+                print(f"igpt: warning: {e}; using the previous checkpoint", file=sys.stderr)
+    return None
+
+
+def read_run_json(run: str | Path) -> dict[str, Any]:
+    p = Path(run) / "run.json"
+    if not p.is_file():
+        raise IgptError(f"{run} is not an igpt run directory (no run.json)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise IgptError(f"{p} is not valid JSON ({e})") from None
+
+
+def load_run(run: str | Path, checkpoint: str | None = None) -> IGPT:
+    """Rebuild a run's model with its latest (or the named) checkpoint's weights, in eval mode, on CPU."""
+    info = read_run_json(run)
+    model = IGPT(IGPTConfig(**info["model"]))
+    if checkpoint is not None:
+        path = Path(run) / CKPT_DIR / checkpoint
+        if not path.is_dir():
+            path = Path(checkpoint)
+        if not (path / "state.json").is_file():
+            raise IgptError(f"no checkpoint {checkpoint} in {run}")
+        weights = read_checkpoint(path)[0]
+    else:
+        found = latest_readable(run)
+        if found is None:
+            raise IgptError(f"{run} has no checkpoint yet")
+        weights = found[1]
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise IgptError(
+            f"checkpoint of {run} does not fit its model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return model.eval()
+
+
+def write_summary(run: str | Path, summary: dict[str, Any]) -> None:
+    write_json_atomic(Path(run) / "summary.json", summary)

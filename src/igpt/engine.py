@@ -1,0 +1,180 @@
+"""The shared training engine: deterministic batches from memory-mapped tokens, BERT masks and flips, the
+learning-rate schedule, one optimizer step, and validation.
+
+Everything random is a pure function of (seed, step), and batches are cut from a global batch that every
+process derives the same way. That is what makes a resumed run follow the uninterrupted one step for step,
+and a 2-process run equal a 1-process run with the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .palette import from_sequence, to_sequence
+
+
+class Batcher:
+    """Global batch of step s = images [s*G, (s+1)*G) of an endless stream of seeded epoch permutations."""
+
+    def __init__(self, tokens: np.ndarray, global_batch: int, seed: int):
+        self.tokens, self.global_batch, self.seed = tokens, global_batch, seed
+        self.n = len(tokens)
+        self._perm_epoch, self._perm = -1, None
+
+    def _epoch_perm(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def indices(self, step: int) -> np.ndarray:
+        """Dataset rows of the global batch of `step`."""
+        start = step * self.global_batch
+        out, pos = [], start
+        while pos < start + self.global_batch:
+            epoch, off = divmod(pos, self.n)
+            take = min(self.n - off, start + self.global_batch - pos)
+            out.append(self._epoch_perm(epoch)[off : off + take])
+            pos += take
+        return np.concatenate(out)
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.global_batch / self.n
+
+    def batch(self, step: int, rows: slice) -> torch.Tensor:
+        """Tokens (b, T) int64 of a slice of the global batch, read from the memory map (sorted reads)."""
+        idx = self.indices(step)[rows]
+        order = np.argsort(idx, kind="stable")
+        block = np.empty((len(idx), self.tokens.shape[1]), dtype=self.tokens.dtype)
+        block[order] = self.tokens[idx[order]]
+        return torch.from_numpy(block.astype(np.int64))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The RNG of one global step (masks, flips): the same on every process and after a resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+def bert_mask(shape: tuple[int, int], ratio: float, gen: torch.Generator) -> torch.Tensor:
+    """(B, T) bool: exactly round(ratio * T) masked positions per image (at least one)."""
+    B, T = shape
+    n = max(1, round(ratio * T))
+    scores = torch.rand(B, T, generator=gen)
+    idx = scores.topk(n, dim=1).indices
+    return torch.zeros(B, T, dtype=torch.bool).scatter_(1, idx, True)
+
+
+def flip_permutation(resolution: int, order: str) -> torch.Tensor:
+    """Sequence permutation that mirrors an image left to right, for either order."""
+    seq = np.arange(resolution * resolution)
+    grid = from_sequence(seq, resolution, order)
+    return torch.from_numpy(to_sequence(grid[:, ::-1].copy(), order).astype(np.int64))
+
+
+def lr_at(progress: float, peak: float, warmup: float) -> float:
+    """Linear warm-up over the first `warmup` share of the budget, then cosine decay to zero."""
+    progress = min(max(progress, 0.0), 1.0)
+    if warmup > 0 and progress < warmup:
+        return peak * progress / warmup
+    t = (progress - warmup) / max(1e-12, 1.0 - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def autocast(device: str, precision: str):
+    """bf16 autocast for `precision` bf16 on `device` ("cpu", "cuda" or "cuda:N"); a no-op for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    n_images: int,
+    objective: str,
+    mask_ratio: float,
+    device: str,
+    precision: str,
+    batch_size: int = 64,
+) -> float:
+    """Mean NLL in nats per predicted token on the first `n_images` test images. BERT scores masked positions
+    under fixed seeded masks, so successive evaluations are comparable."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    gen = step_generator(12345, 0)
+    n = min(n_images, len(tokens))
+    for s in range(0, n, batch_size):
+        x = torch.from_numpy(np.asarray(tokens[s : min(n, s + batch_size)], dtype=np.int64)).to(device)
+        mask = bert_mask(tuple(x.shape), mask_ratio, gen).to(device) if objective == "bert" else None
+        with autocast(device, precision):
+            _, loss = model(x, mask, reduction="sum")
+        total += float(loss)
+        count += int(mask.sum()) if mask is not None else x.numel()
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def train_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batcher: Batcher,
+    step: int,
+    *,
+    rank: int,
+    world: int,
+    grad_accum: int,
+    objective: str,
+    mask_ratio: float,
+    flip_perm: torch.Tensor | None,
+    seed: int,
+    lr: float,
+    grad_clip: float,
+    device: str,
+    precision: str,
+) -> tuple[float, float]:
+    """One optimizer step over the global batch of `step`; returns (mean loss per predicted token over the
+    global batch, gradient norm). The loss of every micro-batch is its summed NLL divided by the number of
+    predicted tokens in the whole global batch (times the world size, which DDP's gradient averaging
+    divides out), so the gradient is the same however the batch is split across processes and micro-steps."""
+    G = batcher.global_batch
+    T = batcher.tokens.shape[1]
+    gen = step_generator(seed, step)
+    mask = bert_mask((G, T), mask_ratio, gen) if objective == "bert" else None
+    flips = torch.rand(G, generator=gen) < 0.5 if flip_perm is not None else None
+    count = int(mask.sum()) if mask is not None else G * T
+    per_rank = G // world
+    micro = per_rank // grad_accum
+    for g in opt.param_groups:
+        g["lr"] = lr
+    total = torch.zeros((), dtype=torch.float64)
+    for m in range(grad_accum):
+        lo = rank * per_rank + m * micro
+        rows = slice(lo, lo + micro)
+        x = batcher.batch(step, rows)
+        if flips is not None:
+            x = torch.where(flips[rows, None], x[:, flip_perm], x)
+        mk = mask[rows].to(device) if mask is not None else None
+        sync = m == grad_accum - 1 or not hasattr(model, "no_sync")
+        with nullcontext() if sync else model.no_sync(), autocast(device, precision):
+            _, loss_sum = model(x.to(device), mk, reduction="sum")
+            (loss_sum * (world / count)).backward()
+        total += loss_sum.detach().double().cpu()
+    if world > 1:
+        dist.all_reduce(total)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    else:
+        gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    loss = float(total) / count
+    if math.isfinite(loss) and math.isfinite(gnorm):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, gnorm

@@ -1,0 +1,496 @@
+"""`igpt pretrain`: train an iGPT model on a prepared token set, AR or BERT, on CPU or GPU, in one process or
+under torchrun (DDP, or FSDP with --fsdp). Only rank 0 logs and saves.
+
+The run directory is self-describing and resumable: `--resume` continues from the newest readable checkpoint
+and, on CPU, reproduces the uninterrupted run's losses and weights exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import __version__
+from .checkpoint import (
+    clean_partial,
+    latest_readable,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    read_run_json,
+    save_checkpoint,
+    write_summary,
+)
+from .config import TrainConfig
+from .data import PreparedData, write_json_atomic
+from .engine import Batcher, evaluate, flip_permutation, lr_at, train_step
+from .errors import IgptError
+from .model import IGPT, PRESETS, IGPTConfig
+
+SHAPE_KEYS = ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head", "bias", "objective")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pretrain an iGPT model (AR or BERT) on a prepared set")
+    p.add_argument("--data", required=True, help="prepared directory (from igpt prepare)")
+    p.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
+    p.add_argument("--preset", help=f"model shape: {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--objective", help="ar (default) or bert")
+    p.add_argument("--n-layer", type=int, help="override the preset's depth")
+    p.add_argument("--n-embd", type=int, help="override the preset's width")
+    p.add_argument("--n-head", type=int, help="override the preset's heads")
+    p.add_argument("--bias", action="store_true", default=None, help="biases in linear layers (HF format)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 2000 without --minutes)")
+    p.add_argument("--minutes", type=float, help="wall-clock budget")
+    p.add_argument("--batch-size", type=int, help="global batch in images (default 32)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per step and process (default 1)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    p.add_argument("--warmup", type=float, help="warm-up share of the budget (default 0.05)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--mask-ratio", type=float, help="BERT mask share (default 0.15)")
+    p.add_argument("--flip", action="store_true", default=None, help="random horizontal flips")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--precision", help="fp32 (default) or bf16 (CUDA)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile (CUDA)")
+    p.add_argument("--fsdp", action="store_true", default=None, help="shard per block with FSDP (torchrun)")
+    p.add_argument("--eval-interval", type=int, help="validate and checkpoint every N steps (default 250)")
+    p.add_argument("--eval-images", type=int, help="test images for val_nll (default 1000)")
+    p.add_argument("--log-interval", type=int)
+    p.add_argument("--keep-steps", help="comma-separated steps whose checkpoints are kept")
+    p.add_argument("--keep-every", type=int, help="keep every checkpoint at multiples of N steps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+BUDGET_KEYS = ("steps", "minutes", "eval_interval", "log_interval", "keep_steps", "keep_every", "eval_images")
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields the user set on the command line."""
+    names = {f.name for f in fields(TrainConfig)}
+    out = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "keep_steps" in out:
+        try:
+            out["keep_steps"] = [int(s) for s in str(out["keep_steps"]).split(",") if s.strip()]
+        except ValueError:
+            raise IgptError(
+                f"--keep-steps must be comma-separated integers, got '{args.keep_steps}'"
+            ) from None
+    return out
+
+
+class Dist:
+    """torchrun's environment: rank, world size, local device."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = device
+        if self.world > 1:
+            backend = "nccl" if device == "cuda" else "gloo"
+            if device == "cuda":
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group(backend)
+        if device == "cuda":
+            if not torch.cuda.is_available():
+                raise IgptError("--device cuda, but no CUDA GPU is available")
+            self.device = f"cuda:{self.local_rank}"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class RunLock:
+    """An exclusive flock on RUN/.lock: the kernel drops it when the process dies, so a stale lock file
+    left by a killed run never blocks a resume."""
+
+    def __init__(self, run: Path):
+        self.f = open(run / ".lock", "w")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IgptError(f"another igpt process is training {run}") from None
+
+    def release(self) -> None:
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def _setup_run(args: argparse.Namespace, given: dict[str, Any], main: bool) -> tuple[TrainConfig, dict, bool]:
+    """Create or reopen the run directory. Returns (config, run info, resuming)."""
+    run = Path(args.out)
+    exists = (run / "run.json").is_file()
+    if exists and not args.resume:
+        raise IgptError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+    if exists:
+        info = read_run_json(run)
+        stored = TrainConfig(**info["train"])
+        changed = {
+            k: (getattr(stored, k), v) for k, v in given.items() if k != "data" and getattr(stored, k) != v
+        }
+        if "data" in given and Path(given["data"]).resolve() != Path(stored.data):
+            changed["data"] = (stored.data, str(Path(given["data"]).resolve()))
+        refused = {k: v for k, v in changed.items() if k not in BUDGET_KEYS}
+        if refused:
+            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+            raise IgptError(f"--resume with changed settings is refused ({what}); the run keeps its own")
+        cfg = TrainConfig(**{**info["train"], **{k: given[k] for k in changed}})
+        info["train"] = cfg.to_dict()
+        return cfg, info, True
+    if run.exists() and any(p.name != ".lock" for p in run.iterdir()):
+        raise IgptError(f"{run} exists and is not an igpt run; choose another --out")
+    given["data"] = str(Path(given["data"]).resolve())
+    cfg = TrainConfig(**given)
+    data = PreparedData(cfg.data)
+    mcfg = IGPTConfig(vocab_size=data.clusters, n_positions=data.seq_len, bias=cfg.bias, objective=cfg.objective,
+                      **cfg.model_shape())  # fmt: skip
+    info = {
+        "igpt_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": mcfg.to_dict(),
+        "train": cfg.to_dict(),
+        "data": {"dir": cfg.data, "meta": {k: v for k, v in data.meta.items() if k != "settings"}},
+        "seed": cfg.seed,
+        "command": " ".join(sys.argv),
+    }
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        np.save(run / "palette.npy", data.palette)
+        write_json_atomic(run / "data_meta.json", data.meta)
+        write_json_atomic(run / "run.json", info)
+    return cfg, info, False
+
+
+def run(args: argparse.Namespace) -> None:
+    given = _given(args)
+    if not args.resume or not (Path(args.out) / "run.json").is_file():
+        TrainConfig(**given)  # validate before touching the disk
+        PreparedData(given["data"])
+    env = Dist(given.get("device", "cpu"))
+    lock = None
+    try:
+        if env.main:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            lock = RunLock(Path(args.out))
+        if env.world > 1:
+            dist.barrier()
+        cfg, info, resuming = _setup_run(args, given, env.main)
+        if env.world > 1:
+            dist.barrier()
+        Trainer(cfg, info, Path(args.out), env, resuming, progress=not args.no_progress).fit()
+    finally:
+        if lock:
+            lock.release()
+        env.close()
+
+
+class Trainer:
+    """The pretraining loop of one process."""
+
+    def __init__(
+        self, cfg: TrainConfig, info: dict, run: Path, env: Dist, resuming: bool, progress: bool = True
+    ):
+        self.cfg, self.info, self.run, self.env = cfg, info, run, env
+        self.progress = progress and env.main
+        self.data = PreparedData(cfg.data)
+        mcfg = IGPTConfig(**info["model"])
+        if self.data.clusters != mcfg.vocab_size or self.data.seq_len != mcfg.n_positions:
+            raise IgptError(f"the prepared data ({self.data.clusters} clusters, {self.data.seq_len} tokens) "
+                            f"does not match the run's model ({mcfg.vocab_size}, {mcfg.n_positions})")  # fmt: skip
+        tokens = self.data.tokens("train")
+        G = cfg.batch_size
+        if G > len(tokens):
+            raise IgptError(f"--batch-size {G} is larger than the {len(tokens)} training images")
+        if G % (env.world * cfg.grad_accum):
+            raise IgptError(
+                f"--batch-size {G} must divide by processes x --grad-accum = {env.world * cfg.grad_accum}"
+            )
+        if cfg.device == "cpu" and cfg.precision == "bf16" and env.main:
+            print("igpt: warning: bf16 on this CPU is likely far slower than fp32", file=sys.stderr)
+        torch.manual_seed(cfg.seed)
+        self.model = IGPT(mcfg).to(env.device)  # the module saved in checkpoints
+        self.batcher = Batcher(tokens, G, cfg.seed)
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
+        other = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.last_val: float | None = None
+        if resuming:
+            self._restore()
+        self.wrapped = self._wrap()
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8,
+        )  # fmt: skip
+        if resuming and self._opt_tensors:
+            load_optimizer_tensors(self.opt, self._opt_tensors)
+        self.flip_perm = flip_permutation(self.data.resolution, self.data.meta["order"]) if cfg.flip else None
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------------------------------ state
+    def _restore(self) -> None:
+        if self.env.main:
+            clean_partial(self.run)
+        found = latest_readable(self.run, quiet=not self.env.main)
+        self._opt_tensors = {}
+        if found is None:
+            if self.env.main:
+                print("igpt: no checkpoint yet; starting the run from step 0", file=sys.stderr)
+            return
+        path, weights, extra, state = found
+        self.model.load_state_dict(weights)
+        self._opt_tensors = extra
+        if "rng.torch" in extra:
+            torch.set_rng_state(extra["rng.torch"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.elapsed_before = state["elapsed_seconds"]
+        self.last_val = state.get("val_nll")
+        if self.env.main:
+            print(f"igpt: resuming {self.run} from {path.name}", file=sys.stderr)
+            self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric rows past the checkpoint we resume from: they will be produced again."""
+        p = self.run / "metrics.jsonl"
+        if p.is_file():
+            keep = [ln for ln in p.read_text().splitlines() if ln.strip() and _row_step(ln) <= self.step]
+            tmp = p.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, p)
+
+    def _wrap(self) -> torch.nn.Module:
+        m: torch.nn.Module = self.model
+        if self.env.world > 1:
+            if self.cfg.fsdp:
+                from torch.distributed.fsdp import fully_shard
+
+                for block in self.model.h:
+                    fully_shard(block)
+                fully_shard(self.model)
+            else:
+                from torch.nn.parallel import DistributedDataParallel
+
+                m = DistributedDataParallel(
+                    self.model, device_ids=[self.env.local_rank] if "cuda" in self.env.device else None
+                )
+        if self.cfg.compile:
+            m = torch.compile(m)
+        return m
+
+    def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Model and optimizer tensors as full (unsharded) CPU tensors."""
+        if self.cfg.fsdp and self.env.world > 1:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            msd = get_model_state_dict(self.model, options=o)
+            osd = get_optimizer_state_dict(self.model, self.opt, options=o)
+            names = [n for n, _ in self.model.named_parameters()]
+            extra = {f"opt.{names.index(n)}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+                     for n, st in osd["state"].items() for k, v in st.items()}  # fmt: skip
+            return msd, extra
+        return self.model.state_dict(), optimizer_tensors(self.opt)
+
+    def save(self, train_loss: float | None) -> None:
+        msd, extra = self._full_state()
+        if not self.env.main:
+            return
+        extra["rng.torch"] = torch.get_rng_state()
+        keep = set(self.cfg.keep_steps)
+        if self.cfg.keep_every and self.step % self.cfg.keep_every == 0:
+            keep.add(self.step)
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_seconds": self.elapsed(),
+            "epoch": self.batcher.epoch_of(self.step),
+            "train_loss": train_loss,
+            "val_nll": self.last_val,
+            "lr": self.opt.param_groups[0]["lr"],
+        }
+        kept = {int(p) for p in self.info.get("kept_steps", [])} | keep
+        save_checkpoint(self.run, self.step, msd, extra, state, kept)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self.t_start)
+
+    def lr_progress(self) -> float:
+        """Share of the budget that the coming step completes: by steps, by time, or the larger of both."""
+        p = (self.step + 1) / self.cfg.steps if self.cfg.steps else 0.0
+        if self.cfg.minutes:
+            p = max(p, self.elapsed() / (60 * self.cfg.minutes))
+        return p
+
+    def done(self) -> bool:
+        if self.cfg.steps and self.step >= self.cfg.steps:
+            return True
+        return bool(self.cfg.minutes and self.elapsed() >= 60 * self.cfg.minutes)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        if self.env.main:
+            print("\nigpt: interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)",
+                  file=sys.stderr)  # fmt: skip
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if not self.env.main:
+            return
+        with open(self.run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def _validate(self) -> float:
+        c = self.cfg
+        v = evaluate(self.model, self.data.tokens("test"), c.eval_images, c.objective, c.mask_ratio, self.env.device,
+                     c.precision)  # fmt: skip
+        self.last_val = v
+        return v
+
+    def fit(self) -> dict[str, Any]:
+        c, env = self.cfg, self.env
+        T = self.data.seq_len
+        per_step_tokens = c.batch_size * T
+        self.tb = None
+        if env.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.run / "tb"))
+            except ImportError:
+                pass
+            n = self.model.num_params()
+            micro = c.batch_size // (env.world * c.grad_accum)
+            budget = " and ".join(
+                s
+                for s in (f"{c.steps} steps" if c.steps else "", f"{c.minutes} min" if c.minutes else "")
+                if s
+            )
+            print(f"igpt pretrain: {c.objective.upper()} {c.preset} ({n:,} parameters), {T} tokens/image, "
+                  f"{self.data.meta['n_train']:,} training images\n"
+                  f"  global batch {c.batch_size} = {env.world} process(es) x {c.grad_accum} accumulation x {micro} "
+                  f"micro-batch; {per_step_tokens:,} tokens/step; peak lr {c.lr:g}, warm-up {c.warmup:.0%} of "
+                  f"{budget}, cosine to 0\n  device {env.device} {c.precision}; run {self.run}", file=sys.stderr)  # fmt: skip
+        prev_handler = signal.signal(signal.SIGINT, self._on_sigint) if env.main or env.world == 1 else None
+        self.t_start = time.perf_counter()
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=c.steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                       mininterval=1.0)  # fmt: skip
+        window: list[float] = []
+        t_window, tok_window = time.perf_counter(), 0
+        tok_rate, train_loss = 0.0, None
+        run_t0, run_tok0 = time.perf_counter(), self.tokens_seen
+        try:
+            self.wrapped.train()
+            while not self.done():
+                lr = lr_at(self.lr_progress(), c.lr, c.warmup)
+                loss, gnorm = train_step(
+                    self.wrapped, self.opt, self.batcher, self.step, rank=env.rank, world=env.world,
+                    grad_accum=c.grad_accum, objective=c.objective, mask_ratio=c.mask_ratio, flip_perm=self.flip_perm,
+                    seed=c.seed, lr=lr, grad_clip=c.grad_clip, device=env.device, precision=c.precision,
+                )  # fmt: skip
+                if not (math.isfinite(loss) and math.isfinite(gnorm)):
+                    last = f"step {self.step}" if self.step else "none yet"
+                    raise IgptError(f"the loss became {loss} (gradient norm {gnorm}) at step {self.step + 1}; "
+                                    f"stopped without saving it (last good checkpoint: {last}); try a lower --lr")  # fmt: skip
+                self.step += 1
+                self.tokens_seen += per_step_tokens
+                tok_window += per_step_tokens
+                window.append(loss)
+                if self.step % c.log_interval == 0 or self.done():
+                    now = time.perf_counter()
+                    tok_rate = tok_window / max(1e-9, now - t_window)
+                    train_loss = sum(window) / len(window)
+                    self._log({"step": self.step, "loss": train_loss, "lr": lr, "grad_norm": gnorm,
+                               "tokens_per_second": tok_rate, "elapsed": self.elapsed(), "epoch": self.batcher.epoch_of(self.step)})  # fmt: skip
+                    window, t_window, tok_window = [], now, 0
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{loss:.4f}", tok_s=f"{tok_rate:,.0f}", lr=f"{lr:.2e}", refresh=False
+                    )
+                    if c.minutes and not c.steps:
+                        bar.set_description(f"{self.elapsed() / 60:.1f}/{c.minutes:g} min")
+                if self.step % c.eval_interval == 0 or self.done() or self.stop_requested:
+                    val = self._validate()
+                    self._log({"step": self.step, "val_nll": val, "val_bits_per_token": val / math.log(2)})
+                    self.save(train_loss if train_loss is not None else loss)
+                    if env.main and bar is None:
+                        print(f"step {self.step}: loss {loss:.4f}, val_nll {val:.4f}, {tok_rate:,.0f} tokens/s",
+                              file=sys.stderr)  # fmt: skip
+                if self.stop_requested:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            if prev_handler is not None:
+                signal.signal(signal.SIGINT, prev_handler)
+            if self.tb is not None:
+                self.tb.close()
+        wall = time.perf_counter() - run_t0
+        summary = {
+            "objective": c.objective,
+            "preset": c.preset,
+            "params": self.model.num_params(),
+            "steps": self.step,
+            "tokens_seen": self.tokens_seen,
+            "train_loss": train_loss,
+            "val_nll": self.last_val,
+            "val_bits_per_token": None if self.last_val is None else self.last_val / math.log(2),
+            "val_images": min(c.eval_images, self.data.meta["n_test"]),
+            "tokens_per_second": (self.tokens_seen - run_tok0) / max(wall, 1e-9),
+            "elapsed_seconds": self.elapsed(),
+            "epochs": self.batcher.epoch_of(self.step),
+            "world_size": env.world,
+            "finished": self.done(),
+            "device": env.device,
+            "precision": c.precision,
+        }
+        if env.main:
+            write_summary(self.run, summary)
+            state = "interrupted" if self.stop_requested else "done"
+            print(f"igpt pretrain {state}: {self.step} steps, train loss {train_loss}, val_nll {self.last_val:.4f} "
+                  f"({summary['val_bits_per_token']:.4f} bits/token), {summary['tokens_per_second']:,.0f} tokens/s; "
+                  f"{self.run}/summary.json")  # fmt: skip
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        return summary
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, ValueError):
+        return 1 << 62
