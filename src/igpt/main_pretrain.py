@@ -185,19 +185,27 @@ def _setup_run(args: argparse.Namespace, given: dict[str, Any], main: bool) -> t
 def run(args: argparse.Namespace) -> None:
     given = _given(args)
     if not args.resume or not (Path(args.out) / "run.json").is_file():
-        TrainConfig(**given)  # validate before touching the disk
-        PreparedData(given["data"])
+        cfg = TrainConfig(**given)  # validate before touching the disk
+        n_train = PreparedData(given["data"]).meta["n_train"]
+        if cfg.batch_size > n_train:
+            raise IgptError(f"--batch-size {cfg.batch_size} is larger than the {n_train} training images")
     env = Dist(given.get("device", "cpu"))
     lock = None
     try:
+        # rank 0 creates or checks the run directory, then tells the others what it decided (or why not)
+        msg: list[Any] = [None]
         if env.main:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            lock = RunLock(Path(args.out))
+            try:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                lock = RunLock(Path(args.out))
+                msg = [_setup_run(args, given, True)]
+            except IgptError as e:
+                msg = [str(e)]
         if env.world > 1:
-            dist.barrier()
-        cfg, info, resuming = _setup_run(args, given, env.main)
-        if env.world > 1:
-            dist.barrier()
+            dist.broadcast_object_list(msg, src=0)
+        if isinstance(msg[0], str):
+            raise IgptError(msg[0])
+        cfg, info, resuming = msg[0]
         Trainer(cfg, info, Path(args.out), env, resuming, progress=not args.no_progress).fit()
     finally:
         if lock:
@@ -231,19 +239,23 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = IGPT(mcfg).to(env.device)  # the module saved in checkpoints
         self.batcher = Batcher(tokens, G, cfg.seed)
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
-        other = [p for n, p in self.model.named_parameters() if p.dim() < 2]
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.last_val: float | None = None
         if resuming:
             self._restore()
         self.wrapped = self._wrap()
+        # parameter groups are taken after wrapping: FSDP replaces parameters with sharded ones
+        named = list(self.model.named_parameters())
+        decay = [p for _, p in named if p.dim() >= 2]
+        other = [p for _, p in named if p.dim() < 2]
+        # parameter names in the optimizer's index order, for full (unsharded) optimizer state under FSDP
+        self.opt_names = [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8,
         )  # fmt: skip
         if resuming and self._opt_tensors:
-            load_optimizer_tensors(self.opt, self._opt_tensors)
+            self._load_optimizer(self._opt_tensors)
         self.flip_perm = flip_permutation(self.data.resolution, self.data.meta["order"]) if cfg.flip else None
         self.stop_requested = False
 
@@ -297,6 +309,27 @@ class Trainer:
             m = torch.compile(m)
         return m
 
+    def _load_optimizer(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not (self.cfg.fsdp and self.env.world > 1):
+            load_optimizer_tensors(self.opt, tensors)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        o = StateDictOptions(full_state_dict=True)  # every rank gets the template, and loads its own copy
+        osd = get_optimizer_state_dict(self.model, self.opt, options=o)
+        names = self.opt_names
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            if key.startswith("opt."):
+                _, i, k = key.split(".", 2)
+                state.setdefault(names[int(i)], {})[k] = t
+        osd["state"] = state
+        set_optimizer_state_dict(self.model, self.opt, osd, options=StateDictOptions(full_state_dict=True))
+
     def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Model and optimizer tensors as full (unsharded) CPU tensors."""
         if self.cfg.fsdp and self.env.world > 1:
@@ -309,7 +342,9 @@ class Trainer:
             o = StateDictOptions(full_state_dict=True, cpu_offload=True)
             msd = get_model_state_dict(self.model, options=o)
             osd = get_optimizer_state_dict(self.model, self.opt, options=o)
-            names = [n for n, _ in self.model.named_parameters()]
+            if not self.env.main:  # the full state is gathered on rank 0 only
+                return {}, {}
+            names = self.opt_names
             extra = {f"opt.{names.index(n)}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
                      for n, st in osd["state"].items() for k, v in st.items()}  # fmt: skip
             return msd, extra
