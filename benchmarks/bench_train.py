@@ -1,0 +1,88 @@
+"""Training-step throughput (forward, backward, AdamW step), ours against transformers' ImageGPT, fp32 on
+CPU, at the same shape and batch, in one run. Prints tokens/s for both and the ratio (a figure, not a test).
+
+Run:  .venv/bin/python benchmarks/bench_train.py [--steps 10] [--threads 2]
+transformers is a test dependency (scripts/setup.sh --test installs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from igpt.model import IGPT, IGPTConfig
+
+SHAPES = [  # (resolution, width, layers, heads, batch, clusters)
+    (28, 128, 4, 4, 16, 16),
+    (14, 256, 4, 8, 16, 16),
+]
+
+
+def hf_model(res: int, d: int, L: int, h: int, K: int):
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+
+    cfg = ImageGPTConfig(vocab_size=K + 1, n_positions=res * res, n_embd=d, n_layer=L, n_head=h, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    return ImageGPTForCausalImageModeling(cfg)
+
+
+def time_steps(step, n_warm: int, n: int) -> float:
+    for _ in range(n_warm):
+        step()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t) / n
+
+
+def flops_per_token(res: int, d: int, L: int, K: int) -> float:
+    """Training FLOPs per token: 6 x (matrix parameters) plus attention's 6 x 2 x T x d per layer (causal
+    attention does half the work of full attention: we count the full product, as is customary)."""
+    T = res * res
+    matrix_params = L * 12 * d * d + d * K
+    return 6 * matrix_params + 6 * 2 * L * T * d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU")
+    for res, d, L, h, B, K in SHAPES:
+        T = res * res
+        x = torch.randint(0, K, (B, T))
+        torch.manual_seed(0)
+        ours = IGPT(IGPTConfig(vocab_size=K, n_positions=T, n_layer=L, n_embd=d, n_head=h)).train()
+        opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.95))
+
+        def step_ours():
+            _, loss = ours(x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        hf = hf_model(res, d, L, h, K).train()
+        opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95))
+        inp = torch.cat([torch.full((B, 1), K), x[:, :-1]], 1)
+
+        def step_hf():
+            logits = hf(input_ids=inp).logits  # (B, T, K): row t predicts x_t
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, K), x.reshape(-1))
+            loss.backward()
+            opt_hf.step()
+            opt_hf.zero_grad(set_to_none=True)
+
+        t_ours = time_steps(step_ours, 2, a.steps)
+        t_hf = time_steps(step_hf, 2, a.steps)
+        tok = B * T
+        fl = flops_per_token(res, d, L, K) * tok / t_ours
+        print(f"{res}x{res} width {d} layers {L} batch {B}: ours {tok / t_ours:,.0f} tokens/s, "
+              f"HF {tok / t_hf:,.0f} tokens/s, ratio {t_hf / t_ours:.2f}x; ours {fl / 1e9:.1f} GFLOP/s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Hugging Face ImageGPT interop: load a transformers checkpoint into an igpt run, and export a run to one.
+
+The mapping (d = n_embd; Hugging Face's Conv1D stores weights as (in, out), our nn.Linear as (out, in)):
+
+| ours | Hugging Face |
+|---|---|
+| wte.weight (K+1, d), row K = SOS | transformer.wte.weight (K+1, d), row K = SOS |
+| wpe.weight (T, d) | transformer.wpe.weight |
+| h.i.ln_1.weight, h.i.ln_2.weight, ln_f.weight | transformer.h.i.ln_1.weight, ... (no norm biases) |
+| h.i.attn.c_attn.weight (3d, d) | transformer.h.i.attn.c_attn.weight (d, 3d), transposed; q, k, v columns |
+| h.i.attn.c_proj / mlp.c_fc / mlp.c_proj | the same names, transposed; `.bias` kept (zeros when we have none) |
+| lm_head.weight (K, d) | lm_head.weight (K, d) (no SOS row, no bias) |
+
+transformers is not a dependency: files are read and written with safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .checkpoint import read_run_json, save_checkpoint
+from .data import write_json_atomic
+from .errors import IgptError
+from .model import IGPT, IGPTConfig
+from .palette import load_palette
+
+_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def hf_to_igpt_state(sd: dict[str, torch.Tensor], cfg: IGPTConfig) -> dict[str, torch.Tensor]:
+    """Map a Hugging Face ImageGPT state dict (with or without the `transformer.` prefix) to ours."""
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    out = {"wte.weight": sd["wte.weight"], "wpe.weight": sd["wpe.weight"], "ln_f.weight": sd["ln_f.weight"]}
+    for i in range(cfg.n_layer):
+        p = f"h.{i}."
+        out[p + "ln_1.weight"] = sd[p + "ln_1.weight"]
+        out[p + "ln_2.weight"] = sd[p + "ln_2.weight"]
+        for name in _LINEARS:
+            out[p + name + ".weight"] = sd[p + name + ".weight"].T.contiguous()
+            if cfg.bias:
+                out[p + name + ".bias"] = sd[p + name + ".bias"]
+    out["lm_head.weight"] = (
+        sd["lm_head.weight"] if "lm_head.weight" in sd else torch.zeros(cfg.vocab_size, cfg.n_embd)
+    )
+    return out
+
+
+def igpt_to_hf_state(sd: dict[str, torch.Tensor], cfg: IGPTConfig) -> dict[str, torch.Tensor]:
+    """Map our state dict to ImageGPTForCausalImageModeling's (biases written as zeros when we have none)."""
+    out = {f"transformer.{k}": sd[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight")}
+    for i in range(cfg.n_layer):
+        p = f"h.{i}."
+        out[f"transformer.{p}ln_1.weight"] = sd[p + "ln_1.weight"]
+        out[f"transformer.{p}ln_2.weight"] = sd[p + "ln_2.weight"]
+        for name in _LINEARS:
+            w = sd[p + name + ".weight"]
+            out[f"transformer.{p}{name}.weight"] = w.T.contiguous()
+            out[f"transformer.{p}{name}.bias"] = sd.get(
+                p + name + ".bias", torch.zeros(w.shape[0], dtype=w.dtype)
+            )
+    out["lm_head.weight"] = sd["lm_head.weight"]
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def _read_hf_weights(hf: Path) -> dict[str, torch.Tensor]:
+    st, bin_ = hf / "model.safetensors", hf / "pytorch_model.bin"
+    try:
+        if st.is_file():
+            return load_file(st)
+        if bin_.is_file():
+            return torch.load(bin_, map_location="cpu", weights_only=True)  # refuses anything but tensors
+    except (SafetensorError, RuntimeError, OSError, EOFError) as e:
+        raise IgptError(f"cannot read the weights in {hf} ({e.__class__.__name__}: {e})") from None
+    raise IgptError(f"{hf} has neither model.safetensors nor pytorch_model.bin")
+
+
+def hf_config_to_igpt(c: dict, bias: bool) -> IGPTConfig:
+    """Our config from a Hugging Face ImageGPT config.json; refuses settings we do not implement."""
+    if c.get("model_type", "imagegpt") != "imagegpt":
+        raise IgptError(f"config.json describes a '{c.get('model_type')}' model, not imagegpt")
+    if c.get("activation_function", "quick_gelu") != "quick_gelu":
+        raise IgptError(f"activation {c['activation_function']} is not iGPT's quick_gelu")
+    for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("tie_word_embeddings", False), ("add_cross_attention", False)):  # fmt: skip
+        if c.get(key, want) != want:
+            raise IgptError(f"config.json sets {key}={c[key]}, which igpt does not implement")
+    d = c.get("n_embd", 512)
+    if c.get("n_inner") not in (None, 4 * d):
+        raise IgptError(f"config.json sets n_inner={c['n_inner']}; igpt's MLP is 4 x n_embd")
+    return IGPTConfig(vocab_size=c.get("vocab_size", 513) - 1, n_positions=c.get("n_positions", 1024),
+                      n_layer=c.get("n_layer", 24), n_embd=d, n_head=c.get("n_head", 8), bias=bias,
+                      objective="ar", norm_eps=c.get("layer_norm_epsilon", 1e-5))  # fmt: skip
+
+
+def from_hf(hf_dir: str | Path, out: str | Path, palette: str | None = None) -> Path:
+    """Convert a transformers ImageGPT directory into an igpt run directory (written atomically)."""
+    hf, out = Path(hf_dir), Path(out)
+    if not (hf / "config.json").is_file():
+        raise IgptError(f"{hf} is not a Hugging Face model directory (no config.json)")
+    if out.exists() and any(out.iterdir()):
+        raise IgptError(f"{out} exists and is not empty; choose another --out")
+    try:
+        c = json.loads((hf / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise IgptError(f"{hf / 'config.json'} is not valid JSON ({e})") from None
+    sd = _read_hf_weights(hf)
+    biases = [v for k, v in sd.items() if k.endswith(".bias") and ".attn.bias" not in k]
+    # OpenAI's converted weights carry all-zero biases: drop them, as the original model has none
+    cfg = hf_config_to_igpt(c, bias=any(bool(b.abs().max() > 0) for b in biases))
+    try:
+        state = hf_to_igpt_state(sd, cfg)
+    except KeyError as e:
+        raise IgptError(f"{hf}'s weights lack {e.args[0]}; is this an ImageGPT checkpoint?") from None
+    model = IGPT(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise IgptError(f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if "lm_head.weight" not in sd:
+        print("igpt: warning: no lm_head in the checkpoint (an ImageGPTModel); the output head is zero, so the "
+              "run probes but does not sample", flush=True)  # fmt: skip
+    pal = _palette_for(hf, palette, cfg.vocab_size)
+    res = int(round(cfg.n_positions**0.5))
+    if res * res != cfg.n_positions:
+        raise IgptError(f"n_positions {cfg.n_positions} is not a square image")
+    meta = {"dataset": "huggingface", "resolution": res, "channels": int(pal.shape[1]), "clusters": cfg.vocab_size,
+            "order": "raster", "num_classes": 0, "class_names": [], "source": str(hf.resolve())}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tmp.chmod(0o755)
+        np.save(tmp / "palette.npy", pal)
+        write_json_atomic(tmp / "data_meta.json", meta)
+        info = {"igpt_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": cfg.to_dict(),
+                "train": None, "data": {"dir": None, "meta": meta}, "seed": None,
+                "converted_from": str(hf.resolve())}  # fmt: skip
+        write_json_atomic(tmp / "run.json", info)
+        save_checkpoint(tmp, 0, model.state_dict(), {}, {"step": 0, "tokens_seen": 0, "elapsed_seconds": 0.0,
+                        "converted_from": str(hf.resolve())}, keep={0})  # fmt: skip
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _palette_for(hf: Path, palette: str | None, k: int) -> np.ndarray:
+    if palette:
+        pal = load_palette(palette)
+    else:
+        pre = hf / "preprocessor_config.json"
+        clusters = json.loads(pre.read_text()).get("clusters") if pre.is_file() else None
+        if clusters is None:
+            raise IgptError(f"{hf} has no palette (no clusters in preprocessor_config.json); pass --palette "
+                            "kmeans_centers.npy")  # fmt: skip
+        pal = 127.5 * (np.asarray(clusters, dtype=np.float32) + 1.0)
+    if len(pal) != k:
+        raise IgptError(f"the palette has {len(pal)} colours but the model predicts {k}")
+    return pal.astype(np.float32)
+
+
+def to_hf(run: str | Path, out: str | Path, checkpoint: str | None = None) -> Path:
+    """Export an AR run as a transformers ImageGPT directory: config.json, model.safetensors and
+    preprocessor_config.json carrying the palette (grey palettes become grey RGB clusters)."""
+    from .checkpoint import load_run
+
+    info = read_run_json(run)
+    cfg = IGPTConfig(**info["model"])
+    if cfg.objective != "ar":
+        raise IgptError(
+            "a BERT run has no Hugging Face counterpart (ImageGPT is causal); only AR runs export"
+        )
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise IgptError(f"{out} exists and is not empty; choose another --out")
+    model = load_run(run, checkpoint)
+    sd = igpt_to_hf_state(model.state_dict(), cfg)
+    pal = np.load(Path(run) / "palette.npy")
+    if pal.shape[1] == 1:
+        pal = np.repeat(pal, 3, axis=1)
+    res = int(round(cfg.n_positions**0.5))
+    config = {
+        "architectures": ["ImageGPTForCausalImageModeling"], "model_type": "imagegpt",
+        "vocab_size": cfg.vocab_size + 1, "n_positions": cfg.n_positions, "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None, "activation_function": "quick_gelu",
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "layer_norm_epsilon": cfg.norm_eps,
+        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": False,
+        "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, "torch_dtype": "float32",
+    }  # fmt: skip
+    pre = {
+        "image_processor_type": "ImageGPTImageProcessor", "clusters": (pal / 127.5 - 1.0).tolist(),
+        "do_color_quantize": True, "do_normalize": True, "do_resize": True, "resample": 2,
+        "size": {"height": res, "width": res},
+    }  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tmp.chmod(0o755)
+        save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(pre) + "\n")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
