@@ -11,6 +11,7 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 
 from igpt.model import IGPT, IGPTConfig
 
@@ -26,6 +27,18 @@ def hf_model(res: int, d: int, L: int, h: int, K: int):
     cfg = ImageGPTConfig(vocab_size=K + 1, n_positions=res * res, n_embd=d, n_layer=L, n_head=h, resid_pdrop=0.0,
                          embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
     return ImageGPTForCausalImageModeling(cfg)
+
+
+def make_step(model: torch.nn.Module, loss_fn):
+    """One training step (forward, backward, AdamW) of `model`, as a closure."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+
+    def step() -> None:
+        loss_fn(model).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
 
 
 def time_steps(step, n_warm: int, n: int) -> float:
@@ -57,25 +70,11 @@ def main() -> None:
         x = torch.randint(0, K, (B, T))
         torch.manual_seed(0)
         ours = IGPT(IGPTConfig(vocab_size=K, n_positions=T, n_layer=L, n_embd=d, n_head=h)).train()
-        opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.95))
-
-        def step_ours():
-            _, loss = ours(x)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
         hf = hf_model(res, d, L, h, K).train()
-        opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95))
-        inp = torch.cat([torch.full((B, 1), K), x[:, :-1]], 1)
-
-        def step_hf():
-            logits = hf(input_ids=inp).logits  # (B, T, K): row t predicts x_t
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, K), x.reshape(-1))
-            loss.backward()
-            opt_hf.step()
-            opt_hf.zero_grad(set_to_none=True)
-
+        inp = torch.cat([torch.full((B, 1), K), x[:, :-1]], 1)  # HF's input: [SOS, x_0 .. x_{T-2}]
+        step_ours = make_step(ours, lambda m, x=x: m(x)[1])
+        step_hf = make_step(hf, lambda m, x=x, inp=inp, K=K: F.cross_entropy(m(input_ids=inp).logits.reshape(-1, K),
+                                                                              x.reshape(-1)))  # fmt: skip
         t_ours = time_steps(step_ours, 2, a.steps)
         t_hf = time_steps(step_hf, 2, a.steps)
         tok = B * T
