@@ -3,7 +3,7 @@ transformers on pixels, probe and fine-tune their features, and complete images.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_run"]
+__all__ = ["__version__", "complete", "load_run"]
 
 
 def load_run(run: str, checkpoint: str | None = None):
@@ -11,3 +11,11 @@ def load_run(run: str, checkpoint: str | None = None):
     from .checkpoint import load_run as _load_run
 
     return _load_run(run, checkpoint)
+
+
+def complete(model, tokens, keep: int, num: int = 1, **kwargs):
+    """Keep the first `keep` tokens of each (B, T) sequence and sample the rest `num` times -> (B, num, T).
+    AR runs sample with the key/value cache; BERT runs use mask-predict. See `igpt.sampling.complete`."""
+    from .sampling import complete as _complete
+
+    return _complete(model, tokens, keep, num, **kwargs)
