@@ -356,8 +356,8 @@ class Trainer:
             return
         extra["rng.torch"] = torch.get_rng_state()
         keep = set(self.cfg.keep_steps)
-        if self.cfg.keep_every and self.step % self.cfg.keep_every == 0:
-            keep.add(self.step)
+        if self.cfg.keep_every:
+            keep |= set(range(self.cfg.keep_every, self.step + 1, self.cfg.keep_every))
         state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -367,8 +367,7 @@ class Trainer:
             "val_nll": self.last_val,
             "lr": self.opt.param_groups[0]["lr"],
         }
-        kept = {int(p) for p in self.info.get("kept_steps", [])} | keep
-        save_checkpoint(self.run, self.step, msd, extra, state, kept)
+        save_checkpoint(self.run, self.step, msd, extra, state, keep)
 
     # ------------------------------------------------------------------------------------------ loop
     def elapsed(self) -> float:

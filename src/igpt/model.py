@@ -232,10 +232,7 @@ class IGPT(nn.Module):
         every position (the SOS predicts the first pixel). BERT: cross entropy on the positions where `mask`
         (B, T) is True, which read the mask embedding. `reduction` "sum" returns the summed NLL, for callers
         that normalise over a larger batch than this one."""
-        x = self.embed(tokens, mask)
-        for block in self.h:
-            x = block(x, self.causal)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, K)
+        logits = self.lm_head(self.final_states(tokens, mask))  # (B, T, K)
         if self.causal:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction=reduction)
         else:
@@ -244,13 +241,18 @@ class IGPT(nn.Module):
             loss = F.cross_entropy(logits[mask].float(), tokens[mask], reduction=reduction)
         return logits, loss
 
-    @torch.no_grad()
-    def logits(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, K) logits; for AR, row t predicts token t from tokens before t."""
+    def final_states(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The last block's output after ln_f, (B, T, d): what the output head reads and what fine-tuning and
+        Hugging Face's classifier mean-pool."""
         x = self.embed(tokens, mask)
         for block in self.h:
             x = block(x, self.causal)
-        return self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, K) logits; for AR, row t predicts token t from tokens before t."""
+        return self.lm_head(self.final_states(tokens, mask))
 
     @torch.no_grad()
     def features(

@@ -1,0 +1,289 @@
+"""`igpt finetune RUN --out FTRUN`: the pretrained backbone plus a linear head on the average-pooled final
+normed states, trained on L_CLF + gen_weight x L_GEN (the run's own objective), with early stopping on a
+validation split taken from the training split, and augmentation where it suits the data."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from .data import PreparedData, write_json_atomic
+from .engine import bert_mask, lr_at
+from .errors import IgptError
+from .main_probe import labelled_rows, open_labelled_run
+from .model import IGPT
+from .palette import order_index
+from .probe import balanced_subset, extract_features, fit_logistic, split_validation
+
+NO_FLIP = {"mnist", "digits"}  # mirrored digits are other glyphs
+
+
+class Classifier(nn.Module):
+    """Backbone + linear head on mean-pooled final normed states; `forward` returns (class logits, L_GEN).
+
+    The pooled features are standardised with fixed statistics of the training set (buffers set by
+    `standardise_head`) before the head: averaged over positions they vary little between images, and a head
+    on the raw pool needs weights so large that it learns slowly and amplifies every change of the backbone."""
+
+    def __init__(self, backbone: IGPT, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        d = backbone.config.n_embd
+        self.head = nn.Linear(d, num_classes)
+        self.register_buffer("feat_mean", torch.zeros(d))
+        self.register_buffer("feat_std", torch.ones(d))
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(
+        self, tokens: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.backbone.final_states(tokens, mask)  # (B, T, d)
+        logits = self.head((h.mean(1) - self.feat_mean) / self.feat_std)  # (B, C)
+        gen = self.backbone.lm_head(h)  # (B, T, K)
+        if self.backbone.causal:
+            l_gen = F.cross_entropy(gen.flatten(0, 1), tokens.flatten())
+        elif mask is not None and mask.any():
+            l_gen = F.cross_entropy(gen[mask], tokens[mask])
+        else:
+            l_gen = gen.sum() * 0.0
+        return logits, l_gen
+
+
+class Augment:
+    """Random translations (up to `shift` pixels, edges replicated: a crop of a padded image) and optional
+    horizontal flips, applied in token space for either sequence order."""
+
+    def __init__(self, resolution: int, order: str, shift: int, flip: bool):
+        self.R, self.shift, self.flip = resolution, shift, flip
+        self.seq_to_raster = torch.from_numpy(np.argsort(order_index(resolution, order)))
+        self.raster_to_seq = torch.from_numpy(order_index(resolution, order))
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        B, R = x.shape[0], self.R
+        g = x[:, self.seq_to_raster]  # (B, R*R) in raster order
+        ii = torch.arange(R)
+        dy = torch.randint(-self.shift, self.shift + 1, (B, 1, 1), generator=gen)
+        dx = torch.randint(-self.shift, self.shift + 1, (B, 1, 1), generator=gen)
+        rows = (ii.view(1, R, 1) - dy).clamp(0, R - 1)
+        cols = (ii.view(1, 1, R) - dx).clamp(0, R - 1)
+        if self.flip:
+            flip = torch.rand(B, 1, 1, generator=gen) < 0.5
+            cols = torch.where(flip, R - 1 - cols, cols)
+        idx = (rows * R + cols).view(B, R * R)
+        return g.gather(1, idx)[:, self.raster_to_seq]
+
+
+def tokens_rows(data: PreparedData, rows: np.ndarray) -> np.ndarray:
+    return np.asarray(data.tokens("train")[np.sort(rows)], dtype=np.int64)
+
+
+def standardise_head(
+    model: Classifier, tokens: np.ndarray, labels: np.ndarray, C: int, device: str, probe: bool
+) -> None:
+    """Set the head's feature statistics from up to 10,000 training rows and, with `probe`, start the head at a
+    linear probe of those standardised features (linear probe, then fine-tune) instead of at zero."""
+    n = model.backbone.config.n_layer
+    x = extract_features(model.backbone, tokens, [n], device=device)[n]
+    model.feat_mean.copy_(x.mean(0))
+    model.feat_std.copy_(x.std(0).clamp(min=1e-6))
+    if probe:
+        p = fit_logistic(x, torch.from_numpy(labels), C, 1e-2, stats=(model.feat_mean.cpu(), model.feat_std.cpu()),
+                         device=device)  # fmt: skip
+        with torch.no_grad():
+            model.head.weight.copy_(p.weight.T)
+            model.head.bias.copy_(p.bias)
+    model.train()
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a pretrained run with a linear head (L_CLF + L_GEN)")
+    p.add_argument("run", help="pretrained run directory")
+    p.add_argument("--out", required=True, help="directory for the fine-tuned model and finetune.json")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--minutes", type=float, help="stop after this many minutes (keeping the best epoch)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the pretraining lr / 10)")
+    p.add_argument("--gen-weight", type=float, default=1.0, help="weight of L_GEN beside L_CLF (default 1)")
+    p.add_argument("--labels-per-class", type=int, help="fine-tune on N labelled images per class")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random shifts, and flips where mirrored images stay valid (default on)")  # fmt: skip
+    p.add_argument("--head-init", choices=["probe", "zero"], default="probe",
+                   help="start the head from a linear probe of the final layer (default) or from zero")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--patience", type=int, default=2, help="epochs without validation gain before stopping")
+    p.add_argument("--train-limit", type=int, help="use only the first N training images")
+    p.add_argument("--test-limit", type=int, help="use only the first N test images")
+    p.add_argument("--data", help="prepared directory (default: the run's own)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+@torch.no_grad()
+def accuracy(
+    model: Classifier, tokens: np.ndarray, labels: np.ndarray, device: str, batch: int = 128
+) -> float:
+    model.eval()
+    correct = 0
+    for s in range(0, len(tokens), batch):
+        x = torch.from_numpy(np.asarray(tokens[s : s + batch], dtype=np.int64)).to(device)
+        pred = model(x)[0].argmax(-1).cpu().numpy()
+        correct += int((pred == labels[s : s + batch]).sum())
+    model.train()
+    return correct / max(1, len(tokens))
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.epochs < 1 or args.batch_size < 1 or args.patience < 1:
+        raise IgptError("--epochs, --batch-size and --patience must be at least 1")
+    if args.lr is not None and not args.lr > 0:
+        raise IgptError("--lr must be positive")
+    if args.gen_weight < 0:
+        raise IgptError("--gen-weight must be 0 or more")
+    if not 0 < args.val_fraction < 1:
+        raise IgptError("--val-fraction must be in (0, 1)")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise IgptError(f"{out} exists and is not empty; choose another --out")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    _check(args)
+    info, backbone, data = open_labelled_run(args.run, args.data)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise IgptError("--device cuda, but no CUDA GPU is available")
+    C = data.num_classes
+    y_all = data.labels("train")
+    rows = labelled_rows(y_all, args.train_limit)
+    if args.labels_per_class:
+        counts = np.bincount(y_all[rows], minlength=C)
+        if args.labels_per_class > counts.min():
+            raise IgptError(f"--labels-per-class {args.labels_per_class} exceeds the {counts.min()} images of the "
+                            "rarest class")  # fmt: skip
+        rows = rows[balanced_subset(y_all[rows], args.labels_per_class, args.seed)]
+    tr_i, va_i = split_validation(y_all[rows], args.val_fraction, args.seed)
+    tr, va = rows[tr_i], rows[va_i]
+    te = labelled_rows(data.labels("test"), args.test_limit)
+    if len(tr) < 1:
+        raise IgptError("no training images left after the validation split")
+    torch.manual_seed(args.seed)
+    model = Classifier(backbone, C).to(device).train()
+    untrained_val = accuracy(model, data.tokens("train")[va], y_all[va], device) if len(va) else None
+    standardise_head(model, tokens_rows(data, tr[:10_000]), y_all[np.sort(tr[:10_000])], C, device,
+                     probe=args.head_init == "probe")  # fmt: skip
+    pre_lr = (info.get("train") or {}).get("lr", 1e-3)
+    lr = args.lr or pre_lr / 10
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    flip = data.meta.get("dataset") not in NO_FLIP
+    aug = (
+        Augment(data.resolution, data.meta["order"], max(1, data.resolution // 8), flip)
+        if args.augment
+        else None
+    )
+    steps_per_epoch = math.ceil(len(tr) / args.batch_size)
+    total = steps_per_epoch * args.epochs
+    gen = torch.Generator().manual_seed(args.seed)
+    tokens = data.tokens("train")
+    print(f"igpt finetune: {len(tr):,} training / {len(va):,} validation / {len(te):,} test images, {C} classes; "
+          f"lr {lr:g}, gen weight {args.gen_weight:g}, batch {args.batch_size}, up to {args.epochs} epochs x "
+          f"{steps_per_epoch} steps; augment {'shifts' + (' + flips' if flip else '') if aug else 'off'}",
+          file=sys.stderr)  # fmt: skip
+    initial_val = accuracy(model, tokens[va], y_all[va], device) if len(va) else None
+    history, best, best_state, bad_epochs, step = [], (-1.0, -1), None, 0, 0
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+
+    for epoch in range(1, args.epochs + 1):
+        perm = tr[torch.randperm(len(tr), generator=gen).numpy()]
+        losses = []
+        bar = tqdm(range(0, len(perm), args.batch_size), desc=f"epoch {epoch}", unit="step", leave=False,
+                   disable=args.no_progress, mininterval=1.0, file=sys.stderr)  # fmt: skip
+        for s in bar:
+            idx = np.sort(perm[s : s + args.batch_size])
+            x = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+            if aug is not None:
+                x = aug(x, gen)
+            y = torch.from_numpy(y_all[idx]).to(device)
+            mask = None if backbone.causal else bert_mask(tuple(x.shape), 0.15, gen).to(device)
+            x = x.to(device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at((step + 1) / total, lr, 0.05)
+            logits, l_gen = model(x, mask if args.gen_weight > 0 else None)
+            loss = F.cross_entropy(logits, y) + args.gen_weight * l_gen
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+        bar.close()
+        val = accuracy(model, tokens[va], y_all[va], device) if len(va) else float("nan")
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val})
+        print(f"epoch {epoch}: train loss {np.mean(losses):.4f}, val accuracy {val:.4f}", file=sys.stderr)
+        if not len(va) or val > best[0]:
+            best, bad_epochs = (val, epoch), 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+            if bad_epochs >= args.patience:
+                print(f"early stop: no validation gain for {args.patience} epochs", file=sys.stderr)
+                break
+        if args.minutes and time.perf_counter() - t0 > 60 * args.minutes:
+            print("stopping: --minutes budget reached", file=sys.stderr)
+            break
+    model.load_state_dict(best_state)
+    test_acc = accuracy(model, data.tokens("test")[te], data.labels("test")[te], device)
+    result = {
+        "test_accuracy": test_acc,
+        "best_epoch": best[1],
+        "best_val_accuracy": best[0] if len(va) else None,
+        "untrained_head_val_accuracy": untrained_val,
+        "initial_val_accuracy": initial_val,
+        "history": history,
+        "n_train": len(tr),
+        "n_val": len(va),
+        "n_test": len(te),
+        "objective": backbone.config.objective,
+        "settings": {k: v for k, v in vars(args).items() if k != "func"} | {"lr": lr, "flip": flip},
+        "seconds": round(time.perf_counter() - t0, 2),
+        "pretrained_run": str(Path(args.run).resolve()),
+    }
+    _save(Path(args.out), best_state, info, C, data, result)
+    print(f"test accuracy {test_acc:.4f} (best epoch {best[1]}); wrote {args.out}/finetune.json")
+    return result
+
+
+def _save(out: Path, state: dict, info: dict, num_classes: int, data: PreparedData, result: dict) -> None:
+    """FTRUN: model.safetensors (backbone.* and head.*), run.json (shape and classes), finetune.json;
+    written in a temporary directory and renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tmp.chmod(0o755)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
+        write_json_atomic(tmp / "run.json", {"model": info["model"], "num_classes": num_classes,
+                                             "class_names": data.meta.get("class_names", []),
+                                             "data": {"dir": str(data.dir)}})  # fmt: skip
+        write_json_atomic(tmp / "finetune.json", result)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,164 @@
+"""Probes and fine-tuning on tiny runs: output structure, probes that must work, low-data subsets, BERT mask
+ensembles, the joint loss, and refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from igpt.cli import main
+from igpt.main_finetune import Augment, Classifier
+from igpt.model import IGPT, IGPTConfig
+from igpt.palette import from_sequence, to_sequence
+from igpt.prepare import PrepareConfig, prepare
+from igpt.probe import balanced_subset, probe_with_validation
+
+COMMON = ["--preset", "micro", "--batch-size", "16", "--eval-images", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    prepare(PrepareConfig("digits", resolution=8, clusters=8), d / "data")
+    for obj in ("ar", "bert"):
+        main(["pretrain", "--data", str(d / "data"), "--out", str(d / obj), "--objective", obj, "--steps", "30",
+              "--eval-interval", "10", "--keep-every", "10", *COMMON])  # fmt: skip
+    return d
+
+
+def test_probe_output_structure(runs):
+    main(["probe", str(runs / "ar")])
+    p = json.loads((runs / "ar" / "probe.json").read_text())
+    assert sorted(p["layers"], key=int) == ["0", "1", "2"]
+    assert all(0 <= v <= 1 for v in p["layers"].values())
+    assert p["best_layer"] in (0, 1, 2) and p["best_accuracy"] == p["layers"][str(p["best_layer"])]
+    assert p["raw_pixel_accuracy"] > 0.8  # logistic regression on digits' pixels
+    assert (runs / "ar" / "probe.png").stat().st_size > 1000
+
+
+def test_probe_on_label_carrying_features_beats_chance_by_far():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (600,), generator=g)
+    x = torch.nn.functional.one_hot(y, 5).float() @ torch.randn(5, 16, generator=g) + 0.3 * torch.randn(600, 16,
+                                                                                                         generator=g)  # fmt: skip
+    r = probe_with_validation(x[:500], y[:500], x[500:], y[500:], 5)
+    assert r["test_accuracy"] > 0.95
+    noise = probe_with_validation(torch.randn(500, 16, generator=g), y[:500], torch.randn(100, 16, generator=g),
+                                  y[500:], 5)  # fmt: skip
+    assert noise["test_accuracy"] < 0.45
+
+
+def test_low_data_subsets_are_balanced_and_seeded():
+    y = np.repeat(np.arange(4), 50)
+    a, b, c = balanced_subset(y, 7, 1), balanced_subset(y, 7, 1), balanced_subset(y, 7, 2)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.bincount(y[a]).tolist() == [7, 7, 7, 7] and len(set(a)) == 28
+
+
+def test_low_data_probe(runs):
+    main(["probe", str(runs / "ar"), "--labels-per-class", "5", "--seeds", "2"])
+    p = json.loads((runs / "ar" / "probe.json").read_text())
+    assert p["labels_per_class"] == 5 and p["seeds"] == 2
+    assert 0 <= p["mean_accuracy"] <= 1 and p["std_accuracy"] >= 0 and "raw_pixel_accuracy" in p
+    assert (runs / "ar" / "probe_5_per_class.json").is_file()
+
+
+def test_bert_mask_ensemble(runs):
+    main(["probe", str(runs / "bert"), "--mask-ensemble", "3", "--layers", "1,2", "--train-limit", "400"])
+    p = json.loads((runs / "bert" / "probe.json").read_text())
+    me = p["mask_ensemble"]
+    assert me["masks"] == 3 and sorted(me["layers"]) == ["1", "2"]
+    assert all(0 <= v <= 1 for v in me["layers"].values())
+
+
+def test_loss_against_probe_over_checkpoints(runs):
+    main(["probe", str(runs / "ar"), "--checkpoints", "all", "--train-limit", "300", "--layers", "1,2"])
+    p = json.loads((runs / "ar" / "probe_checkpoints.json").read_text())
+    assert [r["step"] for r in p["checkpoints"]] == [10, 20, 30]
+    assert all(r["val_nll"] > 0 for r in p["checkpoints"])
+    assert (runs / "ar" / "probe_checkpoints.png").is_file()
+
+
+def test_joint_loss_gradient_reaches_output_head():
+    torch.manual_seed(0)
+    for objective in ("ar", "bert"):
+        m = Classifier(IGPT(IGPTConfig(vocab_size=8, n_positions=16, n_layer=1, n_embd=16, n_head=2,
+                                       objective=objective)), 3)  # fmt: skip
+        x = torch.randint(0, 8, (4, 16))
+        mask = torch.rand(4, 16) < 0.3 if objective == "bert" else None
+        for w, expect in ((1.0, True), (0.0, False)):
+            m.zero_grad()
+            logits, l_gen = m(x, mask)
+            (torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0])) + w * l_gen).backward()
+            g = m.backbone.lm_head.weight.grad
+            assert (g is not None and g.abs().sum() > 0) == expect, (objective, w)
+
+
+def test_finetune_beats_untrained_head(runs, tmp_path):
+    out = tmp_path / "ft"
+    main(["finetune", str(runs / "ar"), "--out", str(out), "--epochs", "3", "--lr", "1e-3", "--no-progress"])
+    r = json.loads((out / "finetune.json").read_text())
+    assert r["untrained_head_val_accuracy"] < 0.2  # a zero head predicts one class
+    assert r["test_accuracy"] > 0.4 and 1 <= r["best_epoch"] <= 3  # chance is 0.1
+    assert r["best_val_accuracy"] >= r["initial_val_accuracy"]
+    assert (out / "model.safetensors").is_file()
+
+
+def test_augment_shifts_and_flips_in_token_space():
+    R = 6
+    grid = np.arange(36).reshape(1, R, R)
+    for order in ("raster", "snake"):
+        seq = torch.from_numpy(to_sequence(grid, order))
+        g = torch.Generator().manual_seed(0)
+        flipped = from_sequence(Augment(R, order, 0, True)(seq.repeat(8, 1), g).numpy(), R, order)
+        assert all((f == grid[0]).all() or (f == grid[0][:, ::-1]).all() for f in flipped)
+        assert any((f == grid[0][:, ::-1]).all() for f in flipped)
+        shifted = from_sequence(Augment(R, order, 2, False)(seq.repeat(8, 1), g).numpy(), R, order)
+        for f in shifted:  # rows and columns stay contiguous runs of the original (edges replicated)
+            assert set(np.diff(f[:, 3])) <= {0, 6} and set(np.diff(f[3])) <= {0, 1}
+
+
+def test_refusals(runs, tmp_path, capsys):
+    prepare(
+        PrepareConfig("folder", data_dir=str(_flat_folder(tmp_path)), resolution=8, clusters=4),
+        tmp_path / "u",
+    )
+    cases = [
+        (["probe", str(runs / "ar"), "--layers", "7"], "out of range"),
+        (["probe", str(runs / "ar"), "--labels-per-class", "100000"], "exceeds"),
+        (["probe", str(runs / "ar"), "--data", str(tmp_path / "u")], "no labels"),
+        (["probe", str(runs / "ar"), "--mask-ensemble", "2"], "BERT runs only"),
+        (
+            ["finetune", str(runs / "ar"), "--out", str(tmp_path / "f"), "--labels-per-class", "100000"],
+            "exceeds",
+        ),
+    ]
+    for args, expect in cases:
+        with pytest.raises(SystemExit):
+            main(args)
+        err = capsys.readouterr().err
+        assert expect in err, (args, err)
+    assert not (tmp_path / "f").exists()
+
+
+def _flat_folder(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "flat"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(d / f"{i}.png")
+    return d
+
+
+def test_unfinished_run_says_so(runs, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "unfinished"
+    shutil.copytree(runs / "ar", run)
+    s = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps(s | {"finished": False}))
+    main(["probe", str(run), "--layers", "2", "--train-limit", "200"])
+    assert "unfinished" in capsys.readouterr().err
