@@ -445,7 +445,7 @@ class Trainer:
         window: list[float] = []
         t_window, tok_window = time.perf_counter(), 0
         tok_rate, train_loss = 0.0, None
-        run_t0, run_tok0 = time.perf_counter(), self.tokens_seen
+        run_t0, run_tok0, eval_seconds = time.perf_counter(), self.tokens_seen, 0.0
         try:
             self.wrapped.train()
             while not self.done():
@@ -478,9 +478,13 @@ class Trainer:
                     if c.minutes and not c.steps:
                         bar.set_description(f"{self.elapsed() / 60:.1f}/{c.minutes:g} min")
                 if self.step % c.eval_interval == 0 or self.done() or self.stop_requested:
+                    t_eval = time.perf_counter()
                     val = self._validate()
                     self._log({"step": self.step, "val_nll": val, "val_bits_per_token": val / math.log(2)})
                     self.save(train_loss if train_loss is not None else loss)
+                    paused = time.perf_counter() - t_eval  # validation and saving are not training time
+                    t_window += paused
+                    eval_seconds += paused
                     if env.main and bar is None:
                         print(f"step {self.step}: loss {loss:.4f}, val_nll {val:.4f}, {tok_rate:,.0f} tokens/s",
                               file=sys.stderr)  # fmt: skip
@@ -504,7 +508,8 @@ class Trainer:
             "val_nll": self.last_val,
             "val_bits_per_token": None if self.last_val is None else self.last_val / math.log(2),
             "val_images": min(c.eval_images, self.data.meta["n_test"]),
-            "tokens_per_second": (self.tokens_seen - run_tok0) / max(wall, 1e-9),
+            "tokens_per_second": (self.tokens_seen - run_tok0) / max(wall - eval_seconds, 1e-9),
+            "validation_seconds": round(eval_seconds, 2),
             "elapsed_seconds": self.elapsed(),
             "epochs": self.batcher.epoch_of(self.step),
             "world_size": env.world,
