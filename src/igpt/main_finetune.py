@@ -232,6 +232,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             step += 1
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+            if args.minutes and time.perf_counter() - t0 > 60 * args.minutes:
+                break  # the epoch is cut short; it is still validated and may be the best
         bar.close()
         val = accuracy(model, tokens[va], y_all[va], device) if len(va) else float("nan")
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val})

@@ -137,8 +137,8 @@ class RunLock:
         self.f.close()
 
 
-def _setup_run(args: argparse.Namespace, given: dict[str, Any], main: bool) -> tuple[TrainConfig, dict, bool]:
-    """Create or reopen the run directory. Returns (config, run info, resuming)."""
+def _setup_run(args: argparse.Namespace, given: dict[str, Any]) -> tuple[TrainConfig, dict, bool]:
+    """Create or reopen the run directory (rank 0 only). Returns (config, run info, resuming)."""
     run = Path(args.out)
     exists = (run / "run.json").is_file()
     if exists and not args.resume:
@@ -156,7 +156,9 @@ def _setup_run(args: argparse.Namespace, given: dict[str, Any], main: bool) -> t
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
             raise IgptError(f"--resume with changed settings is refused ({what}); the run keeps its own")
         cfg = TrainConfig(**{**info["train"], **{k: given[k] for k in changed}})
-        info["train"] = cfg.to_dict()
+        if changed:  # a new budget (steps, minutes, keeps) is recorded, so the run stays self-describing
+            info["train"] = cfg.to_dict()
+            write_json_atomic(run / "run.json", info)
         return cfg, info, True
     if run.exists() and any(p.name != ".lock" for p in run.iterdir()):
         raise IgptError(f"{run} exists and is not an igpt run; choose another --out")
@@ -174,11 +176,10 @@ def _setup_run(args: argparse.Namespace, given: dict[str, Any], main: bool) -> t
         "seed": cfg.seed,
         "command": " ".join(sys.argv),
     }
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
-        np.save(run / "palette.npy", data.palette)
-        write_json_atomic(run / "data_meta.json", data.meta)
-        write_json_atomic(run / "run.json", info)
+    run.mkdir(parents=True, exist_ok=True)
+    np.save(run / "palette.npy", data.palette)
+    write_json_atomic(run / "data_meta.json", data.meta)
+    write_json_atomic(run / "run.json", info)
     return cfg, info, False
 
 
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> None:
             try:
                 Path(args.out).mkdir(parents=True, exist_ok=True)
                 lock = RunLock(Path(args.out))
-                msg = [_setup_run(args, given, True)]
+                msg = [_setup_run(args, given)]
             except IgptError as e:
                 msg = [str(e)]
         if env.world > 1:
