@@ -17,8 +17,6 @@ transformers is not a dependency: files are read and written with safetensors an
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .checkpoint import read_run_json, save_checkpoint
-from .data import write_json_atomic
+from .data import atomic_directory, write_json_atomic
 from .errors import IgptError
 from .model import IGPT, IGPTConfig
 from .palette import load_palette
@@ -134,10 +132,7 @@ def from_hf(hf_dir: str | Path, out: str | Path, palette: str | None = None) -> 
         raise IgptError(f"n_positions {cfg.n_positions} is not a square image")
     meta = {"dataset": "huggingface", "resolution": res, "channels": int(pal.shape[1]), "clusters": cfg.vocab_size,
             "order": "raster", "num_classes": 0, "class_names": [], "source": str(hf.resolve())}  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        tmp.chmod(0o755)
+    with atomic_directory(out) as tmp:
         np.save(tmp / "palette.npy", pal)
         write_json_atomic(tmp / "data_meta.json", meta)
         info = {"igpt_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": cfg.to_dict(),
@@ -146,12 +141,6 @@ def from_hf(hf_dir: str | Path, out: str | Path, palette: str | None = None) -> 
         write_json_atomic(tmp / "run.json", info)
         save_checkpoint(tmp, 0, model.state_dict(), {}, {"step": 0, "tokens_seen": 0, "elapsed_seconds": 0.0,
                         "converted_from": str(hf.resolve())}, keep={0})  # fmt: skip
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -203,17 +192,8 @@ def to_hf(run: str | Path, out: str | Path, checkpoint: str | None = None) -> Pa
         "do_color_quantize": True, "do_normalize": True, "do_resize": True, "resample": 2,
         "size": {"height": res, "width": res},
     }  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        tmp.chmod(0o755)
+    with atomic_directory(out) as tmp:
         save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre) + "\n")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

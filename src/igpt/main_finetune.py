@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .data import PreparedData, write_json_atomic
+from .data import PreparedData, atomic_directory, write_json_atomic
 from .engine import bert_mask, lr_at
 from .errors import IgptError
 from .main_probe import labelled_rows, open_labelled_run
@@ -274,18 +272,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _save(out: Path, state: dict, info: dict, num_classes: int, data: PreparedData, result: dict) -> None:
     """FTRUN: model.safetensors (backbone.* and head.*), run.json (shape and classes), finetune.json;
     written in a temporary directory and renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        tmp.chmod(0o755)
+    with atomic_directory(out) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
         write_json_atomic(tmp / "run.json", {"model": info["model"], "num_classes": num_classes,
                                              "class_names": data.meta.get("class_names", []),
                                              "data": {"dir": str(data.dir)}})  # fmt: skip
         write_json_atomic(tmp / "finetune.json", result)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

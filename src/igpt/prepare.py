@@ -8,9 +8,7 @@ prepare never leaves a half-written `--out`.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .data import atomic_directory
 from .errors import IgptError
 from .palette import (
     ORDERS,
@@ -170,26 +169,13 @@ def prepare(cfg: PrepareConfig, out: str | Path, force: bool = False) -> dict[st
         "igpt_version": __version__,
         "settings": settings,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        tmp.chmod(0o755)
+    with atomic_directory(out) as tmp:
         np.save(tmp / "train_tokens.npy", tok_tr)
         np.save(tmp / "test_tokens.npy", tok_te)
         np.save(tmp / "train_labels.npy", train.labels.astype(np.int64))
         np.save(tmp / "test_labels.npy", test.labels.astype(np.int64))
         np.save(tmp / "palette.npy", palette.astype(np.float32))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     meta["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     return meta
 
