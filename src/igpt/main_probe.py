@@ -119,6 +119,17 @@ def parse_layers(text: str, n_layer: int, run: str) -> list[int]:
     return layers
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write to a temporary file, rename into place and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def plot_layers(
     path: Path, layers: dict[str, float], raw: float, title: str, extra: dict[str, float]
 ) -> None:
@@ -140,11 +151,7 @@ def plot_layers(
     ax.set_xticks(xs)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- modes
@@ -312,11 +319,7 @@ def plot_checkpoints(path: Path, rows: list[dict]) -> None:
     ax.set_title("Better generative loss, better features (labels: step)")
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def run(args: argparse.Namespace) -> None:
