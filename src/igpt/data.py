@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import IgptError
-from .palette import from_sequence
+from .palette import decode, from_sequence
 
 SPLITS = ("train", "test")
 
@@ -71,8 +71,7 @@ class PreparedData:
     def images(self, split: str, index: np.ndarray | list[int]) -> np.ndarray:
         """Decoded uint8 (n, R, R, C) images of the given rows."""
         seq = np.asarray(self.tokens(split)[np.asarray(index)], dtype=np.int64)
-        grid = from_sequence(seq, self.resolution, self.meta["order"])
-        return np.round(self.palette).clip(0, 255).astype(np.uint8)[grid]
+        return decode(from_sequence(seq, self.resolution, self.meta["order"]), self.palette)
 
     def _load(self, name: str, mmap: bool) -> np.ndarray:
         path = self.dir / name
