@@ -99,6 +99,32 @@ def raw_pixels(data: PreparedData, split: str, rows: np.ndarray) -> torch.Tensor
     return torch.cat(out).float()
 
 
+class FeatureCache:
+    """Pooled features of the chosen layers, keyed by split: a request for rows already computed (a low-data
+    subset after the full probe, say) is answered by indexing instead of another forward pass."""
+
+    def __init__(self, model: IGPT, data: PreparedData, layers: list[int], quiet: bool = False, **kw: Any):
+        self.model, self.data, self.layers, self.kw, self.quiet = model, data, layers, kw, quiet
+        self.store: dict[str, tuple[np.ndarray, dict[int, torch.Tensor]]] = {}
+
+    def __call__(self, split: str, rows: np.ndarray, label: str) -> dict[int, torch.Tensor]:
+        """Features of the sorted `rows` of `split`."""
+        if split in self.store:
+            have, feats = self.store[split]
+            pos = np.minimum(np.searchsorted(have, rows), len(have) - 1)
+            if len(have) and (have[pos] == rows).all():
+                return {i: f[torch.from_numpy(pos)] for i, f in feats.items()}
+        feats = extract_features(
+            self.model,
+            self.data.tokens(split)[rows],
+            self.layers,
+            progress=None if self.quiet else label,
+            **self.kw,
+        )
+        self.store[split] = (rows, feats)
+        return feats
+
+
 def parse_layers(text: str, n_layer: int, run: str) -> list[int]:
     if text == "all":
         return list(range(n_layer + 1))
@@ -155,7 +181,8 @@ def plot_layers(
 
 
 # ---------------------------------------------------------------------------------------------- modes
-def full_probe(args, model: IGPT, data: PreparedData, layers: list[int], device: str) -> dict[str, Any]:
+def full_probe(args, model: IGPT, data: PreparedData, layers: list[int], device: str,
+               cache: FeatureCache | None = None) -> dict[str, Any]:  # fmt: skip
     """The standard protocol: all training rows, lambda chosen on a validation split, test accuracy."""
     C = data.num_classes
     tr = labelled_rows(data.labels("train"), args.train_limit)
@@ -163,8 +190,8 @@ def full_probe(args, model: IGPT, data: PreparedData, layers: list[int], device:
     ytr, yte = torch.from_numpy(data.labels("train")[tr]), torch.from_numpy(data.labels("test")[te])
     t0 = time.perf_counter()
     kw = dict(batch_size=args.batch_size, pool=args.pool, resolution=data.resolution, device=device)
-    ftr = extract_features(model, data.tokens("train")[tr], layers, progress="train features", **kw)
-    fte = extract_features(model, data.tokens("test")[te], layers, progress="test features", **kw)
+    cache = cache or FeatureCache(model, data, layers, **kw)
+    ftr, fte = cache("train", tr, "train features"), cache("test", te, "test features")
     t_feat = time.perf_counter() - t0
     res: dict[str, Any] = {"layers": {}, "val_accuracy": {}, "lambda": {}}
     for i in layers:
@@ -229,7 +256,8 @@ def mask_ensemble(args, model: IGPT, data: PreparedData, tr: np.ndarray, te: np.
             "single_mask_mean": {str(i): float(np.mean(v)) for i, v in single.items()}}  # fmt: skip
 
 
-def low_data_probe(args, model: IGPT, data: PreparedData, layers: list[int], device: str) -> dict[str, Any]:
+def low_data_probe(args, model: IGPT, data: PreparedData, layers: list[int], device: str,
+                   cache: FeatureCache | None = None) -> dict[str, Any]:  # fmt: skip
     """Table 4's protocol: K seeded class-balanced subsets of N labels per class; lambda by k-fold
     cross-validation within each subset; mean and std of test accuracy, beside raw pixels on the same subsets."""
     N, C = args.labels_per_class, data.num_classes
@@ -244,8 +272,8 @@ def low_data_probe(args, model: IGPT, data: PreparedData, layers: list[int], dev
     te = labelled_rows(data.labels("test"), args.test_limit)
     yte = torch.from_numpy(data.labels("test")[te])
     kw = dict(batch_size=args.batch_size, pool=args.pool, resolution=data.resolution, device=device)
-    ftr = extract_features(model, data.tokens("train")[rows], layers, progress="train features", **kw)
-    fte = extract_features(model, data.tokens("test")[te], layers, progress="test features", **kw)
+    cache = cache or FeatureCache(model, data, layers, **kw)
+    ftr, fte = cache("train", rows, "train features"), cache("test", te, "test features")
     rtr, rte = raw_pixels(data, "train", rows), raw_pixels(data, "test", te)
     pos = {r: k for k, r in enumerate(rows)}
     folds = min(5, N)
@@ -337,7 +365,6 @@ def run(args: argparse.Namespace) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise IgptError("--device cuda, but no CUDA GPU is available")
     run_dir = Path(args.run)
-    t0 = time.perf_counter()
     if args.checkpoints == "all":
         res = checkpoints_probe(args, info, data, layers, device)
         write_json_atomic(run_dir / "probe_checkpoints.json", res)
@@ -347,21 +374,31 @@ def run(args: argparse.Namespace) -> None:
                   f"accuracy {r['best_accuracy']:.4f}")  # fmt: skip
         print(f"wrote {run_dir / 'probe_checkpoints.json'} and probe_checkpoints.png")
         return
+    probe_and_save(args, model, data, layers, device)
+
+
+def probe_and_save(args: argparse.Namespace, model: IGPT, data: PreparedData, layers: list[int], device: str,
+                   cache: FeatureCache | None = None, baselines: dict[str, float] | None = None) -> dict[str, Any]:  # fmt: skip
+    """One full or low-data probe of `args.run`: probe_full.json or probe_N_per_class.json, probe.json (the
+    latest probe) and the matching plots; `baselines` are extra named lines for the plot."""
+    run_dir = Path(args.run)
+    t0 = time.perf_counter()
     if args.labels_per_class:
-        res = low_data_probe(args, model, data, layers, device)
+        res = low_data_probe(args, model, data, layers, device, cache)
         name = f"probe_{args.labels_per_class}_per_class"
         title = f"{args.labels_per_class} labels per class, mean of {args.seeds} subsets"
     else:
-        res = full_probe(args, model, data, layers, device)
+        res = full_probe(args, model, data, layers, device, cache)
         name = "probe_full"
         title = f"linear probe, {res['n_train']:,} training images"
     res.update(objective=model.config.objective, checkpoint=args.checkpoint or "latest",
                seconds_total=round(time.perf_counter() - t0, 2))  # fmt: skip
     write_json_atomic(run_dir / f"{name}.json", res)
     write_json_atomic(run_dir / "probe.json", res)
-    plot_layers(run_dir / "probe.png", res["layers"], res["raw_pixel_accuracy"], title, {})
+    plot_layers(run_dir / "probe.png", res["layers"], res["raw_pixel_accuracy"], title, baselines or {})
     (run_dir / f"{name}.png").write_bytes((run_dir / "probe.png").read_bytes())
     acc = res["best_accuracy"]
     extra = f" (std {res['std_accuracy']:.4f})" if "std_accuracy" in res else ""
     print(f"best layer {res['best_layer']}: accuracy {acc:.4f}{extra}; raw pixels {res['raw_pixel_accuracy']:.4f}; "
           f"wrote {run_dir / 'probe.json'} and probe.png")  # fmt: skip
+    return res

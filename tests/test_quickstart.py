@@ -1,0 +1,81 @@
+"""`igpt quickstart --smoke` end to end (on the digits, so it needs no Debian package): every stage's output,
+a self-contained report, resuming without redoing finished stages, and the Fashion-MNIST fallback notice."""
+
+import json
+import re
+
+import pytest
+
+from igpt import main_quickstart
+from igpt.cli import main
+
+ARGS = ["--smoke", "--dataset", "digits", "--minutes", "0.1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def qs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs") / "out"
+    main(["quickstart", "--out", str(out), *ARGS])
+    return out
+
+
+def test_every_stage_leaves_its_output(qs):
+    state = json.loads((qs / "quickstart.json").read_text())
+    assert state["done"] == ["prepare", "pretrain", "probe", "low_data", "completions"]
+    assert state["peak_rss_mib"] > 50
+    assert json.loads((qs / "run" / "summary.json").read_text())["finished"]
+    full = json.loads((qs / "run" / "probe.json").read_text())
+    assert "labels_per_class" not in full and sorted(full["layers"], key=int) == ["0", "1", "2"]
+    assert full["raw_pixel_accuracy"] > 0.8 and full["best_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    low = json.loads((qs / "run" / "probe_10_per_class.json").read_text())
+    assert low["labels_per_class"] == 10 and 0 <= low["std_accuracy"] < 0.5
+    assert (qs / "completions.png").stat().st_size > 500
+
+
+def test_report_is_self_contained_and_shows_the_numbers(qs):
+    page = (qs / "report.html").read_text()
+    full = json.loads((qs / "run" / "probe.json").read_text())
+    assert f"{full['best_accuracy']:.4f}" in page and f"{full['raw_pixel_accuracy']:.4f}" in page
+    # the loss curve, the probe plot and the completion grid, all inline
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 3
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from the network
+    assert "Low-data probes" in page and "tokens/s" in page
+
+
+def test_second_run_resumes_instead_of_redoing(qs, capsys):
+    before = json.loads((qs / "quickstart.json").read_text())["seconds"]
+    mtime = (qs / "run" / "probe_full.json").stat().st_mtime
+    main(["quickstart", "--out", str(qs), *ARGS])
+    out = capsys.readouterr().out
+    assert out.count("already done") == 4  # pretrain, probe, low-data, completions
+    assert (qs / "run" / "probe_full.json").stat().st_mtime == mtime
+    assert json.loads((qs / "quickstart.json").read_text())["seconds"]["pretrain"] == before["pretrain"]
+
+
+def test_missing_fashion_mnist_falls_back_to_digits_with_a_notice(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(main_quickstart, "FASHION_DIR", tmp_path / "absent")
+    args = main_quickstart.build_parser().parse_args(["quickstart", "--smoke"])
+    plan, notice = main_quickstart.make_plan(args)
+    assert plan.dataset == "digits" and plan.resolution == 8 and "dataset-fashion-mnist" in notice
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--minutes", "0"], "--minutes must be positive"),
+        (["--data-dir", "/nonexistent"], "no Fashion-MNIST IDX files"),
+        (["--resolution", "40"], "--resolution must be in"),
+    ],
+)
+def test_refusals(tmp_path, capsys, args, expect):
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--out", str(tmp_path / "q"), *args])
+    assert expect in capsys.readouterr().err
+
+
+def test_foreign_out_directory_refused(tmp_path, capsys):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "mine.txt").write_text("x")
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--out", str(tmp_path / "q"), *ARGS])
+    assert "not made by igpt quickstart" in capsys.readouterr().err
