@@ -2,7 +2,8 @@
 # Set up a fresh machine for igpt: a virtual environment in .venv with the project and its dependencies
 # (torch pinned to the CPU build 2.13.0), and Debian's Fashion-MNIST where apt and root are available.
 # Safe to run again: it skips what is already in place.
-# Usage: bash scripts/setup.sh [--test]   (--test also installs the test tools: pytest, ruff, transformers)
+# Usage: bash scripts/setup.sh [--test]   (--test also installs the test tools: pytest, ruff, transformers,
+# selenium, and, as root with apt, Debian's chromium and chromium-driver for the browser test of igpt serve)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra=""
@@ -34,5 +35,14 @@ if [ ! -f "$fm/train-images-idx3-ubyte.gz" ]; then
     echo "setup: note: Fashion-MNIST is not in $fm. Install Debian's package dataset-fashion-mnist" \
          "(as root: apt-get install dataset-fashion-mnist), or put the four IDX files" \
          "(train-images-idx3-ubyte.gz, ...) in a directory and pass it with --data-dir." >&2
+  fi
+fi
+if [ -n "$extra" ] && ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium and chromium-driver (browser test of igpt serve)" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+      || echo "setup: warning: could not install chromium with apt; the browser test will be skipped" >&2
+  else
+    echo "setup: note: without chromium and chromedriver the browser test of igpt serve is skipped" >&2
   fi
 fi

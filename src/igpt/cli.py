@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_prepare(sub)
-    for mod in ("pretrain", "probe", "finetune", "sample", "convert", "quickstart"):
+    for mod in ("pretrain", "probe", "finetune", "sample", "convert", "quickstart", "serve"):
         try:
             module = __import__(f"igpt.main_{mod}", fromlist=["add_parser"])
         except ModuleNotFoundError:

@@ -42,14 +42,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def load_images(files: list[str], resolution: int, channels: int) -> np.ndarray:
     """Image files -> uint8 (N, R, R, C), centre-cropped and box-resized like `igpt prepare folder`."""
-    from .sources import _load_image
+    from .sources import load_image
 
     out = []
     for f in files:
         if not Path(f).is_file():
             raise IgptError(f"image file {f} does not exist")
         try:
-            out.append(to_channels(_load_image(Path(f), resolution)[None], channels)[0])
+            out.append(to_channels(load_image(Path(f), resolution)[None], channels)[0])
         except IgptError:
             raise
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files

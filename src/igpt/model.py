@@ -15,6 +15,7 @@ one to one (Conv1D's (in, out) weights are transposed on conversion).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -281,6 +282,23 @@ class IGPT(nn.Module):
         """Continue `prefix` (B, P) by `n_new` sampled tokens -> (B, P + n_new), AR runs only. Uses a
         preallocated key/value cache: one prefill pass over [SOS, prefix], then one position per token.
         temperature 0 means greedy."""
+        out = prefix.clone()
+        for buf, _ in self.generate_steps(prefix, n_new, temperature, top_k, top_p, generator):
+            out = buf
+        return out
+
+    @torch.no_grad()
+    def generate_steps(
+        self,
+        prefix: torch.Tensor,
+        n_new: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[tuple[torch.Tensor, int]]:
+        """`generate`, one token at a time: yields (buffer (B, P + n_new), tokens filled so far) after every
+        sampled token, so a caller can show a completion as it grows. The buffer is reused between yields."""
         if not self.causal:
             raise ValueError("generate needs an AR model; BERT runs complete images by mask-predict")
         B, P = prefix.shape
@@ -289,12 +307,12 @@ class IGPT(nn.Module):
                 f"prefix {P} + {n_new} new tokens exceed the context of {self.config.n_positions}"
             )
         if n_new <= 0:
-            return prefix.clone()
+            return
         dev = self.wte.weight.device
         cache = KVCache(self.config, B, P + n_new, dev, self.wte.weight.dtype)
         sos = torch.full((B, 1), self.config.sos_id, dtype=torch.long, device=dev)
         inp = torch.cat([sos, prefix.to(dev, torch.long)], dim=1)  # (B, P+1)
-        out = torch.empty(B, P + n_new, dtype=torch.long, device=dev)
+        out = torch.zeros(B, P + n_new, dtype=torch.long, device=dev)
         out[:, :P] = prefix
         for t in range(n_new):
             pos = cache.pos
@@ -306,7 +324,7 @@ class IGPT(nn.Module):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             out[:, P + t] = nxt
             inp = nxt[:, None]
-        return out
+            yield out, P + t + 1
 
 
 def sample_next(

@@ -12,6 +12,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -162,8 +163,9 @@ def load_cifar(directory: Path, name: str) -> ImageSet:
 
 
 # ---------------------------------------------------------------------------------------------- folder
-def _load_image(path: Path, size: int | None):
-    """One image as uint8 (H, W, C), centre-cropped to a square and box-resized to `size` when given."""
+def load_image(path: Path | BinaryIO, size: int | None) -> np.ndarray:
+    """One image (a path or an open binary file) as uint8 (H, W, C), centre-cropped to a square and
+    box-resized to `size` when given."""
     from PIL import Image
 
     with Image.open(path) as im:
@@ -203,7 +205,7 @@ def load_folder(directory: Path, size: int | None, test_fraction: float, seed: i
             skipped.append(f"{path} (not an image file extension)")
             continue
         try:
-            images.append(_load_image(path, size))
+            images.append(load_image(path, size))
             labels.append(label)
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
             if strict:

@@ -1,0 +1,361 @@
+"""The web app behind `igpt serve RUN`: a page to complete an image with a run's model, and its small JSON API.
+
+Routes: `GET /` (the page: HTML, CSS and JavaScript inline, nothing from the network), `GET /api/info`,
+`GET /api/test/{i}.png` (a test image, enlarged), and `POST /api/complete` (a multipart form; the answer is a
+stream of JSON lines, one per completed row, so the page can draw completions as they are sampled). Sampling
+runs in a worker thread (Starlette iterates a synchronous stream in its thread pool), so a slow request never
+blocks the others. Bad input gets a 4xx with {"error": message}.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import load_run, read_run_json
+from .data import PreparedData
+from .errors import IgptError
+from .palette import decode, from_sequence, quantize, to_channels, to_sequence
+from .sampling import complete, default_scale, mark_hidden, upscale
+
+MAX_SAMPLES = 16
+MAX_TEMPERATURE = 5.0
+
+
+class BadRequest(Exception):
+    """A request the server refuses: an HTTP status and a message for the user."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def png_data_url(img: np.ndarray, scale: int) -> str:
+    """(H, W, 1 or 3) uint8 -> an enlarged PNG as a data: URL."""
+    from PIL import Image
+
+    a = upscale(img if img.shape[2] == 3 else np.repeat(img, 3, axis=2), scale)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class Completer:
+    """A run's model, palette and test images, ready to complete images."""
+
+    def __init__(self, run: str | Path, checkpoint: str | None = None):
+        info = read_run_json(run)
+        if not (Path(run) / "palette.npy").is_file():
+            raise IgptError(f"{run} has no palette.npy, so its tokens cannot be turned into images")
+        self.palette = np.load(Path(run) / "palette.npy")
+        meta = info["data"]["meta"]
+        self.R, self.order = int(meta["resolution"]), meta.get("order", "raster")
+        self.channels = int(self.palette.shape[1])
+        self.model = load_run(run, checkpoint)
+        self.scale = default_scale(self.R)
+        self.data: PreparedData | None = None
+        data_dir = info["data"].get("dir")
+        if data_dir and (Path(data_dir) / "meta.json").is_file():
+            self.data = PreparedData(data_dir)
+        self.run = str(run)
+
+    @property
+    def n_test(self) -> int:
+        return int(self.data.meta["n_test"]) if self.data is not None else 0
+
+    def info(self, max_upload: int) -> dict[str, Any]:
+        return {"run": self.run, "resolution": self.R, "channels": self.channels, "clusters": len(self.palette),
+                "objective": self.model.config.objective, "n_test": self.n_test, "max_upload_bytes": max_upload,
+                "max_samples": MAX_SAMPLES, "class_names": (self.data.meta.get("class_names") if self.data else None)}  # fmt: skip
+
+    def test_tokens(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens (T,), image (R, R, C)) of a test image."""
+        if self.data is None:
+            raise BadRequest(404, "this run's prepared data is not available; upload an image instead")
+        if not 0 <= index < self.n_test:
+            raise BadRequest(400, f"test image index must be in [0, {self.n_test - 1}], got {index}")
+        tokens = np.asarray(self.data.tokens("test")[index], dtype=np.int64)
+        return tokens, self.data.images("test", [index])[0]
+
+    def upload_tokens(self, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """An uploaded file -> (tokens, the resized image): centre-cropped, box-resized, quantized with the
+        run's palette, exactly as `igpt prepare folder` treats images."""
+        from .sources import load_image
+
+        try:
+            img = load_image(io.BytesIO(raw), self.R)
+        except Exception:  # noqa: BLE001 - Pillow raises many types for files it cannot read
+            raise BadRequest(415, "the file is not an image Pillow can read (try PNG or JPEG)") from None
+        img = to_channels(img[None], self.channels)[0]
+        tokens = to_sequence(quantize(img[None], self.palette), self.order)[0].astype(np.int64)
+        return tokens, img
+
+    def stream(
+        self,
+        tokens: np.ndarray,
+        original: np.ndarray,
+        keep_rows: int,
+        num: int,
+        temperature: float,
+        seed: int,
+    ) -> Iterator[dict[str, Any]]:
+        """Messages for the page: first the original and its kept part, then the samples after every completed
+        row (AR; rows still to come are hatched), and a last one with `done` and the timing."""
+        R, t0 = self.R, time.perf_counter()
+        kept = decode(from_sequence(tokens[None], R, self.order), self.palette)[0]
+        yield {"original": png_data_url(original, self.scale),
+               "kept": png_data_url(mark_hidden(kept, keep_rows), self.scale), "rows": R, "keep_rows": keep_rows}  # fmt: skip
+        prefix = torch.from_numpy(tokens[None]).repeat(num, 1)
+        if not self.model.causal:  # BERT: mask-predict fills every hidden position at once
+            out = complete(self.model, prefix[:1], keep_rows * R, num, temperature, seed=seed)[0]
+            yield self._samples(out.numpy(), R)
+        elif keep_rows < R:
+            gen = torch.Generator().manual_seed(seed)
+            steps = self.model.generate_steps(prefix[:, : keep_rows * R], R * R - keep_rows * R, temperature,
+                                              generator=gen)  # fmt: skip
+            for buf, filled in steps:
+                if filled % R == 0:
+                    yield self._samples(buf.numpy(), filled // R)
+        else:
+            yield self._samples(prefix.numpy(), R)
+        secs = time.perf_counter() - t0
+        yield {"done": True, "seconds": round(secs, 3), "tokens": num * (R - keep_rows) * R}
+
+    def _samples(self, seqs: np.ndarray, rows_done: int) -> dict[str, Any]:
+        imgs = decode(from_sequence(seqs, self.R, self.order), self.palette)
+        if rows_done < self.R:
+            imgs = [mark_hidden(im, rows_done) for im in imgs]
+        return {"rows_done": rows_done, "samples": [png_data_url(im, self.scale) for im in imgs]}
+
+
+def _int(form: Any, name: str, default: int) -> int:
+    v = form.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise BadRequest(400, f"{name} must be an integer, got '{str(v)[:40]}'") from None
+
+
+def _float(form: Any, name: str, default: float) -> float:
+    v = form.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise BadRequest(400, f"{name} must be a number, got '{str(v)[:40]}'") from None
+    if not np.isfinite(x):
+        raise BadRequest(400, f"{name} must be finite")
+    return x
+
+
+def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024):
+    """The Starlette application serving `completer`; uploads larger than `max_upload` bytes are refused."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    def error(e: BadRequest) -> JSONResponse:
+        return JSONResponse({"error": e.message}, status_code=e.status)
+
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    async def info(request: Request) -> JSONResponse:
+        return JSONResponse(completer.info(max_upload))
+
+    async def test_image(request: Request) -> Response:
+        try:
+            index = _int(request.path_params, "index", 0)
+            _, img = completer.test_tokens(index)
+        except BadRequest as e:
+            return error(e)
+        url = png_data_url(img, completer.scale)
+        return Response(base64.b64decode(url.split(",", 1)[1]), media_type="image/png")
+
+    async def complete_route(request: Request) -> Response:
+        try:
+            size = request.headers.get("content-length")
+            if size is not None and size.isdigit() and int(size) > max_upload + 64 * 1024:
+                raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit")
+            try:
+                form = await request.form(max_files=1, max_fields=20)
+            except Exception:  # noqa: BLE001 - malformed multipart bodies
+                raise BadRequest(
+                    400, "expected a multipart form (source, index or file, keep_rows, ...)"
+                ) from None
+            R = completer.R
+            keep_rows = _int(form, "keep_rows", R // 2)
+            if not 0 <= keep_rows <= R:
+                raise BadRequest(400, f"keep_rows must be in [0, {R}], got {keep_rows}")
+            num = _int(form, "num", 4)
+            if not 1 <= num <= MAX_SAMPLES:
+                raise BadRequest(400, f"num must be in [1, {MAX_SAMPLES}], got {num}")
+            temperature = _float(form, "temperature", 1.0)
+            if not 0 <= temperature <= MAX_TEMPERATURE:
+                raise BadRequest(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature:g}")
+            seed = _int(form, "seed", 0)
+            source = form.get("source", "test")
+            if source == "test":
+                tokens, img = completer.test_tokens(_int(form, "index", 0))
+            elif source == "upload":
+                f = form.get("file")
+                if f is None or isinstance(f, str):
+                    raise BadRequest(400, "source is upload but no file was sent")
+                raw = await f.read(max_upload + 1)
+                if len(raw) > max_upload:
+                    raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit")
+                if not raw:
+                    raise BadRequest(400, "the uploaded file is empty")
+                tokens, img = completer.upload_tokens(raw)
+            else:
+                raise BadRequest(400, f"source must be test or upload, got '{str(source)[:40]}'")
+        except BadRequest as e:
+            return error(e)
+        lines = (
+            json.dumps(m) + "\n" for m in completer.stream(tokens, img, keep_rows, num, temperature, seed)
+        )
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+
+    routes = [
+        Route("/", page),
+        Route("/api/info", info),
+        Route("/api/test/{index}.png", test_image),
+        Route("/api/complete", complete_route, methods=["POST"]),
+    ]
+    return Starlette(routes=routes)
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>igpt: complete an image</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font-family: system-ui, sans-serif; max-width: 1000px; margin: 1.5em auto; padding: 0 1em; color: #222; }
+fieldset { border: 1px solid #ccc; border-radius: 6px; margin: 0 0 1em; }
+label { display: inline-block; margin: 0.3em 1.2em 0.3em 0; }
+input[type=number] { width: 5em; }
+#error { color: #b00020; min-height: 1.2em; font-weight: 600; }
+#status { color: #555; min-height: 1.2em; }
+.row { display: flex; gap: 10px; flex-wrap: wrap; align-items: flex-start; }
+.cell { text-align: center; font-size: 0.8em; color: #555; }
+.cell img { display: block; image-rendering: pixelated; border: 1px solid #ddd; }
+button { font-size: 1em; padding: 0.4em 1.4em; }
+</style></head>
+<body>
+<h1>Complete an image</h1>
+<p id="about"></p>
+<form id="form">
+<fieldset><legend>Image</legend>
+  <label><input type="radio" name="source" value="test" checked> test image
+    <input type="number" id="index" name="index" value="0" min="0"></label>
+  <button type="button" id="random">random</button>
+  <label><input type="radio" name="source" value="upload"> upload
+    <input type="file" id="file" name="file" accept="image/*"></label>
+  <div class="row"><div class="cell"><img id="preview" alt="chosen image"></div></div>
+</fieldset>
+<fieldset><legend>Sampling</legend>
+  <label>rows kept <input type="number" id="keep_rows" name="keep_rows" min="0"></label>
+  <label>temperature <input type="number" id="temperature" name="temperature" value="1.0" min="0" step="0.1"></label>
+  <label>samples <input type="number" id="num" name="num" value="4" min="1"></label>
+  <label>seed <input type="number" id="seed" name="seed" value="0"></label>
+  <button type="submit" id="go">Complete</button>
+</fieldset>
+</form>
+<div id="error"></div><div id="status"></div>
+<div class="row" id="result"></div>
+<script>
+"use strict";
+let info = null;
+const $ = (id) => document.getElementById(id);
+function source() { return document.querySelector("input[name=source]:checked").value; }
+function cell(label, src, id) {
+  const d = document.createElement("div"); d.className = "cell";
+  const im = document.createElement("img"); im.src = src; im.alt = label; if (id) im.id = id;
+  d.appendChild(im); d.appendChild(document.createTextNode(label)); return d;
+}
+function preview() {
+  $("error").textContent = "";
+  if (source() === "test") {
+    $("preview").src = "/api/test/" + ($("index").value || 0) + ".png";
+  } else if ($("file").files.length) {
+    $("preview").src = URL.createObjectURL($("file").files[0]);
+  }
+}
+async function load() {
+  info = await (await fetch("/api/info")).json();
+  const names = info.class_names ? " (" + info.class_names.length + " classes)" : "";
+  $("about").textContent = "Run " + info.run + ": " + info.objective.toUpperCase() + " model, " + info.resolution +
+    "x" + info.resolution + " pixels, " + info.clusters + " palette colours, " + info.n_test + " test images" + names + ".";
+  $("keep_rows").max = info.resolution; $("keep_rows").value = Math.floor(info.resolution / 2);
+  $("num").max = info.max_samples; $("index").max = Math.max(0, info.n_test - 1);
+  if (info.n_test === 0) { document.querySelector("input[value=upload]").checked = true; }
+  preview();
+}
+$("random").onclick = () => { document.querySelector("input[value=test]").checked = true;
+  $("index").value = Math.floor(Math.random() * info.n_test); preview(); };
+$("index").oninput = () => { document.querySelector("input[value=test]").checked = true; preview(); };
+$("file").onchange = () => { document.querySelector("input[value=upload]").checked = true; preview(); };
+$("form").onsubmit = async (ev) => {
+  ev.preventDefault();
+  $("error").textContent = ""; $("status").textContent = "sampling..."; $("go").disabled = true;
+  delete $("result").dataset.done;
+  const body = new FormData();
+  body.append("source", source());
+  for (const k of ["index", "keep_rows", "temperature", "num", "seed"]) body.append(k, $(k).value);
+  if (source() === "upload") {
+    if (!$("file").files.length) { $("error").textContent = "choose an image file to upload";
+      $("status").textContent = ""; $("go").disabled = false; return; }
+    if ($("file").files[0].size > info.max_upload_bytes) {
+      // the server refuses it too; saying so here saves the upload
+      $("error").textContent = "the upload is larger than the " + Math.floor(info.max_upload_bytes / 1024) + " KiB limit";
+      $("status").textContent = ""; $("go").disabled = false; return; }
+    body.append("file", $("file").files[0]);
+  }
+  try {
+    const resp = await fetch("/api/complete", { method: "POST", body });
+    if (!resp.ok) {
+      let msg = resp.status + " " + resp.statusText;
+      try { msg = (await resp.json()).error; } catch (e) {}
+      throw new Error(msg);
+    }
+    const reader = resp.body.getReader(); const dec = new TextDecoder(); let buf = "";
+    const res = $("result"); res.innerHTML = ""; let samples = [];
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += dec.decode(value, { stream: true });
+      let nl;
+      while ((nl = buf.indexOf("\\n")) >= 0) {
+        const m = JSON.parse(buf.slice(0, nl)); buf = buf.slice(nl + 1);
+        if (m.original) {
+          res.appendChild(cell("original", m.original)); res.appendChild(cell("kept: " + m.keep_rows + " rows", m.kept));
+        } else if (m.samples) {
+          if (!samples.length) samples = m.samples.map((s, i) => { const c = cell("sample " + (i + 1), s, "sample" + i);
+            res.appendChild(c); return c.querySelector("img"); });
+          m.samples.forEach((s, i) => { samples[i].src = s; });
+          $("status").textContent = "row " + m.rows_done + " of " + info.resolution;
+        } else if (m.done) {
+          $("status").textContent = "done: " + m.tokens + " tokens in " + m.seconds.toFixed(2) + " s";
+          res.dataset.done = "1";
+        }
+      }
+    }
+  } catch (e) {
+    $("error").textContent = e.message; $("status").textContent = "";
+  } finally { $("go").disabled = false; }
+};
+load();
+</script>
+</body></html>
+"""

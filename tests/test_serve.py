@@ -1,0 +1,213 @@
+"""`igpt serve`: the API through Starlette's test client (streams, refusals as 4xx with a message, never a
+500), and the page end to end in headless Chromium driven by Selenium (Debian's chromium and chromedriver)."""
+
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from igpt.cli import main
+from igpt.prepare import PrepareConfig, prepare
+
+starlette = pytest.importorskip("starlette")
+from starlette.testclient import TestClient  # noqa: E402
+
+from igpt.serve import Completer, create_app  # noqa: E402
+
+LIMIT = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    prepare(PrepareConfig("digits", resolution=8, clusters=8), d / "data")
+    main(["pretrain", "--data", str(d / "data"), "--out", str(d / "run"), "--preset", "micro", "--steps", "20",
+          "--batch-size", "16", "--eval-images", "32", "--no-progress"])  # fmt: skip
+    return d / "run"
+
+
+@pytest.fixture(scope="module")
+def client(run_dir):
+    return TestClient(create_app(Completer(run_dir), LIMIT))
+
+
+def png_bytes(size=(30, 20), colour=True) -> bytes:
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (size[1], size[0], 3) if colour else (size[1], size[0]), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def messages(resp) -> list[dict]:
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"].startswith("application/x-ndjson")
+    return [json.loads(line) for line in resp.text.splitlines() if line.strip()]
+
+
+def test_page_and_info_are_local(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "<form" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no assets from the network
+    info = client.get("/api/info").json()
+    assert info["resolution"] == 8 and info["n_test"] == 359 and info["max_upload_bytes"] == LIMIT
+    img = client.get("/api/test/3.png")
+    assert img.status_code == 200 and img.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_completion_of_a_test_image_streams_row_by_row(client):
+    msgs = messages(client.post("/api/complete", data={"source": "test", "index": "5", "keep_rows": "3",
+                                                       "num": "3", "temperature": "1", "seed": "1"}))  # fmt: skip
+    assert msgs[0]["original"].startswith("data:image/png;base64,") and msgs[0]["keep_rows"] == 3
+    rows = [m["rows_done"] for m in msgs if "samples" in m]
+    assert rows == [4, 5, 6, 7, 8]  # one message per sampled row
+    assert all(len(m["samples"]) == 3 for m in msgs if "samples" in m)
+    assert msgs[-1]["done"] and msgs[-1]["tokens"] == 3 * 5 * 8
+
+
+def test_upload_is_resized_and_quantized_with_the_runs_palette(client):
+    files = {"file": ("x.png", png_bytes(), "image/png")}
+    msgs = messages(
+        client.post("/api/complete", data={"source": "upload", "keep_rows": "8", "num": "2"}, files=files)
+    )
+    # keep_rows 8 of 8: nothing to sample, the samples are the quantized upload itself
+    assert msgs[1]["rows_done"] == 8 and msgs[1]["samples"][0] == msgs[1]["samples"][1]
+
+
+@pytest.mark.parametrize(
+    "data, files, status, expect",
+    [
+        (
+            {"source": "upload"},
+            {"file": ("a.txt", b"hello, not an image", "text/plain")},
+            415,
+            "not an image",
+        ),
+        (
+            {"source": "upload"},
+            {"file": ("big.png", b"\x89PNG" + bytes(LIMIT + 10), "image/png")},
+            413,
+            "larger than",
+        ),
+        ({"source": "upload"}, None, 400, "no file"),
+        ({"source": "test", "index": "359"}, None, 400, "index must be in [0, 358]"),
+        ({"source": "test", "keep_rows": "9"}, None, 400, "keep_rows must be in [0, 8]"),
+        ({"source": "test", "num": "0"}, None, 400, "num must be in [1, 16]"),
+        ({"source": "test", "temperature": "-1"}, None, 400, "temperature must be in"),
+        ({"source": "test", "temperature": "nan"}, None, 400, "temperature must be finite"),
+        ({"source": "test", "seed": "abc"}, None, 400, "seed must be an integer"),
+        ({"source": "camera"}, None, 400, "source must be test or upload"),
+    ],
+)
+def test_refusals_are_4xx_with_a_message(client, data, files, status, expect):
+    resp = client.post("/api/complete", data=data, files=files)
+    assert resp.status_code == status and expect in resp.json()["error"]
+
+
+def test_bad_test_image_path_is_4xx(client):
+    assert client.get("/api/test/999.png").status_code == 400
+    assert client.get("/api/test/abc.png").status_code == 400
+
+
+def test_serve_refuses_a_busy_port(run_dir, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(SystemExit):
+            main(["serve", str(run_dir), "--port", str(port)])
+    assert "in use" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- browser
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(Completer(run_dir), LIMIT), host="127.0.0.1", port=port,
+                                        log_level="warning"))  # fmt: skip
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    for _ in range(100):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    t.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and DRIVER):
+        pytest.skip(
+            "needs Debian's chromium and chromium-driver (scripts/setup.sh --test installs them as root)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1100,900",
+    ):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    yield drv
+    drv.quit()
+
+
+def test_page_in_a_real_browser_uploads_and_renders_completions(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    img = tmp_path / "mine.png"
+    img.write_bytes(png_bytes(colour=False))
+    browser.get(server + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: "test images" in d.find_element(By.ID, "about").text)
+    browser.find_element(By.ID, "file").send_keys(str(img))
+    browser.find_element(By.ID, "num").clear()
+    browser.find_element(By.ID, "num").send_keys("3")
+    browser.find_element(By.ID, "go").click()
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#result[data-done='1']")))
+    samples = browser.find_elements(By.CSS_SELECTOR, "#result img[id^=sample]")
+    assert len(samples) == 3
+    # every sample is a decoded, non-empty image
+    assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", s) > 0
+               for s in samples)  # fmt: skip
+    assert "done:" in browser.find_element(By.ID, "status").text
+    assert browser.find_element(By.ID, "error").text == ""
+    browser.save_screenshot(str(Path(tmp_path) / "page.png"))
+
+
+def test_browser_shows_the_refusal_of_a_non_image(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"this is text with an image's name")
+    browser.get(server + "/")
+    WebDriverWait(browser, 60).until(lambda d: "test images" in d.find_element(By.ID, "about").text)
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    browser.find_element(By.ID, "go").click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "error").text)
+    assert "not an image" in browser.find_element(By.ID, "error").text
