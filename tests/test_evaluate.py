@@ -162,3 +162,18 @@ def test_unfinished_run_says_so(runs, tmp_path, capsys):
     (run / "summary.json").write_text(json.dumps(s | {"finished": False}))
     main(["probe", str(run), "--layers", "2", "--train-limit", "200"])
     assert "unfinished" in capsys.readouterr().err
+
+
+def test_grid_pooling_averages_each_cell_in_raster_order():
+    from igpt.probe import pool_states
+
+    R, d = 5, 2
+    h = torch.arange(R * R * d, dtype=torch.float32).view(1, R * R, d)
+    g = h.view(R, R, d)
+    assert torch.allclose(pool_states(h, "mean", R), h.mean(1))
+    two = pool_states(h, "grid", R).view(4, d)  # cells split 5 as 0:2 (round(2.5) = 2) and 2:5
+    assert torch.allclose(two[0], g[:2, :2].mean((0, 1))) and torch.allclose(two[3], g[2:, 2:].mean((0, 1)))
+    four = pool_states(h, "grid4", R)
+    assert four.shape == (1, 16 * d)
+    with pytest.raises(ValueError):
+        pool_states(h, "grid4", 3)

@@ -20,6 +20,7 @@ from .errors import IgptError
 from .model import IGPT
 from .probe import (
     LAMBDAS,
+    POOLS,
     balanced_subset,
     cv_lambda,
     extract_features,
@@ -44,8 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoints", choices=["latest", "all"], default="latest",
                    help="all: probe every kept checkpoint at its best layer, against its val_nll")  # fmt: skip
     p.add_argument("--checkpoint", help="probe this checkpoint instead of the latest")
-    p.add_argument("--pool", choices=["mean", "grid"], default="mean",
-                   help="mean over positions (the paper's) or a 2x2 grid of means (4x wider)")  # fmt: skip
+    p.add_argument("--pool", choices=POOLS, default="mean",
+                   help="mean over positions (the paper's), or means over a coarse grid: grid (2x2, 4x wider), "
+                   "grid3 (3x3), grid4 (4x4)")  # fmt: skip
     p.add_argument("--concat", help="also probe these layers' features concatenated, e.g. 2,3,4")
     p.add_argument("--data", help="prepared directory to probe on (default: the run's own)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of the training split")

@@ -32,9 +32,8 @@ def extract_features(
     progress: str | None = None,
 ) -> dict[int, torch.Tensor]:
     """Pooled normed hidden states of the chosen layers for every row of `tokens` (N, T), one batched forward
-    pass per batch for all layers. `pool` "mean" averages over positions (the paper's feature); "grid"
-    averages each quarter of the image (2 x 2 coarse grid, rows split by sequence position) and concatenates
-    them, keeping coarse spatial layout (4d features). With `mask_ratio` (BERT), inputs are randomly masked."""
+    pass per batch for all layers, pooled by `pool_states`. With `mask_ratio` (BERT), inputs are randomly
+    masked."""
     model = model.to(device).eval()
     out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     gen = torch.Generator().manual_seed(seed)
@@ -56,21 +55,27 @@ def extract_features(
     return {i: torch.cat(v) for i, v in out.items()}
 
 
+POOLS = ("mean", "grid", "grid3", "grid4")
+
+
 def pool_states(h: torch.Tensor, pool: str, resolution: int | None) -> torch.Tensor:
-    """(B, T, d) -> (B, d) mean, or (B, 4d) for the 2 x 2 grid (top-left, top-right, bottom-left,
-    bottom-right; positions mapped through raster order, a close approximation for snake order)."""
+    """(B, T, d) -> (B, d) with "mean" (the paper's feature), or a coarse spatial grid of means concatenated
+    in raster order: "grid" 2 x 2 -> (B, 4d), "grid3" 3 x 3 -> (B, 9d), "grid4" 4 x 4 -> (B, 16d). Positions
+    are mapped through raster order (a close approximation for snake order); cells split the side as evenly
+    as it allows."""
     if pool == "mean":
         return h.mean(1)
-    if pool != "grid":
+    if pool not in POOLS:
         raise ValueError(f"unknown pooling '{pool}'")
+    n = 2 if pool == "grid" else int(pool[4:])
     B, T, d = h.shape
     R = resolution or int(round(T**0.5))
-    if R < 2:
-        raise ValueError("grid pooling needs images of at least 2x2")
+    if R < n:
+        raise ValueError(f"{pool} pooling needs images of at least {n}x{n}")
     g = h.view(B, R, R, d)
-    a = R // 2
-    parts = [g[:, :a, :a], g[:, :a, a:], g[:, a:, :a], g[:, a:, a:]]
-    return torch.cat([p.mean((1, 2)) for p in parts], dim=1)
+    e = [round(i * R / n) for i in range(n + 1)]
+    cells = [g[:, e[i] : e[i + 1], e[j] : e[j + 1]].mean((1, 2)) for i in range(n) for j in range(n)]
+    return torch.cat(cells, dim=1)
 
 
 @dataclass
