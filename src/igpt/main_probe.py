@@ -209,7 +209,8 @@ def full_probe(args, model: IGPT, data: PreparedData, layers: list[int], device:
     res.update(best_layer=best, best_accuracy=res["layers"][str(best)], raw_pixel_accuracy=raw["test_accuracy"],
                n_train=len(tr), n_test=len(te), feature_dim=int(ftr[layers[0]].shape[1]), pool=args.pool,
                classifier="multinomial logistic regression, torch L-BFGS, L2 chosen on a "
-               f"{args.val_fraction:.0%} validation split from {list(LAMBDAS)}",
+               f"{args.val_fraction:.0%} validation split from {list(LAMBDAS)} (the sweep fitted on at most "
+               "20,000 training rows), then refitted on all",
                seconds={"features": round(t_feat, 2), "probes": round(t_fit, 2)})  # fmt: skip
     if args.concat:
         cat = parse_layers(args.concat, model.config.n_layer, args.run)

@@ -35,7 +35,7 @@ def extract_features(
     pass per batch for all layers, pooled by `pool_states`. With `mask_ratio` (BERT), inputs are randomly
     masked."""
     model = model.to(device).eval()
-    out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    out: dict[int, torch.Tensor] = {}  # filled in place: no second copy of wide features at the end
     gen = torch.Generator().manual_seed(seed)
     it = range(0, len(tokens), batch_size)
     if progress:
@@ -51,8 +51,11 @@ def extract_features(
             mask = bert_mask(tuple(x.shape), mask_ratio, gen).to(device)
         hs = model.get_intermediate_layers(x, layers, mask)
         for i, h in hs.items():
-            out[i].append(pool_states(h.float(), pool, resolution).cpu())
-    return {i: torch.cat(v) for i, v in out.items()}
+            f = pool_states(h.float(), pool, resolution).cpu()
+            if i not in out:
+                out[i] = torch.empty(len(tokens), f.shape[1], dtype=torch.float32)
+            out[i][s : s + len(f)] = f
+    return out
 
 
 POOLS = ("mean", "grid", "grid3", "grid4")
@@ -189,10 +192,17 @@ def probe_with_validation(
     seed: int = 0,
     lambdas: tuple[float, ...] = LAMBDAS,
     device: str = "cpu",
+    select_rows: int | None = 20000,
 ) -> dict:
-    """Choose lambda on a validation split carved from the training rows, refit on all training rows with it,
-    and score the test rows. Returns accuracies, the chosen lambda and the fitted probe."""
+    """Choose lambda on a validation split carved from the training rows, refit on all training rows with it
+    (warm-started from the chosen solution), and score the test rows. The lambda sweep fits on at most
+    `select_rows` of the remaining training rows (a seeded, class-stratified share): it ranks the strengths
+    about as well as all rows would, at a fraction of the cost for wide (grid-pooled) features. Returns
+    accuracies, the chosen lambda and the fitted probe."""
     tr, va = split_validation(ytr.numpy(), val_fraction, seed)
+    if select_rows and len(tr) > select_rows:
+        keep, _ = split_validation(ytr.numpy()[tr], 1 - select_rows / len(tr), seed + 1)
+        tr = tr[keep]
     stats = (xtr[tr].double().mean(0), xtr[tr].double().std(0).clamp(min=1e-6))
     probes = fit_logistic_many(xtr[tr], ytr[tr], num_classes, list(lambdas), stats=stats, max_iter=300,
                                device=device)  # fmt: skip

@@ -35,7 +35,7 @@ def _img(path: Path, alt: str) -> str:
 def _table(head: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
-            return f"<td class=n>{v:.4f}</td>"
+            return f"<td class=n>{v:.4f}</td>" if v == v else "<td class=n>-</td>"
         if isinstance(v, int):
             return f"<td class=n>{v:,}</td>"
         return f"<td>{html.escape(str(v))}</td>"
@@ -93,7 +93,7 @@ def write_report(out: Path) -> Path:
     best, raw = full.get("best_accuracy"), full.get("raw_pixel_accuracy")
     cards = [
         ("best-layer probe", f"{best:.4f}" if best is not None else "-", f"layer {full.get('best_layer', '-')}"),
-        ("raw pixels, same probe", f"{raw:.4f}" if raw is not None else "-", f"{full.get('feature_dim', '')}-d features vs pixels"),
+        ("raw pixels, same probe", f"{raw:.4f}" if raw is not None else "-", f"{meta.get('resolution', 0) ** 2} pixels; features {full.get('feature_dim', '')}-d"),
         ("validation NLL", f"{summ.get('val_nll', float('nan')):.4f}", f"{summ.get('val_bits_per_token', float('nan')):.3f} bits per token"),
         ("training speed", f"{summ.get('tokens_per_second', 0):,.0f}", "tokens per second"),
     ]  # fmt: skip
