@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import flops_per_token  # noqa: E402
+from run import flops_per_token, hf_model  # noqa: E402
 
 from igpt.model import IGPT, IGPTConfig  # noqa: E402
 
@@ -98,10 +98,10 @@ def main() -> None:
     out: dict = {"device": name, "torch": torch.__version__, "shape": {"layers": L, "width": d, "heads": h,
                  "resolution": R, "clusters": K, "batch": B}}  # fmt: skip
     bf16 = dev == "cuda"
-    out["matmul_tflops_bf16"] = matmul_rate(
-        dev, torch.bfloat16 if bf16 else torch.float32, 8192 if bf16 else 256
-    )
-    print(f"{name}, torch {torch.__version__}: bf16 matmul {out['matmul_tflops_bf16']:.1f} TFLOP/s (8192^3)")
+    n = 8192 if bf16 else 256
+    out["matmul_tflops_bf16"] = matmul_rate(dev, torch.bfloat16 if bf16 else torch.float32, n)
+    print(f"{name}, torch {torch.__version__}: {'bf16' if bf16 else 'fp32'} matmul "
+          f"{out['matmul_tflops_bf16']:.2f} TFLOP/s ({n}^3)")  # fmt: skip
     torch.manual_seed(0)
     model = IGPT(IGPTConfig(vocab_size=K, n_positions=T, n_layer=L, n_embd=d, n_head=h)).to(dev).train()
     x = torch.randint(0, K, (B, T), device=dev)
@@ -116,7 +116,6 @@ def main() -> None:
     if not a.no_hf:
         try:
             import torch.nn.functional as F
-            from bench_train import hf_model
 
             hf = hf_model(R, d, L, h, K).to(dev).train()
             inp = torch.cat([torch.full((B, 1), K, device=dev), x[:, :-1]], 1)
@@ -126,8 +125,8 @@ def main() -> None:
                          "mfu": B * T / t * fpt / (out["matmul_tflops_bf16"] * 1e12), "step_ms": 1000 * t})  # fmt: skip
             print(f"train HF eager      : {B * T / t:12,.0f} tokens/s, {1000 * t:8.1f} ms/step")
             del hf
-        except ImportError:
-            print("train HF: transformers not installed, skipped")
+        except ImportError as e:
+            print(f"train HF: skipped ({e})")
     out["train"] = rows
     model.eval()
     samp = []

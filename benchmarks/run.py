@@ -26,11 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import flops_per_token, hf_model, make_step, time_steps  # noqa: E402
-
-from igpt.convert import igpt_to_hf_state  # noqa: E402
-from igpt.model import IGPT, IGPTConfig  # noqa: E402
+from igpt.convert import igpt_to_hf_state
+from igpt.model import IGPT, IGPTConfig
 
 # (name, resolution, width, layers, heads, batch, clusters)
 TRAIN_SHAPES = [
@@ -40,6 +37,43 @@ TRAIN_SHAPES = [
     ("small 14x14", 14, 256, 8, 8, 16, 16),
     ("w512 32x32", 32, 512, 2, 8, 4, 512),
 ]
+
+
+def hf_model(res: int, d: int, L: int, h: int, K: int):
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+
+    cfg = ImageGPTConfig(vocab_size=K + 1, n_positions=res * res, n_embd=d, n_layer=L, n_head=h, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    return ImageGPTForCausalImageModeling(cfg)
+
+
+def make_step(model: torch.nn.Module, loss_fn):
+    """One training step (forward, backward, AdamW) of `model`, as a closure."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+
+    def step() -> None:
+        loss_fn(model).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_steps(step, n_warm: int, n: int) -> float:
+    for _ in range(n_warm):
+        step()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t) / n
+
+
+def flops_per_token(res: int, d: int, L: int, K: int) -> float:
+    """Training FLOPs per token: 6 x (matrix parameters) plus attention's 6 x 2 x T x d per layer (causal
+    attention does half the work of full attention: we count the full product, as is customary)."""
+    T = res * res
+    matrix_params = L * 12 * d * d + d * K
+    return 6 * matrix_params + 6 * 2 * L * T * d
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
@@ -111,14 +145,15 @@ def bench_sample(
 
 
 def bench_prepare() -> dict | None:
-    from igpt.prepare import PrepareConfig, prepare
+    from igpt.prepare import PrepareConfig
 
     if not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
         return None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_prepare import timed
+
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        meta = prepare(PrepareConfig("fashion-mnist", resolution=28, clusters=16), f"{tmp}/fm")
-        s = time.perf_counter() - t
+        s, meta = timed(PrepareConfig("fashion-mnist", resolution=28, clusters=16), f"{tmp}/fm")
     return {"dataset": "fashion-mnist 28x28 K=16", "images": 70000, "seconds": s, "images_per_s": 70000 / s,
             "quantization_rmse": meta["quantization_rmse"]}  # fmt: skip
 
