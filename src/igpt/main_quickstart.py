@@ -55,14 +55,17 @@ class QuickstartPlan:
     """(labels per class, seeds) pairs for the low-data probes."""
     completions: tuple[int, int]
     """(test images, samples per image) in the completion grid."""
+    keep_every: int
+    """Checkpoints kept every N steps (about 10 MB each for tiny), so `igpt probe RUN --checkpoints all` can
+    plot probe accuracy against validation loss over the run."""
 
 
 DEFAULT = QuickstartPlan(dataset="fashion-mnist", resolution=14, clusters=16, limit=None, preset="tiny",
                          minutes=18.0, batch_size=32, lr=2e-3, pool="grid3", low_data=((10, 5), (100, 3)),
-                         completions=(8, 5))  # fmt: skip
+                         completions=(8, 5), keep_every=500)  # fmt: skip
 SMOKE = QuickstartPlan(dataset="fashion-mnist", resolution=8, clusters=8, limit=2000, preset="micro",
                        minutes=0.3, batch_size=32, lr=3e-3, pool="grid", low_data=((10, 2),),
-                       completions=(3, 3))  # fmt: skip
+                       completions=(3, 3), keep_every=1000)  # fmt: skip
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -191,7 +194,7 @@ def run(args: argparse.Namespace) -> None:
         t = time.perf_counter()
         argv = ["pretrain", "--data", str(data_dir), "--out", str(run_dir), "--preset", plan.preset,
                 "--minutes", str(plan.minutes), "--batch-size", str(plan.batch_size), "--lr", str(plan.lr),
-                "--eval-images", "1000", *quiet]  # fmt: skip
+                "--eval-images", "1000", "--keep-every", str(plan.keep_every), *quiet]  # fmt: skip
         if (run_dir / "run.json").is_file():
             argv.append("--resume")
         a = parser.parse_args(argv)
