@@ -126,28 +126,71 @@ def test_serve_refuses_a_busy_port(run_dir, capsys):
     assert "in use" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------------------------------- browser
+# ---------------------------------------------------------------------------------------------- real server
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
-@pytest.fixture(scope="module")
-def server(run_dir):
+def start_server(completer: Completer):
+    """uvicorn on a free port in a daemon thread; returns (base URL, stop function)."""
     import uvicorn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(Completer(run_dir), LIMIT), host="127.0.0.1", port=port,
+    srv = uvicorn.Server(uvicorn.Config(create_app(completer, LIMIT), host="127.0.0.1", port=port,
                                         log_level="warning"))  # fmt: skip
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
-    for _ in range(100):
+    for _ in range(200):
         if srv.started:
             break
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join(10)
+
+    def stop() -> None:
+        srv.should_exit = True
+        t.join(10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    url, stop = start_server(Completer(run_dir))
+    yield url
+    stop()
+
+
+class SlowCompleter(Completer):
+    """Sleeps between streamed messages, standing in for a big model."""
+
+    def stream(self, *args, **kw):
+        for m in super().stream(*args, **kw):
+            time.sleep(0.4)
+            yield m
+
+
+def test_a_slow_completion_does_not_hold_up_other_requests(run_dir):
+    import httpx
+
+    url, stop = start_server(SlowCompleter(run_dir))
+    try:
+        finished = {}
+
+        def slow() -> None:
+            r = httpx.post(url + "/api/complete", data={"source": "test", "keep_rows": "4"}, timeout=60)
+            finished["slow"] = (time.perf_counter(), r.status_code)
+
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(0.6)  # the slow stream is under way (6 messages x 0.4 s)
+        t0 = time.perf_counter()
+        info = httpx.get(url + "/api/info", timeout=10)
+        answered = time.perf_counter()
+        assert info.status_code == 200 and answered - t0 < 1.0
+        t.join(60)
+        assert finished["slow"][1] == 200 and finished["slow"][0] > answered  # answered while it streamed
+    finally:
+        stop()
 
 
 @pytest.fixture(scope="module")
