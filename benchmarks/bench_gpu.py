@@ -12,7 +12,6 @@ Record the printed table in BENCHMARKS.md with the card's name.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import flops_per_token, hf_model  # noqa: E402
+from run import flops_per_token, hf_model, save_json  # noqa: E402
 
 from igpt.model import IGPT, IGPTConfig  # noqa: E402
 
@@ -135,10 +134,7 @@ def main() -> None:
         samp.append({"batch": Bs, "tokens_per_s": r})
         print(f"sample batch {Bs:3d}: {r:12,.0f} tokens/s (KV cache, eager)")
     out["sample"] = samp
-    p = Path(a.out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {p}")
+    save_json(out, a.out)
 
 
 if __name__ == "__main__":

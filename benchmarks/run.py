@@ -204,9 +204,14 @@ def main() -> None:
         print(f"quickstart ({qs}): peak memory {q.get('peak_rss_mib')} MiB, stages {q.get('seconds')}")
     else:
         print(f"quickstart: no {qs}; run `igpt quickstart` first for its peak memory")
-    out = Path(a.out)
+    save_json(res, a.out)
+
+
+def save_json(obj: dict, path: str) -> None:
+    """Write the results as indented JSON (creating the folder) and say where."""
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    out.write_text(json.dumps(obj, indent=2) + "\n")
     print(f"\nwrote {out}")
 
 
