@@ -88,3 +88,17 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "igpt", *map(str, args)], capture_output=True, text=True, timeout=timeout,
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory) -> Path:
+    """A 20-step `micro` AR run on the 8x8 digits (DIR/data, DIR/run), shared by the tests that only need some
+    trained run to sample from or serve."""
+    from igpt.cli import main
+    from igpt.prepare import PrepareConfig, prepare
+
+    d = tmp_path_factory.mktemp("micro")
+    prepare(PrepareConfig("digits", resolution=8, clusters=8), d / "data")
+    main(["pretrain", "--data", str(d / "data"), "--out", str(d / "run"), "--preset", "micro", "--steps", "20",
+          "--batch-size", "16", "--eval-images", "32", "--no-progress"])  # fmt: skip
+    return d / "run"

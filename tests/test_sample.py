@@ -7,7 +7,6 @@ from PIL import Image
 
 from igpt.cli import main
 from igpt.model import IGPT, IGPTConfig, sample_next
-from igpt.prepare import PrepareConfig, prepare
 from igpt.sampling import complete, grid_image, mask_predict
 
 
@@ -60,18 +59,9 @@ def test_grid_dimensions():
     assert g.shape == (2 * (15 + 2) + 2, 4 * (15 + 2) + 2, 3)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("s")
-    prepare(PrepareConfig("digits", resolution=8, clusters=8), d / "data")
-    main(["pretrain", "--data", str(d / "data"), "--out", str(d / "run"), "--preset", "micro", "--steps", "5",
-          "--batch-size", "8", "--eval-images", "16", "--no-progress"])  # fmt: skip
-    return d / "run"
-
-
-def test_sample_cli_grid_and_tokens(run, tmp_path):
+def test_sample_cli_grid_and_tokens(micro_run, tmp_path):
     out = tmp_path / "grid.png"
-    main(["sample", str(run), "--out", str(out), "--num", "3", "--keep-rows", "4", "--images", "0,1"])
+    main(["sample", str(micro_run), "--out", str(out), "--num", "3", "--keep-rows", "4", "--images", "0,1"])
     img = Image.open(out)
     scale = 12  # ceil(96 / 8)
     assert img.size == (5 * (8 * scale + 2) + 2, 2 * (8 * scale + 2) + 2)
@@ -79,14 +69,23 @@ def test_sample_cli_grid_and_tokens(run, tmp_path):
     assert tok.shape == (2, 3, 8, 8)
     from igpt.data import PreparedData
 
-    data = PreparedData(run.parent / "data")
+    data = PreparedData(micro_run.parent / "data")
     kept = data.tokens("test")[[0, 1]].reshape(2, 8, 8)[:, :4]
     assert (tok[:, :, :4] == kept[:, None]).all()
     # completing a user's image file
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30), dtype=np.uint8)).save(
         tmp_path / "me.png"
     )
-    main(["sample", str(run), "--out", str(tmp_path / "f.png"), "--image-files", str(tmp_path / "me.png")])
+    main(
+        [
+            "sample",
+            str(micro_run),
+            "--out",
+            str(tmp_path / "f.png"),
+            "--image-files",
+            str(tmp_path / "me.png"),
+        ]
+    )
     assert np.load(tmp_path / "f.npy").shape == (1, 4, 8, 8)
 
 
@@ -100,18 +99,18 @@ def test_sample_cli_grid_and_tokens(run, tmp_path):
         (["--images", "0,100000"], "out of range"),
     ],
 )
-def test_sample_refusals(run, tmp_path, capsys, args, expect):
+def test_sample_refusals(micro_run, tmp_path, capsys, args, expect):
     with pytest.raises(SystemExit) as e:
-        main(["sample", str(run), "--out", str(tmp_path / "x.png"), *args])
+        main(["sample", str(micro_run), "--out", str(tmp_path / "x.png"), *args])
     assert e.value.code != 0 and expect in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 
-def test_run_without_palette_refused(run, tmp_path, capsys):
+def test_run_without_palette_refused(micro_run, tmp_path, capsys):
     import shutil
 
     copy = tmp_path / "copy"
-    shutil.copytree(run, copy)
+    shutil.copytree(micro_run, copy)
     (copy / "palette.npy").unlink()
     with pytest.raises(SystemExit):
         main(["sample", str(copy), "--out", str(tmp_path / "x.png")])

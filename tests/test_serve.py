@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from igpt.cli import main
-from igpt.prepare import PrepareConfig, prepare
 
 starlette = pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
@@ -25,17 +24,8 @@ LIMIT = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve")
-    prepare(PrepareConfig("digits", resolution=8, clusters=8), d / "data")
-    main(["pretrain", "--data", str(d / "data"), "--out", str(d / "run"), "--preset", "micro", "--steps", "20",
-          "--batch-size", "16", "--eval-images", "32", "--no-progress"])  # fmt: skip
-    return d / "run"
-
-
-@pytest.fixture(scope="module")
-def client(run_dir):
-    return TestClient(create_app(Completer(run_dir), LIMIT))
+def client(micro_run):
+    return TestClient(create_app(Completer(micro_run), LIMIT))
 
 
 def png_bytes(size=(30, 20), colour=True) -> bytes:
@@ -116,13 +106,13 @@ def test_bad_test_image_path_is_4xx(client):
     assert client.get("/api/test/abc.png").status_code == 400
 
 
-def test_serve_refuses_a_busy_port(run_dir, capsys):
+def test_serve_refuses_a_busy_port(micro_run, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
         with pytest.raises(SystemExit):
-            main(["serve", str(run_dir), "--port", str(port)])
+            main(["serve", str(micro_run), "--port", str(port)])
     assert "in use" in capsys.readouterr().err
 
 
@@ -154,8 +144,8 @@ def start_server(completer: Completer):
 
 
 @pytest.fixture(scope="module")
-def server(run_dir):
-    url, stop = start_server(Completer(run_dir))
+def server(micro_run):
+    url, stop = start_server(Completer(micro_run))
     yield url
     stop()
 
@@ -169,10 +159,10 @@ class SlowCompleter(Completer):
             yield m
 
 
-def test_a_slow_completion_does_not_hold_up_other_requests(run_dir):
+def test_a_slow_completion_does_not_hold_up_other_requests(micro_run):
     import httpx
 
-    url, stop = start_server(SlowCompleter(run_dir))
+    url, stop = start_server(SlowCompleter(micro_run))
     try:
         finished = {}
 
