@@ -38,14 +38,19 @@ class BadRequest(Exception):
         self.status, self.message = status, message
 
 
-def png_data_url(img: np.ndarray, scale: int) -> str:
-    """(H, W, 1 or 3) uint8 -> an enlarged PNG as a data: URL."""
+def png_bytes(img: np.ndarray, scale: int) -> bytes:
+    """(H, W, 1 or 3) uint8 -> an enlarged PNG file's bytes."""
     from PIL import Image
 
     a = upscale(img if img.shape[2] == 3 else np.repeat(img, 3, axis=2), scale)
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def png_data_url(img: np.ndarray, scale: int) -> str:
+    """(H, W, 1 or 3) uint8 -> an enlarged PNG as a data: URL, for the streamed messages."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(img, scale)).decode()
 
 
 class Completer:
@@ -181,8 +186,7 @@ def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024):
             _, img = completer.test_tokens(index)
         except BadRequest as e:
             return error(e)
-        url = png_data_url(img, completer.scale)
-        return Response(base64.b64decode(url.split(",", 1)[1]), media_type="image/png")
+        return Response(png_bytes(img, completer.scale), media_type="image/png")
 
     async def complete_route(request: Request) -> Response:
         try:
