@@ -10,6 +10,7 @@ gets when the whole job takes about half an hour.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import shutil
@@ -127,11 +128,10 @@ class Stages:
     def done(self, name: str) -> bool:
         return name in self.state["done"]
 
-    def finish(self, name: str, seconds: float, **extra: Any) -> None:
+    def finish(self, name: str, seconds: float) -> None:
         self.state["seconds"][name] = round(self.state["seconds"].get(name, 0.0) + seconds, 2)
         if name not in self.state["done"]:
             self.state["done"].append(name)
-        self.state.update(extra)
         self.save()
 
     def reset_after(self, name: str) -> None:
@@ -156,7 +156,6 @@ def stage(n: int, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-
     plan, notice = make_plan(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -208,16 +207,23 @@ def run(args: argparse.Namespace) -> None:
     from .main_probe import FeatureCache, open_labelled_run, probe_and_save
 
     baselines = CLASSICAL_BASELINES if plan.dataset == "fashion-mnist" else {}
-    cache = None
+
+    @functools.cache
+    def evaluation() -> tuple:
+        """(model, data, every layer, feature cache), opened once and shared by both probe stages, so the
+        low-data probes index the full probe's features instead of running the model again."""
+        _, model, data = open_labelled_run(str(run_dir), None)
+        layers = list(range(model.config.n_layer + 1))
+        cache = FeatureCache(model, data, layers, batch_size=128, pool=plan.pool, resolution=data.resolution,
+                             device="cpu", quiet=args.no_progress)  # fmt: skip
+        return model, data, layers, cache
+
     if st.done("probe") and (run_dir / "probe_full.json").is_file():
         print("already done; skipped")
     else:
         t = time.perf_counter()
         a = parser.parse_args(["probe", str(run_dir), "--pool", plan.pool])
-        _, model, data = open_labelled_run(str(run_dir), None)
-        layers = list(range(model.config.n_layer + 1))
-        cache = FeatureCache(model, data, layers, batch_size=a.batch_size, pool=a.pool,
-                             resolution=data.resolution, device="cpu", quiet=args.no_progress)  # fmt: skip
+        model, data, layers, cache = evaluation()
         probe_and_save(a, model, data, layers, "cpu", cache, baselines)
         st.finish("probe", time.perf_counter() - t)
 
@@ -228,11 +234,7 @@ def run(args: argparse.Namespace) -> None:
         print("already done; skipped")
     else:
         t = time.perf_counter()
-        _, model, data = open_labelled_run(str(run_dir), None)
-        layers = list(range(model.config.n_layer + 1))
-        if cache is None:
-            cache = FeatureCache(model, data, layers, batch_size=128, pool=plan.pool, resolution=data.resolution,
-                                 device="cpu", quiet=args.no_progress)  # fmt: skip
+        model, data, layers, cache = evaluation()
         for n, k in plan.low_data:
             if n > np.bincount(data.labels("train")[data.labels("train") >= 0]).min():
                 continue
