@@ -33,6 +33,7 @@ from .checkpoint import (
     save_checkpoint,
     write_summary,
 )
+from .compiling import compile_error_types, fallback_notice
 from .config import TrainConfig
 from .data import PreparedData, write_json_atomic
 from .engine import Batcher, evaluate, flip_permutation, lr_at, train_step
@@ -65,7 +66,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--precision", help="fp32 (default) or bf16 (CUDA)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile (CUDA)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (CPU or CUDA; eager if compiling fails)")  # fmt: skip
     p.add_argument("--fsdp", action="store_true", default=None, help="shard per block with FSDP (torchrun)")
     p.add_argument("--eval-interval", type=int, help="validate and checkpoint every N steps (default 250)")
     p.add_argument("--eval-images", type=int, help="test images for val_nll (default 1000)")
@@ -77,7 +79,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-BUDGET_KEYS = ("steps", "minutes", "eval_interval", "log_interval", "keep_steps", "keep_every", "eval_images")
+# settings a resume may change: the budget and its bookkeeping, and whether the step is compiled
+BUDGET_KEYS = ("steps", "minutes", "eval_interval", "log_interval", "keep_steps", "keep_every", "eval_images",
+               "compile")  # fmt: skip
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
@@ -310,6 +314,24 @@ class Trainer:
             m = torch.compile(m)
         return m
 
+    def _train_step(self, lr: float) -> tuple[float, float]:
+        """One optimizer step through the wrapped model. If torch.compile fails (no C++ compiler, say), the
+        notice is printed, the half-done gradients are dropped and the step is redone eagerly."""
+        c, env = self.cfg, self.env
+        kw = dict(rank=env.rank, world=env.world, grad_accum=c.grad_accum, objective=c.objective,
+                  mask_ratio=c.mask_ratio, flip_perm=self.flip_perm, seed=c.seed, lr=lr, grad_clip=c.grad_clip,
+                  device=env.device, precision=c.precision)  # fmt: skip
+        try:
+            return train_step(self.wrapped, self.opt, self.batcher, self.step, **kw)
+        except compile_error_types() as e:
+            if not hasattr(self.wrapped, "_orig_mod"):
+                raise
+            if env.main:
+                fallback_notice("the training step", e)
+            self.opt.zero_grad(set_to_none=True)
+            self.wrapped = self.wrapped._orig_mod
+            return train_step(self.wrapped, self.opt, self.batcher, self.step, **kw)
+
     def _load_optimizer(self, tensors: dict[str, torch.Tensor]) -> None:
         if not (self.cfg.fsdp and self.env.world > 1):
             load_optimizer_tensors(self.opt, tensors)
@@ -434,7 +456,7 @@ class Trainer:
                   f"{self.data.meta['n_train']:,} training images\n"
                   f"  global batch {c.batch_size} = {env.world} process(es) x {c.grad_accum} accumulation x {micro} "
                   f"micro-batch; {per_step_tokens:,} tokens/step; peak lr {c.lr:g}, warm-up {c.warmup:.0%} of "
-                  f"{budget}, cosine to 0\n  device {env.device} {c.precision}; run {self.run}", file=sys.stderr)  # fmt: skip
+                  f"{budget}, cosine to 0\n  device {env.device} {c.precision}{' torch.compile' if c.compile else ''}; run {self.run}", file=sys.stderr)  # fmt: skip
         prev_handler = signal.signal(signal.SIGINT, self._on_sigint) if env.main or env.world == 1 else None
         self.t_start = time.perf_counter()
         bar = None
@@ -451,11 +473,7 @@ class Trainer:
             self.wrapped.train()
             while not self.done():
                 lr = lr_at(self.lr_progress(), c.lr, c.warmup)
-                loss, gnorm = train_step(
-                    self.wrapped, self.opt, self.batcher, self.step, rank=env.rank, world=env.world,
-                    grad_accum=c.grad_accum, objective=c.objective, mask_ratio=c.mask_ratio, flip_perm=self.flip_perm,
-                    seed=c.seed, lr=lr, grad_clip=c.grad_clip, device=env.device, precision=c.precision,
-                )  # fmt: skip
+                loss, gnorm = self._train_step(lr)
                 if not (math.isfinite(loss) and math.isfinite(gnorm)):
                     last = f"step {self.step}" if self.step else "none yet"
                     raise IgptError(f"the loss became {loss} (gradient norm {gnorm}) at step {self.step + 1}; "

@@ -54,6 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="images per feature batch")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the feature pass (about 1.5x faster on CPU; eager if compiling fails)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -191,7 +193,8 @@ def full_probe(args, model: IGPT, data: PreparedData, layers: list[int], device:
     te = labelled_rows(data.labels("test"), args.test_limit)
     ytr, yte = torch.from_numpy(data.labels("train")[tr]), torch.from_numpy(data.labels("test")[te])
     t0 = time.perf_counter()
-    kw = dict(batch_size=args.batch_size, pool=args.pool, resolution=data.resolution, device=device)
+    kw = dict(batch_size=args.batch_size, pool=args.pool, resolution=data.resolution, device=device,
+              compile=args.compile)  # fmt: skip
     cache = cache or FeatureCache(model, data, layers, **kw)
     ftr, fte = cache("train", tr, "train features"), cache("test", te, "test features")
     t_feat = time.perf_counter() - t0
@@ -274,7 +277,8 @@ def low_data_probe(args, model: IGPT, data: PreparedData, layers: list[int], dev
     rows = np.unique(np.concatenate(subsets))
     te = labelled_rows(data.labels("test"), args.test_limit)
     yte = torch.from_numpy(data.labels("test")[te])
-    kw = dict(batch_size=args.batch_size, pool=args.pool, resolution=data.resolution, device=device)
+    kw = dict(batch_size=args.batch_size, pool=args.pool, resolution=data.resolution, device=device,
+              compile=args.compile)  # fmt: skip
     cache = cache or FeatureCache(model, data, layers, **kw)
     ftr, fte = cache("train", rows, "train features"), cache("test", te, "test features")
     rtr, rte = raw_pixels(data, "train", rows), raw_pixels(data, "test", te)

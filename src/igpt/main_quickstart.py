@@ -59,14 +59,17 @@ class QuickstartPlan:
     keep_every: int
     """Checkpoints kept every N steps (about 10 MB each for tiny), so `igpt probe RUN --checkpoints all` can
     plot probe accuracy against validation loss over the run."""
+    compile: bool
+    """torch.compile pretraining and the probes' feature pass (1.15x and 1.5x faster on a 2-core CPU for
+    about 25 s of compiling); each falls back to eager PyTorch, with a notice, where compiling fails."""
 
 
 DEFAULT = QuickstartPlan(dataset="fashion-mnist", resolution=14, clusters=16, limit=None, preset="tiny",
                          minutes=18.0, batch_size=32, lr=2e-3, pool="grid3", low_data=((10, 5), (100, 3)),
-                         completions=(8, 5), keep_every=500)  # fmt: skip
+                         completions=(8, 5), keep_every=500, compile=True)  # fmt: skip
 SMOKE = QuickstartPlan(dataset="fashion-mnist", resolution=8, clusters=8, limit=2000, preset="micro",
                        minutes=0.3, batch_size=32, lr=3e-3, pool="grid", low_data=((10, 2),),
-                       completions=(3, 3), keep_every=1000)  # fmt: skip
+                       completions=(3, 3), keep_every=1000, compile=False)  # fmt: skip
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -80,6 +83,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help=f"where the Fashion-MNIST IDX files are (default {FASHION_DIR})")
     p.add_argument("--preset", help=f"model shape (default {DEFAULT.preset})")
     p.add_argument("--resolution", type=int, help=f"image side (default {DEFAULT.resolution})")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile pretraining and the feature pass (default on; off with --smoke)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -95,6 +100,8 @@ def make_plan(args: argparse.Namespace) -> tuple[QuickstartPlan, str | None]:
         over["minutes"] = args.minutes
     if args.preset:
         over["preset"] = args.preset
+    if args.compile is not None:
+        over["compile"] = args.compile
     if args.resolution is not None:
         if not 2 <= args.resolution <= 28:
             raise IgptError(f"--resolution must be in [2, 28] for Fashion-MNIST, got {args.resolution}")
@@ -193,7 +200,8 @@ def run(args: argparse.Namespace) -> None:
         t = time.perf_counter()
         argv = ["pretrain", "--data", str(data_dir), "--out", str(run_dir), "--preset", plan.preset,
                 "--minutes", str(plan.minutes), "--batch-size", str(plan.batch_size), "--lr", str(plan.lr),
-                "--eval-images", "1000", "--keep-every", str(plan.keep_every), *quiet]  # fmt: skip
+                "--eval-images", "1000", "--keep-every", str(plan.keep_every), *quiet,
+                "--compile" if plan.compile else "--no-compile"]  # fmt: skip
         if (run_dir / "run.json").is_file():
             argv.append("--resume")
         a = parser.parse_args(argv)
@@ -215,7 +223,7 @@ def run(args: argparse.Namespace) -> None:
         _, model, data = open_labelled_run(str(run_dir), None)
         layers = list(range(model.config.n_layer + 1))
         cache = FeatureCache(model, data, layers, batch_size=128, pool=plan.pool, resolution=data.resolution,
-                             device="cpu", quiet=args.no_progress)  # fmt: skip
+                             device="cpu", quiet=args.no_progress, compile=plan.compile)  # fmt: skip
         return model, data, layers, cache
 
     if st.done("probe") and (run_dir / "probe_full.json").is_file():

@@ -239,7 +239,9 @@ class IGPT(nn.Module):
         else:
             if mask is None:
                 raise ValueError("a BERT model's loss needs a mask")
-            loss = F.cross_entropy(logits[mask].float(), tokens[mask], reduction=reduction)
+            # unmasked positions are ignored; no boolean indexing, so shapes stay static under torch.compile
+            targets = tokens.masked_fill(~mask, -100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
         return logits, loss
 
     def final_states(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

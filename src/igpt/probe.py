@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .compiling import CompiledOrEager
 from .model import IGPT
 
 LAMBDAS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -30,11 +31,14 @@ def extract_features(
     seed: int = 0,
     device: str = "cpu",
     progress: str | None = None,
+    compile: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Pooled normed hidden states of the chosen layers for every row of `tokens` (N, T), one batched forward
     pass per batch for all layers, pooled by `pool_states`. With `mask_ratio` (BERT), inputs are randomly
-    masked."""
+    masked. With `compile`, the forward pass runs through torch.compile (eagerly if that fails), and a short
+    last batch is padded to `batch_size` so that one compiled shape serves every batch."""
     model = model.to(device).eval()
+    forward = CompiledOrEager(model.get_intermediate_layers, "the feature pass", enabled=compile)
     out: dict[int, torch.Tensor] = {}  # filled in place: no second copy of wide features at the end
     gen = torch.Generator().manual_seed(seed)
     it = range(0, len(tokens), batch_size)
@@ -49,9 +53,13 @@ def extract_features(
             from .engine import bert_mask
 
             mask = bert_mask(tuple(x.shape), mask_ratio, gen).to(device)
-        hs = model.get_intermediate_layers(x, layers, mask)
+        n = len(x)
+        if forward.active and n < batch_size:  # pad: padded rows are computed and dropped
+            x = torch.cat([x, x.new_zeros(batch_size - n, x.shape[1])])
+            mask = None if mask is None else torch.cat([mask, mask.new_zeros(batch_size - n, mask.shape[1])])
+        hs = forward(x, layers, mask)
         for i, h in hs.items():
-            f = pool_states(h.float(), pool, resolution).cpu()
+            f = pool_states(h[:n].float(), pool, resolution).cpu()
             if i not in out:
                 out[i] = torch.empty(len(tokens), f.shape[1], dtype=torch.float32)
             out[i][s : s + len(f)] = f
