@@ -102,9 +102,14 @@ def test_features_are_mean_of_normed_states():
         m.features(x, layers=[3])
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_kv_cache_matches_full_forward(bias):
+@pytest.mark.parametrize("bias,fold", [(False, True), (True, True), (True, False)])
+def test_kv_cache_matches_full_forward(bias, fold, monkeypatch):
+    from igpt.model import DecodeWeights
+
+    # fold=False: the decode path of models too big to copy their weights (norm gains applied, not folded)
+    monkeypatch.setattr(DecodeWeights, "FOLD_LIMIT", DecodeWeights.FOLD_LIMIT if fold else 0)
     m = tiny(bias=bias)
+    assert DecodeWeights(m).folded == fold
     for p in m.parameters():
         torch.nn.init.normal_(p, 0, 0.2)
     x = torch.randint(0, 11, (3, 20))

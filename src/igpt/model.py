@@ -87,7 +87,9 @@ class RMSNorm(nn.Module):
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
+    """x * sigmoid(1.702 x), computed as silu(1.702 x) / 1.702: the same function, but silu's fused kernel
+    and backward make it about 1.6x faster on CPU than the three-op form."""
+    return F.silu(1.702 * x) * (1 / 1.702)
 
 
 class KVCache:
@@ -312,21 +314,76 @@ class IGPT(nn.Module):
             return
         dev = self.wte.weight.device
         cache = KVCache(self.config, B, P + n_new, dev, self.wte.weight.dtype)
-        sos = torch.full((B, 1), self.config.sos_id, dtype=torch.long, device=dev)
-        inp = torch.cat([sos, prefix.to(dev, torch.long)], dim=1)  # (B, P+1)
         out = torch.zeros(B, P + n_new, dtype=torch.long, device=dev)
         out[:, :P] = prefix
+        # prefill: [SOS, prefix] through the blocks in one causal pass, filling the cache
+        sos = torch.full((B, 1), self.config.sos_id, dtype=torch.long, device=dev)
+        inp = torch.cat([sos, prefix.to(dev, torch.long)], dim=1)  # (B, P+1)
+        x = self.wte(inp) + self.wpe.weight[: P + 1]
+        for i, block in enumerate(self.h):
+            x = block(x, True, cache, i)
+        cache.pos = P + 1
+        logits = self.lm_head(self.ln_f(x[:, -1]))  # (B, K)
+        w = DecodeWeights(self)
         for t in range(n_new):
-            pos = cache.pos
-            x = self.wte(inp) + self.wpe.weight[pos : pos + inp.shape[1]]
-            for i, block in enumerate(self.h):
-                x = block(x, True, cache, i)
-            cache.pos += inp.shape[1]
-            logits = self.lm_head(self.ln_f(x[:, -1]))  # (B, K)
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             out[:, P + t] = nxt
-            inp = nxt[:, None]
             yield out, P + t + 1
+            if t + 1 < n_new:
+                logits = self.decode_step(nxt, cache, w)
+
+    def decode_step(self, tok: torch.Tensor, cache: KVCache, w: DecodeWeights) -> torch.Tensor:
+        """Logits (B, K) for the position after the cache's, given the token there (B,): the blocks' maths for
+        one position, written with as few operations as it allows, because at small batch the time per
+        token is mostly per-operation overhead. Appends this position's keys and values to the cache."""
+        B, c, p = tok.shape[0], self.config, cache.pos
+        d, nh, eps = c.n_embd, c.n_head, c.norm_eps
+        x = self.wte.weight[tok] + self.wpe.weight[p]  # (B, d)
+        for i, (g1, w_qkv, b_qkv, w_o, b_o, g2, w_fc, b_fc, w_pr, b_pr) in enumerate(w.layers):
+            qkv = _affine(F.rms_norm(x, (d,), g1, eps), w_qkv, b_qkv).view(B, 3, nh, 1, d // nh)
+            cache.k[i, :, :, p : p + 1] = qkv[:, 1]  # (B, nh, 1, hs)
+            cache.v[i, :, :, p : p + 1] = qkv[:, 2]
+            k, v = cache.k[i, :, :, : p + 1], cache.v[i, :, :, : p + 1]  # (B, nh, p+1, hs)
+            y = F.scaled_dot_product_attention(qkv[:, 0], k, v).reshape(B, d)  # heads side by side
+            x = _affine(y, w_o, b_o, residual=x)
+            u = _affine(F.rms_norm(x, (d,), g2, eps), w_fc, b_fc)  # (B, 4d)
+            x = _affine(F.silu(u) if w.folded else quick_gelu(u), w_pr, b_pr, residual=x)
+        cache.pos = p + 1
+        return F.rms_norm(x, (d,), w.g_f, eps) @ w.w_head
+
+
+def _affine(
+    x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ wt (+ b) (+ residual) for (B, n) rows, with the residual added inside the product (addmm)."""
+    y = x @ wt if residual is None else torch.addmm(residual, x, wt)
+    return y if b is None else y + b
+
+
+class DecodeWeights:
+    """A model's weights arranged for `IGPT.decode_step`: matrices as transposed views for `x @ W^T`. A model
+    small enough to copy (FOLD_LIMIT) also has each norm's gain folded into the matrix that follows it, and
+    quick-gelu's 1.702 into the MLP's matrices, so a norm is one call without a gain and quick-gelu is one
+    silu; that saves about 7% per token at width 128. Larger models keep their own weights (no copies)."""
+
+    FOLD_LIMIT = 32_000_000
+
+    def __init__(self, model: IGPT):
+        self.folded = model.num_params() <= self.FOLD_LIMIT
+        self.layers: list[tuple] = []
+        for blk in model.h:
+            a, m, g1, g2 = blk.attn, blk.mlp, blk.ln_1.weight, blk.ln_2.weight
+            w_qkv, w_fc, w_pr, b_fc = a.c_attn.weight, m.c_fc.weight, m.c_proj.weight, m.c_fc.bias
+            if self.folded:  # norm(x) W^T = (x / rms(x)) (W * g)^T; silu(1.702 u) / 1.702 = quick_gelu(u)
+                w_qkv, w_fc, w_pr = w_qkv * g1, w_fc * (g2 * 1.702), w_pr / 1.702
+                b_fc = None if b_fc is None else b_fc * 1.702
+                g1 = g2 = None
+            self.layers.append((g1, w_qkv.t(), a.c_attn.bias, a.c_proj.weight.t(), a.c_proj.bias, g2, w_fc.t(),
+                                b_fc, w_pr.t(), m.c_proj.bias))  # fmt: skip
+        head, self.g_f = model.lm_head.weight, model.ln_f.weight
+        if self.folded:
+            head, self.g_f = head * self.g_f, None
+        self.w_head = head.t()
 
 
 def sample_next(
