@@ -3,12 +3,14 @@ every ratio is like for like. Prints a table and writes JSON.
 
 - fp32 matrix-multiply peak of this machine (the yardstick for model FLOP/s);
 - training tokens/s (forward, backward, AdamW), ours against transformers' ImageGPT at the same shape and
-  batch, with model FLOPs per token (attention included) and the achieved share of the matmul peak;
+  batch, eager and both through torch.compile, with model FLOPs per token (attention included) and the
+  achieved share of the matmul peak;
+- the probes' feature pass, eager against compiled;
 - sampling tokens/s, ours with the key/value cache against HF `generate(use_cache=True)`, batch 1, 8 and 16;
 - prepare's throughput on Fashion-MNIST (when the Debian files are present);
 - the quickstart's peak memory, read from a finished quickstart's quickstart.json.
 
-Run:  .venv/bin/python benchmarks/run.py [--quick] [--out runs/bench/cpu.json] [--quickstart runs/quickstart]
+Run:  .venv/bin/python benchmarks/run.py [--quick] [--no-compile] [--out runs/bench/cpu.json] [--quickstart runs/quickstart]
 transformers is a test dependency (scripts/setup.sh --test installs it).
 """
 
@@ -47,12 +49,14 @@ def hf_model(res: int, d: int, L: int, h: int, K: int):
     return ImageGPTForCausalImageModeling(cfg)
 
 
-def make_step(model: torch.nn.Module, loss_fn):
-    """One training step (forward, backward, AdamW) of `model`, as a closure."""
+def make_step(model: torch.nn.Module, loss_fn, call: torch.nn.Module | None = None):
+    """One training step (forward, backward, AdamW) of `model`, as a closure; the forward goes through
+    `call` (a compiled wrapper of the model) when given."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    call = model if call is None else call
 
     def step() -> None:
-        loss_fn(model).backward()
+        loss_fn(call).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -89,25 +93,85 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def bench_train(steps: int, shapes: list[tuple], peak: float) -> list[dict]:
+def bench_train(
+    steps: int, shapes: list[tuple], peak: float, compile: bool = True, rounds: int = 2
+) -> list[dict]:
+    """Training tokens/s of ours and HF's, eager and (with `compile`) through torch.compile. The variants are
+    timed in alternating rounds and each keeps its best round, so a slow spell on a shared machine does not
+    land on one side only."""
     rows = []
     for name, res, d, L, h, B, K in shapes:
         T = res * res
         x = torch.randint(0, K, (B, T))
+        inp = torch.cat([torch.full((B, 1), K), x[:, :-1]], 1)  # HF's input: [SOS, x_0 .. x_{T-2}]
         torch.manual_seed(0)
         ours = IGPT(IGPTConfig(vocab_size=K, n_positions=T, n_layer=L, n_embd=d, n_head=h)).train()
         hf = hf_model(res, d, L, h, K).train()
-        inp = torch.cat([torch.full((B, 1), K), x[:, :-1]], 1)  # HF's input: [SOS, x_0 .. x_{T-2}]
-        t_ours = time_steps(make_step(ours, lambda m, x=x: m(x)[1]), 2, steps)
-        t_hf = time_steps(make_step(hf, lambda m, x=x, inp=inp, K=K: F.cross_entropy(
-            m(input_ids=inp).logits.reshape(-1, K), x.reshape(-1))), 2, steps)  # fmt: skip
+
+        def ours_loss(m, x=x):
+            return m(x)[1]
+
+        def hf_loss(m, x=x, inp=inp, K=K):
+            return F.cross_entropy(m(input_ids=inp).logits.reshape(-1, K), x.reshape(-1))
+
+        variants = {"ours": make_step(ours, ours_loss), "hf": make_step(hf, hf_loss)}
+        if compile:
+            variants["ours_compiled"] = make_step(ours, ours_loss, torch.compile(ours))
+            variants["hf_compiled"] = make_step(hf, hf_loss, torch.compile(hf))
+        compile_s = {}
+        for k, step in variants.items():  # warm-up; the compiled variants compile here
+            t = time.perf_counter()
+            step()
+            compile_s[k] = time.perf_counter() - t
+            step()
+        best = {k: float("inf") for k in variants}
+        for _ in range(rounds):
+            for k, step in variants.items():
+                best[k] = min(best[k], time_steps(step, 0, steps))
         fpt = flops_per_token(res, d, L, K)
-        gflops = fpt * B * T / t_ours / 1e9
-        rows.append({"shape": name, "resolution": res, "width": d, "layers": L, "batch": B, "clusters": K,
-                     "ours_tokens_per_s": B * T / t_ours, "hf_tokens_per_s": B * T / t_hf, "ratio": t_hf / t_ours,
-                     "flops_per_token": fpt, "ours_gflops": gflops, "share_of_matmul_peak": gflops / peak})  # fmt: skip
-        del ours, hf
+        row = {"shape": name, "resolution": res, "width": d, "layers": L, "batch": B, "clusters": K,
+               "flops_per_token": fpt}  # fmt: skip
+        for k, t in best.items():
+            row[f"{k}_tokens_per_s"] = B * T / t
+        row["ratio"] = best["hf"] / best["ours"]
+        row["ours_gflops"] = fpt * B * T / best["ours"] / 1e9
+        row["share_of_matmul_peak"] = row["ours_gflops"] / peak
+        if compile:
+            row["ratio_compiled"] = best["hf_compiled"] / best["ours_compiled"]
+            row["ratio_ours_compiled_to_hf_eager"] = best["hf"] / best["ours_compiled"]
+            row["ours_compiled_gflops"] = fpt * B * T / best["ours_compiled"] / 1e9
+            row["share_of_matmul_peak_compiled"] = row["ours_compiled_gflops"] / peak
+            row["compile_seconds"] = {"ours": compile_s["ours_compiled"], "hf": compile_s["hf_compiled"]}
+        rows.append(row)
+        del ours, hf, variants
     return rows
+
+
+@torch.no_grad()
+def bench_features(batch: int = 128, res: int = 14, d: int = 128, L: int = 4, h: int = 4, K: int = 16,
+                   rounds: int = 3) -> dict:  # fmt: skip
+    """The probes' feature pass (every layer's hidden states, no gradients) at the quickstart's shape,
+    eager against compiled."""
+    T = res * res
+    m = IGPT(IGPTConfig(vocab_size=K, n_positions=T, n_layer=L, n_embd=d, n_head=h)).eval()
+    x = torch.randint(0, K, (batch, T))
+    layers = list(range(L + 1))
+    compiled = torch.compile(m.get_intermediate_layers)
+    t = time.perf_counter()
+    compiled(x, layers)
+    compile_s = time.perf_counter() - t
+    fns = {"eager": lambda: m.get_intermediate_layers(x, layers), "compiled": lambda: compiled(x, layers)}
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            f()
+            t = time.perf_counter()
+            for _ in range(3):
+                f()
+            best[k] = min(best[k], (time.perf_counter() - t) / 3)
+    return {"shape": f"tiny {res}x{res}", "batch": batch, "eager_tokens_per_s": batch * T / best["eager"],
+            "compiled_tokens_per_s": batch * T / best["compiled"], "speedup": best["eager"] / best["compiled"],
+            "compile_seconds": compile_s}  # fmt: skip
 
 
 @torch.no_grad()
@@ -163,6 +227,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--steps", type=int, default=8, help="timed training steps per shape")
     ap.add_argument("--quick", action="store_true", help="two training shapes, batch 8 sampling only")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     ap.add_argument("--out", default="runs/bench/cpu.json")
     ap.add_argument(
         "--quickstart", default="runs/quickstart", help="a finished quickstart, for its peak memory"
@@ -177,15 +242,27 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; matmul peak {peak:,.1f} GFLOP/s"
     )
     shapes = TRAIN_SHAPES[:3:2] if a.quick else TRAIN_SHAPES
-    res["train"] = bench_train(a.steps, shapes, peak)
-    print("\ntraining (forward + backward + AdamW)")
-    print(
-        f"{'shape':26} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} {'MFLOP/tok':>9} {'GFLOP/s':>8} {'peak':>5}"
-    )
+    res["train"] = bench_train(a.steps, shapes, peak, compile=not a.no_compile)
+    print("\ntraining (forward + backward + AdamW), eager; share of peak = model FLOP/s / matmul peak")
+    print(f"{'shape':24} {'batch':>5} {'ours tok/s':>10} {'HF tok/s':>9} {'ratio':>6} {'MFLOP/tok':>9} "
+          f"{'GFLOP/s':>7} {'peak':>5}")  # fmt: skip
     for r in res["train"]:
-        print(f"{r['shape']:26} {r['batch']:5d} {r['ours_tokens_per_s']:11,.0f} {r['hf_tokens_per_s']:10,.0f} "
-              f"{r['ratio']:5.2f}x {r['flops_per_token'] / 1e6:9.2f} {r['ours_gflops']:8.1f} "
+        print(f"{r['shape']:24} {r['batch']:5d} {r['ours_tokens_per_s']:10,.0f} {r['hf_tokens_per_s']:9,.0f} "
+              f"{r['ratio']:5.2f}x {r['flops_per_token'] / 1e6:9.2f} {r['ours_gflops']:7.1f} "
               f"{r['share_of_matmul_peak']:5.0%}")  # fmt: skip
+    if not a.no_compile:
+        print("\ntraining through torch.compile (both sides compiled; compile seconds ours / HF)")
+        print(f"{'shape':24} {'ours tok/s':>10} {'HF tok/s':>9} {'ratio':>6} {'vs HF eager':>11} {'peak':>5} "
+              f"{'compile s':>10}")  # fmt: skip
+        for r in res["train"]:
+            cs = r["compile_seconds"]
+            print(f"{r['shape']:24} {r['ours_compiled_tokens_per_s']:10,.0f} {r['hf_compiled_tokens_per_s']:9,.0f} "
+                  f"{r['ratio_compiled']:5.2f}x {r['ratio_ours_compiled_to_hf_eager']:10.2f}x "
+                  f"{r['share_of_matmul_peak_compiled']:5.0%} {cs['ours']:5.0f}/{cs['hf']:<4.0f}")  # fmt: skip
+        f = res["features"] = bench_features()
+        print(f"\nfeature pass ({f['shape']}, batch {f['batch']}, every layer, no gradients): eager "
+              f"{f['eager_tokens_per_s']:,.0f} tok/s, compiled {f['compiled_tokens_per_s']:,.0f} tok/s "
+              f"({f['speedup']:.2f}x; {f['compile_seconds']:.0f} s to compile)")  # fmt: skip
     res["sample"] = bench_sample([8] if a.quick else [1, 8, 16])
     print("\nsampling, 28x28 width 128, 4 layers (ours: KV cache; HF: generate(use_cache=True))")
     print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6}")

@@ -65,7 +65,7 @@ class QuickstartPlan:
 
 
 DEFAULT = QuickstartPlan(dataset="fashion-mnist", resolution=14, clusters=16, limit=None, preset="tiny",
-                         minutes=18.0, batch_size=32, lr=2e-3, pool="grid3", low_data=((10, 5), (100, 3)),
+                         minutes=19.5, batch_size=32, lr=2e-3, pool="grid3", low_data=((10, 5), (100, 3)),
                          completions=(8, 5), keep_every=500, compile=True)  # fmt: skip
 SMOKE = QuickstartPlan(dataset="fashion-mnist", resolution=8, clusters=8, limit=2000, preset="micro",
                        minutes=0.3, batch_size=32, lr=3e-3, pool="grid", low_data=((10, 2),),
