@@ -95,9 +95,11 @@ def test_joint_loss_gradient_reaches_output_head():
             assert (g is not None and g.abs().sum() > 0) == expect, (objective, w)
 
 
-def test_finetune_beats_untrained_head(runs, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_finetune_beats_untrained_head(runs, tmp_path, compiled):
     out = tmp_path / "ft"
-    main(["finetune", str(runs / "ar"), "--out", str(out), "--epochs", "3", "--lr", "1e-3", "--no-progress"])
+    main(["finetune", str(runs / "ar"), "--out", str(out), "--epochs", "3", "--lr", "1e-3", "--no-progress",
+          *(["--compile"] if compiled else [])])  # fmt: skip
     r = json.loads((out / "finetune.json").read_text())
     assert r["untrained_head_val_accuracy"] < 0.2  # a zero head predicts one class
     assert r["test_accuracy"] > 0.4 and 1 <= r["best_epoch"] <= 3  # chance is 0.1

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from .compiling import CompiledOrEager
 from .data import PreparedData, atomic_directory, write_json_atomic
 from .engine import bert_mask, lr_at
 from .errors import IgptError
@@ -127,6 +128,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="prepared directory (default: the run's own)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (CPU or CUDA; eager if compiling fails)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -206,6 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     from tqdm import tqdm
 
+    train_forward = CompiledOrEager(model, "the fine-tuning forward", enabled=args.compile)
     for epoch in range(1, args.epochs + 1):
         perm = tr[torch.randperm(len(tr), generator=gen).numpy()]
         losses = []
@@ -221,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             x = x.to(device)
             for g in opt.param_groups:
                 g["lr"] = lr_at((step + 1) / total, lr, 0.05)
-            logits, l_gen = model(x, mask if args.gen_weight > 0 else None)
+            logits, l_gen = train_forward(x, mask if args.gen_weight > 0 else None)
             loss = F.cross_entropy(logits, y) + args.gen_weight * l_gen
             opt.zero_grad(set_to_none=True)
             loss.backward()
