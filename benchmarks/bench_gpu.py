@@ -2,7 +2,8 @@
 512 colours, trained in bf16 autocast with flash attention through SDPA and `torch.compile`; tokens/s and MFU
 against the card's bf16 matrix-multiply rate measured in the same run; sampling throughput with the key/value
 cache (eager; CUDA graphs for the decode step are not implemented yet).
-Also the same training step for transformers' ImageGPT at the same shape, when transformers is installed.
+Also the same training step for transformers' ImageGPT at the same shape, eager and compiled, and its
+`generate` at batch 16, when transformers is installed.
 
 Run:  python benchmarks/bench_gpu.py [--batch 64] [--steps 20] [--out gpu.json]
       python benchmarks/bench_gpu.py --cpu-check     # a seconds-long dry run on CPU with a tiny shape
@@ -105,7 +106,7 @@ def main() -> None:
     model = IGPT(IGPTConfig(vocab_size=K, n_positions=T, n_layer=L, n_embd=d, n_head=h)).to(dev).train()
     x = torch.randint(0, K, (B, T), device=dev)
     fpt = flops_per_token(R, d, L, K)
-    rows = []
+    rows, hf_eval = [], None
     for label, m in [("eager", model), *([] if a.no_compile else [("compiled", torch.compile(model))])]:
         t = time_train(m, x, dev, bf16, steps, warm, lambda mm, xx: mm(xx)[1])
         tok = B * T / t
@@ -118,12 +119,13 @@ def main() -> None:
 
             hf = hf_model(R, d, L, h, K).to(dev).train()
             inp = torch.cat([torch.full((B, 1), K, device=dev), x[:, :-1]], 1)
-            t = time_train(hf, x, dev, bf16, steps, warm, lambda mm, xx: F.cross_entropy(
-                mm(input_ids=inp).logits.float().reshape(-1, K), xx.reshape(-1)))  # fmt: skip
-            rows.append({"variant": "HF ImageGPT eager", "tokens_per_s": B * T / t,
-                         "mfu": B * T / t * fpt / (out["matmul_tflops_bf16"] * 1e12), "step_ms": 1000 * t})  # fmt: skip
-            print(f"train HF eager      : {B * T / t:12,.0f} tokens/s, {1000 * t:8.1f} ms/step")
-            del hf
+            for label, m in [("eager", hf), *([] if a.no_compile else [("compiled", torch.compile(hf))])]:
+                t = time_train(m, x, dev, bf16, steps, warm, lambda mm, xx: F.cross_entropy(
+                    mm(input_ids=inp).logits.float().reshape(-1, K), xx.reshape(-1)))  # fmt: skip
+                rows.append({"variant": f"HF ImageGPT {label}", "tokens_per_s": B * T / t,
+                             "mfu": B * T / t * fpt / (out["matmul_tflops_bf16"] * 1e12), "step_ms": 1000 * t})  # fmt: skip
+                print(f"train HF {label:11}: {B * T / t:12,.0f} tokens/s, {1000 * t:8.1f} ms/step")
+            hf_eval = hf.eval()
         except ImportError as e:
             print(f"train HF: skipped ({e})")
     out["train"] = rows
@@ -133,6 +135,20 @@ def main() -> None:
         r = time_sample(model, Bs, T if not a.cpu_check else 16, dev, bf16)
         samp.append({"batch": Bs, "tokens_per_s": r})
         print(f"sample batch {Bs:3d}: {r:12,.0f} tokens/s (KV cache, eager)")
+    if hf_eval is not None:  # HF generate with its cache at batch 16, for the ratio
+        Bs, n = 16, T if not a.cpu_check else 16
+        sos = torch.full((Bs, 1), K, device=dev)
+        kw = dict(input_ids=sos, attention_mask=torch.ones_like(sos), do_sample=True, top_k=0, use_cache=True,
+                  pad_token_id=K)  # fmt: skip
+        with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+            hf_eval.generate(max_length=9, **kw)
+            sync(dev)
+            t = time.perf_counter()
+            hf_eval.generate(max_length=n + 1, **kw)
+            sync(dev)
+        r = Bs * n / (time.perf_counter() - t)
+        samp.append({"batch": Bs, "hf_tokens_per_s": r})
+        print(f"sample batch {Bs:3d}: {r:12,.0f} tokens/s (HF generate, use_cache=True)")
     out["sample"] = samp
     save_json(out, a.out)
 
