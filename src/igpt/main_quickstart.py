@@ -60,8 +60,8 @@ class QuickstartPlan:
     """Checkpoints kept every N steps (about 10 MB each for tiny), so `igpt probe RUN --checkpoints all` can
     plot probe accuracy against validation loss over the run."""
     compile: bool
-    """torch.compile pretraining and the probes' feature pass (1.15x and 1.5x faster on a 2-core CPU for
-    about 25 s of compiling); each falls back to eager PyTorch, with a notice, where compiling fails."""
+    """torch.compile pretraining and the probes' feature pass (1.04-1.16x and 1.26-1.45x faster on a 2-core
+    CPU, for about 25 s of compiling); each falls back to eager PyTorch, with a notice, where compiling fails."""
 
 
 DEFAULT = QuickstartPlan(dataset="fashion-mnist", resolution=14, clusters=16, limit=None, preset="tiny",
