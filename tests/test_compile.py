@@ -44,6 +44,7 @@ def test_compiled_training_follows_eager(digits, tmp_path):
     err = pretrain_subprocess(digits, tmp_path / "compiled", "--compile")
     assert "torch.compile" in err and "failed" not in err
     assert json.loads((tmp_path / "compiled" / "run.json").read_text())["train"]["compile"] is True
+    assert json.loads((tmp_path / "compiled" / "summary.json").read_text())["compiled"] is True
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert len(eager) == len(compiled) == 6
     np.testing.assert_allclose(compiled, eager, rtol=1e-4)  # same maths, differently fused kernels
@@ -56,6 +57,7 @@ def test_no_cxx_compiler_falls_back_to_eager(digits, tmp_path):
     notices = [ln for ln in err.splitlines() if "torch.compile of the training step failed" in ln]
     assert len(notices) == 1 and "running it eagerly" in notices[0]
     assert losses(tmp_path / "fallback") == losses(tmp_path / "eager")  # the very same eager steps
+    assert json.loads((tmp_path / "fallback" / "summary.json").read_text())["compiled"] is False
 
 
 @torch.no_grad()

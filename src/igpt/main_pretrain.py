@@ -535,6 +535,7 @@ class Trainer:
             "finished": self.done(),
             "device": env.device,
             "precision": c.precision,
+            "compiled": hasattr(self.wrapped, "_orig_mod"),  # False too where --compile fell back to eager
         }
         if env.main:
             write_summary(self.run, summary)

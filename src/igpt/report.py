@@ -109,7 +109,8 @@ def write_report(out: Path) -> Path:
         ["model", f"{model.get('n_layer')} layers x {model.get('n_embd')} wide, {model.get('n_head')} heads, "
                   f"{summ.get('params', 0):,} parameters, objective {model.get('objective')}"],
         ["pretraining", f"{plan.get('minutes')} min budget: {summ.get('steps', 0):,} steps of batch {plan.get('batch_size')}, "
-                        f"peak lr {plan.get('lr')}, {summ.get('tokens_seen', 0):,} tokens ({summ.get('epochs', 0):.2f} epochs)"],
+                        f"peak lr {plan.get('lr')}, {summ.get('tokens_seen', 0):,} tokens ({summ.get('epochs', 0):.2f} epochs), "
+                        f"{'through torch.compile' if summ.get('compiled', plan.get('compile')) else 'eager PyTorch'}"],
         ["probe", f"{full.get('classifier', '-')}; pooling: {full.get('pool', '-')}"],
     ]))  # fmt: skip
 
