@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import flops_per_token, hf_model, save_json  # noqa: E402
+from run import flops_per_token, hf_generate_kwargs, hf_model, save_json  # noqa: E402
 
 from igpt.model import IGPT, IGPTConfig  # noqa: E402
 
@@ -137,9 +137,7 @@ def main() -> None:
         print(f"sample batch {Bs:3d}: {r:12,.0f} tokens/s (KV cache, eager)")
     if hf_eval is not None:  # HF generate with its cache at batch 16, for the ratio
         Bs, n = 16, T if not a.cpu_check else 16
-        sos = torch.full((Bs, 1), K, device=dev)
-        kw = dict(input_ids=sos, attention_mask=torch.ones_like(sos), do_sample=True, top_k=0, use_cache=True,
-                  pad_token_id=K)  # fmt: skip
+        kw = hf_generate_kwargs(Bs, K, dev)
         with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
             hf_eval.generate(max_length=9, **kw)
             sync(dev)

@@ -49,6 +49,14 @@ def hf_model(res: int, d: int, L: int, h: int, K: int):
     return ImageGPTForCausalImageModeling(cfg)
 
 
+def hf_generate_kwargs(B: int, K: int, device: str = "cpu") -> dict:
+    """Arguments of HF `generate` that sample B images from the SOS token (id K) with its key/value cache,
+    plain softmax sampling like ours; `max_length` (tokens + 1) is left to the caller."""
+    sos = torch.full((B, 1), K, device=device)
+    return dict(input_ids=sos, attention_mask=torch.ones_like(sos), do_sample=True, top_k=0, use_cache=True,
+                pad_token_id=K)  # fmt: skip
+
+
 def make_step(model: torch.nn.Module, loss_fn, call: torch.nn.Module | None = None):
     """One training step (forward, backward, AdamW) of `model`, as a closure; the forward goes through
     `call` (a compiled wrapper of the model) when given."""
@@ -180,23 +188,17 @@ def bench_sample(
 ) -> list[dict]:
     """Sampling tokens/s of a whole image per row, ours (KV cache, decode step) against HF `generate` with its
     cache, at each batch size, in alternating rounds (the best round of each side kept)."""
-    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
-
     T = res * res
     cfg = IGPTConfig(vocab_size=K, n_positions=T, n_layer=L, n_embd=d, n_head=h, bias=True)
     torch.manual_seed(0)
     ours = IGPT(cfg).eval()
     for p in ours.parameters():
         p.normal_(0, 0.05)
-    hf = ImageGPTForCausalImageModeling(ImageGPTConfig(vocab_size=K + 1, n_positions=T, n_embd=d, n_layer=L,
-                                                       n_head=h, resid_pdrop=0.0, embd_pdrop=0.0,
-                                                       attn_pdrop=0.0)).eval()  # fmt: skip
+    hf = hf_model(res, d, L, h, K).eval()
     hf.load_state_dict(igpt_to_hf_state(ours.state_dict(), cfg))
     rows = []
     for B in batches:
-        sos = torch.full((B, 1), K)
-        kw = dict(input_ids=sos, attention_mask=torch.ones_like(sos), do_sample=True, top_k=0, use_cache=True,
-                  pad_token_id=K)  # fmt: skip
+        kw = hf_generate_kwargs(B, K)
         sides = {
             "ours": lambda n, B=B: ours.generate(torch.zeros(B, 0, dtype=torch.long), n,
                                                  generator=torch.Generator().manual_seed(0)),
