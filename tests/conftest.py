@@ -102,3 +102,13 @@ def micro_run(tmp_path_factory) -> Path:
     main(["pretrain", "--data", str(d / "data"), "--out", str(d / "run"), "--preset", "micro", "--steps", "20",
           "--batch-size", "16", "--eval-images", "32", "--no-progress"])  # fmt: skip
     return d / "run"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """scikit-learn's digits prepared at 8x8 with 8 grey levels, once per test module."""
+    from igpt.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    prepare(PrepareConfig("digits", resolution=8, clusters=8), out)
+    return out

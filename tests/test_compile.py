@@ -13,18 +13,10 @@ import torch
 
 from igpt.compiling import CompiledOrEager
 from igpt.model import IGPT, IGPTConfig
-from igpt.prepare import PrepareConfig, prepare
 from igpt.probe import extract_features
 
 BASE = ["--preset", "micro", "--steps", "6", "--batch-size", "16", "--eval-interval", "6", "--log-interval",
         "1", "--eval-images", "32", "--no-progress"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "digits"
-    prepare(PrepareConfig("digits", resolution=8, clusters=8), out)
-    return out
 
 
 def pretrain_subprocess(data: Path, out: Path, *extra: str, env: dict | None = None) -> str:

@@ -18,17 +18,9 @@ import igpt
 from igpt import main_pretrain
 from igpt.checkpoint import list_checkpoints
 from igpt.cli import main
-from igpt.prepare import PrepareConfig, prepare
 
 BASE = ["--preset", "micro", "--batch-size", "16", "--eval-interval", "10", "--log-interval", "5",
         "--eval-images", "64", "--no-progress"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "digits"
-    prepare(PrepareConfig("digits", resolution=8, clusters=8), out)
-    return out
 
 
 def pretrain(data, out, *extra):

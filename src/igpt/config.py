@@ -55,7 +55,8 @@ class TrainConfig:
     precision: str = "fp32"
     """fp32, or bf16 autocast (CUDA; about 10x slower than fp32 on CPUs without AMX)."""
     compile: bool = False
-    """torch.compile the training step: 1.04-1.16x faster on a 2-core CPU (which needs a C++ compiler); if compiling fails, training goes on eagerly after a notice."""
+    """torch.compile the training step: 1.04-1.16x faster on a 2-core CPU (which needs a C++ compiler); if
+    compiling fails, training goes on eagerly after a notice."""
     fsdp: bool = False
     """Under torchrun: shard parameters per block with FSDP instead of replicating them with DDP."""
     eval_interval: int = 250
