@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--sample-only", action="store_true", help="skip the training benchmark")
     ap.add_argument("--cpu-check", action="store_true", help="tiny shape on CPU: checks the script runs")
     ap.add_argument("--out", default="runs/bench/gpu.json")
     a = ap.parse_args()
@@ -107,7 +108,9 @@ def main() -> None:
     x = torch.randint(0, K, (B, T), device=dev)
     fpt = flops_per_token(R, d, L, K)
     rows, hf_eval = [], None
-    for label, m in [("eager", model), *([] if a.no_compile else [("compiled", torch.compile(model))])]:
+    variants = [] if a.sample_only else [("eager", model), *([] if a.no_compile else [("compiled", None)])]
+    for label, m in variants:
+        m = torch.compile(model) if m is None else m
         t = time_train(m, x, dev, bf16, steps, warm, lambda mm, xx: mm(xx)[1])
         tok = B * T / t
         mfu = tok * fpt / (out["matmul_tflops_bf16"] * 1e12)
@@ -119,7 +122,11 @@ def main() -> None:
 
             hf = hf_model(R, d, L, h, K).to(dev).train()
             inp = torch.cat([torch.full((B, 1), K, device=dev), x[:, :-1]], 1)
-            for label, m in [("eager", hf), *([] if a.no_compile else [("compiled", torch.compile(hf))])]:
+            hf_variants = (
+                [] if a.sample_only else [("eager", hf), *([] if a.no_compile else [("compiled", None)])]
+            )
+            for label, m in hf_variants:
+                m = torch.compile(hf) if m is None else m
                 t = time_train(m, x, dev, bf16, steps, warm, lambda mm, xx: F.cross_entropy(
                     mm(input_ids=inp).logits.float().reshape(-1, K), xx.reshape(-1)))  # fmt: skip
                 rows.append({"variant": f"HF ImageGPT {label}", "tokens_per_s": B * T / t,

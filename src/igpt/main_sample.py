@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=8, help="BERT runs: mask-predict rounds")
     p.add_argument("--checkpoint", help="which checkpoint (default: the latest)")
     p.add_argument("--scale", type=int, help="enlargement of each cell (default: about 96 px per image)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.set_defaults(func=run)
 
 
@@ -61,6 +62,10 @@ def run(args: argparse.Namespace) -> None:
     check_sampling_options(args.temperature, args.top_k, args.top_p)
     if args.num < 1 or args.count < 1 or args.rounds < 1:
         raise IgptError("--num, --count and --rounds must be at least 1")
+    if args.device not in ("cpu", "cuda"):
+        raise IgptError(f"--device must be cpu or cuda, got '{args.device}'")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise IgptError("--device cuda, but no CUDA GPU is available")
     info = read_run_json(args.run)
     if not (Path(args.run) / "palette.npy").is_file():
         raise IgptError(f"{args.run} has no palette.npy, so its tokens cannot be decoded into images")
@@ -70,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
     keep_rows = R // 2 if args.keep_rows is None else args.keep_rows
     if not 0 <= keep_rows <= R:
         raise IgptError(f"--keep-rows must be in [0, {R}], got {keep_rows}")
-    model = load_run(args.run, args.checkpoint)
+    model = load_run(args.run, args.checkpoint).to(args.device)
     if keep_rows == 0:
         seqs = torch.zeros(1, R * R, dtype=torch.long)
         originals = None
@@ -100,8 +105,9 @@ def run(args: argparse.Namespace) -> None:
     num = args.num if keep_rows else args.num * args.count
     t0 = time.perf_counter()
     out = complete(
-        model, seqs, keep_rows * R, num, args.temperature, args.top_k, args.top_p, args.seed, args.rounds
-    )
+        model, seqs.to(args.device), keep_rows * R, num, args.temperature, args.top_k, args.top_p, args.seed,
+        args.rounds,
+    ).cpu()
     secs = time.perf_counter() - t0
     new_tokens = out.shape[0] * out.shape[1] * (R * R - keep_rows * R)
     samples = decode(from_sequence(out.numpy(), R, order), palette)  # (B, num, R, R, C)

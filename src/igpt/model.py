@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -313,24 +314,26 @@ class IGPT(nn.Module):
         if n_new <= 0:
             return
         dev = self.wte.weight.device
-        cache = KVCache(self.config, B, P + n_new, dev, self.wte.weight.dtype)
+        w = DecodeWeights(self)  # in the autocast dtype when autocast is on, so the decode step casts nothing
+        cache = KVCache(self.config, B, P + n_new, dev, w.dtype)
         out = torch.zeros(B, P + n_new, dtype=torch.long, device=dev)
         out[:, :P] = prefix
-        # prefill: [SOS, prefix] through the blocks in one causal pass, filling the cache
-        sos = torch.full((B, 1), self.config.sos_id, dtype=torch.long, device=dev)
-        inp = torch.cat([sos, prefix.to(dev, torch.long)], dim=1)  # (B, P+1)
-        x = self.wte(inp) + self.wpe.weight[: P + 1]
-        for i, block in enumerate(self.h):
-            x = block(x, True, cache, i)
-        cache.pos = P + 1
-        logits = self.lm_head(self.ln_f(x[:, -1]))  # (B, K)
-        w = DecodeWeights(self)
+        with _decode_attention(dev):
+            # prefill: [SOS, prefix] through the blocks in one causal pass, filling the cache
+            sos = torch.full((B, 1), self.config.sos_id, dtype=torch.long, device=dev)
+            inp = torch.cat([sos, prefix.to(dev, torch.long)], dim=1)  # (B, P+1)
+            x = self.wte(inp) + self.wpe.weight[: P + 1]
+            for i, block in enumerate(self.h):
+                x = block(x, True, cache, i)
+            cache.pos = P + 1
+            logits = self.lm_head(self.ln_f(x[:, -1]))  # (B, K)
         for t in range(n_new):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             out[:, P + t] = nxt
             yield out, P + t + 1
             if t + 1 < n_new:
-                logits = self.decode_step(nxt, cache, w)
+                with _decode_attention(dev):
+                    logits = self.decode_step(nxt, cache, w)
 
     def decode_step(self, tok: torch.Tensor, cache: KVCache, w: DecodeWeights) -> torch.Tensor:
         """Logits (B, K) for the position after the cache's, given the token there (B,): the blocks' maths for
@@ -338,7 +341,7 @@ class IGPT(nn.Module):
         token is mostly per-operation overhead. Appends this position's keys and values to the cache."""
         B, c, p = tok.shape[0], self.config, cache.pos
         d, nh, eps = c.n_embd, c.n_head, c.norm_eps
-        x = self.wte.weight[tok] + self.wpe.weight[p]  # (B, d)
+        x = (self.wte.weight[tok] + self.wpe.weight[p]).to(w.dtype)  # (B, d)
         for i, (g1, w_qkv, b_qkv, w_o, b_o, g2, w_fc, b_fc, w_pr, b_pr) in enumerate(w.layers):
             qkv = _affine(F.rms_norm(x, (d,), g1, eps), w_qkv, b_qkv).view(B, 3, nh, 1, d // nh)
             cache.k[i, :, :, p : p + 1] = qkv[:, 1]  # (B, nh, 1, hs)
@@ -350,6 +353,16 @@ class IGPT(nn.Module):
             x = _affine(F.silu(u) if w.folded else quick_gelu(u), w_pr, b_pr, residual=x)
         cache.pos = p + 1
         return F.rms_norm(x, (d,), w.g_f, eps) @ w.w_head
+
+
+def _decode_attention(device: torch.device):
+    """On CUDA, attention over a growing key/value cache without the cuDNN backend: cuDNN builds a graph for
+    every new sequence length, so a token would cost a graph build. Elsewhere, SDPA's own choice."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _affine(
@@ -370,6 +383,9 @@ class DecodeWeights:
 
     def __init__(self, model: IGPT):
         self.folded = model.num_params() <= self.FOLD_LIMIT
+        dev = model.wte.weight.device.type
+        on = torch.is_autocast_enabled(dev)
+        self.dtype = torch.get_autocast_dtype(dev) if on else model.wte.weight.dtype
         self.layers: list[tuple] = []
         for blk in model.h:
             a, m, g1, g2 = blk.attn, blk.mlp, blk.ln_1.weight, blk.ln_2.weight
@@ -384,6 +400,10 @@ class DecodeWeights:
         if self.folded:
             head, self.g_f = head * self.g_f, None
         self.w_head = head.t()
+        if on:  # one cast per generation instead of autocast casting every matrix at every token
+            self.layers = [tuple(None if t is None else t.to(self.dtype) for t in lay) for lay in self.layers]
+            self.w_head = self.w_head.to(self.dtype)
+            self.g_f = None if self.g_f is None else self.g_f.to(self.dtype)
 
 
 def sample_next(

@@ -56,7 +56,7 @@ def mask_predict(
         remain = (total.float() * (1 - (r + 1) / rounds)).floor().long()
         conf = conf.masked_fill(~masked, float("inf"))  # known tokens are never re-masked
         order = conf.argsort(dim=1)  # least confident first
-        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(T).expand(B, T))
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=order.device).expand(B, T))
         masked = masked & (ranks < remain[:, None])
     return out
 
@@ -80,7 +80,7 @@ def complete(
     B, T = tokens.shape
     if not 0 <= keep <= T:
         raise IgptError(f"cannot keep {keep} of {T} tokens")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=tokens.device).manual_seed(seed)  # on the tokens' device, as sampling is
     rep = tokens.repeat_interleave(num, dim=0)  # (B*num, T)
     if keep == T:
         out = rep
