@@ -105,7 +105,14 @@ def run(args: argparse.Namespace) -> None:
     num = args.num if keep_rows else args.num * args.count
     t0 = time.perf_counter()
     out = complete(
-        model, seqs.to(args.device), keep_rows * R, num, args.temperature, args.top_k, args.top_p, args.seed,
+        model,
+        seqs.to(args.device),
+        keep_rows * R,
+        num,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
         args.rounds,
     ).cpu()
     secs = time.perf_counter() - t0
