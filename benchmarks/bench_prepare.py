@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from igpt.prepare import PrepareConfig, prepare
+from igpt.preparation import PrepareConfig, prepare_config
 
 
 def photo_crops(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -40,7 +40,7 @@ def photo_crops(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
 
 def timed(cfg: PrepareConfig, out: str) -> tuple[float, dict]:
     t = time.perf_counter()
-    meta = prepare(cfg, out)
+    meta = prepare_config(cfg, out)
     return time.perf_counter() - t, meta
 
 

@@ -218,7 +218,7 @@ def bench_sample(
 
 
 def bench_prepare() -> dict | None:
-    from igpt.prepare import PrepareConfig
+    from igpt.preparation import PrepareConfig
 
     if not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
         return None

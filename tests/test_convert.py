@@ -103,7 +103,7 @@ def test_igpt_to_hf_parity(tmp_path, K, res, d, L, h, bias):
         for p in ours.parameters():
             p.normal_(0, 0.3)
     from igpt.checkpoint import save_checkpoint
-    from igpt.data import write_json_atomic
+    from igpt.files import write_json_atomic
 
     run = tmp_path / "run"
     run.mkdir()
@@ -126,7 +126,7 @@ def test_igpt_to_hf_parity(tmp_path, K, res, d, L, h, bias):
 def test_refusals(tmp_path, capsys):
     cfg = IGPTConfig(vocab_size=8, n_positions=16, n_layer=1, n_embd=16, n_head=2, objective="bert")
     from igpt.checkpoint import save_checkpoint
-    from igpt.data import write_json_atomic
+    from igpt.files import write_json_atomic
 
     run = tmp_path / "bert"
     run.mkdir()

@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import run_cli
 
-from igpt import main_pretrain
+from igpt import training
 from igpt.cli import main
-from igpt.model import IGPT, DecodeWeights, IGPTConfig, KVCache
+from igpt.generation import DecodeWeights, KVCache, decode_step
+from igpt.model import IGPT, IGPTConfig
 
 pytestmark = [
     pytest.mark.cuda,
@@ -65,11 +66,11 @@ def test_decode_step_logits_match_full_forward(bias):
         sos = torch.full((B, 1), m.config.sos_id, device=DEV)
         h = m.wte(torch.cat([sos, x[:, :P]], 1)) + m.wpe.weight[: P + 1]
         for i, block in enumerate(m.h):
-            h = block(h, True, cache, i)
+            h = block(h, True, cache.slot(i))
         cache.pos = P + 1
         w = DecodeWeights(m)
         for t in range(n - 1):
-            step = m.decode_step(x[:, P + t], cache, w)  # predicts token P + t + 1
+            step = decode_step(m, x[:, P + t], cache, w)  # predicts token P + t + 1
             torch.testing.assert_close(step, full[:, P + t + 1], atol=1e-4, rtol=1e-4)
 
 
@@ -98,17 +99,17 @@ def test_pretrain_and_resume_on_cuda(digits, tmp_path, monkeypatch):
             "--steps", "20", "--no-progress"]  # fmt: skip
     straight, crashed = tmp_path / "a", tmp_path / "b"
     main([*base, "--out", str(straight)])
-    real = main_pretrain.train_step
+    real = training.train_step
 
     def crashing(*a, **k):
         if a[3] == 13:  # the step argument: die after the step-10 checkpoint
             raise RuntimeError("simulated crash")
         return real(*a, **k)
 
-    monkeypatch.setattr(main_pretrain, "train_step", crashing)
+    monkeypatch.setattr(training, "train_step", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main([*base, "--out", str(crashed)])
-    monkeypatch.setattr(main_pretrain, "train_step", real)
+    monkeypatch.setattr(training, "train_step", real)
     main([*base, "--out", str(crashed), "--resume"])
     a, b = _losses(straight), _losses(crashed)
     assert sorted(a) == sorted(b) == [5, 10, 15, 20]

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from igpt.cli import main
-from igpt.main_finetune import Augment, Classifier
+from igpt.finetuning import Augment, Classifier
 from igpt.model import IGPT, IGPTConfig
 from igpt.palette import from_sequence, to_sequence
-from igpt.prepare import PrepareConfig, prepare
-from igpt.probe import balanced_subset, probe_with_validation
+from igpt.preparation import PrepareConfig
+from igpt.preparation import prepare_config as prepare
+from igpt.probing import balanced_subset, probe_with_validation
 
 COMMON = ["--preset", "micro", "--batch-size", "16", "--eval-images", "32", "--no-progress"]
 
@@ -167,7 +168,7 @@ def test_unfinished_run_says_so(runs, tmp_path, capsys):
 
 
 def test_grid_pooling_averages_each_cell_in_raster_order():
-    from igpt.probe import pool_states
+    from igpt.probing import pool_states
 
     R, d = 5, 2
     h = torch.arange(R * R * d, dtype=torch.float32).view(1, R * R, d)

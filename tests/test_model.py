@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from igpt.model import IGPT, PRESETS, IGPTConfig, sample_next
+from igpt.generation import sample_next
+from igpt.model import IGPT, PRESETS, IGPTConfig
 
 
 def tiny(objective="ar", bias=False, **kw):
@@ -104,7 +105,7 @@ def test_features_are_mean_of_normed_states():
 
 @pytest.mark.parametrize("bias,fold", [(False, True), (True, True), (True, False)])
 def test_kv_cache_matches_full_forward(bias, fold, monkeypatch):
-    from igpt.model import DecodeWeights
+    from igpt.generation import DecodeWeights
 
     # fold=False: the decode path of models too big to copy their weights (norm gains applied, not folded)
     monkeypatch.setattr(DecodeWeights, "FOLD_LIMIT", DecodeWeights.FOLD_LIMIT if fold else 0)
@@ -122,7 +123,7 @@ def test_kv_cache_matches_full_forward(bias, fold, monkeypatch):
         seq = torch.cat([seq, nxt[:, None]], 1)
     torch.testing.assert_close(out, seq)
     # cached logits equal the full forward's within float tolerance
-    from igpt.model import KVCache
+    from igpt.generation import KVCache, decode_step
 
     cache = KVCache(m.config, 3, 20, "cpu", torch.float32)
     inp = torch.cat([torch.full((3, 1), 11), x[:, :-1]], 1)
@@ -130,10 +131,21 @@ def test_kv_cache_matches_full_forward(bias, fold, monkeypatch):
     for t in range(20):
         h = m.wte(inp[:, t : t + 1]) + m.wpe.weight[t : t + 1]
         for i, blk in enumerate(m.h):
-            h = blk(h, True, cache, i)
+            h = blk(h, True, cache.slot(i))
         cache.pos += 1
         rows.append(m.lm_head(m.ln_f(h)))
     torch.testing.assert_close(torch.cat(rows, 1), m.logits(x), rtol=1e-5, atol=1e-5)
+    # the fast decode step's logits (folded or not) equal the full forward's, position by position
+    cache = KVCache(m.config, 3, 20, "cpu", torch.float32)
+    h = m.wte(inp[:, :1]) + m.wpe.weight[:1]
+    for i, blk in enumerate(m.h):
+        h = blk(h, True, cache.slot(i))
+    cache.pos = 1
+    w = DecodeWeights(m)
+    steps = [m.lm_head(m.ln_f(h))[:, 0]]
+    for t in range(1, 20):
+        steps.append(decode_step(m, inp[:, t], cache, w))  # the token at position t -> logits of position t
+    torch.testing.assert_close(torch.stack(steps, 1), m.logits(x), rtol=1e-4, atol=1e-4)
 
 
 def test_generate_seeded_and_unconditional():

@@ -11,7 +11,8 @@ from igpt.cli import main
 from igpt.data import PreparedData
 from igpt.errors import IgptError
 from igpt.palette import fit_palette
-from igpt.prepare import PrepareConfig, prepare
+from igpt.preparation import PrepareConfig
+from igpt.preparation import prepare_config as prepare
 from igpt.sources import load_source
 
 META_KEYS = ["dataset", "resolution", "channels", "clusters", "order", "n_train", "n_test", "num_classes",

@@ -15,7 +15,7 @@ from conftest import run_cli
 from safetensors.torch import load_file
 
 import igpt
-from igpt import main_pretrain
+from igpt import training
 from igpt.checkpoint import list_checkpoints
 from igpt.cli import main
 
@@ -74,17 +74,17 @@ def test_checkpoint_round_trip(digits, tmp_path):
 def test_resume_after_crash_equals_uninterrupted(digits, tmp_path, monkeypatch):
     straight, crashed = tmp_path / "a", tmp_path / "b"
     pretrain(digits, straight, "--steps", "40")
-    real = main_pretrain.train_step
+    real = training.train_step
 
     def crashing(*a, **k):
         if a[3] == 27:  # the step argument: die in the middle of the run, after the step-20 checkpoint
             raise RuntimeError("simulated crash")
         return real(*a, **k)
 
-    monkeypatch.setattr(main_pretrain, "train_step", crashing)
+    monkeypatch.setattr(training, "train_step", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         pretrain(digits, crashed, "--steps", "40")
-    monkeypatch.setattr(main_pretrain, "train_step", real)
+    monkeypatch.setattr(training, "train_step", real)
     assert [p.name for p in list_checkpoints(crashed)][-1] == "step_00000020"
     pretrain(digits, crashed, "--steps", "40", "--resume")
     assert losses(crashed) == losses(straight)
@@ -176,9 +176,9 @@ def test_ctrl_c_saves_a_checkpoint(digits, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good(digits, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    real = main_pretrain.train_step
+    real = training.train_step
     monkeypatch.setattr(
-        main_pretrain, "train_step", lambda *a, **k: (float("nan"), 1.0) if a[3] >= 13 else real(*a, **k)
+        training, "train_step", lambda *a, **k: (float("nan"), 1.0) if a[3] >= 13 else real(*a, **k)
     )
     with pytest.raises(SystemExit):
         pretrain(digits, run, "--steps", "30")

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from igpt import main_quickstart
+from igpt import pipeline
 from igpt.cli import main
 
 ARGS = ["--smoke", "--dataset", "digits", "--minutes", "0.1", "--no-progress"]
@@ -53,9 +53,8 @@ def test_second_run_resumes_instead_of_redoing(qs, capsys):
 
 
 def test_missing_fashion_mnist_falls_back_to_digits_with_a_notice(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(main_quickstart, "FASHION_DIR", tmp_path / "absent")
-    args = main_quickstart.build_parser().parse_args(["quickstart", "--smoke"])
-    plan, notice = main_quickstart.make_plan(args)
+    monkeypatch.setattr(pipeline, "FASHION_DIR", tmp_path / "absent")
+    plan, notice = pipeline.make_plan(smoke=True)
     assert plan.dataset == "digits" and plan.resolution == 8 and "dataset-fashion-mnist" in notice
 
 

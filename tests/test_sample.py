@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from igpt.cli import main
-from igpt.model import IGPT, IGPTConfig, sample_next
-from igpt.sampling import complete, grid_image, mask_predict
+from igpt.generation import complete, mask_predict, sample_next
+from igpt.images import grid_image
+from igpt.model import IGPT, IGPTConfig
 
 
 def model(objective="ar"):
@@ -51,6 +52,11 @@ def test_mask_predict_fills_every_hidden_position_and_greedy_is_deterministic():
     out = mask_predict(m, x, hidden, rounds=4, temperature=0)
     assert torch.equal(out[:, :20], x[:, :20])
     assert torch.equal(out, mask_predict(m, x, hidden, rounds=4, temperature=0))
+    # one greedy round fills every hidden position with the model's own prediction there
+    one = mask_predict(m, x, hidden, rounds=1, temperature=0)
+    want = m.logits(x, hidden).argmax(-1)
+    assert torch.equal(one[hidden], want[hidden]) and torch.equal(one[~hidden], x[~hidden])
+    assert not torch.equal(one[hidden], x[hidden])  # the input's own tokens were not simply kept
 
 
 def test_grid_dimensions():

@@ -1,21 +1,56 @@
 """igpt: Image GPT (Chen et al., ICML 2020) in plain PyTorch: prepare token sets, pretrain AR or BERT
-transformers on pixels, probe and fine-tune their features, and complete images."""
+transformers on pixels, probe and fine-tune their features, and complete images.
+
+Every stage is one call, with keyword arguments named as the command's flags, returning what the command
+writes as JSON:
+
+    meta = igpt.prepare("digits", out="runs/d", resolution=8, clusters=8)
+    summary = igpt.pretrain(data="runs/d", out="runs/r", preset="micro", steps=40)
+    result = igpt.probe("runs/r")
+    ft = igpt.finetune("runs/r", out="runs/ft", epochs=1)
+    igpt.sample("runs/r", out="grid.png", num=2)
+    model = igpt.load_run("runs/ft")
+
+The pipeline in module names: preparation -> data (tokens on disk) -> training -> runs (the run directory)
+-> probing / finetuning / sampling / serve. Names resolve on first use, so `import igpt` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "complete", "load_run"]
+# public name -> the module that defines it
+_EXPORTS = {
+    "prepare": "preparation",
+    "pretrain": "training",
+    "probe": "probing",
+    "finetune": "finetuning",
+    "sample": "sampling",
+    "convert_from_hf": "convert",
+    "convert_to_hf": "convert",
+    "quickstart": "pipeline",
+    "load_run": "runs",
+    "Run": "runs",
+    "complete": "generation",
+    "load_classifier": "finetuning",
+    "IGPT": "model",
+    "IGPTConfig": "model",
+    "IgptError": "errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
 
 
-def load_run(run: str, checkpoint: str | None = None):
-    """The model of a run directory with its latest (or the named) checkpoint's weights, in eval mode on CPU."""
-    from .checkpoint import load_run as _load_run
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'igpt' has no attribute {name!r}")
 
-    return _load_run(run, checkpoint)
 
-
-def complete(model, tokens, keep: int, num: int = 1, **kwargs):
-    """Keep the first `keep` tokens of each (B, T) sequence and sample the rest `num` times -> (B, num, T).
-    AR runs sample with the key/value cache; BERT runs use mask-predict. See `igpt.sampling.complete`."""
-    from .sampling import complete as _complete
-
-    return _complete(model, tokens, keep, num, **kwargs)
+def __dir__() -> list[str]:
+    return sorted(__all__)

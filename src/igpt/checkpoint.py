@@ -1,8 +1,7 @@
-"""Run directories and checkpoints: safetensors for tensors, JSON for everything else, never pickle.
+"""Checkpoints: safetensors for tensors, JSON for everything else, never pickle (the run directory around
+them is `runs.Run`).
 
-A run directory holds `run.json` (model shape, every training setting, the data directory and seed),
-`palette.npy` and `data_meta.json` (copies, so a run decodes images on its own), `metrics.jsonl`,
-`summary.json`, and `checkpoints/step_NNNNNNNN/` with `model.safetensors`, `optimizer.safetensors` (AdamW
+A run keeps `checkpoints/step_NNNNNNNN/` with `model.safetensors`, `optimizer.safetensors` (AdamW
 moments and the RNG state) and `state.json`. Each checkpoint is written into a hidden temporary directory and
 renamed into place, so a crash while writing leaves the previous checkpoints intact; `state.json` is written
 last and marks a checkpoint complete.
@@ -21,22 +20,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .data import write_json_atomic
 from .errors import IgptError
-from .model import IGPT, IGPTConfig
+from .files import fsync_dir
 
 CKPT_DIR = "checkpoints"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def list_checkpoints(run: str | Path) -> list[Path]:
@@ -107,7 +94,7 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    _fsync_dir(d)
+    fsync_dir(d)
     ckpts = list_checkpoints(run)
     for p in ckpts[:-keep_last]:
         if int(p.name[5:]) not in keep:
@@ -138,41 +125,3 @@ def latest_readable(run: str | Path, quiet: bool = False):
             if not quiet:
                 print(f"igpt: warning: {e}; using the previous checkpoint", file=sys.stderr)
     return None
-
-
-def read_run_json(run: str | Path) -> dict[str, Any]:
-    p = Path(run) / "run.json"
-    if not p.is_file():
-        raise IgptError(f"{run} is not an igpt run directory (no run.json)")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise IgptError(f"{p} is not valid JSON ({e})") from None
-
-
-def load_run(run: str | Path, checkpoint: str | None = None) -> IGPT:
-    """Rebuild a run's model with its latest (or the named) checkpoint's weights, in eval mode, on CPU."""
-    info = read_run_json(run)
-    model = IGPT(IGPTConfig(**info["model"]))
-    if checkpoint is not None:
-        path = Path(run) / CKPT_DIR / checkpoint
-        if not path.is_dir():
-            path = Path(checkpoint)
-        if not (path / "state.json").is_file():
-            raise IgptError(f"no checkpoint {checkpoint} in {run}")
-        weights = read_checkpoint(path)[0]
-    else:
-        found = latest_readable(run)
-        if found is None:
-            raise IgptError(f"{run} has no checkpoint yet")
-        weights = found[1]
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise IgptError(
-            f"checkpoint of {run} does not fit its model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    return model.eval()
-
-
-def write_summary(run: str | Path, summary: dict[str, Any]) -> None:
-    write_json_atomic(Path(run) / "summary.json", summary)

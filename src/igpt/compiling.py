@@ -1,6 +1,6 @@
 """torch.compile with a way out. Compiling fuses iGPT's elementwise work (the norm, quick-gelu, residual adds)
-into generated kernels: on this project's 2-core CPU it made the feature pass 1.26-1.45x and the training
-step 1.04-1.16x faster (see BENCHMARKS.md). It needs a working C++ compiler on CPU (Triton on CUDA), which a
+into generated kernels, which makes the feature pass and the training step faster (BENCHMARKS.md has the
+figures). It needs a working C++ compiler on CPU (Triton on CUDA), which a
 user's machine may lack, so every compiled call here falls back to eager PyTorch, with one notice, when
 compiling fails.
 """

@@ -1,31 +1,21 @@
-"""Typed settings of pretraining, validated on construction and stored in a run's `run.json`."""
+"""Typed settings of pretraining (optimisation, budget, system), validated on construction and stored in a
+run's `run.json`. The model's shape is not here: it lives in `IGPTConfig` alone."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import IgptError
-from .model import OBJECTIVES, PRESETS
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of `igpt pretrain`. A run records these, so `--resume` and later stages need only RUN."""
+    """Every setting of `igpt pretrain` but the model's shape. A run records these, so `--resume` and later
+    stages need only RUN."""
 
     data: str
     """The prepared directory (absolute path)."""
-    preset: str = "tiny"
-    """Model shape: micro, tiny, small (CPU-sized) or igpt-s/m/l/xl (the paper's)."""
-    objective: str = "ar"
-    """ar (next-token, causal) or bert (masked tokens, bidirectional)."""
-    n_layer: int | None = None
-    """Override the preset's depth."""
-    n_embd: int | None = None
-    """Override the preset's width."""
-    n_head: int | None = None
-    """Override the preset's number of heads."""
-    bias: bool = False
-    """Biases in the linear layers (Hugging Face's format has them; OpenAI's model does not)."""
     steps: int | None = None
     """Optimizer steps to train; with --minutes, whichever ends first. Default 2000 when neither is given."""
     minutes: float | None = None
@@ -47,16 +37,16 @@ class TrainConfig:
     mask_ratio: float = 0.15
     """BERT: share of positions replaced by the mask token."""
     flip: bool = False
-    """Random horizontal flips (for colour photographs, not for digits or clothes)."""
+    """Random horizontal flips of the training images (see `engine.mirror_index` for which data suit them)."""
     seed: int = 0
     """Seed of the initialisation, the data order, BERT masks and flips."""
     device: str = "cpu"
     """cpu or cuda."""
     precision: str = "fp32"
-    """fp32, or bf16 autocast (CUDA; about 10x slower than fp32 on CPUs without AMX)."""
+    """fp32, or bf16 autocast (for CUDA, and CPUs with AMX; far slower than fp32 on CPUs without it)."""
     compile: bool = False
-    """torch.compile the training step: 1.04-1.16x faster on a 2-core CPU (which needs a C++ compiler); if
-    compiling fails, training goes on eagerly after a notice."""
+    """torch.compile the training step (a CPU needs a C++ compiler); if compiling fails, training goes on
+    eagerly after a notice."""
     fsdp: bool = False
     """Under torchrun: shard parameters per block with FSDP instead of replicating them with DDP."""
     eval_interval: int = 250
@@ -71,20 +61,26 @@ class TrainConfig:
     """Also keep every checkpoint whose step is a multiple of this (0: none)."""
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise IgptError(f"unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}")
-        if self.objective not in OBJECTIVES:
-            raise IgptError(f"--objective must be ar or bert, got '{self.objective}'")
         if self.steps is not None and self.steps <= 0:
             raise IgptError(f"--steps must be positive, got {self.steps}")
-        if self.minutes is not None and self.minutes <= 0:
-            raise IgptError(f"--minutes must be positive, got {self.minutes}")
+        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
+            raise IgptError(f"--minutes must be a positive number, got {self.minutes}")
         if self.steps is None and self.minutes is None:
             self.steps = 2000
         if self.batch_size <= 0 or self.grad_accum <= 0:
             raise IgptError("--batch-size and --grad-accum must be positive")
-        if not self.lr > 0:
+        if not (math.isfinite(self.lr) and self.lr > 0):
             raise IgptError(f"--lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise IgptError(f"--weight-decay must be 0 or positive, got {self.weight_decay}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise IgptError(f"--grad-clip must be 0 (off) or positive, got {self.grad_clip}")
+        if not 0 < self.beta2 < 1:
+            raise IgptError(f"beta2 must be in (0, 1), got {self.beta2}")
+        if self.seed < 0:
+            raise IgptError(f"--seed must be 0 or positive, got {self.seed}")
+        if self.keep_every < 0 or any(s <= 0 for s in self.keep_steps):
+            raise IgptError("--keep-every must be 0 or positive, and --keep-steps positive steps")
         if not 0 <= self.warmup < 1:
             raise IgptError(f"--warmup must be in [0, 1), got {self.warmup}")
         if not 0 < self.mask_ratio < 1:
@@ -95,14 +91,6 @@ class TrainConfig:
             raise IgptError(f"--precision must be fp32 or bf16, got '{self.precision}'")
         if min(self.eval_interval, self.eval_images, self.log_interval) <= 0:
             raise IgptError("--eval-interval, --eval-images and --log-interval must be positive")
-
-    def model_shape(self) -> dict[str, int]:
-        """The preset's shape with any overrides applied."""
-        shape = dict(PRESETS[self.preset])
-        for k in ("n_layer", "n_embd", "n_head"):
-            if getattr(self, k) is not None:
-                shape[k] = getattr(self, k)
-        return shape
 
     def to_dict(self) -> dict:
         return asdict(self)

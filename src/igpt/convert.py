@@ -17,20 +17,20 @@ transformers is not a dependency: files are read and written with safetensors an
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .checkpoint import read_run_json, save_checkpoint
-from .data import atomic_directory, write_json_atomic
+from .checkpoint import save_checkpoint
 from .errors import IgptError
+from .files import atomic_directory
 from .model import IGPT, IGPTConfig
 from .palette import load_palette
+from .runs import Run
 
 _LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -133,12 +133,8 @@ def from_hf(hf_dir: str | Path, out: str | Path, palette: str | None = None) -> 
     meta = {"dataset": "huggingface", "resolution": res, "channels": int(pal.shape[1]), "clusters": cfg.vocab_size,
             "order": "raster", "num_classes": 0, "class_names": [], "source": str(hf.resolve())}  # fmt: skip
     with atomic_directory(out) as tmp:
-        np.save(tmp / "palette.npy", pal)
-        write_json_atomic(tmp / "data_meta.json", meta)
-        info = {"igpt_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": cfg.to_dict(),
-                "train": None, "data": {"dir": None, "meta": meta}, "seed": None,
-                "converted_from": str(hf.resolve())}  # fmt: skip
-        write_json_atomic(tmp / "run.json", info)
+        Run.create(tmp, "converted", cfg, data_meta=meta, palette=pal, seed=None,
+                   converted_from=str(hf.resolve()))  # fmt: skip
         save_checkpoint(tmp, 0, model.state_dict(), {}, {"step": 0, "tokens_seen": 0, "elapsed_seconds": 0.0,
                         "converted_from": str(hf.resolve())}, keep={0})  # fmt: skip
     return out
@@ -162,10 +158,8 @@ def _palette_for(hf: Path, palette: str | None, k: int) -> np.ndarray:
 def to_hf(run: str | Path, out: str | Path, checkpoint: str | None = None) -> Path:
     """Export an AR run as a transformers ImageGPT directory: config.json, model.safetensors and
     preprocessor_config.json carrying the palette (grey palettes become grey RGB clusters)."""
-    from .checkpoint import load_run
-
-    info = read_run_json(run)
-    cfg = IGPTConfig(**info["model"])
+    r = Run.open(run)
+    cfg = r.model_config
     if cfg.objective != "ar":
         raise IgptError(
             "a BERT run has no Hugging Face counterpart (ImageGPT is causal); only AR runs export"
@@ -173,9 +167,9 @@ def to_hf(run: str | Path, out: str | Path, checkpoint: str | None = None) -> Pa
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise IgptError(f"{out} exists and is not empty; choose another --out")
-    model = load_run(run, checkpoint)
+    model = r.load_model(checkpoint)
     sd = igpt_to_hf_state(model.state_dict(), cfg)
-    pal = np.load(Path(run) / "palette.npy")
+    pal = r.palette()
     if pal.shape[1] == 1:
         pal = np.repeat(pal, 3, axis=1)
     res = int(round(cfg.n_positions**0.5))
@@ -197,3 +191,20 @@ def to_hf(run: str | Path, out: str | Path, checkpoint: str | None = None) -> Pa
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre) + "\n")
     return out
+
+
+def convert_from_hf(hf_dir: str | Path, out: str | Path, *, palette: str | None = None) -> dict[str, Any]:
+    """The convert stage, in: a transformers ImageGPT directory (config.json plus model.safetensors or
+    pytorch_model.bin, read without unpickling code) becomes the igpt run `out`. `palette` is OpenAI's
+    kmeans_centers.npy (or ours) where the directory's preprocessor_config.json has no clusters. Returns the
+    new run's run.json."""
+    written = from_hf(hf_dir, out, palette)
+    return Run.open(written).info
+
+
+def convert_to_hf(run: str | Path, out: str | Path, *, checkpoint: str | None = None) -> dict[str, Any]:
+    """The convert stage, out: an AR run (its latest or the named checkpoint) becomes a transformers
+    ImageGPT directory `out` (config.json, model.safetensors, preprocessor_config.json with the palette).
+    Returns the written config.json."""
+    written = to_hf(run, out, checkpoint)
+    return json.loads((Path(written) / "config.json").read_text())

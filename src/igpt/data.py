@@ -4,12 +4,6 @@ evaluation touch only the rows they use and never need the whole set in RAM."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,41 +75,3 @@ class PreparedData:
             return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except Exception as e:  # noqa: BLE001
             raise IgptError(f"cannot read {path} ({e.__class__.__name__}: {e})") from None
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temporary file in the same directory, then rename it into place, so readers never
-    see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-@contextmanager
-def atomic_directory(out: str | Path) -> Iterator[Path]:
-    """Yield a hidden temporary sibling of `out` to fill; on success it replaces `out` (an existing one is moved
-    aside first, then removed), on any failure it is deleted. Readers never see a half-written directory."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        tmp.chmod(0o755)
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

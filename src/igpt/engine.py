@@ -69,11 +69,24 @@ def bert_mask(shape: tuple[int, int], ratio: float, gen: torch.Generator) -> tor
     return torch.zeros(B, T, dtype=torch.bool).scatter_(1, idx, True)
 
 
-def flip_permutation(resolution: int, order: str) -> torch.Tensor:
-    """Sequence permutation that mirrors an image left to right, for either order."""
+# Datasets whose classes do not survive mirroring (a mirrored 2 is no 2): fine-tuning does not flip them.
+NO_FLIP = frozenset({"mnist", "digits"})
+
+
+def mirror_index(resolution: int, order: str) -> torch.Tensor:
+    """The sequence permutation that mirrors an image left to right, for either order: `x[:, idx]`.
+
+    The one rule for flips: they suit data whose classes survive mirroring (clothes, photographs, most
+    objects) and not glyphs (`NO_FLIP`). Pretraining flips only when asked (`flip=True`); fine-tuning's
+    augmentation flips unless the dataset is in `NO_FLIP`. Both go through `random_flips`."""
     seq = np.arange(resolution * resolution)
     grid = from_sequence(seq, resolution, order)
     return torch.from_numpy(to_sequence(grid[:, ::-1].copy(), order).astype(np.int64))
+
+
+def random_flips(x: torch.Tensor, flips: torch.Tensor, mirror: torch.Tensor) -> torch.Tensor:
+    """Tokens (B, T) with the rows where `flips` (B,) is True mirrored by `mirror_index`'s permutation."""
+    return torch.where(flips[:, None], x[:, mirror], x)
 
 
 def lr_at(progress: float, peak: float, warmup: float) -> float:
@@ -159,7 +172,7 @@ def train_step(
         rows = slice(lo, lo + micro)
         x = batcher.batch(step, rows)
         if flips is not None:
-            x = torch.where(flips[rows, None], x[:, flip_perm], x)
+            x = random_flips(x, flips[rows], flip_perm)
         mk = mask[rows].to(device) if mask is not None else None
         sync = m == grad_accum - 1 or not hasattr(model, "no_sync")
         with nullcontext() if sync else model.no_sync(), autocast(device, precision):

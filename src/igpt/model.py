@@ -15,13 +15,14 @@ one to one (Conv1D's (in, out) weights are transposed on conversion).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .errors import IgptError
 
 OBJECTIVES = ("ar", "bert")
 
@@ -60,12 +61,23 @@ class IGPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise IgptError(f"{name} must be a positive integer, got {v!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+            raise IgptError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be ar or bert, got '{self.objective}'")
+            raise IgptError(f"objective must be ar or bert, got '{self.objective}'")
+        if not (isinstance(self.norm_eps, float | int) and 0 < self.norm_eps < 1):
+            raise IgptError(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> IGPTConfig:
+        """The named preset's shape (PRESETS) with `overrides` applied (None values are ignored), e.g.
+        `IGPTConfig.from_preset("tiny", vocab_size=16, n_positions=196, n_layer=6)`."""
+        if name not in PRESETS:
+            raise IgptError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
 
     @property
     def sos_id(self) -> int:
@@ -88,19 +100,14 @@ class RMSNorm(nn.Module):
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """x * sigmoid(1.702 x), computed as silu(1.702 x) / 1.702: the same function, but silu's fused kernel
-    and backward make it about 1.6x faster on CPU than the three-op form."""
+    """x * sigmoid(1.702 x), computed as silu(1.702 x) / 1.702: the same function, through silu's fused
+    kernel and backward instead of three separate operations."""
     return F.silu(1.702 * x) * (1 / 1.702)
 
 
-class KVCache:
-    """Preallocated keys and values of every layer for incremental decoding: (L, B, nh, Tmax, hs) each."""
-
-    def __init__(self, cfg: IGPTConfig, batch: int, max_len: int, device, dtype):
-        hs = cfg.n_embd // cfg.n_head
-        self.k = torch.zeros(cfg.n_layer, batch, cfg.n_head, max_len, hs, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.pos = 0  # positions filled so far
+# One layer's key/value cache during generation: key and value buffers (B, nh, Tmax, hs) and the number of
+# positions already filled (see igpt.generation.KVCache).
+KVSlot = tuple[torch.Tensor, torch.Tensor, int]
 
 
 class Attention(nn.Module):
@@ -110,22 +117,22 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # fused q | k | v
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(
-        self, x: torch.Tensor, causal: bool, cache: KVCache | None = None, layer: int = 0
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool, kv: KVSlot | None = None) -> torch.Tensor:
+        """Self-attention of (B, T, C). With `kv` (this layer's cache buffers and the number of positions
+        already in them), this chunk's keys and values are stored there and attention also reads the
+        earlier ones: one prefill from position 0, or one new token after it."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:
-            p = cache.pos
-            cache.k[layer, :, :, p : p + T] = k
-            cache.v[layer, :, :, p : p + T] = v
-            k, v = cache.k[layer, :, :, : p + T], cache.v[layer, :, :, : p + T]  # (B, nh, p+T, hs)
+        if kv is not None:
+            k_buf, v_buf, p = kv  # (B, nh, Tmax, hs) each
+            k_buf[:, :, p : p + T] = k
+            v_buf[:, :, p : p + T] = v
+            k, v = k_buf[:, :, : p + T], v_buf[:, :, : p + T]  # (B, nh, p+T, hs)
             # a chunk that starts at 0 is causal within itself; a single new token sees every cached key
             causal = causal and p == 0 and T > 1
-            assert p == 0 or T == 1, "the cache takes one prefill from position 0, then one token at a time"
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
@@ -149,16 +156,15 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(
-        self, x: torch.Tensor, causal: bool, cache: KVCache | None = None, layer: int = 0
-    ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal, cache, layer)
+    def forward(self, x: torch.Tensor, causal: bool, kv: KVSlot | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal, kv)
         return x + self.mlp(self.ln_2(x))
 
 
 class IGPT(nn.Module):
     """iGPT. `forward(tokens, mask)` returns `(logits, loss)`; `logits`, `features`,
-    `get_intermediate_layers` and `generate` are the public API."""
+    `get_intermediate_layers` and `generate` are the public API. The one-token decode step and the samplers
+    live in `igpt.generation`."""
 
     def __init__(self, cfg: IGPTConfig):
         super().__init__()
@@ -284,148 +290,8 @@ class IGPT(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Continue `prefix` (B, P) by `n_new` sampled tokens -> (B, P + n_new), AR runs only. Uses a
-        preallocated key/value cache: one prefill pass over [SOS, prefix], then one position per token.
-        temperature 0 means greedy."""
-        out = prefix.clone()
-        for buf, _ in self.generate_steps(prefix, n_new, temperature, top_k, top_p, generator):
-            out = buf
-        return out
+        """Continue `prefix` (B, P) by `n_new` sampled tokens -> (B, P + n_new), AR runs only, with a
+        key/value cache (see `igpt.generation`). temperature 0 means greedy; top_k 0 or None is off."""
+        from .generation import generate
 
-    @torch.no_grad()
-    def generate_steps(
-        self,
-        prefix: torch.Tensor,
-        n_new: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[tuple[torch.Tensor, int]]:
-        """`generate`, one token at a time: yields (buffer (B, P + n_new), tokens filled so far) after every
-        sampled token, so a caller can show a completion as it grows. The buffer is reused between yields."""
-        if not self.causal:
-            raise ValueError("generate needs an AR model; BERT runs complete images by mask-predict")
-        B, P = prefix.shape
-        if P + n_new > self.config.n_positions:
-            raise ValueError(
-                f"prefix {P} + {n_new} new tokens exceed the context of {self.config.n_positions}"
-            )
-        if n_new <= 0:
-            return
-        dev = self.wte.weight.device
-        w = DecodeWeights(self)  # in the autocast dtype when autocast is on, so the decode step casts nothing
-        cache = KVCache(self.config, B, P + n_new, dev, w.dtype)
-        out = torch.zeros(B, P + n_new, dtype=torch.long, device=dev)
-        out[:, :P] = prefix
-        with _decode_attention(dev):
-            # prefill: [SOS, prefix] through the blocks in one causal pass, filling the cache
-            sos = torch.full((B, 1), self.config.sos_id, dtype=torch.long, device=dev)
-            inp = torch.cat([sos, prefix.to(dev, torch.long)], dim=1)  # (B, P+1)
-            x = self.wte(inp) + self.wpe.weight[: P + 1]
-            for i, block in enumerate(self.h):
-                x = block(x, True, cache, i)
-            cache.pos = P + 1
-            logits = self.lm_head(self.ln_f(x[:, -1]))  # (B, K)
-        for t in range(n_new):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            out[:, P + t] = nxt
-            yield out, P + t + 1
-            if t + 1 < n_new:
-                with _decode_attention(dev):
-                    logits = self.decode_step(nxt, cache, w)
-
-    def decode_step(self, tok: torch.Tensor, cache: KVCache, w: DecodeWeights) -> torch.Tensor:
-        """Logits (B, K) for the position after the cache's, given the token there (B,): the blocks' maths for
-        one position, written with as few operations as it allows, because at small batch the time per
-        token is mostly per-operation overhead. Appends this position's keys and values to the cache."""
-        B, c, p = tok.shape[0], self.config, cache.pos
-        d, nh, eps = c.n_embd, c.n_head, c.norm_eps
-        x = (self.wte.weight[tok] + self.wpe.weight[p]).to(w.dtype)  # (B, d)
-        for i, (g1, w_qkv, b_qkv, w_o, b_o, g2, w_fc, b_fc, w_pr, b_pr) in enumerate(w.layers):
-            qkv = _affine(F.rms_norm(x, (d,), g1, eps), w_qkv, b_qkv).view(B, 3, nh, 1, d // nh)
-            cache.k[i, :, :, p : p + 1] = qkv[:, 1]  # (B, nh, 1, hs)
-            cache.v[i, :, :, p : p + 1] = qkv[:, 2]
-            k, v = cache.k[i, :, :, : p + 1], cache.v[i, :, :, : p + 1]  # (B, nh, p+1, hs)
-            y = F.scaled_dot_product_attention(qkv[:, 0], k, v).reshape(B, d)  # heads side by side
-            x = _affine(y, w_o, b_o, residual=x)
-            u = _affine(F.rms_norm(x, (d,), g2, eps), w_fc, b_fc)  # (B, 4d)
-            x = _affine(F.silu(u) if w.folded else quick_gelu(u), w_pr, b_pr, residual=x)
-        cache.pos = p + 1
-        return F.rms_norm(x, (d,), w.g_f, eps) @ w.w_head
-
-
-def _decode_attention(device: torch.device):
-    """On CUDA, attention over a growing key/value cache without the cuDNN backend: cuDNN builds a graph for
-    every new sequence length, so a token would cost a graph build. Elsewhere, SDPA's own choice."""
-    if device.type != "cuda":
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def _affine(
-    x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None, residual: torch.Tensor | None = None
-) -> torch.Tensor:
-    """x @ wt (+ b) (+ residual) for (B, n) rows, with the residual added inside the product (addmm)."""
-    y = x @ wt if residual is None else torch.addmm(residual, x, wt)
-    return y if b is None else y + b
-
-
-class DecodeWeights:
-    """A model's weights arranged for `IGPT.decode_step`: matrices as transposed views for `x @ W^T`. A model
-    small enough to copy (FOLD_LIMIT) also has each norm's gain folded into the matrix that follows it, and
-    quick-gelu's 1.702 into the MLP's matrices, so a norm is one call without a gain and quick-gelu is one
-    silu; that saves about 7% per token at width 128. Larger models keep their own weights (no copies)."""
-
-    FOLD_LIMIT = 32_000_000
-
-    def __init__(self, model: IGPT):
-        self.folded = model.num_params() <= self.FOLD_LIMIT
-        dev = model.wte.weight.device.type
-        on = torch.is_autocast_enabled(dev)
-        self.dtype = torch.get_autocast_dtype(dev) if on else model.wte.weight.dtype
-        self.layers: list[tuple] = []
-        for blk in model.h:
-            a, m, g1, g2 = blk.attn, blk.mlp, blk.ln_1.weight, blk.ln_2.weight
-            w_qkv, w_fc, w_pr, b_fc = a.c_attn.weight, m.c_fc.weight, m.c_proj.weight, m.c_fc.bias
-            if self.folded:  # norm(x) W^T = (x / rms(x)) (W * g)^T; silu(1.702 u) / 1.702 = quick_gelu(u)
-                w_qkv, w_fc, w_pr = w_qkv * g1, w_fc * (g2 * 1.702), w_pr / 1.702
-                b_fc = None if b_fc is None else b_fc * 1.702
-                g1 = g2 = None
-            self.layers.append((g1, w_qkv.t(), a.c_attn.bias, a.c_proj.weight.t(), a.c_proj.bias, g2, w_fc.t(),
-                                b_fc, w_pr.t(), m.c_proj.bias))  # fmt: skip
-        head, self.g_f = model.lm_head.weight, model.ln_f.weight
-        if self.folded:
-            head, self.g_f = head * self.g_f, None
-        self.w_head = head.t()
-        if on:  # one cast per generation instead of autocast casting every matrix at every token
-            self.layers = [tuple(None if t is None else t.to(self.dtype) for t in lay) for lay in self.layers]
-            self.w_head = self.w_head.to(self.dtype)
-            self.g_f = None if self.g_f is None else self.g_f.to(self.dtype)
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One token per row of (B, K) logits: greedy at temperature 0, otherwise softmax sampling after
-    temperature, top-k (keep the k largest) and top-p (keep the smallest set whose probability reaches p)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        srt, idx = torch.sort(logits, dim=-1, descending=True)
-        cum = torch.softmax(srt, -1).cumsum(-1)
-        drop = cum - torch.softmax(srt, -1) >= top_p  # mass before this token already reaches p
-        srt = srt.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, srt)
-    probs = torch.softmax(logits, -1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return generate(self, prefix, n_new, temperature, top_k, top_p, generator)

@@ -10,8 +10,10 @@ blocks the others. Bad input gets a 4xx with {"error": message}.
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import load_run, read_run_json
 from .data import PreparedData
 from .errors import IgptError
+from .generation import complete, generate_steps
+from .images import default_scale, mark_hidden, png_bytes
 from .palette import decode, from_sequence, quantize, to_channels, to_sequence
-from .sampling import complete, default_scale, mark_hidden, upscale
+from .runs import Run
 
 MAX_SAMPLES = 16
 MAX_TEMPERATURE = 5.0
@@ -38,16 +41,6 @@ class BadRequest(Exception):
         self.status, self.message = status, message
 
 
-def png_bytes(img: np.ndarray, scale: int) -> bytes:
-    """(H, W, 1 or 3) uint8 -> an enlarged PNG file's bytes."""
-    from PIL import Image
-
-    a = upscale(img if img.shape[2] == 3 else np.repeat(img, 3, axis=2), scale)
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def png_data_url(img: np.ndarray, scale: int) -> str:
     """(H, W, 1 or 3) uint8 -> an enlarged PNG as a data: URL, for the streamed messages."""
     return "data:image/png;base64," + base64.b64encode(png_bytes(img, scale)).decode()
@@ -57,17 +50,14 @@ class Completer:
     """A run's model, palette and test images, ready to complete images."""
 
     def __init__(self, run: str | Path, checkpoint: str | None = None):
-        info = read_run_json(run)
-        if not (Path(run) / "palette.npy").is_file():
-            raise IgptError(f"{run} has no palette.npy, so its tokens cannot be turned into images")
-        self.palette = np.load(Path(run) / "palette.npy")
-        meta = info["data"]["meta"]
-        self.R, self.order = int(meta["resolution"]), meta.get("order", "raster")
+        r = Run.open(run)
+        self.palette = r.palette()
+        self.R, self.order = r.resolution, r.order
         self.channels = int(self.palette.shape[1])
-        self.model = load_run(run, checkpoint)
+        self.model = r.load_model(checkpoint)
         self.scale = default_scale(self.R)
         self.data: PreparedData | None = None
-        data_dir = info["data"].get("dir")
+        data_dir = r.data_dir
         if data_dir and (Path(data_dir) / "meta.json").is_file():
             self.data = PreparedData(data_dir)
         self.run = str(run)
@@ -124,8 +114,8 @@ class Completer:
             yield self._samples(out.numpy(), R)
         elif keep_rows < R:
             gen = torch.Generator().manual_seed(seed)
-            steps = self.model.generate_steps(prefix[:, : keep_rows * R], R * R - keep_rows * R, temperature,
-                                              generator=gen)  # fmt: skip
+            steps = generate_steps(self.model, prefix[:, : keep_rows * R], R * R - keep_rows * R, temperature,
+                                   generator=gen)  # fmt: skip
             for buf, filled in steps:
                 if filled % R == 0:
                     yield self._samples(buf.numpy(), filled // R)
@@ -363,3 +353,46 @@ load();
 </script>
 </body></html>
 """
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with one clear line when the address cannot be bound, before loading anything."""
+    if not 0 < port < 65536:
+        raise IgptError(f"--port must be in [1, 65535], got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise IgptError(f"--host {host} is not an address of this machine") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            why = (
+                "is in use; pass --port" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+            )
+            raise IgptError(f"{host}:{port} {why}") from None
+
+
+def serve(
+    run: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    checkpoint: str | None = None,
+    max_upload_kb: int = 2048,
+) -> None:
+    """Serve the completion page for `run` at http://host:port/ until interrupted. It binds this machine
+    only unless `host` says otherwise."""
+    import uvicorn
+
+    if max_upload_kb < 1:
+        raise IgptError("--max-upload-kb must be at least 1")
+    check_port(host, port)
+    app = create_app(Completer(run, checkpoint), max_upload_kb * 1024)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"igpt serve: http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"igpt serve: note: bound to {host}, reachable from other machines", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

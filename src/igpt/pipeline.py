@@ -1,4 +1,4 @@
-"""`igpt quickstart`: the whole pipeline on Fashion-MNIST as one resumable command.
+"""The quickstart: the whole pipeline on Fashion-MNIST as one resumable call.
 
 Stages: prepare -> AR pretraining within `--minutes` -> a linear probe of every layer -> low-data probes ->
 a completion grid -> `report.html`. Each finished stage leaves its output in `--out`, and a second run with
@@ -9,9 +9,9 @@ gets when the whole job takes about half an hour.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
+import math
 import resource
 import shutil
 import sys
@@ -22,14 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from .cli import build_parser
-from .data import PreparedData, write_json_atomic
+from .data import PreparedData
 from .errors import IgptError
+from .files import write_json_atomic
+from .preparation import PrepareConfig, prepare_config, summary_lines
+from .probing import FeatureCache, ProbeConfig, open_labelled_run, probe_and_save
+from .report import CLASSICAL_BASELINES, write_report
+from .runs import Run
+from .sampling import sample
+from .training import pretrain
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-# Published scikit-learn results on Fashion-MNIST (28x28 pixels; the dataset's benchmark table), drawn as
-# reference lines beside our probes.
-CLASSICAL_BASELINES = {"LogisticRegression": 0.842, "MLPClassifier": 0.871, "SVC (RBF)": 0.897}
 
 
 @dataclass(frozen=True)
@@ -51,17 +54,17 @@ class QuickstartPlan:
     batch_size: int
     lr: float
     pool: str
-    """Probe pooling: 'grid3' (means over a 3x3 grid) beat the paper's 'mean' by about 5 points at this scale."""
+    """Probe pooling: 'grid3' (means over a 3x3 grid) beat the paper's 'mean' at this scale (see README)."""
     low_data: tuple[tuple[int, int], ...]
     """(labels per class, seeds) pairs for the low-data probes."""
     completions: tuple[int, int]
     """(test images, samples per image) in the completion grid."""
     keep_every: int
-    """Checkpoints kept every N steps (about 10 MB each for tiny), so `igpt probe RUN --checkpoints all` can
+    """Checkpoints kept every N steps, so `igpt probe RUN --checkpoints all` can
     plot probe accuracy against validation loss over the run."""
     compile: bool
-    """torch.compile pretraining and the probes' feature pass (1.04-1.16x and 1.26-1.45x faster on a 2-core
-    CPU, for about 25 s of compiling); each falls back to eager PyTorch, with a notice, where compiling fails."""
+    """torch.compile pretraining and the probes' feature pass (faster on CPU after some seconds of compiling;
+    see BENCHMARKS.md); each falls back to eager PyTorch, with a notice, where compiling fails."""
 
 
 DEFAULT = QuickstartPlan(dataset="fashion-mnist", resolution=14, clusters=16, limit=None, preset="tiny",
@@ -72,46 +75,39 @@ SMOKE = QuickstartPlan(dataset="fashion-mnist", resolution=8, clusters=8, limit=
                        completions=(3, 3), keep_every=1000, compile=False)  # fmt: skip
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quickstart", help="the whole pipeline on Fashion-MNIST, ending in report.html")
-    p.add_argument(
-        "--out", default="runs/quickstart", help="directory for everything (default runs/quickstart)"
-    )
-    p.add_argument("--minutes", type=float, help=f"pretraining budget (default {DEFAULT.minutes:g})")
-    p.add_argument("--smoke", action="store_true", help="a tiny model on a subset: the pipeline in ~1 minute")
-    p.add_argument("--dataset", choices=["fashion-mnist", "digits"], help="default fashion-mnist")
-    p.add_argument("--data-dir", help=f"where the Fashion-MNIST IDX files are (default {FASHION_DIR})")
-    p.add_argument("--preset", help=f"model shape (default {DEFAULT.preset})")
-    p.add_argument("--resolution", type=int, help=f"image side (default {DEFAULT.resolution})")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile pretraining and the feature pass (default on; off with --smoke)")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
-
-
-def make_plan(args: argparse.Namespace) -> tuple[QuickstartPlan, str | None]:
+def make_plan(
+    smoke: bool = False,
+    minutes: float | None = None,
+    preset: str | None = None,
+    compile: bool | None = None,
+    resolution: int | None = None,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+) -> tuple[QuickstartPlan, str | None]:
     """The plan from the defaults (or the smoke plan) and the options; with a notice when Fashion-MNIST is
     missing and the digits stand in."""
-    base = SMOKE if args.smoke else DEFAULT
+    base = SMOKE if smoke else DEFAULT
     over: dict[str, Any] = {}
-    if args.minutes is not None:
-        if not args.minutes > 0:
-            raise IgptError(f"--minutes must be positive, got {args.minutes}")
-        over["minutes"] = args.minutes
-    if args.preset:
-        over["preset"] = args.preset
-    if args.compile is not None:
-        over["compile"] = args.compile
-    if args.resolution is not None:
-        if not 2 <= args.resolution <= 28:
-            raise IgptError(f"--resolution must be in [2, 28] for Fashion-MNIST, got {args.resolution}")
-        over["resolution"] = args.resolution
+    if minutes is not None:
+        if not (math.isfinite(minutes) and minutes > 0):
+            raise IgptError(f"--minutes must be positive, got {minutes}")
+        over["minutes"] = minutes
+    if preset:
+        over["preset"] = preset
+    if compile is not None:
+        over["compile"] = compile
+    if resolution is not None:
+        if not 2 <= resolution <= 28:
+            raise IgptError(f"--resolution must be in [2, 28] for Fashion-MNIST, got {resolution}")
+        over["resolution"] = resolution
+    if dataset not in (None, "fashion-mnist", "digits"):
+        raise IgptError(f"--dataset must be fashion-mnist or digits, got '{dataset}'")
     notice = None
-    dataset = args.dataset or base.dataset
+    dataset = dataset or base.dataset
     if dataset == "fashion-mnist":
-        d = Path(args.data_dir) if args.data_dir else FASHION_DIR
+        d = Path(data_dir) if data_dir else FASHION_DIR
         if not any(d.glob("train-images*")):
-            if args.data_dir:
+            if data_dir:
                 raise IgptError(f"no Fashion-MNIST IDX files in {d}")
             dataset = "digits"
             notice = (f"Fashion-MNIST is not in {FASHION_DIR} (install it with `apt-get install "
@@ -162,9 +158,23 @@ def stage(n: int, title: str) -> None:
     print(f"\n[{n}/6] {title}", flush=True)
 
 
-def run(args: argparse.Namespace) -> None:
-    plan, notice = make_plan(args)
-    out = Path(args.out)
+def quickstart(
+    out: str | Path = "runs/quickstart",
+    *,
+    minutes: float | None = None,
+    smoke: bool = False,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    preset: str | None = None,
+    resolution: int | None = None,
+    compile: bool | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The whole pipeline into `out`: prepare, AR pretraining for `minutes`, a probe of every layer beside raw
+    pixels, low-data probes, completions and report.html. A second call with the same `out` skips finished
+    stages and resumes an interrupted pretraining. Returns quickstart.json's content."""
+    plan, notice = make_plan(smoke, minutes, preset, compile, resolution, dataset, data_dir)
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise IgptError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "quickstart.json").is_file():
@@ -175,45 +185,31 @@ def run(args: argparse.Namespace) -> None:
     st = Stages(out, plan)
     if notice:
         st.state["notice"] = notice
-    data_dir, run_dir = out / "data", out / "run"
-    parser = build_parser()
-    quiet = ["--no-progress"] if args.no_progress else []
+    data_dir_out, run_dir = out / "data", out / "run"
 
     stage(1, f"prepare {plan.dataset}: {plan.resolution}x{plan.resolution}, {plan.clusters} grey levels")
     t = time.perf_counter()
-    from .prepare import PrepareConfig, prepare, summary_lines
-
-    meta = prepare(PrepareConfig(dataset=plan.dataset, data_dir=args.data_dir if plan.dataset != "digits" else None,
-                                 resolution=plan.resolution, clusters=plan.clusters, limit=plan.limit), data_dir)  # fmt: skip
-    print("\n".join(summary_lines(meta, data_dir)))
+    source_dir = data_dir if plan.dataset != "digits" else None
+    meta = prepare_config(PrepareConfig(dataset=plan.dataset, data_dir=source_dir, resolution=plan.resolution,
+                                        clusters=plan.clusters, limit=plan.limit), data_dir_out)  # fmt: skip
+    print("\n".join(summary_lines(meta, data_dir_out)))
     st.finish("prepare", time.perf_counter() - t)
 
     stage(2, f"AR pretraining, preset {plan.preset}, {plan.minutes:g} minutes")
-    summary = run_dir / "summary.json"
-    finished = summary.is_file() and json.loads(summary.read_text()).get("finished", False)
-    same_budget = (
-        finished and json.loads((run_dir / "run.json").read_text())["train"]["minutes"] == plan.minutes
-    )
-    if finished and same_budget:
+    run = Run.open(run_dir) if (run_dir / "run.json").is_file() else None
+    if run is not None and run.finished and run.train_config.minutes == plan.minutes:
         print(f"already done ({run_dir}); skipped")
     else:
         t = time.perf_counter()
-        argv = ["pretrain", "--data", str(data_dir), "--out", str(run_dir), "--preset", plan.preset,
-                "--minutes", str(plan.minutes), "--batch-size", str(plan.batch_size), "--lr", str(plan.lr),
-                "--eval-images", "1000", "--keep-every", str(plan.keep_every), *quiet,
-                "--compile" if plan.compile else "--no-compile"]  # fmt: skip
-        if (run_dir / "run.json").is_file():
-            argv.append("--resume")
-        a = parser.parse_args(argv)
-        a.func(a)
-        if not json.loads(summary.read_text()).get("finished", False):
+        summary = pretrain(data_dir_out, run_dir, preset=plan.preset, minutes=plan.minutes,
+                           batch_size=plan.batch_size, lr=plan.lr, eval_images=1000, keep_every=plan.keep_every,
+                           compile=plan.compile, resume=run is not None, progress=progress)  # fmt: skip
+        if not summary.get("finished", False):
             raise IgptError("pretraining stopped before its budget; run the same command again to resume it")
         st.finish("pretrain", time.perf_counter() - t)
         st.reset_after("pretrain")
 
     stage(3, f"linear probe of every layer ({plan.pool} pooling) beside raw pixels")
-    from .main_probe import FeatureCache, open_labelled_run, probe_and_save
-
     baselines = CLASSICAL_BASELINES if plan.dataset == "fashion-mnist" else {}
 
     @functools.cache
@@ -223,16 +219,17 @@ def run(args: argparse.Namespace) -> None:
         _, model, data = open_labelled_run(str(run_dir), None)
         layers = list(range(model.config.n_layer + 1))
         cache = FeatureCache(model, data, layers, batch_size=128, pool=plan.pool, resolution=data.resolution,
-                             device="cpu", quiet=args.no_progress, compile=plan.compile)  # fmt: skip
+                             device="cpu", quiet=not progress, compile=plan.compile)  # fmt: skip
         return model, data, layers, cache
 
     if st.done("probe") and (run_dir / "probe_full.json").is_file():
         print("already done; skipped")
     else:
         t = time.perf_counter()
-        a = parser.parse_args(["probe", str(run_dir), "--pool", plan.pool])
         model, data, layers, cache = evaluation()
-        probe_and_save(a, model, data, layers, "cpu", cache, baselines)
+        cfg = ProbeConfig(run=str(run_dir), pool=plan.pool, progress=progress)
+        res = probe_and_save(cfg, model, data, layers, cache, baselines)
+        print(probe_line(res))
         st.finish("probe", time.perf_counter() - t)
 
     stage(4, "low-data probes: " + ", ".join(f"{n} labels per class x {k} subsets" for n, k in plan.low_data))
@@ -246,9 +243,10 @@ def run(args: argparse.Namespace) -> None:
         for n, k in plan.low_data:
             if n > np.bincount(data.labels("train")[data.labels("train") >= 0]).min():
                 continue
-            a = parser.parse_args(["probe", str(run_dir), "--pool", plan.pool, "--labels-per-class", str(n),
-                                   "--seeds", str(k)])  # fmt: skip
-            probe_and_save(a, model, data, layers, "cpu", cache, baselines)
+            cfg = ProbeConfig(
+                run=str(run_dir), pool=plan.pool, labels_per_class=n, seeds=k, progress=progress
+            )
+            print(probe_line(probe_and_save(cfg, model, data, layers, cache, baselines)))
         st.finish("low_data", time.perf_counter() - t)
     # probe.json and probe.png stay the full probe's, the run's headline result
     shutil.copyfile(run_dir / "probe_full.json", run_dir / "probe.json")
@@ -260,20 +258,25 @@ def run(args: argparse.Namespace) -> None:
     else:
         t = time.perf_counter()
         n_img, n_samp = plan.completions
-        a = parser.parse_args(["sample", str(run_dir), "--out", str(out / "completions.png"),
-                               "--images", ",".join(str(i) for i in pick_one_per_class(data_dir, n_img)),
-                               "--num", str(n_samp)])  # fmt: skip
-        a.func(a)
+        sample(run_dir, out / "completions.png", images=pick_one_per_class(data_dir_out, n_img), num=n_samp)
         st.finish("completions", time.perf_counter() - t)
 
     stage(6, "report")
-    from .report import write_report
-
     st.save()
     path = write_report(out)
     total = sum(st.state["seconds"].values())
     print(
         f"\nwrote {path}\ntotal {total / 60:.1f} min of stages; peak memory {st.state['peak_rss_mib']:.0f} MiB"
+    )
+    return st.state
+
+
+def probe_line(res: dict[str, Any]) -> str:
+    """One line that sums up a probe result: the best layer's accuracy beside raw pixels."""
+    extra = f" (std {res['std_accuracy']:.4f})" if "std_accuracy" in res else ""
+    return (
+        f"best layer {res['best_layer']}: accuracy {res['best_accuracy']:.4f}{extra}; "
+        f"raw pixels {res['raw_pixel_accuracy']:.4f}"
     )
 
 

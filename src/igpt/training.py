@@ -1,13 +1,12 @@
-"""`igpt pretrain`: train an iGPT model on a prepared token set, AR or BERT, on CPU or GPU, in one process or
-under torchrun (DDP, or FSDP with --fsdp). Only rank 0 logs and saves.
+"""The pretrain stage: train an iGPT model on a prepared token set, AR or BERT, on CPU or GPU, in one process
+or under torchrun (DDP, or FSDP with `fsdp=True`). Only rank 0 logs and saves.
 
-The run directory is self-describing and resumable: `--resume` continues from the newest readable checkpoint
-and, on CPU, reproduces the uninterrupted run's losses and weights exactly.
+The run directory is self-describing and resumable: `resume=True` continues from the newest readable
+checkpoint and, on CPU, reproduces the uninterrupted run's losses and weights exactly.
 """
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import math
@@ -15,87 +14,170 @@ import os
 import signal
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import __version__
 from .checkpoint import (
     clean_partial,
     latest_readable,
     load_optimizer_tensors,
     optimizer_tensors,
-    read_run_json,
     save_checkpoint,
-    write_summary,
 )
 from .compiling import compile_error_types, fallback_notice
 from .config import TrainConfig
-from .data import PreparedData, write_json_atomic
-from .engine import Batcher, evaluate, flip_permutation, lr_at, train_step
+from .data import PreparedData
+from .engine import Batcher, evaluate, lr_at, mirror_index, train_step
 from .errors import IgptError
-from .model import IGPT, PRESETS, IGPTConfig
-
-SHAPE_KEYS = ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head", "bias", "objective")
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="pretrain an iGPT model (AR or BERT) on a prepared set")
-    p.add_argument("--data", required=True, help="prepared directory (from igpt prepare)")
-    p.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
-    p.add_argument("--preset", help=f"model shape: {', '.join(PRESETS)} (default tiny)")
-    p.add_argument("--objective", help="ar (default) or bert")
-    p.add_argument("--n-layer", type=int, help="override the preset's depth")
-    p.add_argument("--n-embd", type=int, help="override the preset's width")
-    p.add_argument("--n-head", type=int, help="override the preset's heads")
-    p.add_argument("--bias", action="store_true", default=None, help="biases in linear layers (HF format)")
-    p.add_argument("--steps", type=int, help="optimizer steps (default 2000 without --minutes)")
-    p.add_argument("--minutes", type=float, help="wall-clock budget")
-    p.add_argument("--batch-size", type=int, help="global batch in images (default 32)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per step and process (default 1)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
-    p.add_argument("--warmup", type=float, help="warm-up share of the budget (default 0.05)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--grad-clip", type=float)
-    p.add_argument("--mask-ratio", type=float, help="BERT mask share (default 0.15)")
-    p.add_argument("--flip", action="store_true", default=None, help="random horizontal flips")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu (default) or cuda")
-    p.add_argument("--precision", help="fp32 (default) or bf16 (CUDA)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training step (CPU or CUDA; eager if compiling fails)")  # fmt: skip
-    p.add_argument("--fsdp", action="store_true", default=None, help="shard per block with FSDP (torchrun)")
-    p.add_argument("--eval-interval", type=int, help="validate and checkpoint every N steps (default 250)")
-    p.add_argument("--eval-images", type=int, help="test images for val_nll (default 1000)")
-    p.add_argument("--log-interval", type=int)
-    p.add_argument("--keep-steps", help="comma-separated steps whose checkpoints are kept")
-    p.add_argument("--keep-every", type=int, help="keep every checkpoint at multiples of N steps")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
-
+from .files import write_json_atomic, write_text_atomic
+from .model import IGPT, IGPTConfig
+from .runs import Run
 
 # settings a resume may change: the budget and its bookkeeping, and whether the step is compiled
 BUDGET_KEYS = ("steps", "minutes", "eval_interval", "log_interval", "keep_steps", "keep_every", "eval_images",
                "compile")  # fmt: skip
+MODEL_KEYS = ("preset", "objective", "n_layer", "n_embd", "n_head", "bias")
 
 
-def _given(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig fields the user set on the command line."""
-    names = {f.name for f in fields(TrainConfig)}
-    out = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if "keep_steps" in out:
+def pretrain(
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    preset: str | None = None,
+    objective: str | None = None,
+    n_layer: int | None = None,
+    n_embd: int | None = None,
+    n_head: int | None = None,
+    bias: bool | None = None,
+    steps: int | None = None,
+    minutes: float | None = None,
+    batch_size: int | None = None,
+    grad_accum: int | None = None,
+    lr: float | None = None,
+    warmup: float | None = None,
+    weight_decay: float | None = None,
+    grad_clip: float | None = None,
+    mask_ratio: float | None = None,
+    flip: bool | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    compile: bool | None = None,
+    fsdp: bool | None = None,
+    eval_interval: int | None = None,
+    eval_images: int | None = None,
+    log_interval: int | None = None,
+    keep_steps: list[int] | str | None = None,
+    keep_every: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pretrain a model on the prepared set `data` into the run directory `out` and return its summary
+    (summary.json's content). Every setting left None takes its default (`TrainConfig`'s; the model is the
+    `tiny` preset, AR, without biases) or, with `resume`, the run's own. `resume` continues the run in
+    `out`; only the budget (steps, minutes, checkpointing, compile) may change, and the model must match.
+    Under torchrun every process calls this; only rank 0 writes."""
+    if out is None:
+        raise IgptError("pretrain needs out, the run directory to create or resume")
+    given = {k: v for k, v in locals().items() if k not in ("out", "resume", "progress") and v is not None}
+    if isinstance(given.get("keep_steps"), str):
+        text = given["keep_steps"]
         try:
-            out["keep_steps"] = [int(s) for s in str(out["keep_steps"]).split(",") if s.strip()]
+            given["keep_steps"] = [int(s) for s in text.split(",") if s.strip()]
         except ValueError:
-            raise IgptError(
-                f"--keep-steps must be comma-separated integers, got '{args.keep_steps}'"
-            ) from None
-    return out
+            raise IgptError(f"--keep-steps must be comma-separated integers, got '{text}'") from None
+    model_given = {k: given.pop(k) for k in MODEL_KEYS if k in given}
+    out = Path(out)
+    resuming = resume and (out / "run.json").is_file()
+    if not resuming:
+        if "data" not in given:
+            raise IgptError("pretrain needs data, a prepared directory (from igpt prepare)")
+        cfg = TrainConfig(**given)  # validate everything before touching the disk
+        prepared = PreparedData(given["data"])
+        _model_config(model_given, prepared)
+        if cfg.batch_size > prepared.meta["n_train"]:
+            raise IgptError(f"--batch-size {cfg.batch_size} is larger than the {prepared.meta['n_train']} "
+                            "training images")  # fmt: skip
+    env = Dist(given.get("device", "cpu"))
+    lock = None
+    try:
+        # rank 0 creates or checks the run directory, then tells the others what it decided (or why not)
+        msg: list[Any] = [None]
+        if env.main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                lock = RunLock(out)
+                msg = [_setup_run(out, resume, given, model_given)]
+            except IgptError as e:
+                msg = [str(e)]
+        if env.world > 1:
+            dist.broadcast_object_list(msg, src=0)
+        if isinstance(msg[0], str):
+            raise IgptError(msg[0])
+        cfg, info, resuming = msg[0]
+        return Trainer(cfg, Run(out, info), env, resuming, progress=progress).fit()
+    finally:
+        if lock:
+            lock.release()
+        env.close()
+
+
+def _model_config(model_given: dict[str, Any], data: PreparedData) -> tuple[IGPTConfig, str]:
+    """The model of a new run: the preset (tiny by default) with the given overrides, sized to the data."""
+    preset = model_given.get("preset", "tiny")
+    shape = {k: model_given.get(k) for k in ("n_layer", "n_embd", "n_head")}
+    cfg = IGPTConfig.from_preset(preset, vocab_size=data.clusters, n_positions=data.seq_len,
+                                 objective=model_given.get("objective", "ar"), bias=bool(model_given.get("bias")),
+                                 **shape)  # fmt: skip
+    return cfg, preset
+
+
+def _setup_run(
+    out: Path, resume: bool, given: dict[str, Any], model_given: dict[str, Any]
+) -> tuple[TrainConfig, dict, bool]:
+    """Create or reopen the run directory (rank 0 only). Returns (config, run record, resuming)."""
+    exists = (out / "run.json").is_file()
+    if exists and not resume:
+        raise IgptError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if exists:
+        run = Run.open(out)
+        if run.kind != "pretrained":
+            raise IgptError(f"{out} is a {run.kind} run, not a pretraining to resume")
+        stored, mcfg = run.train_config, run.model_config
+        have = {"preset": run.preset, **{k: getattr(mcfg, k) for k in MODEL_KEYS if k != "preset"}}
+        clash = {k: (have[k], v) for k, v in model_given.items() if have[k] != v}
+        if clash:
+            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in clash.items())
+            raise IgptError(f"--resume must keep the run's model ({what}); the run keeps its own")
+        changed = {
+            k: (getattr(stored, k), v) for k, v in given.items() if k != "data" and getattr(stored, k) != v
+        }
+        if "data" in given and Path(given["data"]).resolve() != Path(stored.data):
+            changed["data"] = (stored.data, str(Path(given["data"]).resolve()))
+        refused = {k: v for k, v in changed.items() if k not in BUDGET_KEYS}
+        if refused:
+            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+            raise IgptError(f"--resume with changed settings is refused ({what}); the run keeps its own")
+        cfg = TrainConfig(**{**stored.to_dict(), **{k: given[k] for k in changed}})
+        if changed or run.info.get("schema") != json.loads((out / "run.json").read_text()).get("schema"):
+            # a new budget (steps, minutes, keeps) is recorded, so the run stays self-describing
+            run.info["train"] = cfg.to_dict()
+            run.save()
+        return cfg, run.info, True
+    if any(p.name != ".lock" for p in out.iterdir()):
+        raise IgptError(f"{out} exists and is not an igpt run; choose another --out")
+    given["data"] = str(Path(given["data"]).resolve())
+    cfg = TrainConfig(**given)
+    data = PreparedData(cfg.data)
+    mcfg, preset = _model_config(model_given, data)
+    meta = {k: v for k, v in data.meta.items() if k != "settings"}
+    run = Run.create(out, "pretrained", mcfg, preset=preset, train=cfg, data_dir=cfg.data, data_meta=meta,
+                     palette=data.palette, seed=cfg.seed)  # fmt: skip
+    write_json_atomic(out / "data_meta.json", data.meta)
+    return cfg, run.info, False
 
 
 class Dist:
@@ -141,93 +223,15 @@ class RunLock:
         self.f.close()
 
 
-def _setup_run(args: argparse.Namespace, given: dict[str, Any]) -> tuple[TrainConfig, dict, bool]:
-    """Create or reopen the run directory (rank 0 only). Returns (config, run info, resuming)."""
-    run = Path(args.out)
-    exists = (run / "run.json").is_file()
-    if exists and not args.resume:
-        raise IgptError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
-    if exists:
-        info = read_run_json(run)
-        stored = TrainConfig(**info["train"])
-        changed = {
-            k: (getattr(stored, k), v) for k, v in given.items() if k != "data" and getattr(stored, k) != v
-        }
-        if "data" in given and Path(given["data"]).resolve() != Path(stored.data):
-            changed["data"] = (stored.data, str(Path(given["data"]).resolve()))
-        refused = {k: v for k, v in changed.items() if k not in BUDGET_KEYS}
-        if refused:
-            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
-            raise IgptError(f"--resume with changed settings is refused ({what}); the run keeps its own")
-        cfg = TrainConfig(**{**info["train"], **{k: given[k] for k in changed}})
-        if changed:  # a new budget (steps, minutes, keeps) is recorded, so the run stays self-describing
-            info["train"] = cfg.to_dict()
-            write_json_atomic(run / "run.json", info)
-        return cfg, info, True
-    if run.exists() and any(p.name != ".lock" for p in run.iterdir()):
-        raise IgptError(f"{run} exists and is not an igpt run; choose another --out")
-    given["data"] = str(Path(given["data"]).resolve())
-    cfg = TrainConfig(**given)
-    data = PreparedData(cfg.data)
-    mcfg = IGPTConfig(vocab_size=data.clusters, n_positions=data.seq_len, bias=cfg.bias, objective=cfg.objective,
-                      **cfg.model_shape())  # fmt: skip
-    info = {
-        "igpt_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": mcfg.to_dict(),
-        "train": cfg.to_dict(),
-        "data": {"dir": cfg.data, "meta": {k: v for k, v in data.meta.items() if k != "settings"}},
-        "seed": cfg.seed,
-        "command": " ".join(sys.argv),
-    }
-    run.mkdir(parents=True, exist_ok=True)
-    np.save(run / "palette.npy", data.palette)
-    write_json_atomic(run / "data_meta.json", data.meta)
-    write_json_atomic(run / "run.json", info)
-    return cfg, info, False
-
-
-def run(args: argparse.Namespace) -> None:
-    given = _given(args)
-    if not args.resume or not (Path(args.out) / "run.json").is_file():
-        cfg = TrainConfig(**given)  # validate before touching the disk
-        n_train = PreparedData(given["data"]).meta["n_train"]
-        if cfg.batch_size > n_train:
-            raise IgptError(f"--batch-size {cfg.batch_size} is larger than the {n_train} training images")
-    env = Dist(given.get("device", "cpu"))
-    lock = None
-    try:
-        # rank 0 creates or checks the run directory, then tells the others what it decided (or why not)
-        msg: list[Any] = [None]
-        if env.main:
-            try:
-                Path(args.out).mkdir(parents=True, exist_ok=True)
-                lock = RunLock(Path(args.out))
-                msg = [_setup_run(args, given)]
-            except IgptError as e:
-                msg = [str(e)]
-        if env.world > 1:
-            dist.broadcast_object_list(msg, src=0)
-        if isinstance(msg[0], str):
-            raise IgptError(msg[0])
-        cfg, info, resuming = msg[0]
-        Trainer(cfg, info, Path(args.out), env, resuming, progress=not args.no_progress).fit()
-    finally:
-        if lock:
-            lock.release()
-        env.close()
-
-
 class Trainer:
     """The pretraining loop of one process."""
 
-    def __init__(
-        self, cfg: TrainConfig, info: dict, run: Path, env: Dist, resuming: bool, progress: bool = True
-    ):
-        self.cfg, self.info, self.run, self.env = cfg, info, run, env
+    def __init__(self, cfg: TrainConfig, run: Run, env: Dist, resuming: bool, progress: bool = True):
+        self.cfg, self.run, self.env = cfg, run.path, env
         self.progress = progress and env.main
         self.data = PreparedData(cfg.data)
-        mcfg = IGPTConfig(**info["model"])
+        self.mcfg = mcfg = run.model_config
+        self.preset = run.preset or "custom"
         if self.data.clusters != mcfg.vocab_size or self.data.seq_len != mcfg.n_positions:
             raise IgptError(f"the prepared data ({self.data.clusters} clusters, {self.data.seq_len} tokens) "
                             f"does not match the run's model ({mcfg.vocab_size}, {mcfg.n_positions})")  # fmt: skip
@@ -262,7 +266,7 @@ class Trainer:
         )  # fmt: skip
         if resuming and self._opt_tensors:
             self._load_optimizer(self._opt_tensors)
-        self.flip_perm = flip_permutation(self.data.resolution, self.data.meta["order"]) if cfg.flip else None
+        self.flip_perm = mirror_index(self.data.resolution, self.data.meta["order"]) if cfg.flip else None
         self.stop_requested = False
 
     # ------------------------------------------------------------------------------------------ state
@@ -292,9 +296,7 @@ class Trainer:
         p = self.run / "metrics.jsonl"
         if p.is_file():
             keep = [ln for ln in p.read_text().splitlines() if ln.strip() and _row_step(ln) <= self.step]
-            tmp = p.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, p)
+            write_text_atomic(p, "".join(ln + "\n" for ln in keep))
 
     def _wrap(self) -> torch.nn.Module:
         m: torch.nn.Module = self.model
@@ -319,7 +321,7 @@ class Trainer:
         """One optimizer step through the wrapped model. If torch.compile fails (no C++ compiler, say), the
         notice is printed, the half-done gradients are dropped and the step is redone eagerly."""
         c, env = self.cfg, self.env
-        kw = dict(rank=env.rank, world=env.world, grad_accum=c.grad_accum, objective=c.objective,
+        kw = dict(rank=env.rank, world=env.world, grad_accum=c.grad_accum, objective=self.mcfg.objective,
                   mask_ratio=c.mask_ratio, flip_perm=self.flip_perm, seed=c.seed, lr=lr, grad_clip=c.grad_clip,
                   device=env.device, precision=c.precision)  # fmt: skip
         try:
@@ -429,7 +431,7 @@ class Trainer:
 
     def _validate(self) -> float:
         c = self.cfg
-        v = evaluate(self.model, self.data.tokens("test"), c.eval_images, c.objective, c.mask_ratio, self.env.device,
+        v = evaluate(self.model, self.data.tokens("test"), c.eval_images, self.mcfg.objective, c.mask_ratio, self.env.device,
                      c.precision)  # fmt: skip
         self.last_val = v
         return v
@@ -453,7 +455,7 @@ class Trainer:
                 for s in (f"{c.steps} steps" if c.steps else "", f"{c.minutes} min" if c.minutes else "")
                 if s
             )
-            print(f"igpt pretrain: {c.objective.upper()} {c.preset} ({n:,} parameters), {T} tokens/image, "
+            print(f"igpt pretrain: {self.mcfg.objective.upper()} {self.preset} ({n:,} parameters), {T} tokens/image, "
                   f"{self.data.meta['n_train']:,} training images\n"
                   f"  global batch {c.batch_size} = {env.world} process(es) x {c.grad_accum} accumulation x {micro} "
                   f"micro-batch; {per_step_tokens:,} tokens/step; peak lr {c.lr:g}, warm-up {c.warmup:.0%} of "
@@ -519,8 +521,8 @@ class Trainer:
                 self.tb.close()
         wall = time.perf_counter() - run_t0
         summary = {
-            "objective": c.objective,
-            "preset": c.preset,
+            "objective": self.mcfg.objective,
+            "preset": self.preset,
             "params": self.model.num_params(),
             "steps": self.step,
             "tokens_seen": self.tokens_seen,
@@ -541,7 +543,7 @@ class Trainer:
         if env.device.startswith("cuda"):
             summary["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(env.device) / 2**20, 1)
         if env.main:
-            write_summary(self.run, summary)
+            write_json_atomic(self.run / "summary.json", summary)
             state = "interrupted" if self.stop_requested else "done"
             print(f"igpt pretrain {state}: {self.step} steps, train loss {train_loss}, val_nll {self.last_val:.4f} "
                   f"({summary['val_bits_per_token']:.4f} bits/token), {summary['tokens_per_second']:,.0f} tokens/s; "

@@ -1,4 +1,4 @@
-"""`igpt prepare`: images -> resized -> palette -> tokens in raster or snake order, written as a prepared
+"""The prepare stage: images -> resized -> palette -> tokens in raster or snake order, written as a prepared
 directory (tokens, labels, palette, meta.json) that every later stage reads.
 
 The directory is built in a temporary sibling and renamed into place at the end, so an interrupted or failed
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .data import atomic_directory
 from .errors import IgptError
+from .files import atomic_directory, write_json_atomic
 from .palette import (
     ORDERS,
     decode,
@@ -82,9 +82,31 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def prepare(cfg: PrepareConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
-    """Run one prepare into `out` and return its meta. An existing directory prepared with the same
-    settings is reused; one with other settings is refused unless `force`."""
+def prepare(
+    dataset: str,
+    out: str | Path,
+    *,
+    data_dir: str | None = None,
+    resolution: int | None = None,
+    clusters: int | None = None,
+    order: str = "raster",
+    palette: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.1,
+    strict: bool = False,
+    force: bool = False,
+) -> dict[str, Any]:
+    """The prepare stage: read `dataset` (see `PrepareConfig` for every setting), box-resize it, fit or reuse
+    a palette, and write the token sets to `out`; returns meta.json's content. An existing directory prepared
+    with the same settings is reused; one with other settings is refused unless `force`."""
+    cfg = PrepareConfig(dataset=dataset, data_dir=data_dir, resolution=resolution, clusters=clusters, order=order,
+                        palette=palette, limit=limit, seed=seed, test_fraction=test_fraction, strict=strict)  # fmt: skip
+    return prepare_config(cfg, out, force)
+
+
+def prepare_config(cfg: PrepareConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
+    """`prepare` from a ready `PrepareConfig`."""
     out = Path(out)
     settings = asdict(cfg)
     if (out / "meta.json").is_file():
@@ -175,7 +197,7 @@ def prepare(cfg: PrepareConfig, out: str | Path, force: bool = False) -> dict[st
         np.save(tmp / "train_labels.npy", train.labels.astype(np.int64))
         np.save(tmp / "test_labels.npy", test.labels.astype(np.int64))
         np.save(tmp / "palette.npy", palette.astype(np.float32))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_json_atomic(tmp / "meta.json", meta)
     meta["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     return meta
 

@@ -1,13 +1,13 @@
-"""`igpt finetune RUN --out FTRUN`: the pretrained backbone plus a linear head on the average-pooled final
-normed states, trained on L_CLF + gen_weight x L_GEN (the run's own objective), with early stopping on a
-validation split taken from the training split, and augmentation where it suits the data."""
+"""The finetune stage: the pretrained backbone plus a linear head on the average-pooled final normed states,
+trained on L_CLF + gen_weight x L_GEN (the run's own objective), with early stopping on a validation split
+taken from the training split, and augmentation (shifts, and flips where they suit the data)."""
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +18,21 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .compiling import CompiledOrEager
-from .data import PreparedData, atomic_directory, write_json_atomic
-from .engine import bert_mask, lr_at
+from .data import PreparedData
+from .engine import NO_FLIP, bert_mask, lr_at, mirror_index, random_flips
 from .errors import IgptError
-from .main_probe import labelled_rows, open_labelled_run
+from .files import atomic_directory, write_json_atomic
 from .model import IGPT
 from .palette import order_index
-from .probe import balanced_subset, extract_features, fit_logistic, split_validation
-
-NO_FLIP = {"mnist", "digits"}  # mirrored digits are other glyphs
+from .probing import (
+    balanced_subset,
+    extract_features,
+    fit_logistic,
+    labelled_rows,
+    open_labelled_run,
+    split_validation,
+)
+from .runs import Run
 
 
 class Classifier(nn.Module):
@@ -62,25 +68,25 @@ class Classifier(nn.Module):
 
 
 class Augment:
-    """Random translations (up to `shift` pixels, edges replicated: a crop of a padded image) and optional
-    horizontal flips, applied in token space for either sequence order."""
+    """Random flips (`engine.random_flips`, where `flip` is set) and translations up to `shift` pixels (edges
+    replicated: a crop of a padded image), applied in token space for either sequence order."""
 
     def __init__(self, resolution: int, order: str, shift: int, flip: bool):
-        self.R, self.shift, self.flip = resolution, shift, flip
+        self.R, self.shift = resolution, shift
+        self.mirror = mirror_index(resolution, order) if flip else None
         self.seq_to_raster = torch.from_numpy(np.argsort(order_index(resolution, order)))
         self.raster_to_seq = torch.from_numpy(order_index(resolution, order))
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         B, R = x.shape[0], self.R
+        if self.mirror is not None:
+            x = random_flips(x, torch.rand(B, generator=gen) < 0.5, self.mirror)
         g = x[:, self.seq_to_raster]  # (B, R*R) in raster order
         ii = torch.arange(R)
         dy = torch.randint(-self.shift, self.shift + 1, (B, 1, 1), generator=gen)
         dx = torch.randint(-self.shift, self.shift + 1, (B, 1, 1), generator=gen)
         rows = (ii.view(1, R, 1) - dy).clamp(0, R - 1)
         cols = (ii.view(1, 1, R) - dx).clamp(0, R - 1)
-        if self.flip:
-            flip = torch.rand(B, 1, 1, generator=gen) < 0.5
-            cols = torch.where(flip, R - 1 - cols, cols)
         idx = (rows * R + cols).view(B, R * R)
         return g.gather(1, idx)[:, self.raster_to_seq]
 
@@ -107,33 +113,6 @@ def standardise_head(
     model.train()
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a pretrained run with a linear head (L_CLF + L_GEN)")
-    p.add_argument("run", help="pretrained run directory")
-    p.add_argument("--out", required=True, help="directory for the fine-tuned model and finetune.json")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--minutes", type=float, help="stop after this many minutes (keeping the best epoch)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the pretraining lr / 10)")
-    p.add_argument("--gen-weight", type=float, default=1.0, help="weight of L_GEN beside L_CLF (default 1)")
-    p.add_argument("--labels-per-class", type=int, help="fine-tune on N labelled images per class")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="random shifts, and flips where mirrored images stay valid (default on)")  # fmt: skip
-    p.add_argument("--head-init", choices=["probe", "zero"], default="probe",
-                   help="start the head from a linear probe of the final layer (default) or from zero")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--patience", type=int, default=2, help="epochs without validation gain before stopping")
-    p.add_argument("--train-limit", type=int, help="use only the first N training images")
-    p.add_argument("--test-limit", type=int, help="use only the first N test images")
-    p.add_argument("--data", help="prepared directory (default: the run's own)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward (CPU or CUDA; eager if compiling fails)")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
-
-
 @torch.no_grad()
 def accuracy(
     model: Classifier, tokens: np.ndarray, labels: np.ndarray, device: str, batch: int = 128
@@ -148,26 +127,92 @@ def accuracy(
     return correct / max(1, len(tokens))
 
 
-def _check(args: argparse.Namespace) -> None:
-    if args.epochs < 1 or args.batch_size < 1 or args.patience < 1:
-        raise IgptError("--epochs, --batch-size and --patience must be at least 1")
-    if args.lr is not None and not args.lr > 0:
-        raise IgptError("--lr must be positive")
-    if args.gen_weight < 0:
-        raise IgptError("--gen-weight must be 0 or more")
-    if not 0 < args.val_fraction < 1:
-        raise IgptError("--val-fraction must be in (0, 1)")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise IgptError(f"{out} exists and is not empty; choose another --out")
+@dataclass
+class FinetuneConfig:
+    """Every setting of one fine-tuning; `finetune()` builds it from its keyword arguments."""
+
+    run: str
+    """The pretrained (or converted) run directory."""
+    out: str
+    """The directory to write the fine-tuned run to (must not exist, or be empty)."""
+    epochs: int = 5
+    """Most epochs to train (early stopping may end sooner)."""
+    minutes: float | None = None
+    """Stop after this many minutes, keeping the best epoch (an epoch may be cut short)."""
+    lr: float | None = None
+    """Peak learning rate; default the pretraining's lr / 10."""
+    gen_weight: float = 1.0
+    """Weight of L_GEN (the run's own generative loss) beside L_CLF."""
+    labels_per_class: int | None = None
+    """Fine-tune on N labelled images per class (the low-data regime)."""
+    augment: bool = True
+    """Random shifts, and flips where the data suits them (see `engine.mirror_index`)."""
+    head_init: str = "probe"
+    """probe (start the head at a linear probe of the features) or zero."""
+    batch_size: int = 32
+    """Images per step."""
+    val_fraction: float = 0.1
+    """Validation share of the training split, for early stopping and the best epoch."""
+    patience: int = 2
+    """Epochs without validation gain before stopping."""
+    train_limit: int | None = None
+    """Use only the first N labelled training images."""
+    test_limit: int | None = None
+    """Use only the first N labelled test images."""
+    data: str | None = None
+    """Prepared directory (default: the run's own)."""
+    device: str = "cpu"
+    """cpu or cuda."""
+    seed: int = 0
+    """Seed of the split, the order, augmentation and masks."""
+    compile: bool = False
+    """torch.compile the training forward (eagerly if compiling fails)."""
+    progress: bool = True
+    """Progress bars and per-epoch lines on stderr."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise IgptError("--epochs, --batch-size and --patience must be at least 1")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise IgptError("--lr must be positive")
+        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
+            raise IgptError(f"--minutes must be a positive number, got {self.minutes}")
+        if not (math.isfinite(self.gen_weight) and self.gen_weight >= 0):
+            raise IgptError("--gen-weight must be 0 or more")
+        if not 0 < self.val_fraction < 1:
+            raise IgptError("--val-fraction must be in (0, 1)")
+        if self.labels_per_class is not None and self.labels_per_class < 1:
+            raise IgptError(f"--labels-per-class must be at least 1, got {self.labels_per_class}")
+        if self.head_init not in ("probe", "zero"):
+            raise IgptError(f"--head-init must be probe or zero, got '{self.head_init}'")
+        for name in ("train_limit", "test_limit"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise IgptError(f"--{name.replace('_', '-')} must be positive")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise IgptError(f"--device must be cpu or cuda, got '{self.device}'")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise IgptError("--device cuda, but no CUDA GPU is available")
+        out = Path(self.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise IgptError(f"{out} exists and is not empty; choose another --out")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    _check(args)
+def finetune(run: str | Path, out: str | Path, **settings: Any) -> dict[str, Any]:
+    """Fine-tune a run's backbone with a classification head into the run directory `out`, and return what
+    is written to OUT/finetune.json. Keyword arguments are `FinetuneConfig`'s fields, named as the command's
+    flags: `igpt.finetune("runs/r", out="runs/ft", epochs=1)`. `igpt.load_run(out)` opens the result (the
+    fine-tuned backbone); `load_classifier(out)` gives backbone and head."""
+    known = set(FinetuneConfig.__dataclass_fields__) - {"run", "out"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"finetune() got unknown settings {unknown}; it takes {sorted(known)}")
+    return _finetune(FinetuneConfig(run=str(run), out=str(out), **settings))
+
+
+def _finetune(args: FinetuneConfig) -> dict[str, Any]:
     info, backbone, data = open_labelled_run(args.run, args.data)
     device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise IgptError("--device cuda, but no CUDA GPU is available")
     C = data.num_classes
     y_all = data.labels("train")
     rows = labelled_rows(y_all, args.train_limit)
@@ -187,7 +232,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     untrained_val = accuracy(model, data.tokens("train")[va], y_all[va], device) if len(va) else None
     standardise_head(model, tokens_rows(data, tr[:10_000]), y_all[np.sort(tr[:10_000])], C, device,
                      probe=args.head_init == "probe")  # fmt: skip
-    pre_lr = (info.get("train") or {}).get("lr", 1e-3)
+    train = info.train_config
+    pre_lr = train.lr if train else 1e-3
+    mask_ratio = train.mask_ratio if train else 0.15  # BERT: mask as the backbone was pretrained
     lr = args.lr or pre_lr / 10
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     flip = data.meta.get("dataset") not in NO_FLIP
@@ -214,14 +261,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         perm = tr[torch.randperm(len(tr), generator=gen).numpy()]
         losses = []
         bar = tqdm(range(0, len(perm), args.batch_size), desc=f"epoch {epoch}", unit="step", leave=False,
-                   disable=args.no_progress, mininterval=1.0, file=sys.stderr)  # fmt: skip
+                   disable=not args.progress, mininterval=1.0, file=sys.stderr)  # fmt: skip
         for s in bar:
             idx = np.sort(perm[s : s + args.batch_size])
             x = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
             if aug is not None:
                 x = aug(x, gen)
             y = torch.from_numpy(y_all[idx]).to(device)
-            mask = None if backbone.causal else bert_mask(tuple(x.shape), 0.15, gen).to(device)
+            mask = None if backbone.causal else bert_mask(tuple(x.shape), mask_ratio, gen).to(device)
             x = x.to(device)
             for g in opt.param_groups:
                 g["lr"] = lr_at((step + 1) / total, lr, 0.05)
@@ -264,21 +311,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "n_val": len(va),
         "n_test": len(te),
         "objective": backbone.config.objective,
-        "settings": {k: v for k, v in vars(args).items() if k != "func"} | {"lr": lr, "flip": flip},
+        "settings": asdict(args) | {"lr": lr, "flip": flip},
         "seconds": round(time.perf_counter() - t0, 2),
         "pretrained_run": str(Path(args.run).resolve()),
     }
     _save(Path(args.out), best_state, info, C, data, result)
-    print(f"test accuracy {test_acc:.4f} (best epoch {best[1]}); wrote {args.out}/finetune.json")
     return result
 
 
-def _save(out: Path, state: dict, info: dict, num_classes: int, data: PreparedData, result: dict) -> None:
-    """FTRUN: model.safetensors (backbone.* and head.*), run.json (shape and classes), finetune.json;
-    written in a temporary directory and renamed into place."""
+def _save(
+    out: Path, state: dict, pretrained: Run, num_classes: int, data: PreparedData, result: dict
+) -> None:
+    """FTRUN: model.safetensors (backbone.*, head.* and the feature statistics), run.json (a "finetuned"
+    run: the backbone's shape, the classes, the head) and finetune.json; written in a temporary directory and
+    renamed into place."""
     with atomic_directory(out) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
-        write_json_atomic(tmp / "run.json", {"model": info["model"], "num_classes": num_classes,
-                                             "class_names": data.meta.get("class_names", []),
-                                             "data": {"dir": str(data.dir)}})  # fmt: skip
+        finetune = {
+            "pretrained_run": str(pretrained.path.resolve()),
+            "num_classes": num_classes,
+            "class_names": data.meta.get("class_names", []),
+            "head": "linear, on the standardised mean of the final normed states",
+        }
+        meta = {k: v for k, v in data.meta.items() if k != "settings"}
+        Run.create(tmp, "finetuned", pretrained.model_config, preset=pretrained.preset, data_dir=str(data.dir),
+                   data_meta=meta, palette=data.palette, finetune=finetune)  # fmt: skip
         write_json_atomic(tmp / "finetune.json", result)
+
+
+def load_classifier(run: str | Path, device: str = "cpu") -> Classifier:
+    """A fine-tuned run's backbone and head, in eval mode: `model(tokens)` gives (class logits, L_GEN)."""
+    r = Run.open(run)
+    if r.kind != "finetuned":
+        raise IgptError(f"{run} is a {r.kind} run, not a fine-tuned one (igpt finetune makes those)")
+    model = Classifier(r.load_model(), int(r.info["finetune"]["num_classes"]))
+    model.load_state_dict(r.finetuned_state())
+    return model.to(device).eval()

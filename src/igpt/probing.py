@@ -1,0 +1,682 @@
+"""Probing: the features of every layer in one pass, a multinomial logistic regression fitted with
+full-batch L-BFGS in torch (it runs on a GPU too), and the evaluation protocols built on them: the linear
+probe of every layer beside raw pixels (L2 strength and best layer chosen on a validation split), low-data
+probes over seeded class-balanced subsets, BERT mask ensembles, and probe accuracy across checkpoints.
+
+Features are standardised with the training statistics; the classifier minimises mean cross entropy plus
+lambda * ||W||^2 / 2. Fitting 60,000 x 512 features takes seconds, so a sweep over lambda is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .compiling import CompiledOrEager
+from .data import PreparedData
+from .errors import IgptError
+from .files import atomic_file, write_json_atomic
+from .model import IGPT
+from .runs import Run
+
+LAMBDAS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+
+@torch.no_grad()
+def extract_features(
+    model: IGPT,
+    tokens: np.ndarray,
+    layers: list[int],
+    batch_size: int = 128,
+    pool: str = "mean",
+    resolution: int | None = None,
+    mask_ratio: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: str | None = None,
+    compile: bool = False,
+) -> dict[int, torch.Tensor]:
+    """Pooled normed hidden states of the chosen layers for every row of `tokens` (N, T), one batched forward
+    pass per batch for all layers, pooled by `pool_states`. With `mask_ratio` (BERT), inputs are randomly
+    masked. With `compile`, the forward pass runs through torch.compile (eagerly if that fails), and a short
+    last batch is padded to `batch_size` so that one compiled shape serves every batch."""
+    model = model.to(device).eval()
+    forward = CompiledOrEager(model.get_intermediate_layers, "the feature pass", enabled=compile)
+    out: dict[int, torch.Tensor] = {}  # filled in place: no second copy of wide features at the end
+    gen = torch.Generator().manual_seed(seed)
+    it = range(0, len(tokens), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc=progress, unit="batch", leave=False, mininterval=1.0)
+    for s in it:
+        x = torch.from_numpy(np.asarray(tokens[s : s + batch_size], dtype=np.int64)).to(device)
+        mask = None
+        if mask_ratio:
+            from .engine import bert_mask
+
+            mask = bert_mask(tuple(x.shape), mask_ratio, gen).to(device)
+        n = len(x)
+        if forward.active and n < batch_size:  # pad: padded rows are computed and dropped
+            x = torch.cat([x, x.new_zeros(batch_size - n, x.shape[1])])
+            mask = None if mask is None else torch.cat([mask, mask.new_zeros(batch_size - n, mask.shape[1])])
+        hs = forward(x, layers, mask)
+        for i, h in hs.items():
+            f = pool_states(h[:n].float(), pool, resolution).cpu()
+            if i not in out:
+                out[i] = torch.empty(len(tokens), f.shape[1], dtype=torch.float32)
+            out[i][s : s + len(f)] = f
+    return out
+
+
+POOLS = ("mean", "grid", "grid3", "grid4")
+
+
+def pool_states(h: torch.Tensor, pool: str, resolution: int | None) -> torch.Tensor:
+    """(B, T, d) -> (B, d) with "mean" (the paper's feature), or a coarse spatial grid of means concatenated
+    in raster order: "grid" 2 x 2 -> (B, 4d), "grid3" 3 x 3 -> (B, 9d), "grid4" 4 x 4 -> (B, 16d). Positions
+    are mapped through raster order (a close approximation for snake order); cells split the side as evenly
+    as it allows."""
+    if pool == "mean":
+        return h.mean(1)
+    if pool not in POOLS:
+        raise ValueError(f"unknown pooling '{pool}'")
+    n = 2 if pool == "grid" else int(pool[4:])
+    B, T, d = h.shape
+    R = resolution or int(round(T**0.5))
+    if R < n:
+        raise ValueError(f"{pool} pooling needs images of at least {n}x{n}")
+    g = h.view(B, R, R, d)
+    e = [round(i * R / n) for i in range(n + 1)]
+    cells = [g[:, e[i] : e[i + 1], e[j] : e[j + 1]].mean((1, 2)) for i in range(n) for j in range(n)]
+    return torch.cat(cells, dim=1)
+
+
+@dataclass
+class LinearProbe:
+    """A fitted multinomial logistic regression on standardised features."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight: torch.Tensor  # (d, C)
+    bias: torch.Tensor  # (C,)
+    lam: float
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.to(self.weight) - self.mean) / self.std
+        return x @ self.weight + self.bias
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(x).argmax(-1)
+
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((self.predict(x).cpu() == y.cpu()).float().mean())
+
+
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    lam: float,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_iter: int = 150,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    device: str = "cpu",
+) -> LinearProbe:
+    """Full-batch L-BFGS (strong Wolfe line search) on mean cross entropy + lam/2 ||W||^2 over standardised
+    features (standardising keeps the problem well conditioned, so float32 converges reliably)."""
+    return fit_logistic_many(x, y, num_classes, [lam], None, init, max_iter, stats, device)[0]
+
+
+def fit_logistic_many(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    lams: list[float],
+    weights: torch.Tensor | None = None,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_iter: int = 150,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    device: str = "cpu",
+) -> list[LinearProbe]:
+    """P independent logistic regressions on the same features, fitted as one: problem p has L2 strength
+    lams[p] and uses the rows where weights[p] (P, N) is nonzero (all rows if `weights` is None). Their sum is
+    minimised by one L-BFGS, so every pass over the N x d features serves all P problems (one (N, d) @
+    (d, P*C) product instead of P skinny ones): a lambda sweep or a k-fold cross-validation costs about one
+    fit, since on CPU these products are bound by reading the features, not by arithmetic."""
+    x = x.to(device, torch.float32)
+    y = y.to(device)
+    mean, std = stats if stats is not None else (x.mean(0), x.std(0).clamp(min=1e-6))
+    mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
+    xs = (x - mean) / std
+    (n, d), P, C = x.shape, len(lams), num_classes
+    if weights is None:
+        weights = torch.ones(P, n)
+    m = (weights / weights.sum(1, keepdim=True)).T.to(device, torch.float32)  # (N, P): each problem's mean
+    lam = torch.tensor(lams, dtype=torch.float32, device=device).repeat_interleave(C)  # (P*C,)
+    w = torch.zeros(d, P * C, dtype=torch.float32, device=device)
+    b = torch.zeros(P * C, dtype=torch.float32, device=device)
+    if init is not None:
+        w.copy_(init[0].to(device).repeat(1, P))
+        b.copy_(init[1].to(device).repeat(P))
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-9, line_search_fn="strong_wolfe")  # fmt: skip
+    onehot = F.one_hot(y, C).to(torch.float32)[:, None, :]  # (N, 1, C)
+
+    def closure() -> torch.Tensor:
+        # the gradient by hand: autograd would form xs.T @ g through a transposed view, much slower on CPU
+        # than (g.T @ xs).T, and these products over the N x d features are the whole cost of a probe
+        logits = (xs @ w + b).view(n, P, C)
+        logp = torch.log_softmax(logits, -1)
+        loss = -(m * (logp * onehot).sum(-1)).sum() + 0.5 * (lam * (w * w).sum(0)).sum()
+        g = ((logp.exp() - onehot) * m[..., None]).view(n, P * C)  # (N, P*C)
+        w.grad = (g.T @ xs).T.contiguous() + lam * w
+        b.grad = g.sum(0)
+        return loss
+
+    opt.step(closure)
+    return [
+        LinearProbe(mean, std, w[:, p * C : (p + 1) * C].clone(), b[p * C : (p + 1) * C].clone(), lams[p])
+        for p in range(P)
+    ]
+
+
+def split_validation(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of row indices into (train, validation), stratified by class."""
+    rng = np.random.default_rng(seed)
+    tr, va = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n = max(1, int(round(len(idx) * fraction))) if len(idx) > 1 else 0
+        va.append(idx[:n])
+        tr.append(idx[n:])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
+
+
+def probe_with_validation(
+    xtr: torch.Tensor,
+    ytr: torch.Tensor,
+    xte: torch.Tensor,
+    yte: torch.Tensor,
+    num_classes: int,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    lambdas: tuple[float, ...] = LAMBDAS,
+    device: str = "cpu",
+    select_rows: int | None = 20000,
+) -> dict:
+    """Choose lambda on a validation split carved from the training rows, refit on all training rows with it
+    (warm-started from the chosen solution), and score the test rows. The lambda sweep fits on at most
+    `select_rows` of the remaining training rows (a seeded, class-stratified share): it ranks the strengths
+    about as well as all rows would, at a fraction of the cost for wide (grid-pooled) features. Returns
+    accuracies, the chosen lambda and the fitted probe."""
+    tr, va = split_validation(ytr.numpy(), val_fraction, seed)
+    if select_rows and len(tr) > select_rows:
+        keep, _ = split_validation(ytr.numpy()[tr], 1 - select_rows / len(tr), seed + 1)
+        tr = tr[keep]
+    stats = (xtr[tr].double().mean(0), xtr[tr].double().std(0).clamp(min=1e-6))
+    probes = fit_logistic_many(xtr[tr], ytr[tr], num_classes, list(lambdas), stats=stats, max_iter=300,
+                               device=device)  # fmt: skip
+    val_acc = {p.lam: p.accuracy(xtr[va], ytr[va]) for p in probes}
+    best = max(lambdas, key=lambda k: (val_acc[k], k))  # ties go to the stronger regularisation
+    chosen = probes[list(lambdas).index(best)]
+    probe = fit_logistic(xtr, ytr, num_classes, best, init=(chosen.weight, chosen.bias), device=device)
+    return {
+        "val_accuracy": val_acc[best],
+        "test_accuracy": probe.accuracy(xte, yte),
+        "lambda": best,
+        "probe": probe,
+    }
+
+
+def balanced_subset(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """`per_class` random rows of every class (seeded), sorted."""
+    rng = np.random.default_rng(seed)
+    out = [rng.choice(np.flatnonzero(y == c), per_class, replace=False) for c in np.unique(y[y >= 0])]
+    return np.sort(np.concatenate(out))
+
+
+def cv_lambda(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, folds: int, seed: int, device: str = "cpu"
+) -> tuple[float, float]:
+    """(lambda, its mean accuracy) with the best mean k-fold accuracy (class-balanced folds), for low-data
+    probes where no separate validation split can be spared."""
+    rng = np.random.default_rng(seed)
+    yn = y.numpy()
+    fold = np.empty(len(yn), dtype=np.int64)
+    for c in np.unique(yn):
+        idx = rng.permutation(np.flatnonzero(yn == c))
+        fold[idx] = np.arange(len(idx)) % folds
+    lams = [lam for lam in LAMBDAS for _ in range(folds)]
+    weights = torch.stack([torch.from_numpy(fold != f).float() for _ in LAMBDAS for f in range(folds)])
+    probes = fit_logistic_many(x, y, num_classes, lams, weights, max_iter=200, device=device)
+    scores = {}
+    for j, lam in enumerate(LAMBDAS):
+        accs = []
+        for f in range(folds):
+            va = np.flatnonzero(fold == f)
+            accs.append(probes[j * folds + f].accuracy(x[va], y[va]))
+        scores[lam] = float(np.mean(accs))
+    best = max(scores, key=lambda k: (scores[k], k))
+    return best, scores[best]
+
+
+# ---------------------------------------------------------------------------------------------- shared
+def open_labelled_run(
+    run: str, data_dir: str | None, checkpoint: str | None = None
+) -> tuple[Run, IGPT, PreparedData]:
+    """The run, its model and its (labelled) prepared data; clear errors for what is missing. Says so when the
+    run is unfinished, since its latest checkpoint is then what gets evaluated."""
+    r = Run.open(run)
+    data_dir = data_dir or r.data_dir
+    if not data_dir:
+        raise IgptError(f"{run} records no data directory (a converted model?); pass --data DIR")
+    data = PreparedData(data_dir)
+    if data.num_classes < 2 or (data.labels("train") < 0).all():
+        raise IgptError(f"{data_dir} has no labels, so there is nothing to probe; prepare a labelled dataset")
+    model = r.load_model(checkpoint)
+    cfg = model.config
+    if data.clusters != cfg.vocab_size or data.seq_len != cfg.n_positions:
+        raise IgptError(f"{data_dir} ({data.clusters} clusters, {data.seq_len} tokens) does not match the model "
+                        f"({cfg.vocab_size}, {cfg.n_positions})")  # fmt: skip
+    if not r.finished:
+        last = r.checkpoints()[-1].name if r.checkpoints() else "none"
+        print(
+            f"igpt: note: the run is unfinished; evaluating its latest checkpoint ({last})", file=sys.stderr
+        )
+    return r, model, data
+
+
+def labelled_rows(labels: np.ndarray, limit: int | None) -> np.ndarray:
+    rows = np.flatnonzero(labels >= 0)
+    return rows[:limit] if limit else rows
+
+
+def raw_pixels(data: PreparedData, split: str, rows: np.ndarray) -> torch.Tensor:
+    """Decoded palette intensities of the rows, flattened: the raw-pixel baseline's features."""
+    out = []
+    for s in range(0, len(rows), 8192):
+        out.append(
+            torch.from_numpy(data.images(split, rows[s : s + 8192]).reshape(len(rows[s : s + 8192]), -1))
+        )
+    return torch.cat(out).float()
+
+
+class FeatureCache:
+    """Pooled features of the chosen layers, keyed by split: a request for rows already computed (a low-data
+    subset after the full probe, say) is answered by indexing instead of another forward pass."""
+
+    def __init__(self, model: IGPT, data: PreparedData, layers: list[int], quiet: bool = False, **kw: Any):
+        self.model, self.data, self.layers, self.kw, self.quiet = model, data, layers, kw, quiet
+        self.store: dict[str, tuple[np.ndarray, dict[int, torch.Tensor]]] = {}
+
+    def __call__(self, split: str, rows: np.ndarray, label: str) -> dict[int, torch.Tensor]:
+        """Features of the sorted `rows` of `split`."""
+        if split in self.store:
+            have, feats = self.store[split]
+            pos = np.minimum(np.searchsorted(have, rows), len(have) - 1)
+            if len(have) and (have[pos] == rows).all():
+                return {i: f[torch.from_numpy(pos)] for i, f in feats.items()}
+        feats = extract_features(
+            self.model,
+            self.data.tokens(split)[rows],
+            self.layers,
+            progress=None if self.quiet else label,
+            **self.kw,
+        )
+        self.store[split] = (rows, feats)
+        return feats
+
+
+def parse_layers(text: str, n_layer: int, run: str) -> list[int]:
+    if text == "all":
+        return list(range(n_layer + 1))
+    if text == "best":
+        p = Path(run) / "probe.json"
+        if not p.is_file():
+            raise IgptError(
+                "--layers best needs an earlier full probe (probe.json); run `igpt probe RUN` first"
+            )
+        return [int(json.loads(p.read_text())["best_layer"])]
+    try:
+        layers = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise IgptError(f"--layers must be all, best or comma-separated integers, got '{text}'") from None
+    bad = [i for i in layers if not 0 <= i <= n_layer]
+    if bad or not layers:
+        raise IgptError(f"layers {bad or text} are out of range: this model has layers 0..{n_layer}")
+    return layers
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write atomically and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+def plot_layers(
+    path: Path, layers: dict[str, float], raw: float, title: str, extra: dict[str, float]
+) -> None:
+    """Accuracy against layer, with the raw-pixel baseline (and any named reference) as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    xs = [int(k) for k in layers]
+    ax.plot(xs, [layers[k] for k in layers], "o-", label="linear probe")
+    ax.axhline(raw, color="tab:red", ls="--", label=f"raw pixels ({raw:.3f})")
+    for (name, v), c in zip(extra.items(), ("tab:green", "tab:purple", "tab:gray"), strict=False):
+        ax.axhline(v, color=c, ls=":", label=f"{name} ({v:.3f})")
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.set_xticks(xs)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- modes
+def full_probe(
+    cfg: ProbeConfig, model: IGPT, data: PreparedData, layers: list[int], cache: FeatureCache | None = None
+) -> dict[str, Any]:
+    """The standard protocol: all training rows, lambda chosen on a validation split, test accuracy."""
+    C = data.num_classes
+    tr = labelled_rows(data.labels("train"), cfg.train_limit)
+    te = labelled_rows(data.labels("test"), cfg.test_limit)
+    ytr, yte = torch.from_numpy(data.labels("train")[tr]), torch.from_numpy(data.labels("test")[te])
+    t0 = time.perf_counter()
+    kw = dict(batch_size=cfg.batch_size, pool=cfg.pool, resolution=data.resolution, device=cfg.device,
+              compile=cfg.compile)  # fmt: skip
+    cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
+    ftr, fte = cache("train", tr, "train features"), cache("test", te, "test features")
+    t_feat = time.perf_counter() - t0
+    res: dict[str, Any] = {"layers": {}, "val_accuracy": {}, "lambda": {}}
+    for i in layers:
+        r = probe_with_validation(ftr[i], ytr, fte[i], yte, C, cfg.val_fraction, cfg.seed, device=cfg.device)
+        res["layers"][str(i)], res["val_accuracy"][str(i)], res["lambda"][str(i)] = (
+            r["test_accuracy"], r["val_accuracy"], r["lambda"])  # fmt: skip
+        if cfg.progress:
+            print(f"  layer {i}: test {r['test_accuracy']:.4f} (val {r['val_accuracy']:.4f}, lambda {r['lambda']:g})",
+              file=sys.stderr)  # fmt: skip
+    t_fit = time.perf_counter() - t0 - t_feat
+    best = max(layers, key=lambda i: (res["val_accuracy"][str(i)], -i))  # chosen on validation, not test
+    raw = probe_with_validation(raw_pixels(data, "train", tr), ytr, raw_pixels(data, "test", te), yte, C,
+                                cfg.val_fraction, cfg.seed, device=cfg.device)  # fmt: skip
+    res.update(best_layer=best, best_accuracy=res["layers"][str(best)], raw_pixel_accuracy=raw["test_accuracy"],
+               n_train=len(tr), n_test=len(te), feature_dim=int(ftr[layers[0]].shape[1]), pool=cfg.pool,
+               classifier="multinomial logistic regression, torch L-BFGS, L2 chosen on a "
+               f"{cfg.val_fraction:.0%} validation split from {list(LAMBDAS)} (the sweep fitted on at most "
+               "20,000 training rows), then refitted on all",
+               seconds={"features": round(t_feat, 2), "probes": round(t_fit, 2)})  # fmt: skip
+    if cfg.concat:
+        cat = parse_layers(cfg.concat, model.config.n_layer, cfg.run)
+        missing = [i for i in cat if i not in ftr]
+        if missing:
+            raise IgptError(f"--concat layers {missing} must also be among --layers")
+        r = probe_with_validation(torch.cat([ftr[i] for i in cat], 1), ytr, torch.cat([fte[i] for i in cat], 1), yte,
+                                  C, cfg.val_fraction, cfg.seed, device=cfg.device)  # fmt: skip
+        res["concat"] = {
+            "layers": cat,
+            "test_accuracy": r["test_accuracy"],
+            "val_accuracy": r["val_accuracy"],
+        }
+    if cfg.mask_ensemble:
+        lambdas = {i: res["lambda"][str(i)] for i in layers}
+        res["mask_ensemble"] = mask_ensemble(cfg, model, data, tr, te, ytr, yte, lambdas, kw)
+    return res
+
+
+def mask_ensemble(cfg: ProbeConfig, model: IGPT, data: PreparedData, tr: np.ndarray, te: np.ndarray, ytr: torch.Tensor,
+                  yte: torch.Tensor, lambdas: dict[int, float], kw: dict) -> dict[str, Any]:  # fmt: skip
+    """BERT, Figure 4's protocol: the evaluation is repeated M times, each with its own random 15% mask on the
+    training and test images (the input BERT saw in pretraining); the test prediction is the modal class over
+    the M probes. Each layer keeps the L2 strength chosen on its unmasked validation split."""
+    if model.causal:
+        raise IgptError("--mask-ensemble applies to BERT runs only")
+    layers = list(lambdas)
+    votes: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    single: dict[int, list[float]] = {i: [] for i in layers}
+    for m in range(cfg.mask_ensemble):
+        label = f"mask {m + 1}/{cfg.mask_ensemble}"
+        ftr = extract_features(model, data.tokens("train")[tr], layers, mask_ratio=0.15, seed=1000 + m,
+                               progress=label + " train", **kw)  # fmt: skip
+        fte = extract_features(model, data.tokens("test")[te], layers, mask_ratio=0.15, seed=2000 + m,
+                               progress=label + " test", **kw)  # fmt: skip
+        for i in layers:
+            p = fit_logistic(ftr[i], ytr, data.num_classes, lambdas[i], device=kw["device"])
+            pred = p.predict(fte[i]).cpu()
+            votes[i].append(pred)
+            single[i].append(float((pred == yte).float().mean()))
+    out = {}
+    for i in layers:
+        mode = torch.mode(torch.stack(votes[i]), dim=0).values
+        out[str(i)] = float((mode == yte).float().mean())
+    return {"masks": cfg.mask_ensemble, "layers": out,
+            "single_mask_mean": {str(i): float(np.mean(v)) for i, v in single.items()}}  # fmt: skip
+
+
+def low_data_probe(
+    cfg: ProbeConfig, model: IGPT, data: PreparedData, layers: list[int], cache: FeatureCache | None = None
+) -> dict[str, Any]:
+    """Table 4's protocol: K seeded class-balanced subsets of N labels per class; lambda by k-fold
+    cross-validation within each subset; mean and std of test accuracy, beside raw pixels on the same subsets."""
+    N, C = cfg.labels_per_class, data.num_classes
+    if N < 1 or cfg.seeds < 1:
+        raise IgptError("--labels-per-class and --seeds must be at least 1")
+    ytr_all = data.labels("train")
+    counts = np.bincount(ytr_all[ytr_all >= 0], minlength=C)
+    if N > counts.min():
+        raise IgptError(f"--labels-per-class {N} exceeds the {counts.min()} images of the rarest class")
+    subsets = [balanced_subset(ytr_all, N, cfg.seed + s) for s in range(cfg.seeds)]
+    rows = np.unique(np.concatenate(subsets))
+    te = labelled_rows(data.labels("test"), cfg.test_limit)
+    yte = torch.from_numpy(data.labels("test")[te])
+    kw = dict(batch_size=cfg.batch_size, pool=cfg.pool, resolution=data.resolution, device=cfg.device,
+              compile=cfg.compile)  # fmt: skip
+    cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
+    ftr, fte = cache("train", rows, "train features"), cache("test", te, "test features")
+    rtr, rte = raw_pixels(data, "train", rows), raw_pixels(data, "test", te)
+    pos = {r: k for k, r in enumerate(rows)}
+    folds = min(5, N)
+    acc = {str(i): [] for i in layers}
+    cv = {str(i): [] for i in layers}
+    raw = []
+    for s, sub in enumerate(subsets):
+        k = np.array([pos[r] for r in sub])
+        y = torch.from_numpy(ytr_all[sub])
+        for name, xtr, xte in [*((str(i), ftr[i][k], fte[i]) for i in layers), ("raw", rtr[k], rte)]:
+            lam, score = cv_lambda(xtr, y, C, folds, cfg.seed + s, cfg.device) if folds >= 2 else (1e-2, 0.0)
+            a = fit_logistic(xtr, y, C, lam, device=cfg.device).accuracy(xte, yte)
+            if name == "raw":
+                raw.append(a)
+            else:
+                acc[name].append(a)
+                cv[name].append(score)
+    best = max(layers, key=lambda i: (np.mean(cv[str(i)]), -i))
+    return {
+        "labels_per_class": N,
+        "seeds": cfg.seeds,
+        "layers": {k: float(np.mean(v)) for k, v in acc.items()},
+        "layers_std": {k: float(np.std(v)) for k, v in acc.items()},
+        "best_layer": best,
+        "best_accuracy": float(np.mean(acc[str(best)])),
+        "mean_accuracy": float(np.mean(acc[str(best)])),
+        "std_accuracy": float(np.std(acc[str(best)])),
+        "raw_pixel_accuracy": float(np.mean(raw)),
+        "raw_pixel_std": float(np.std(raw)),
+        "n_test": len(te),
+        "pool": cfg.pool,
+        "classifier": f"multinomial logistic regression, torch L-BFGS, L2 by {folds}-fold CV within each subset",
+    }
+
+
+def checkpoints_probe(cfg: ProbeConfig, data: PreparedData, layers: list[int]) -> dict[str, Any]:
+    """Figure 3: every kept checkpoint probed (all chosen layers, its best on validation) against val_nll."""
+    run = Run.open(cfg.run)
+    ckpts = run.checkpoints()
+    if not ckpts:
+        raise IgptError(f"{cfg.run} has no checkpoint")
+    rows = []
+    for path in ckpts:
+        state = json.loads((path / "state.json").read_text())
+        if state.get("val_nll") is None:
+            continue
+        model = run.load_model(path.name)
+        print(f"checkpoint {path.name} (val_nll {state['val_nll']:.4f})", file=sys.stderr)
+        r = full_probe(cfg, model, data, layers)
+        rows.append({"checkpoint": path.name, "step": state["step"], "val_nll": state["val_nll"],
+                     "best_layer": r["best_layer"], "best_accuracy": r["best_accuracy"], "layers": r["layers"]})  # fmt: skip
+    if len(rows) < 2:
+        raise IgptError("loss against probe needs at least two kept checkpoints with val_nll; pretrain with "
+                        "--keep-every N")  # fmt: skip
+    return {"checkpoints": rows, "raw_pixel_accuracy": r["raw_pixel_accuracy"]}
+
+
+def plot_checkpoints(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    xs, ys = [r["val_nll"] for r in rows], [r["best_accuracy"] for r in rows]
+    ax.plot(xs, ys, "o-")
+    for r in rows:
+        ax.annotate(str(r["step"]), (r["val_nll"], r["best_accuracy"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("validation NLL (nats per token)")
+    ax.set_ylabel("best-layer probe accuracy")
+    ax.set_title("Better generative loss, better features (labels: step)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def probe_and_save(
+    cfg: ProbeConfig,
+    model: IGPT,
+    data: PreparedData,
+    layers: list[int],
+    cache: FeatureCache | None = None,
+    baselines: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """One full or low-data probe of `cfg.run`: probe_full.json or probe_N_per_class.json, probe.json (the
+    latest probe) and the matching plots; `baselines` are extra named lines for the plot."""
+    run_dir = Path(cfg.run)
+    t0 = time.perf_counter()
+    if cfg.labels_per_class:
+        res = low_data_probe(cfg, model, data, layers, cache)
+        name = f"probe_{cfg.labels_per_class}_per_class"
+        title = f"{cfg.labels_per_class} labels per class, mean of {cfg.seeds} subsets"
+    else:
+        res = full_probe(cfg, model, data, layers, cache)
+        name = "probe_full"
+        title = f"linear probe, {res['n_train']:,} training images"
+    res.update(objective=model.config.objective, checkpoint=cfg.checkpoint or "latest",
+               seconds_total=round(time.perf_counter() - t0, 2))  # fmt: skip
+    write_json_atomic(run_dir / f"{name}.json", res)
+    write_json_atomic(run_dir / "probe.json", res)
+    plot_layers(run_dir / "probe.png", res["layers"], res["raw_pixel_accuracy"], title, baselines or {})
+    with atomic_file(run_dir / f"{name}.png") as tmp:
+        tmp.write_bytes((run_dir / "probe.png").read_bytes())
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+@dataclass
+class ProbeConfig:
+    """Every setting of one probe of a run; `probe()` builds it from its keyword arguments."""
+
+    run: str
+    """The run directory to probe."""
+    layers: str = "all"
+    """all, best (the best layer of an earlier full probe) or comma-separated layer indices."""
+    labels_per_class: int | None = None
+    """Low-data mode: N labelled training images per class (Table 4's protocol)."""
+    seeds: int = 5
+    """Low-data mode: how many seeded subsets to average."""
+    mask_ensemble: int = 0
+    """BERT runs: also vote over M random 15% masks (Figure 4's protocol)."""
+    train_limit: int | None = None
+    """Use only the first N labelled training images."""
+    test_limit: int | None = None
+    """Use only the first N labelled test images."""
+    checkpoints: str = "latest"
+    """latest, or all: every kept checkpoint probed at its best layer, against its val_nll."""
+    checkpoint: str | None = None
+    """Probe this checkpoint instead of the latest."""
+    pool: str = "mean"
+    """mean over positions (the paper's), or means over a coarse grid: grid (2x2), grid3, grid4."""
+    concat: str | None = None
+    """Also probe these layers' features concatenated, e.g. "2,3,4"."""
+    data: str | None = None
+    """Another prepared directory (with the run's palette) to probe on; default the run's own."""
+    val_fraction: float = 0.1
+    """Validation share of the training split, for choosing lambda and the layer."""
+    batch_size: int = 128
+    """Images per feature batch."""
+    device: str = "cpu"
+    """cpu or cuda."""
+    seed: int = 0
+    """Seed of the validation split, subsets and masks."""
+    compile: bool = False
+    """torch.compile the feature pass (eagerly if compiling fails)."""
+    progress: bool = True
+    """Progress bars and per-layer lines on stderr."""
+
+    def __post_init__(self) -> None:
+        if self.mask_ensemble < 0:
+            raise IgptError("--mask-ensemble must be 0 or more")
+        if not 0 < self.val_fraction < 1:
+            raise IgptError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("train_limit", "test_limit", "batch_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise IgptError(f"--{name.replace('_', '-')} must be positive")
+        if self.labels_per_class is not None and self.labels_per_class < 1:
+            raise IgptError(f"--labels-per-class must be at least 1, got {self.labels_per_class}")
+        if self.seeds < 1:
+            raise IgptError("--seeds must be at least 1")
+        if self.pool not in POOLS:
+            raise IgptError(f"--pool must be one of {', '.join(POOLS)}, got '{self.pool}'")
+        if self.checkpoints not in ("latest", "all"):
+            raise IgptError(f"--checkpoints must be latest or all, got '{self.checkpoints}'")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise IgptError(f"--device must be cpu or cuda, got '{self.device}'")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise IgptError("--device cuda, but no CUDA GPU is available")
+
+
+def probe(run: str | Path, **settings: Any) -> dict[str, Any]:
+    """Probe a run's features and return what is written to RUN/probe.json (or, with `checkpoints="all"`,
+    to probe_checkpoints.json). Keyword arguments are `ProbeConfig`'s fields, named as the command's flags:
+    `igpt.probe("runs/r", pool="grid3", labels_per_class=10, seeds=3)`."""
+    known = set(ProbeConfig.__dataclass_fields__) - {"run"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"probe() got unknown settings {unknown}; it takes {sorted(known)}")
+    cfg = ProbeConfig(run=str(run), **settings)
+    info, model, data = open_labelled_run(cfg.run, cfg.data, cfg.checkpoint)
+    layers = parse_layers(cfg.layers, model.config.n_layer, cfg.run)
+    run_dir = Path(cfg.run)
+    if cfg.checkpoints == "all":
+        res = checkpoints_probe(cfg, data, layers)
+        write_json_atomic(run_dir / "probe_checkpoints.json", res)
+        plot_checkpoints(run_dir / "probe_checkpoints.png", res["checkpoints"])
+        return res
+    return probe_and_save(cfg, model, data, layers)

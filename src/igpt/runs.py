@@ -1,0 +1,264 @@
+"""The run directory: one object that owns `run.json`, the checkpoints, the palette and the data's meta, and
+rebuilds the model. Pretraining creates runs; conversion from Hugging Face and fine-tuning create them too;
+sampling, serving, probing, conversion and fine-tuning open them.
+
+`run.json` (schema 2) holds:
+- `schema`, `kind` ("pretrained", "converted" or "finetuned"), `igpt_version`, `created`, `command`;
+- `model`: the `IGPTConfig` (the only place the model's shape lives) and `preset`, the name it came from;
+- `train`: the `TrainConfig` of a pretrained run (optimisation, budget, system), else null;
+- `data`: `dir` (the prepared directory, absolute; null for a converted model) and `meta` (its meta.json);
+- `converted_from` (converted runs) or `finetune` (fine-tuned runs: the pretrained run, classes, head).
+
+Weights: pretrained and converted runs keep `checkpoints/step_N/` (see `checkpoint.py`); a fine-tuned run
+keeps its best epoch in `model.safetensors` (`backbone.*` plus the head). A run written before schema 2 opens
+too: its record is upgraded in memory (the shape keys leave `train`), and a resume writes it back upgraded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from . import __version__
+from .checkpoint import latest_readable, list_checkpoints, read_checkpoint
+from .config import TrainConfig
+from .errors import IgptError
+from .files import write_json_atomic
+from .model import IGPT, IGPTConfig
+
+SCHEMA = 2
+KINDS = ("pretrained", "converted", "finetuned")
+_SHAPE_KEYS = ("preset", "objective", "n_layer", "n_embd", "n_head", "bias")
+
+
+def _upgrade(info: dict[str, Any]) -> dict[str, Any]:
+    """A schema-1 record (igpt before the run object) in today's form."""
+    info = dict(info)
+    if "num_classes" in info and "finetune" not in info:  # a fine-tuned run
+        info["kind"] = "finetuned"
+        info["finetune"] = {"num_classes": info.pop("num_classes"),
+                            "class_names": info.pop("class_names", []), "pretrained_run": None}  # fmt: skip
+        info.setdefault("train", None)
+    elif info.get("train"):
+        train = dict(info["train"])
+        info["preset"] = train.get("preset")
+        for k in _SHAPE_KEYS:
+            train.pop(k, None)
+        info["train"] = train
+        info["kind"] = "pretrained"
+    else:
+        info["kind"] = "converted"
+    info.setdefault("data", {"dir": None, "meta": {}})
+    info["schema"] = SCHEMA
+    return info
+
+
+@dataclass
+class Run:
+    """An opened run directory. `Run.open(path)` reads one; `Run.create(...)` starts one."""
+
+    path: Path
+    info: dict[str, Any]
+
+    # ------------------------------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        """Open a run directory (any kind, any schema); IgptError when it is not one."""
+        path = Path(path)
+        p = path / "run.json"
+        if not p.is_file():
+            raise IgptError(f"{path} is not an igpt run directory (no run.json)")
+        try:
+            info = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise IgptError(f"{p} is not valid JSON ({e})") from None
+        if not isinstance(info, dict) or "model" not in info:
+            raise IgptError(f"{p} is not an igpt run record (no model)")
+        schema = info.get("schema", 1)
+        if schema > SCHEMA:
+            raise IgptError(f"{path} was written by a newer igpt (run schema {schema}); upgrade igpt")
+        if schema < SCHEMA:
+            info = _upgrade(info)
+        if info.get("kind") not in KINDS:
+            raise IgptError(f"{p}: unknown run kind {info.get('kind')!r}")
+        run = cls(path, info)
+        run.model_config  # validates the recorded shape  # noqa: B018
+        return run
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        kind: str,
+        model: IGPTConfig,
+        *,
+        preset: str | None = None,
+        train: TrainConfig | None = None,
+        data_dir: str | None = None,
+        data_meta: dict[str, Any] | None = None,
+        palette: np.ndarray | None = None,
+        **extra: Any,
+    ) -> Run:
+        """Write a new run's record (and its copies of the palette and data meta) into `path`, which must
+        exist. `extra` goes into run.json as is (`converted_from`, `finetune`, `seed`)."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        path = Path(path)
+        info = {
+            "schema": SCHEMA,
+            "kind": kind,
+            "igpt_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv),
+            "preset": preset,
+            "model": model.to_dict(),
+            "train": None if train is None else train.to_dict(),
+            "data": {"dir": data_dir, "meta": data_meta or {}},
+            **extra,
+        }
+        if palette is not None:
+            np.save(path / "palette.npy", palette)
+        if data_meta:
+            write_json_atomic(path / "data_meta.json", data_meta)
+        run = cls(path, info)
+        run.save()
+        return run
+
+    def save(self) -> None:
+        """Write run.json (atomically)."""
+        write_json_atomic(self.path / "run.json", self.info)
+
+    # ------------------------------------------------------------------------------------------ records
+    @property
+    def kind(self) -> str:
+        return self.info["kind"]
+
+    @property
+    def model_config(self) -> IGPTConfig:
+        known = {f.name for f in fields(IGPTConfig)}
+        try:
+            return IGPTConfig(**{k: v for k, v in self.info["model"].items() if k in known})
+        except (TypeError, ValueError) as e:
+            raise IgptError(f"{self.path}/run.json records an impossible model ({e})") from None
+
+    @property
+    def train_config(self) -> TrainConfig | None:
+        t = self.info.get("train")
+        return None if not t else TrainConfig(**t)
+
+    @property
+    def preset(self) -> str | None:
+        return self.info.get("preset")
+
+    @property
+    def data_dir(self) -> str | None:
+        """The prepared directory the run was trained on (None for a converted model)."""
+        return (self.info.get("data") or {}).get("dir")
+
+    @property
+    def data_meta(self) -> dict[str, Any]:
+        """The prepared set's meta.json as recorded (resolution, order, classes, ...)."""
+        return (self.info.get("data") or {}).get("meta") or {}
+
+    @property
+    def resolution(self) -> int:
+        meta = self.data_meta
+        if "resolution" in meta:
+            return int(meta["resolution"])
+        return int(round(self.model_config.n_positions**0.5))
+
+    @property
+    def order(self) -> str:
+        return self.data_meta.get("order", "raster")
+
+    def palette(self) -> np.ndarray:
+        """(K, C) colours on the 0-255 scale; IgptError when the run has none."""
+        p = self.path / "palette.npy"
+        if not p.is_file():
+            raise IgptError(f"{self.path} has no palette.npy, so its tokens cannot be decoded into images")
+        try:
+            return np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise IgptError(f"cannot read {p} ({e.__class__.__name__})") from None
+
+    def summary(self) -> dict[str, Any] | None:
+        """summary.json of a pretrained run, or None."""
+        p = self.path / "summary.json"
+        try:
+            return json.loads(p.read_text()) if p.is_file() else None
+        except json.JSONDecodeError:
+            return None
+
+    @property
+    def finished(self) -> bool:
+        """True unless this is a pretraining that has not reached its budget."""
+        if self.kind != "pretrained":
+            return True
+        s = self.summary()
+        return bool(s and s.get("finished"))
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return list_checkpoints(self.path)
+
+    # ------------------------------------------------------------------------------------------ weights
+    def _weights(self, checkpoint: str | None) -> dict[str, torch.Tensor]:
+        if self.kind == "finetuned":
+            if checkpoint is not None:
+                raise IgptError("a fine-tuned run keeps one set of weights; drop --checkpoint")
+            return {
+                k[len("backbone.") :]: v
+                for k, v in self.finetuned_state().items()
+                if k.startswith("backbone.")
+            }
+        if checkpoint is not None:
+            path = self.path / "checkpoints" / checkpoint
+            if not path.is_dir():
+                path = Path(checkpoint)
+            if not (path / "state.json").is_file():
+                raise IgptError(f"no checkpoint {checkpoint} in {self.path}")
+            return read_checkpoint(path)[0]
+        found = latest_readable(self.path)
+        if found is None:
+            raise IgptError(f"{self.path} has no checkpoint yet")
+        return found[1]
+
+    def finetuned_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor of a fine-tuned run's model.safetensors (backbone.*, head.*, feature statistics)."""
+        p = self.path / "model.safetensors"
+        try:
+            return load_file(p)
+        except (OSError, SafetensorError) as e:
+            raise IgptError(f"{p} is damaged or missing ({e.__class__.__name__})") from None
+
+    def load_model(self, checkpoint: str | None = None, device: str | torch.device = "cpu") -> IGPT:
+        """The model with the latest (or the named) checkpoint's weights, in eval mode, on `device`. A
+        fine-tuned run gives its fine-tuned backbone."""
+        model = IGPT(self.model_config)
+        weights = self._weights(checkpoint)
+        try:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1].strip()
+            raise IgptError(f"the weights of {self.path} do not fit its model ({first[:200]})") from None
+        if missing or unexpected:
+            raise IgptError(
+                f"the weights of {self.path} do not fit its model: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+        return model.to(device).eval()
+
+
+def load_run(run: str | Path, checkpoint: str | None = None) -> IGPT:
+    """The model of a run directory (pretrained, converted or fine-tuned) with its latest (or the named)
+    checkpoint's weights, in eval mode, on CPU."""
+    return Run.open(run).load_model(checkpoint)
