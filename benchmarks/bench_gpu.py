@@ -96,13 +96,18 @@ def main() -> None:
         L, d, h, R, K, B, steps, warm = 2, 64, 2, 8, 16, 2, 2, 1
     T = R * R
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu (dry run)"
-    out: dict = {"device": name, "torch": torch.__version__, "shape": {"layers": L, "width": d, "heads": h,
-                 "resolution": R, "clusters": K, "batch": B}}  # fmt: skip
+    out: dict = {
+        "device": name,
+        "torch": torch.__version__,
+        "shape": {"layers": L, "width": d, "heads": h, "resolution": R, "clusters": K, "batch": B},
+    }
     bf16 = dev == "cuda"
     n = 8192 if bf16 else 256
     out["matmul_tflops_bf16"] = matmul_rate(dev, torch.bfloat16 if bf16 else torch.float32, n)
-    print(f"{name}, torch {torch.__version__}: {'bf16' if bf16 else 'fp32'} matmul "
-          f"{out['matmul_tflops_bf16']:.2f} TFLOP/s ({n}^3)")  # fmt: skip
+    print(
+        f"{name}, torch {torch.__version__}: {'bf16' if bf16 else 'fp32'} matmul "
+        f"{out['matmul_tflops_bf16']:.2f} TFLOP/s ({n}^3)"
+    )
     torch.manual_seed(0)
     model = IGPT(IGPTConfig(vocab_size=K, n_positions=T, n_layer=L, n_embd=d, n_head=h)).to(dev).train()
     x = torch.randint(0, K, (B, T), device=dev)
@@ -127,10 +132,25 @@ def main() -> None:
             )
             for label, m in hf_variants:
                 m = torch.compile(hf) if m is None else m
-                t = time_train(m, x, dev, bf16, steps, warm, lambda mm, xx: F.cross_entropy(
-                    mm(input_ids=inp).logits.float().reshape(-1, K), xx.reshape(-1)))  # fmt: skip
-                rows.append({"variant": f"HF ImageGPT {label}", "tokens_per_s": B * T / t,
-                             "mfu": B * T / t * fpt / (out["matmul_tflops_bf16"] * 1e12), "step_ms": 1000 * t})  # fmt: skip
+                t = time_train(
+                    m,
+                    x,
+                    dev,
+                    bf16,
+                    steps,
+                    warm,
+                    lambda mm, xx: F.cross_entropy(
+                        mm(input_ids=inp).logits.float().reshape(-1, K), xx.reshape(-1)
+                    ),
+                )
+                rows.append(
+                    {
+                        "variant": f"HF ImageGPT {label}",
+                        "tokens_per_s": B * T / t,
+                        "mfu": B * T / t * fpt / (out["matmul_tflops_bf16"] * 1e12),
+                        "step_ms": 1000 * t,
+                    }
+                )
                 print(f"train HF {label:11}: {B * T / t:12,.0f} tokens/s, {1000 * t:8.1f} ms/step")
             hf_eval = hf.eval()
         except ImportError as e:

@@ -10,7 +10,8 @@ every ratio is like for like. Prints a table and writes JSON.
 - prepare's throughput on Fashion-MNIST (when the Debian files are present);
 - the quickstart's peak memory, read from a finished quickstart's quickstart.json.
 
-Run:  .venv/bin/python benchmarks/run.py [--quick] [--no-compile] [--out runs/bench/cpu.json] [--quickstart runs/quickstart]
+Run:  .venv/bin/python benchmarks/run.py [--quick] [--no-compile] [--out runs/bench/cpu.json]
+          [--quickstart runs/quickstart]
 transformers is a test dependency (scripts/setup.sh --test installs it).
 """
 
@@ -44,8 +45,16 @@ TRAIN_SHAPES = [
 def hf_model(res: int, d: int, L: int, h: int, K: int):
     from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
-    cfg = ImageGPTConfig(vocab_size=K + 1, n_positions=res * res, n_embd=d, n_layer=L, n_head=h, resid_pdrop=0.0,
-                         embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    cfg = ImageGPTConfig(
+        vocab_size=K + 1,
+        n_positions=res * res,
+        n_embd=d,
+        n_layer=L,
+        n_head=h,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return ImageGPTForCausalImageModeling(cfg)
 
 
@@ -53,8 +62,14 @@ def hf_generate_kwargs(B: int, K: int, device: str = "cpu") -> dict:
     """Arguments of HF `generate` that sample B images from the SOS token (id K) with its key/value cache,
     plain softmax sampling like ours; `max_length` (tokens + 1) is left to the caller."""
     sos = torch.full((B, 1), K, device=device)
-    return dict(input_ids=sos, attention_mask=torch.ones_like(sos), do_sample=True, top_k=0, use_cache=True,
-                pad_token_id=K)  # fmt: skip
+    return dict(
+        input_ids=sos,
+        attention_mask=torch.ones_like(sos),
+        do_sample=True,
+        top_k=0,
+        use_cache=True,
+        pad_token_id=K,
+    )
 
 
 def make_step(model: torch.nn.Module, loss_fn, call: torch.nn.Module | None = None):
@@ -137,8 +152,15 @@ def bench_train(
             for k, step in variants.items():
                 best[k] = min(best[k], time_steps(step, 0, steps))
         fpt = flops_per_token(res, d, L, K)
-        row = {"shape": name, "resolution": res, "width": d, "layers": L, "batch": B, "clusters": K,
-               "flops_per_token": fpt}  # fmt: skip
+        row = {
+            "shape": name,
+            "resolution": res,
+            "width": d,
+            "layers": L,
+            "batch": B,
+            "clusters": K,
+            "flops_per_token": fpt,
+        }
         for k, t in best.items():
             row[f"{k}_tokens_per_s"] = B * T / t
         row["ratio"] = best["hf"] / best["ours"]
@@ -156,8 +178,9 @@ def bench_train(
 
 
 @torch.no_grad()
-def bench_features(batch: int = 128, res: int = 14, d: int = 128, L: int = 4, h: int = 4, K: int = 16,
-                   rounds: int = 3) -> dict:  # fmt: skip
+def bench_features(
+    batch: int = 128, res: int = 14, d: int = 128, L: int = 4, h: int = 4, K: int = 16, rounds: int = 3
+) -> dict:
     """The probes' feature pass (every layer's hidden states, no gradients) at the quickstart's shape,
     eager against compiled."""
     T = res * res
@@ -177,9 +200,14 @@ def bench_features(batch: int = 128, res: int = 14, d: int = 128, L: int = 4, h:
             for _ in range(3):
                 f()
             best[k] = min(best[k], (time.perf_counter() - t) / 3)
-    return {"shape": f"tiny {res}x{res}", "batch": batch, "eager_tokens_per_s": batch * T / best["eager"],
-            "compiled_tokens_per_s": batch * T / best["compiled"], "speedup": best["eager"] / best["compiled"],
-            "compile_seconds": compile_s}  # fmt: skip
+    return {
+        "shape": f"tiny {res}x{res}",
+        "batch": batch,
+        "eager_tokens_per_s": batch * T / best["eager"],
+        "compiled_tokens_per_s": batch * T / best["compiled"],
+        "speedup": best["eager"] / best["compiled"],
+        "compile_seconds": compile_s,
+    }
 
 
 @torch.no_grad()
@@ -200,10 +228,11 @@ def bench_sample(
     for B in batches:
         kw = hf_generate_kwargs(B, K)
         sides = {
-            "ours": lambda n, B=B: ours.generate(torch.zeros(B, 0, dtype=torch.long), n,
-                                                 generator=torch.Generator().manual_seed(0)),
+            "ours": lambda n, B=B: ours.generate(
+                torch.zeros(B, 0, dtype=torch.long), n, generator=torch.Generator().manual_seed(0)
+            ),
             "hf": lambda n, kw=kw: hf.generate(max_length=n + 1, **kw),
-        }  # fmt: skip
+        }
         for f in sides.values():
             f(16)  # warm-up
         best = {k: float("inf") for k in sides}
@@ -212,8 +241,17 @@ def bench_sample(
                 t = time.perf_counter()
                 f(T)
                 best[k] = min(best[k], time.perf_counter() - t)
-        rows.append({"batch": B, "resolution": res, "width": d, "layers": L, "ours_tokens_per_s": B * T / best["ours"],
-                     "hf_tokens_per_s": B * T / best["hf"], "ratio": best["hf"] / best["ours"]})  # fmt: skip
+        rows.append(
+            {
+                "batch": B,
+                "resolution": res,
+                "width": d,
+                "layers": L,
+                "ours_tokens_per_s": B * T / best["ours"],
+                "hf_tokens_per_s": B * T / best["hf"],
+                "ratio": best["hf"] / best["ours"],
+            }
+        )
     return rows
 
 
@@ -227,8 +265,13 @@ def bench_prepare() -> dict | None:
 
     with tempfile.TemporaryDirectory() as tmp:
         s, meta = timed(PrepareConfig("fashion-mnist", resolution=28, clusters=16), f"{tmp}/fm")
-    return {"dataset": "fashion-mnist 28x28 K=16", "images": 70000, "seconds": s, "images_per_s": 70000 / s,
-            "quantization_rmse": meta["quantization_rmse"]}  # fmt: skip
+    return {
+        "dataset": "fashion-mnist 28x28 K=16",
+        "images": 70000,
+        "seconds": s,
+        "images_per_s": 70000 / s,
+        "quantization_rmse": meta["quantization_rmse"],
+    }
 
 
 def main() -> None:
@@ -243,8 +286,14 @@ def main() -> None:
     )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    res: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                             "threads": torch.get_num_threads(), "torch": torch.__version__}}  # fmt: skip
+    res: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+    }
     peak = matmul_peak()
     res["matmul_peak_gflops"] = peak
     print(
@@ -253,31 +302,43 @@ def main() -> None:
     shapes = TRAIN_SHAPES[:3:2] if a.quick else TRAIN_SHAPES
     res["train"] = bench_train(a.steps, shapes, peak, compile=not a.no_compile)
     print("\ntraining (forward + backward + AdamW), eager; share of peak = model FLOP/s / matmul peak")
-    print(f"{'shape':24} {'batch':>5} {'ours tok/s':>10} {'HF tok/s':>9} {'ratio':>6} {'MFLOP/tok':>9} "
-          f"{'GFLOP/s':>7} {'peak':>5}")  # fmt: skip
+    print(
+        f"{'shape':24} {'batch':>5} {'ours tok/s':>10} {'HF tok/s':>9} {'ratio':>6} {'MFLOP/tok':>9} "
+        f"{'GFLOP/s':>7} {'peak':>5}"
+    )
     for r in res["train"]:
-        print(f"{r['shape']:24} {r['batch']:5d} {r['ours_tokens_per_s']:10,.0f} {r['hf_tokens_per_s']:9,.0f} "
-              f"{r['ratio']:5.2f}x {r['flops_per_token'] / 1e6:9.2f} {r['ours_gflops']:7.1f} "
-              f"{r['share_of_matmul_peak']:5.0%}")  # fmt: skip
+        print(
+            f"{r['shape']:24} {r['batch']:5d} {r['ours_tokens_per_s']:10,.0f} {r['hf_tokens_per_s']:9,.0f} "
+            f"{r['ratio']:5.2f}x {r['flops_per_token'] / 1e6:9.2f} {r['ours_gflops']:7.1f} "
+            f"{r['share_of_matmul_peak']:5.0%}"
+        )
     if not a.no_compile:
         print("\ntraining through torch.compile (both sides compiled; compile seconds ours / HF)")
-        print(f"{'shape':24} {'ours tok/s':>10} {'HF tok/s':>9} {'ratio':>6} {'vs HF eager':>11} {'peak':>5} "
-              f"{'compile s':>10}")  # fmt: skip
+        print(
+            f"{'shape':24} {'ours tok/s':>10} {'HF tok/s':>9} {'ratio':>6} {'vs HF eager':>11} {'peak':>5} "
+            f"{'compile s':>10}"
+        )
         for r in res["train"]:
             cs = r["compile_seconds"]
-            print(f"{r['shape']:24} {r['ours_compiled_tokens_per_s']:10,.0f} {r['hf_compiled_tokens_per_s']:9,.0f} "
-                  f"{r['ratio_compiled']:5.2f}x {r['ratio_ours_compiled_to_hf_eager']:10.2f}x "
-                  f"{r['share_of_matmul_peak_compiled']:5.0%} {cs['ours']:5.0f}/{cs['hf']:<4.0f}")  # fmt: skip
+            print(
+                f"{r['shape']:24} {r['ours_compiled_tokens_per_s']:10,.0f} "
+                f"{r['hf_compiled_tokens_per_s']:9,.0f} "
+                f"{r['ratio_compiled']:5.2f}x {r['ratio_ours_compiled_to_hf_eager']:10.2f}x "
+                f"{r['share_of_matmul_peak_compiled']:5.0%} {cs['ours']:5.0f}/{cs['hf']:<4.0f}"
+            )
         f = res["features"] = bench_features()
-        print(f"\nfeature pass ({f['shape']}, batch {f['batch']}, every layer, no gradients): eager "
-              f"{f['eager_tokens_per_s']:,.0f} tok/s, compiled {f['compiled_tokens_per_s']:,.0f} tok/s "
-              f"({f['speedup']:.2f}x; {f['compile_seconds']:.0f} s to compile)")  # fmt: skip
+        print(
+            f"\nfeature pass ({f['shape']}, batch {f['batch']}, every layer, no gradients): eager "
+            f"{f['eager_tokens_per_s']:,.0f} tok/s, compiled {f['compiled_tokens_per_s']:,.0f} tok/s "
+            f"({f['speedup']:.2f}x; {f['compile_seconds']:.0f} s to compile)"
+        )
     res["sample"] = bench_sample([8] if a.quick else [1, 8, 16])
     print("\nsampling, 28x28 width 128, 4 layers (ours: KV cache; HF: generate(use_cache=True))")
     print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6}")
     for r in res["sample"]:
         print(
-            f"{r['batch']:5d} {r['ours_tokens_per_s']:11,.0f} {r['hf_tokens_per_s']:10,.0f} {r['ratio']:5.2f}x"
+            f"{r['batch']:5d} {r['ours_tokens_per_s']:11,.0f} {r['hf_tokens_per_s']:10,.0f} "
+            f"{r['ratio']:5.2f}x"
         )
     res["prepare"] = bench_prepare()
     if res["prepare"]:

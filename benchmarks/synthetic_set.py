@@ -33,7 +33,7 @@ def synthetic_images(n: int, resolution: int, classes: int, seed: int) -> tuple[
 
 
 def grid_palette(levels: int = 8) -> np.ndarray:
-    """(levels^3, 3) float32 colours on the 0-255 scale: every combination of `levels` evenly spaced values."""
+    """(levels^3, 3) float32 colours on the 0-255 scale: every mix of `levels` evenly spaced values."""
     v = (np.arange(levels, dtype=np.float32) + 0.5) * (256.0 / levels)
     r, g, b = np.meshgrid(v, v, v, indexing="ij")
     return np.stack([r.ravel(), g.ravel(), b.ravel()], 1)
@@ -53,8 +53,10 @@ def main() -> None:
     xte, yte = synthetic_images(a.test, a.resolution, a.classes, 1)
     np.savez(out / "synthetic.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
     np.save(out / "palette_rgb512.npy", grid_palette())
-    print(f"wrote {out / 'synthetic.npz'} ({a.train} + {a.test} images, {a.resolution}x{a.resolution} RGB, "
-          f"{a.classes} classes) and {out / 'palette_rgb512.npy'}")  # fmt: skip
+    print(
+        f"wrote {out / 'synthetic.npz'} ({a.train} + {a.test} images, {a.resolution}x{a.resolution} RGB, "
+        f"{a.classes} classes) and {out / 'palette_rgb512.npy'}"
+    )
 
 
 if __name__ == "__main__":

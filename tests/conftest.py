@@ -85,9 +85,12 @@ def npz_path(tmp_path: Path) -> Path:
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python -m igpt ARGS` in a subprocess, as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "igpt", *map(str, args)], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "igpt", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="session")
@@ -100,8 +103,24 @@ def micro_run(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("micro")
     prepare(PrepareConfig("digits", resolution=8, clusters=8), d / "data")
-    main(["pretrain", "--data", str(d / "data"), "--out", str(d / "run"), "--preset", "micro", "--steps", "20",
-          "--batch-size", "16", "--eval-images", "32", "--no-progress"])  # fmt: skip
+    main(
+        [
+            "pretrain",
+            "--data",
+            str(d / "data"),
+            "--out",
+            str(d / "run"),
+            "--preset",
+            "micro",
+            "--steps",
+            "20",
+            "--batch-size",
+            "16",
+            "--eval-images",
+            "32",
+            "--no-progress",
+        ]
+    )
     return d / "run"
 
 

@@ -20,8 +20,15 @@ SRC = Path(igpt.__file__).parent
 def test_notebook_pipeline_through_library_calls(tmp_path):
     meta = igpt.prepare("digits", tmp_path / "d", resolution=8, clusters=8)
     assert meta["n_train"] > 0 and meta["clusters"] == 8
-    summary = igpt.pretrain(data=tmp_path / "d", out=tmp_path / "r", preset="micro", steps=20, batch_size=16,
-                            eval_images=32, progress=False)  # fmt: skip
+    summary = igpt.pretrain(
+        data=tmp_path / "d",
+        out=tmp_path / "r",
+        preset="micro",
+        steps=20,
+        batch_size=16,
+        eval_images=32,
+        progress=False,
+    )
     assert summary["steps"] == 20 and summary["val_nll"] < 2.0794 and summary["finished"]
     assert summary == json.loads((tmp_path / "r" / "summary.json").read_text())
     result = igpt.probe(tmp_path / "r", progress=False)
@@ -61,8 +68,9 @@ def test_library_errors_are_one_line_exceptions(micro_run, tmp_path):
 
 def test_resume_keeps_the_model_config(micro_run, tmp_path):
     data = micro_run.parent / "data"
-    igpt.pretrain(data=data, out=tmp_path / "r", preset="micro", steps=4, batch_size=16, eval_images=16,
-                  progress=False)  # fmt: skip
+    igpt.pretrain(
+        data=data, out=tmp_path / "r", preset="micro", steps=4, batch_size=16, eval_images=16, progress=False
+    )
     with pytest.raises(IgptError, match="must keep the run's model .*preset 'micro' -> 'tiny'"):
         igpt.pretrain(out=tmp_path / "r", preset="tiny", steps=8, resume=True)
     s = igpt.pretrain(out=tmp_path / "r", preset="micro", steps=8, resume=True, progress=False)
@@ -74,13 +82,21 @@ def test_resume_keeps_the_model_config(micro_run, tmp_path):
 
 def test_a_run_from_before_the_run_object_opens_and_resumes(micro_run, tmp_path):
     data = micro_run.parent / "data"
-    igpt.pretrain(data=data, out=tmp_path / "r", preset="micro", steps=4, batch_size=16, eval_images=16,
-                  progress=False)  # fmt: skip
+    igpt.pretrain(
+        data=data, out=tmp_path / "r", preset="micro", steps=4, batch_size=16, eval_images=16, progress=False
+    )
     p = tmp_path / "r" / "run.json"
     info = json.loads(p.read_text())
     old = {k: v for k, v in info.items() if k not in ("schema", "kind", "preset")}  # schema 1 had neither
-    old["train"] = {**info["train"], "preset": "micro", "objective": "ar", "n_layer": None, "n_embd": None,
-                    "n_head": None, "bias": False}  # fmt: skip
+    old["train"] = {
+        **info["train"],
+        "preset": "micro",
+        "objective": "ar",
+        "n_layer": None,
+        "n_embd": None,
+        "n_head": None,
+        "bias": False,
+    }
     p.write_text(json.dumps(old))
     run = Run.open(tmp_path / "r")
     assert run.kind == "pretrained" and run.preset == "micro" and run.train_config.steps == 4
@@ -128,6 +144,16 @@ def test_imports_run_one_way_without_cycles():
 
 
 def test_every_stage_is_a_top_level_call():
-    for name in ("prepare", "pretrain", "probe", "finetune", "sample", "convert_from_hf", "convert_to_hf",
-                 "quickstart", "load_run", "complete"):  # fmt: skip
+    for name in (
+        "prepare",
+        "pretrain",
+        "probe",
+        "finetune",
+        "sample",
+        "convert_from_hf",
+        "convert_to_hf",
+        "quickstart",
+        "load_run",
+        "complete",
+    ):
         assert callable(getattr(igpt, name)), name

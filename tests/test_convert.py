@@ -26,7 +26,7 @@ CONFIGS = [  # (K, res, width, layers, heads)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
-    """Equal within `rel` of the reference tensor's largest magnitude (fp32 sums differ in their last bits)."""
+    """Equal within `rel` of the reference's largest magnitude (fp32 sums differ in their last bits)."""
     assert a.shape == b.shape
     a, b = a.detach(), b.detach()
     err, scale = float((a - b).abs().max()), float(b.abs().max())
@@ -35,8 +35,16 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
 
 def hf_random(K, res, d, L, h, seed=0):
     torch.manual_seed(seed)
-    cfg = ImageGPTConfig(vocab_size=K + 1, n_positions=res * res, n_embd=d, n_layer=L, n_head=h, resid_pdrop=0.0,
-                         embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    cfg = ImageGPTConfig(
+        vocab_size=K + 1,
+        n_positions=res * res,
+        n_embd=d,
+        n_layer=L,
+        n_head=h,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     m = ImageGPTForCausalImageModeling(cfg).eval()
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -47,8 +55,9 @@ def hf_random(K, res, d, L, h, seed=0):
 def save_hf(m, path, K):
     m.save_pretrained(path)
     clusters = np.random.default_rng(0).uniform(-1, 1, (K, 3)).tolist()
-    (path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "ImageGPTImageProcessor",
-                                                               "clusters": clusters}))  # fmt: skip
+    (path / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "ImageGPTImageProcessor", "clusters": clusters})
+    )
 
 
 def hf_logits(m, x, K):
@@ -79,8 +88,14 @@ def test_hf_to_igpt_parity(tmp_path, K, res, d, L, h):
     prefix = x[:, : T // 2]
     ids = torch.cat([torch.full((3, 1), K), prefix], 1)
     with torch.no_grad():  # an explicit attention mask: otherwise pad_token_id = SOS would mask the SOS out
-        hf_gen = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_length=T + 1, do_sample=False,
-                             use_cache=True, pad_token_id=K)  # fmt: skip
+        hf_gen = hf.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_length=T + 1,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=K,
+        )
     torch.testing.assert_close(ours.generate(prefix, T - T // 2, temperature=0), hf_gen[:, 1:])
     # our mean-pooled final features equal what HF's classification head pools
     clf = ImageGPTForImageClassification(hf.config).eval()

@@ -94,9 +94,28 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 def test_pretrain_and_resume_on_cuda(digits, tmp_path, monkeypatch):
-    base = ["pretrain", "--data", str(digits), "--preset", "micro", "--batch-size", "16", "--device", "cuda",
-            "--precision", "bf16", "--eval-interval", "10", "--log-interval", "5", "--eval-images", "64",
-            "--steps", "20", "--no-progress"]  # fmt: skip
+    base = [
+        "pretrain",
+        "--data",
+        str(digits),
+        "--preset",
+        "micro",
+        "--batch-size",
+        "16",
+        "--device",
+        "cuda",
+        "--precision",
+        "bf16",
+        "--eval-interval",
+        "10",
+        "--log-interval",
+        "5",
+        "--eval-images",
+        "64",
+        "--steps",
+        "20",
+        "--no-progress",
+    ]
     straight, crashed = tmp_path / "a", tmp_path / "b"
     main([*base, "--out", str(straight)])
     real = training.train_step
@@ -120,9 +139,27 @@ def test_pretrain_and_resume_on_cuda(digits, tmp_path, monkeypatch):
 
 
 def test_pretrain_compiled_on_cuda(digits, tmp_path):
-    r = run_cli("pretrain", "--data", digits, "--out", tmp_path / "c", "--preset", "micro", "--batch-size", "16",
-                "--device", "cuda", "--precision", "bf16", "--compile", "--steps", "12", "--eval-images", "32",
-                "--no-progress")  # fmt: skip
+    r = run_cli(
+        "pretrain",
+        "--data",
+        digits,
+        "--out",
+        tmp_path / "c",
+        "--preset",
+        "micro",
+        "--batch-size",
+        "16",
+        "--device",
+        "cuda",
+        "--precision",
+        "bf16",
+        "--compile",
+        "--steps",
+        "12",
+        "--eval-images",
+        "32",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert s["compiled"] is True and s["steps"] == 12
@@ -133,8 +170,9 @@ def test_probe_finetune_and_sample_on_cuda(micro_run, tmp_path):
     assert r.returncode == 0, r.stderr
     p = json.loads((micro_run / "probe.json").read_text())
     assert 0.0 <= p["best_accuracy"] <= 1.0 and len(p["layers"]) == 3
-    r = run_cli("finetune", micro_run, "--out", tmp_path / "ft", "--device", "cuda", "--epochs", "1",
-                "--no-progress")  # fmt: skip
+    r = run_cli(
+        "finetune", micro_run, "--out", tmp_path / "ft", "--device", "cuda", "--epochs", "1", "--no-progress"
+    )
     assert r.returncode == 0, r.stderr
     f = json.loads((tmp_path / "ft" / "finetune.json").read_text())
     assert 0.0 <= f["test_accuracy"] <= 1.0

@@ -23,8 +23,24 @@ def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
     prepare(PrepareConfig("digits", resolution=8, clusters=8), d / "data")
     for obj in ("ar", "bert"):
-        main(["pretrain", "--data", str(d / "data"), "--out", str(d / obj), "--objective", obj, "--steps", "30",
-              "--eval-interval", "10", "--keep-every", "10", *COMMON])  # fmt: skip
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(d / "data"),
+                "--out",
+                str(d / obj),
+                "--objective",
+                obj,
+                "--steps",
+                "30",
+                "--eval-interval",
+                "10",
+                "--keep-every",
+                "10",
+                *COMMON,
+            ]
+        )
     return d
 
 
@@ -41,12 +57,14 @@ def test_probe_output_structure(runs):
 def test_probe_on_label_carrying_features_beats_chance_by_far():
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 5, (600,), generator=g)
-    x = torch.nn.functional.one_hot(y, 5).float() @ torch.randn(5, 16, generator=g) + 0.3 * torch.randn(600, 16,
-                                                                                                         generator=g)  # fmt: skip
+    x = torch.nn.functional.one_hot(y, 5).float() @ torch.randn(5, 16, generator=g) + 0.3 * torch.randn(
+        600, 16, generator=g
+    )
     r = probe_with_validation(x[:500], y[:500], x[500:], y[500:], 5)
     assert r["test_accuracy"] > 0.95
-    noise = probe_with_validation(torch.randn(500, 16, generator=g), y[:500], torch.randn(100, 16, generator=g),
-                                  y[500:], 5)  # fmt: skip
+    noise = probe_with_validation(
+        torch.randn(500, 16, generator=g), y[:500], torch.randn(100, 16, generator=g), y[500:], 5
+    )
     assert noise["test_accuracy"] < 0.45
 
 
@@ -84,8 +102,12 @@ def test_loss_against_probe_over_checkpoints(runs):
 def test_joint_loss_gradient_reaches_output_head():
     torch.manual_seed(0)
     for objective in ("ar", "bert"):
-        m = Classifier(IGPT(IGPTConfig(vocab_size=8, n_positions=16, n_layer=1, n_embd=16, n_head=2,
-                                       objective=objective)), 3)  # fmt: skip
+        m = Classifier(
+            IGPT(
+                IGPTConfig(vocab_size=8, n_positions=16, n_layer=1, n_embd=16, n_head=2, objective=objective)
+            ),
+            3,
+        )
         x = torch.randint(0, 8, (4, 16))
         mask = torch.rand(4, 16) < 0.3 if objective == "bert" else None
         for w, expect in ((1.0, True), (0.0, False)):
@@ -99,8 +121,20 @@ def test_joint_loss_gradient_reaches_output_head():
 @pytest.mark.parametrize("compiled", [False, True])
 def test_finetune_beats_untrained_head(runs, tmp_path, compiled):
     out = tmp_path / "ft"
-    main(["finetune", str(runs / "ar"), "--out", str(out), "--epochs", "3", "--lr", "1e-3", "--no-progress",
-          *(["--compile"] if compiled else [])])  # fmt: skip
+    main(
+        [
+            "finetune",
+            str(runs / "ar"),
+            "--out",
+            str(out),
+            "--epochs",
+            "3",
+            "--lr",
+            "1e-3",
+            "--no-progress",
+            *(["--compile"] if compiled else []),
+        ]
+    )
     r = json.loads((out / "finetune.json").read_text())
     assert r["untrained_head_val_accuracy"] < 0.2  # a zero head predicts one class
     assert r["test_accuracy"] > 0.4 and 1 <= r["best_epoch"] <= 3  # chance is 0.1

@@ -15,8 +15,18 @@ from igpt.preparation import PrepareConfig
 from igpt.preparation import prepare_config as prepare
 from igpt.sources import load_source
 
-META_KEYS = ["dataset", "resolution", "channels", "clusters", "order", "n_train", "n_test", "num_classes",
-             "class_names", "quantization_rmse"]  # fmt: skip
+META_KEYS = [
+    "dataset",
+    "resolution",
+    "channels",
+    "clusters",
+    "order",
+    "n_train",
+    "n_test",
+    "num_classes",
+    "class_names",
+    "quantization_rmse",
+]
 
 
 def cli_error(capsys, *args: str) -> str:

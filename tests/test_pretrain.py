@@ -19,8 +19,19 @@ from igpt import training
 from igpt.checkpoint import list_checkpoints
 from igpt.cli import main
 
-BASE = ["--preset", "micro", "--batch-size", "16", "--eval-interval", "10", "--log-interval", "5",
-        "--eval-images", "64", "--no-progress"]  # fmt: skip
+BASE = [
+    "--preset",
+    "micro",
+    "--batch-size",
+    "16",
+    "--eval-interval",
+    "10",
+    "--log-interval",
+    "5",
+    "--eval-images",
+    "64",
+    "--no-progress",
+]
 
 
 def pretrain(data, out, *extra):
@@ -49,8 +60,16 @@ def test_run_directory_and_summary(digits, tmp_path):
     run = tmp_path / "run"
     pretrain(digits, run, "--steps", "20")
     s = json.loads((run / "summary.json").read_text())
-    for k in ("objective", "params", "steps", "tokens_seen", "train_loss", "val_nll", "val_bits_per_token",
-              "tokens_per_second"):  # fmt: skip
+    for k in (
+        "objective",
+        "params",
+        "steps",
+        "tokens_seen",
+        "train_loss",
+        "val_nll",
+        "val_bits_per_token",
+        "tokens_per_second",
+    ):
         assert s[k] is not None, k
     assert s["steps"] == 20 and s["tokens_seen"] == 20 * 16 * 64
     info = json.loads((run / "run.json").read_text())
@@ -102,8 +121,11 @@ def test_resume_after_sigkill_and_half_written_checkpoint(digits, tmp_path):
     p.kill()
     p.wait()
     # second kill: once a checkpoint exists, mid-run
-    p = subprocess.Popen(cmd + (["--resume"] if (killed / "run.json").exists() else []),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    p = subprocess.Popen(
+        cmd + (["--resume"] if (killed / "run.json").exists() else []),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not list_checkpoints(killed) and time.time() < deadline:
         time.sleep(0.05)
@@ -149,10 +171,30 @@ def test_ddp_two_processes_equal_one(digits, tmp_path):
     pretrain(digits, one, "--steps", "12")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "igpt",
-         "pretrain", "--data", str(digits), "--out", str(two), *BASE, "--steps", "12"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "igpt",
+            "pretrain",
+            "--data",
+            str(digits),
+            "--out",
+            str(two),
+            *BASE,
+            "--steps",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((two / "summary.json").read_text())["world_size"] == 2
     assert_same_weights(weights(one, 12), weights(two, 12), atol=1e-5)
@@ -160,8 +202,21 @@ def test_ddp_two_processes_equal_one(digits, tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint(digits, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "igpt", "pretrain", "--data", str(digits), "--out", str(run), *BASE,
-           "--steps", "100000", "--eval-interval", "100000"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "igpt",
+        "pretrain",
+        "--data",
+        str(digits),
+        "--out",
+        str(run),
+        *BASE,
+        "--steps",
+        "100000",
+        "--eval-interval",
+        "100000",
+    ]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (run / "metrics.jsonl").exists() and time.time() < deadline:

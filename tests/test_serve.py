@@ -53,8 +53,19 @@ def test_page_and_info_are_local(client):
 
 
 def test_completion_of_a_test_image_streams_row_by_row(client):
-    msgs = messages(client.post("/api/complete", data={"source": "test", "index": "5", "keep_rows": "3",
-                                                       "num": "3", "temperature": "1", "seed": "1"}))  # fmt: skip
+    msgs = messages(
+        client.post(
+            "/api/complete",
+            data={
+                "source": "test",
+                "index": "5",
+                "keep_rows": "3",
+                "num": "3",
+                "temperature": "1",
+                "seed": "1",
+            },
+        )
+    )
     assert msgs[0]["original"].startswith("data:image/png;base64,") and msgs[0]["keep_rows"] == 3
     rows = [m["rows_done"] for m in msgs if "samples" in m]
     assert rows == [4, 5, 6, 7, 8]  # one message per sampled row
@@ -127,8 +138,9 @@ def start_server(completer: Completer):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(completer, LIMIT), host="127.0.0.1", port=port,
-                                        log_level="warning"))  # fmt: skip
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(completer, LIMIT), host="127.0.0.1", port=port, log_level="warning")
+    )
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
     for _ in range(200):
@@ -225,8 +237,10 @@ def test_page_in_a_real_browser_uploads_and_renders_completions(server, browser,
     samples = browser.find_elements(By.CSS_SELECTOR, "#result img[id^=sample]")
     assert len(samples) == 3
     # every sample is a decoded, non-empty image
-    assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", s) > 0
-               for s in samples)  # fmt: skip
+    assert all(
+        browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", s) > 0
+        for s in samples
+    )
     assert "done:" in browser.find_element(By.ID, "status").text
     assert browser.find_element(By.ID, "error").text == ""
     browser.save_screenshot(str(Path(tmp_path) / "page.png"))

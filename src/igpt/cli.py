@@ -217,7 +217,8 @@ def run_finetune(args: argparse.Namespace) -> None:
 
     res = finetune(progress=not args.no_progress, **settings(args))
     print(
-        f"test accuracy {res['test_accuracy']:.4f} (best epoch {res['best_epoch']}); wrote {args.out}/finetune.json"
+        f"test accuracy {res['test_accuracy']:.4f} (best epoch {res['best_epoch']}); "
+        f"wrote {args.out}/finetune.json"
     )
 
 

@@ -8,7 +8,7 @@ The mapping (d = n_embd; Hugging Face's Conv1D stores weights as (in, out), our 
 | wpe.weight (T, d) | transformer.wpe.weight |
 | h.i.ln_1.weight, h.i.ln_2.weight, ln_f.weight | transformer.h.i.ln_1.weight, ... (no norm biases) |
 | h.i.attn.c_attn.weight (3d, d) | transformer.h.i.attn.c_attn.weight (d, 3d), transposed; q, k, v columns |
-| h.i.attn.c_proj / mlp.c_fc / mlp.c_proj | the same names, transposed; `.bias` kept (zeros when we have none) |
+| h.i.attn.c_proj / mlp.c_fc / mlp.c_proj | the same names, transposed; `.bias` kept (zeros if we have none) |
 | lm_head.weight (K, d) | lm_head.weight (K, d) (no SOS row, no bias) |
 
 transformers is not a dependency: files are read and written with safetensors and JSON only.
@@ -88,16 +88,27 @@ def hf_config_to_igpt(c: dict, bias: bool) -> IGPTConfig:
         raise IgptError(f"config.json describes a '{c.get('model_type')}' model, not imagegpt")
     if c.get("activation_function", "quick_gelu") != "quick_gelu":
         raise IgptError(f"activation {c['activation_function']} is not iGPT's quick_gelu")
-    for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                      ("tie_word_embeddings", False), ("add_cross_attention", False)):  # fmt: skip
+    for key, want in (
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("tie_word_embeddings", False),
+        ("add_cross_attention", False),
+    ):
         if c.get(key, want) != want:
             raise IgptError(f"config.json sets {key}={c[key]}, which igpt does not implement")
     d = c.get("n_embd", 512)
     if c.get("n_inner") not in (None, 4 * d):
         raise IgptError(f"config.json sets n_inner={c['n_inner']}; igpt's MLP is 4 x n_embd")
-    return IGPTConfig(vocab_size=c.get("vocab_size", 513) - 1, n_positions=c.get("n_positions", 1024),
-                      n_layer=c.get("n_layer", 24), n_embd=d, n_head=c.get("n_head", 8), bias=bias,
-                      objective="ar", norm_eps=c.get("layer_norm_epsilon", 1e-5))  # fmt: skip
+    return IGPTConfig(
+        vocab_size=c.get("vocab_size", 513) - 1,
+        n_positions=c.get("n_positions", 1024),
+        n_layer=c.get("n_layer", 24),
+        n_embd=d,
+        n_head=c.get("n_head", 8),
+        bias=bias,
+        objective="ar",
+        norm_eps=c.get("layer_norm_epsilon", 1e-5),
+    )
 
 
 def from_hf(hf_dir: str | Path, out: str | Path, palette: str | None = None) -> Path:
@@ -124,19 +135,37 @@ def from_hf(hf_dir: str | Path, out: str | Path, palette: str | None = None) -> 
     if missing or unexpected:
         raise IgptError(f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if "lm_head.weight" not in sd:
-        print("igpt: warning: no lm_head in the checkpoint (an ImageGPTModel); the output head is zero, so the "
-              "run probes but does not sample", flush=True)  # fmt: skip
+        print(
+            "igpt: warning: no lm_head in the checkpoint (an ImageGPTModel); the output head is zero, so the "
+            "run probes but does not sample",
+            flush=True,
+        )
     pal = _palette_for(hf, palette, cfg.vocab_size)
     res = int(round(cfg.n_positions**0.5))
     if res * res != cfg.n_positions:
         raise IgptError(f"n_positions {cfg.n_positions} is not a square image")
-    meta = {"dataset": "huggingface", "resolution": res, "channels": int(pal.shape[1]), "clusters": cfg.vocab_size,
-            "order": "raster", "num_classes": 0, "class_names": [], "source": str(hf.resolve())}  # fmt: skip
+    meta = {
+        "dataset": "huggingface",
+        "resolution": res,
+        "channels": int(pal.shape[1]),
+        "clusters": cfg.vocab_size,
+        "order": "raster",
+        "num_classes": 0,
+        "class_names": [],
+        "source": str(hf.resolve()),
+    }
     with atomic_directory(out) as tmp:
-        Run.create(tmp, "converted", cfg, data_meta=meta, palette=pal, seed=None,
-                   converted_from=str(hf.resolve()))  # fmt: skip
-        save_checkpoint(tmp, 0, model.state_dict(), {}, {"step": 0, "tokens_seen": 0, "elapsed_seconds": 0.0,
-                        "converted_from": str(hf.resolve())}, keep={0})  # fmt: skip
+        Run.create(
+            tmp, "converted", cfg, data_meta=meta, palette=pal, seed=None, converted_from=str(hf.resolve())
+        )
+        save_checkpoint(
+            tmp,
+            0,
+            model.state_dict(),
+            {},
+            {"step": 0, "tokens_seen": 0, "elapsed_seconds": 0.0, "converted_from": str(hf.resolve())},
+            keep={0},
+        )
     return out
 
 
@@ -147,8 +176,10 @@ def _palette_for(hf: Path, palette: str | None, k: int) -> np.ndarray:
         pre = hf / "preprocessor_config.json"
         clusters = json.loads(pre.read_text()).get("clusters") if pre.is_file() else None
         if clusters is None:
-            raise IgptError(f"{hf} has no palette (no clusters in preprocessor_config.json); pass --palette "
-                            "kmeans_centers.npy")  # fmt: skip
+            raise IgptError(
+                f"{hf} has no palette (no clusters in preprocessor_config.json); pass --palette "
+                "kmeans_centers.npy"
+            )
         pal = 127.5 * (np.asarray(clusters, dtype=np.float32) + 1.0)
     if len(pal) != k:
         raise IgptError(f"the palette has {len(pal)} colours but the model predicts {k}")
@@ -174,18 +205,36 @@ def to_hf(run: str | Path, out: str | Path, checkpoint: str | None = None) -> Pa
         pal = np.repeat(pal, 3, axis=1)
     res = int(round(cfg.n_positions**0.5))
     config = {
-        "architectures": ["ImageGPTForCausalImageModeling"], "model_type": "imagegpt",
-        "vocab_size": cfg.vocab_size + 1, "n_positions": cfg.n_positions, "n_embd": cfg.n_embd,
-        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None, "activation_function": "quick_gelu",
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "layer_norm_epsilon": cfg.norm_eps,
-        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": False,
-        "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, "torch_dtype": "float32",
-    }  # fmt: skip
+        "architectures": ["ImageGPTForCausalImageModeling"],
+        "model_type": "imagegpt",
+        "vocab_size": cfg.vocab_size + 1,
+        "n_positions": cfg.n_positions,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "activation_function": "quick_gelu",
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "use_cache": True,
+        "tie_word_embeddings": False,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "torch_dtype": "float32",
+    }
     pre = {
-        "image_processor_type": "ImageGPTImageProcessor", "clusters": (pal / 127.5 - 1.0).tolist(),
-        "do_color_quantize": True, "do_normalize": True, "do_resize": True, "resample": 2,
+        "image_processor_type": "ImageGPTImageProcessor",
+        "clusters": (pal / 127.5 - 1.0).tolist(),
+        "do_color_quantize": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "resample": 2,
         "size": {"height": res, "width": res},
-    }  # fmt: skip
+    }
     with atomic_directory(out) as tmp:
         save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -58,8 +58,9 @@ def fsync_dir(path: str | Path) -> None:
 
 @contextmanager
 def atomic_directory(out: str | Path) -> Iterator[Path]:
-    """Yield a hidden temporary sibling of `out` to fill; on success it replaces `out` (an existing one is moved
-    aside first, then removed), on any failure it is deleted. Readers never see a half-written directory."""
+    """Yield a hidden temporary sibling of `out` to fill; on success it replaces `out` (an existing one is
+    moved aside first, then removed), on any failure it is deleted. Readers never see a half-written
+    directory."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))

@@ -40,7 +40,8 @@ class Classifier(nn.Module):
 
     The pooled features are standardised with fixed statistics of the training set (buffers set by
     `standardise_head`) before the head: averaged over positions they vary little between images, and a head
-    on the raw pool needs weights so large that it learns slowly and amplifies every change of the backbone."""
+    on the raw pool needs weights so large that it learns slowly and amplifies every change of the
+    backbone."""
 
     def __init__(self, backbone: IGPT, num_classes: int):
         super().__init__()
@@ -98,15 +99,21 @@ def tokens_rows(data: PreparedData, rows: np.ndarray) -> np.ndarray:
 def standardise_head(
     model: Classifier, tokens: np.ndarray, labels: np.ndarray, C: int, device: str, probe: bool
 ) -> None:
-    """Set the head's feature statistics from up to 10,000 training rows and, with `probe`, start the head at a
-    linear probe of those standardised features (linear probe, then fine-tune) instead of at zero."""
+    """Set the head's feature statistics from up to 10,000 training rows and, with `probe`, start the head
+    at a linear probe of those standardised features (linear probe, then fine-tune) instead of at zero."""
     n = model.backbone.config.n_layer
     x = extract_features(model.backbone, tokens, [n], device=device)[n]
     model.feat_mean.copy_(x.mean(0))
     model.feat_std.copy_(x.std(0).clamp(min=1e-6))
     if probe:
-        p = fit_logistic(x, torch.from_numpy(labels), C, 1e-2, stats=(model.feat_mean.cpu(), model.feat_std.cpu()),
-                         device=device)  # fmt: skip
+        p = fit_logistic(
+            x,
+            torch.from_numpy(labels),
+            C,
+            1e-2,
+            stats=(model.feat_mean.cpu(), model.feat_std.cpu()),
+            device=device,
+        )
         with torch.no_grad():
             model.head.weight.copy_(p.weight.T)
             model.head.bias.copy_(p.bias)
@@ -219,8 +226,10 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
     if args.labels_per_class:
         counts = np.bincount(y_all[rows], minlength=C)
         if args.labels_per_class > counts.min():
-            raise IgptError(f"--labels-per-class {args.labels_per_class} exceeds the {counts.min()} images of the "
-                            "rarest class")  # fmt: skip
+            raise IgptError(
+                f"--labels-per-class {args.labels_per_class} exceeds the {counts.min()} images of the "
+                "rarest class"
+            )
         rows = rows[balanced_subset(y_all[rows], args.labels_per_class, args.seed)]
     tr_i, va_i = split_validation(y_all[rows], args.val_fraction, args.seed)
     tr, va = rows[tr_i], rows[va_i]
@@ -230,8 +239,14 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = Classifier(backbone, C).to(device).train()
     untrained_val = accuracy(model, data.tokens("train")[va], y_all[va], device) if len(va) else None
-    standardise_head(model, tokens_rows(data, tr[:10_000]), y_all[np.sort(tr[:10_000])], C, device,
-                     probe=args.head_init == "probe")  # fmt: skip
+    standardise_head(
+        model,
+        tokens_rows(data, tr[:10_000]),
+        y_all[np.sort(tr[:10_000])],
+        C,
+        device,
+        probe=args.head_init == "probe",
+    )
     train = info.train_config
     pre_lr = train.lr if train else 1e-3
     mask_ratio = train.mask_ratio if train else 0.15  # BERT: mask as the backbone was pretrained
@@ -247,10 +262,13 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
     total = steps_per_epoch * args.epochs
     gen = torch.Generator().manual_seed(args.seed)
     tokens = data.tokens("train")
-    print(f"igpt finetune: {len(tr):,} training / {len(va):,} validation / {len(te):,} test images, {C} classes; "
-          f"lr {lr:g}, gen weight {args.gen_weight:g}, batch {args.batch_size}, up to {args.epochs} epochs x "
-          f"{steps_per_epoch} steps; augment {'shifts' + (' + flips' if flip else '') if aug else 'off'}",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"igpt finetune: {len(tr):,} training / {len(va):,} validation / {len(te):,} test images, "
+        f"{C} classes; "
+        f"lr {lr:g}, gen weight {args.gen_weight:g}, batch {args.batch_size}, up to {args.epochs} epochs x "
+        f"{steps_per_epoch} steps; augment {'shifts' + (' + flips' if flip else '') if aug else 'off'}",
+        file=sys.stderr,
+    )
     initial_val = accuracy(model, tokens[va], y_all[va], device) if len(va) else None
     history, best, best_state, bad_epochs, step = [], (-1.0, -1), None, 0, 0
     t0 = time.perf_counter()
@@ -260,8 +278,15 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
     for epoch in range(1, args.epochs + 1):
         perm = tr[torch.randperm(len(tr), generator=gen).numpy()]
         losses = []
-        bar = tqdm(range(0, len(perm), args.batch_size), desc=f"epoch {epoch}", unit="step", leave=False,
-                   disable=not args.progress, mininterval=1.0, file=sys.stderr)  # fmt: skip
+        bar = tqdm(
+            range(0, len(perm), args.batch_size),
+            desc=f"epoch {epoch}",
+            unit="step",
+            leave=False,
+            disable=not args.progress,
+            mininterval=1.0,
+            file=sys.stderr,
+        )
         for s in bar:
             idx = np.sort(perm[s : s + args.batch_size])
             x = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
@@ -334,8 +359,16 @@ def _save(
             "head": "linear, on the standardised mean of the final normed states",
         }
         meta = {k: v for k, v in data.meta.items() if k != "settings"}
-        Run.create(tmp, "finetuned", pretrained.model_config, preset=pretrained.preset, data_dir=str(data.dir),
-                   data_meta=meta, palette=data.palette, finetune=finetune)  # fmt: skip
+        Run.create(
+            tmp,
+            "finetuned",
+            pretrained.model_config,
+            preset=pretrained.preset,
+            data_dir=str(data.dir),
+            data_meta=meta,
+            palette=data.palette,
+            finetune=finetune,
+        )
         write_json_atomic(tmp / "finetune.json", result)
 
 

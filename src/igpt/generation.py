@@ -154,8 +154,20 @@ class DecodeWeights:
                 w_qkv, w_fc, w_pr = w_qkv * g1, w_fc * (g2 * 1.702), w_pr / 1.702
                 b_fc = None if b_fc is None else b_fc * 1.702
                 g1 = g2 = None
-            self.layers.append((g1, w_qkv.t(), a.c_attn.bias, a.c_proj.weight.t(), a.c_proj.bias, g2, w_fc.t(),
-                                b_fc, w_pr.t(), m.c_proj.bias))  # fmt: skip
+            self.layers.append(
+                (
+                    g1,
+                    w_qkv.t(),
+                    a.c_attn.bias,
+                    a.c_proj.weight.t(),
+                    a.c_proj.bias,
+                    g2,
+                    w_fc.t(),
+                    b_fc,
+                    w_pr.t(),
+                    m.c_proj.bias,
+                )
+            )
         head, self.g_f = model.lm_head.weight, model.ln_f.weight
         if self.folded:
             head, self.g_f = head * self.g_f, None

@@ -67,12 +67,36 @@ class QuickstartPlan:
     see BENCHMARKS.md); each falls back to eager PyTorch, with a notice, where compiling fails."""
 
 
-DEFAULT = QuickstartPlan(dataset="fashion-mnist", resolution=14, clusters=16, limit=None, preset="tiny",
-                         minutes=19.5, batch_size=32, lr=2e-3, pool="grid3", low_data=((10, 5), (100, 3)),
-                         completions=(8, 5), keep_every=500, compile=True)  # fmt: skip
-SMOKE = QuickstartPlan(dataset="fashion-mnist", resolution=8, clusters=8, limit=2000, preset="micro",
-                       minutes=0.3, batch_size=32, lr=3e-3, pool="grid", low_data=((10, 2),),
-                       completions=(3, 3), keep_every=1000, compile=False)  # fmt: skip
+DEFAULT = QuickstartPlan(
+    dataset="fashion-mnist",
+    resolution=14,
+    clusters=16,
+    limit=None,
+    preset="tiny",
+    minutes=19.5,
+    batch_size=32,
+    lr=2e-3,
+    pool="grid3",
+    low_data=((10, 5), (100, 3)),
+    completions=(8, 5),
+    keep_every=500,
+    compile=True,
+)
+SMOKE = QuickstartPlan(
+    dataset="fashion-mnist",
+    resolution=8,
+    clusters=8,
+    limit=2000,
+    preset="micro",
+    minutes=0.3,
+    batch_size=32,
+    lr=3e-3,
+    pool="grid",
+    low_data=((10, 2),),
+    completions=(3, 3),
+    keep_every=1000,
+    compile=False,
+)
 
 
 def make_plan(
@@ -110,8 +134,10 @@ def make_plan(
             if data_dir:
                 raise IgptError(f"no Fashion-MNIST IDX files in {d}")
             dataset = "digits"
-            notice = (f"Fashion-MNIST is not in {FASHION_DIR} (install it with `apt-get install "
-                      "dataset-fashion-mnist`); using scikit-learn's 8x8 digits instead")  # fmt: skip
+            notice = (
+                f"Fashion-MNIST is not in {FASHION_DIR} (install it with `apt-get install "
+                "dataset-fashion-mnist`); using scikit-learn's 8x8 digits instead"
+            )
     if dataset == "digits":
         over.update(resolution=8, limit=None)
     over["dataset"] = dataset
@@ -190,8 +216,16 @@ def quickstart(
     stage(1, f"prepare {plan.dataset}: {plan.resolution}x{plan.resolution}, {plan.clusters} grey levels")
     t = time.perf_counter()
     source_dir = data_dir if plan.dataset != "digits" else None
-    meta = prepare_config(PrepareConfig(dataset=plan.dataset, data_dir=source_dir, resolution=plan.resolution,
-                                        clusters=plan.clusters, limit=plan.limit), data_dir_out)  # fmt: skip
+    meta = prepare_config(
+        PrepareConfig(
+            dataset=plan.dataset,
+            data_dir=source_dir,
+            resolution=plan.resolution,
+            clusters=plan.clusters,
+            limit=plan.limit,
+        ),
+        data_dir_out,
+    )
     print("\n".join(summary_lines(meta, data_dir_out)))
     st.finish("prepare", time.perf_counter() - t)
 
@@ -201,9 +235,19 @@ def quickstart(
         print(f"already done ({run_dir}); skipped")
     else:
         t = time.perf_counter()
-        summary = pretrain(data_dir_out, run_dir, preset=plan.preset, minutes=plan.minutes,
-                           batch_size=plan.batch_size, lr=plan.lr, eval_images=1000, keep_every=plan.keep_every,
-                           compile=plan.compile, resume=run is not None, progress=progress)  # fmt: skip
+        summary = pretrain(
+            data_dir_out,
+            run_dir,
+            preset=plan.preset,
+            minutes=plan.minutes,
+            batch_size=plan.batch_size,
+            lr=plan.lr,
+            eval_images=1000,
+            keep_every=plan.keep_every,
+            compile=plan.compile,
+            resume=run is not None,
+            progress=progress,
+        )
         if not summary.get("finished", False):
             raise IgptError("pretraining stopped before its budget; run the same command again to resume it")
         st.finish("pretrain", time.perf_counter() - t)
@@ -218,8 +262,17 @@ def quickstart(
         low-data probes index the full probe's features instead of running the model again."""
         _, model, data = open_labelled_run(str(run_dir), None)
         layers = list(range(model.config.n_layer + 1))
-        cache = FeatureCache(model, data, layers, batch_size=128, pool=plan.pool, resolution=data.resolution,
-                             device="cpu", quiet=not progress, compile=plan.compile)  # fmt: skip
+        cache = FeatureCache(
+            model,
+            data,
+            layers,
+            batch_size=128,
+            pool=plan.pool,
+            resolution=data.resolution,
+            device="cpu",
+            quiet=not progress,
+            compile=plan.compile,
+        )
         return model, data, layers, cache
 
     if st.done("probe") and (run_dir / "probe_full.json").is_file():
@@ -266,7 +319,8 @@ def quickstart(
     path = write_report(out)
     total = sum(st.state["seconds"].values())
     print(
-        f"\nwrote {path}\ntotal {total / 60:.1f} min of stages; peak memory {st.state['peak_rss_mib']:.0f} MiB"
+        f"\nwrote {path}\ntotal {total / 60:.1f} min of stages; "
+        f"peak memory {st.state['peak_rss_mib']:.0f} MiB"
     )
     return st.state
 

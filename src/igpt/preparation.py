@@ -100,8 +100,18 @@ def prepare(
     """The prepare stage: read `dataset` (see `PrepareConfig` for every setting), box-resize it, fit or reuse
     a palette, and write the token sets to `out`; returns meta.json's content. An existing directory prepared
     with the same settings is reused; one with other settings is refused unless `force`."""
-    cfg = PrepareConfig(dataset=dataset, data_dir=data_dir, resolution=resolution, clusters=clusters, order=order,
-                        palette=palette, limit=limit, seed=seed, test_fraction=test_fraction, strict=strict)  # fmt: skip
+    cfg = PrepareConfig(
+        dataset=dataset,
+        data_dir=data_dir,
+        resolution=resolution,
+        clusters=clusters,
+        order=order,
+        palette=palette,
+        limit=limit,
+        seed=seed,
+        test_fraction=test_fraction,
+        strict=strict,
+    )
     return prepare_config(cfg, out, force)
 
 
@@ -124,9 +134,13 @@ def prepare_config(cfg: PrepareConfig, out: str | Path, force: bool = False) -> 
 
     t0 = time.perf_counter()
     data = load_source(
-        cfg.dataset, cfg.data_dir, resolution=cfg.resolution, test_fraction=cfg.test_fraction, seed=cfg.seed,
+        cfg.dataset,
+        cfg.data_dir,
+        resolution=cfg.resolution,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
         strict=cfg.strict,
-    )  # fmt: skip
+    )
     if data.skipped:
         _log(f"warning: skipped {len(data.skipped)} unreadable file(s), e.g. {data.skipped[0]}")
     train, test = data.train, data.test
@@ -208,7 +222,8 @@ def summary_lines(meta: dict[str, Any], out: str | Path) -> list[str]:
     return [
         f"prepared {meta['dataset']} -> {out}",
         f"  images      train {tr:,}  test {meta['n_test']:,}  ({meta['num_classes']} classes)",
-        f"  tokens      {meta['resolution']}x{meta['resolution']} = {meta['seq_len']} per image, {meta['order']} order, "
+        f"  tokens      {meta['resolution']}x{meta['resolution']} = {meta['seq_len']} per image, "
+        f"{meta['order']} order, "
         f"dtype {meta['token_dtype']}",
         f"  palette     {meta['clusters']} colours x {meta['channels']} channel(s), "
         f"quantization RMSE {meta['quantization_rmse']:.3f} (0-255 scale)",

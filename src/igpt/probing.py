@@ -167,8 +167,15 @@ def fit_logistic_many(
     if init is not None:
         w.copy_(init[0].to(device).repeat(1, P))
         b.copy_(init[1].to(device).repeat(P))
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
-                            tolerance_change=1e-9, line_search_fn="strong_wolfe")  # fmt: skip
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
+    )
     onehot = F.one_hot(y, C).to(torch.float32)[:, None, :]  # (N, 1, C)
 
     def closure() -> torch.Tensor:
@@ -223,8 +230,9 @@ def probe_with_validation(
         keep, _ = split_validation(ytr.numpy()[tr], 1 - select_rows / len(tr), seed + 1)
         tr = tr[keep]
     stats = (xtr[tr].double().mean(0), xtr[tr].double().std(0).clamp(min=1e-6))
-    probes = fit_logistic_many(xtr[tr], ytr[tr], num_classes, list(lambdas), stats=stats, max_iter=300,
-                               device=device)  # fmt: skip
+    probes = fit_logistic_many(
+        xtr[tr], ytr[tr], num_classes, list(lambdas), stats=stats, max_iter=300, device=device
+    )
     val_acc = {p.lam: p.accuracy(xtr[va], ytr[va]) for p in probes}
     best = max(lambdas, key=lambda k: (val_acc[k], k))  # ties go to the stronger regularisation
     chosen = probes[list(lambdas).index(best)]
@@ -285,8 +293,10 @@ def open_labelled_run(
     model = r.load_model(checkpoint)
     cfg = model.config
     if data.clusters != cfg.vocab_size or data.seq_len != cfg.n_positions:
-        raise IgptError(f"{data_dir} ({data.clusters} clusters, {data.seq_len} tokens) does not match the model "
-                        f"({cfg.vocab_size}, {cfg.n_positions})")  # fmt: skip
+        raise IgptError(
+            f"{data_dir} ({data.clusters} clusters, {data.seq_len} tokens) does not match the model "
+            f"({cfg.vocab_size}, {cfg.n_positions})"
+        )
     if not r.finished:
         last = r.checkpoints()[-1].name if r.checkpoints() else "none"
         print(
@@ -400,8 +410,13 @@ def full_probe(
     te = labelled_rows(data.labels("test"), cfg.test_limit)
     ytr, yte = torch.from_numpy(data.labels("train")[tr]), torch.from_numpy(data.labels("test")[te])
     t0 = time.perf_counter()
-    kw = dict(batch_size=cfg.batch_size, pool=cfg.pool, resolution=data.resolution, device=cfg.device,
-              compile=cfg.compile)  # fmt: skip
+    kw = dict(
+        batch_size=cfg.batch_size,
+        pool=cfg.pool,
+        resolution=data.resolution,
+        device=cfg.device,
+        compile=cfg.compile,
+    )
     cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
     ftr, fte = cache("train", tr, "train features"), cache("test", te, "test features")
     t_feat = time.perf_counter() - t0
@@ -409,27 +424,56 @@ def full_probe(
     for i in layers:
         r = probe_with_validation(ftr[i], ytr, fte[i], yte, C, cfg.val_fraction, cfg.seed, device=cfg.device)
         res["layers"][str(i)], res["val_accuracy"][str(i)], res["lambda"][str(i)] = (
-            r["test_accuracy"], r["val_accuracy"], r["lambda"])  # fmt: skip
+            r["test_accuracy"],
+            r["val_accuracy"],
+            r["lambda"],
+        )
         if cfg.progress:
-            print(f"  layer {i}: test {r['test_accuracy']:.4f} (val {r['val_accuracy']:.4f}, lambda {r['lambda']:g})",
-              file=sys.stderr)  # fmt: skip
+            print(
+                f"  layer {i}: test {r['test_accuracy']:.4f} "
+                f"(val {r['val_accuracy']:.4f}, lambda {r['lambda']:g})",
+                file=sys.stderr,
+            )
     t_fit = time.perf_counter() - t0 - t_feat
     best = max(layers, key=lambda i: (res["val_accuracy"][str(i)], -i))  # chosen on validation, not test
-    raw = probe_with_validation(raw_pixels(data, "train", tr), ytr, raw_pixels(data, "test", te), yte, C,
-                                cfg.val_fraction, cfg.seed, device=cfg.device)  # fmt: skip
-    res.update(best_layer=best, best_accuracy=res["layers"][str(best)], raw_pixel_accuracy=raw["test_accuracy"],
-               n_train=len(tr), n_test=len(te), feature_dim=int(ftr[layers[0]].shape[1]), pool=cfg.pool,
-               classifier="multinomial logistic regression, torch L-BFGS, L2 chosen on a "
-               f"{cfg.val_fraction:.0%} validation split from {list(LAMBDAS)} (the sweep fitted on at most "
-               "20,000 training rows), then refitted on all",
-               seconds={"features": round(t_feat, 2), "probes": round(t_fit, 2)})  # fmt: skip
+    raw = probe_with_validation(
+        raw_pixels(data, "train", tr),
+        ytr,
+        raw_pixels(data, "test", te),
+        yte,
+        C,
+        cfg.val_fraction,
+        cfg.seed,
+        device=cfg.device,
+    )
+    res.update(
+        best_layer=best,
+        best_accuracy=res["layers"][str(best)],
+        raw_pixel_accuracy=raw["test_accuracy"],
+        n_train=len(tr),
+        n_test=len(te),
+        feature_dim=int(ftr[layers[0]].shape[1]),
+        pool=cfg.pool,
+        classifier="multinomial logistic regression, torch L-BFGS, L2 chosen on a "
+        f"{cfg.val_fraction:.0%} validation split from {list(LAMBDAS)} (the sweep fitted on at most "
+        "20,000 training rows), then refitted on all",
+        seconds={"features": round(t_feat, 2), "probes": round(t_fit, 2)},
+    )
     if cfg.concat:
         cat = parse_layers(cfg.concat, model.config.n_layer, cfg.run)
         missing = [i for i in cat if i not in ftr]
         if missing:
             raise IgptError(f"--concat layers {missing} must also be among --layers")
-        r = probe_with_validation(torch.cat([ftr[i] for i in cat], 1), ytr, torch.cat([fte[i] for i in cat], 1), yte,
-                                  C, cfg.val_fraction, cfg.seed, device=cfg.device)  # fmt: skip
+        r = probe_with_validation(
+            torch.cat([ftr[i] for i in cat], 1),
+            ytr,
+            torch.cat([fte[i] for i in cat], 1),
+            yte,
+            C,
+            cfg.val_fraction,
+            cfg.seed,
+            device=cfg.device,
+        )
         res["concat"] = {
             "layers": cat,
             "test_accuracy": r["test_accuracy"],
@@ -441,8 +485,17 @@ def full_probe(
     return res
 
 
-def mask_ensemble(cfg: ProbeConfig, model: IGPT, data: PreparedData, tr: np.ndarray, te: np.ndarray, ytr: torch.Tensor,
-                  yte: torch.Tensor, lambdas: dict[int, float], kw: dict) -> dict[str, Any]:  # fmt: skip
+def mask_ensemble(
+    cfg: ProbeConfig,
+    model: IGPT,
+    data: PreparedData,
+    tr: np.ndarray,
+    te: np.ndarray,
+    ytr: torch.Tensor,
+    yte: torch.Tensor,
+    lambdas: dict[int, float],
+    kw: dict,
+) -> dict[str, Any]:
     """BERT, Figure 4's protocol: the evaluation is repeated M times, each with its own random 15% mask on the
     training and test images (the input BERT saw in pretraining); the test prediction is the modal class over
     the M probes. Each layer keeps the L2 strength chosen on its unmasked validation split."""
@@ -453,10 +506,24 @@ def mask_ensemble(cfg: ProbeConfig, model: IGPT, data: PreparedData, tr: np.ndar
     single: dict[int, list[float]] = {i: [] for i in layers}
     for m in range(cfg.mask_ensemble):
         label = f"mask {m + 1}/{cfg.mask_ensemble}"
-        ftr = extract_features(model, data.tokens("train")[tr], layers, mask_ratio=0.15, seed=1000 + m,
-                               progress=label + " train", **kw)  # fmt: skip
-        fte = extract_features(model, data.tokens("test")[te], layers, mask_ratio=0.15, seed=2000 + m,
-                               progress=label + " test", **kw)  # fmt: skip
+        ftr = extract_features(
+            model,
+            data.tokens("train")[tr],
+            layers,
+            mask_ratio=0.15,
+            seed=1000 + m,
+            progress=label + " train",
+            **kw,
+        )
+        fte = extract_features(
+            model,
+            data.tokens("test")[te],
+            layers,
+            mask_ratio=0.15,
+            seed=2000 + m,
+            progress=label + " test",
+            **kw,
+        )
         for i in layers:
             p = fit_logistic(ftr[i], ytr, data.num_classes, lambdas[i], device=kw["device"])
             pred = p.predict(fte[i]).cpu()
@@ -466,15 +533,19 @@ def mask_ensemble(cfg: ProbeConfig, model: IGPT, data: PreparedData, tr: np.ndar
     for i in layers:
         mode = torch.mode(torch.stack(votes[i]), dim=0).values
         out[str(i)] = float((mode == yte).float().mean())
-    return {"masks": cfg.mask_ensemble, "layers": out,
-            "single_mask_mean": {str(i): float(np.mean(v)) for i, v in single.items()}}  # fmt: skip
+    return {
+        "masks": cfg.mask_ensemble,
+        "layers": out,
+        "single_mask_mean": {str(i): float(np.mean(v)) for i, v in single.items()},
+    }
 
 
 def low_data_probe(
     cfg: ProbeConfig, model: IGPT, data: PreparedData, layers: list[int], cache: FeatureCache | None = None
 ) -> dict[str, Any]:
     """Table 4's protocol: K seeded class-balanced subsets of N labels per class; lambda by k-fold
-    cross-validation within each subset; mean and std of test accuracy, beside raw pixels on the same subsets."""
+    cross-validation within each subset; mean and std of test accuracy, beside raw pixels on the same
+    subsets."""
     N, C = cfg.labels_per_class, data.num_classes
     if N < 1 or cfg.seeds < 1:
         raise IgptError("--labels-per-class and --seeds must be at least 1")
@@ -486,8 +557,13 @@ def low_data_probe(
     rows = np.unique(np.concatenate(subsets))
     te = labelled_rows(data.labels("test"), cfg.test_limit)
     yte = torch.from_numpy(data.labels("test")[te])
-    kw = dict(batch_size=cfg.batch_size, pool=cfg.pool, resolution=data.resolution, device=cfg.device,
-              compile=cfg.compile)  # fmt: skip
+    kw = dict(
+        batch_size=cfg.batch_size,
+        pool=cfg.pool,
+        resolution=data.resolution,
+        device=cfg.device,
+        compile=cfg.compile,
+    )
     cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
     ftr, fte = cache("train", rows, "train features"), cache("test", te, "test features")
     rtr, rte = raw_pixels(data, "train", rows), raw_pixels(data, "test", te)
@@ -521,7 +597,8 @@ def low_data_probe(
         "raw_pixel_std": float(np.std(raw)),
         "n_test": len(te),
         "pool": cfg.pool,
-        "classifier": f"multinomial logistic regression, torch L-BFGS, L2 by {folds}-fold CV within each subset",
+        "classifier": "multinomial logistic regression, torch L-BFGS, "
+        f"L2 by {folds}-fold CV within each subset",
     }
 
 
@@ -539,11 +616,21 @@ def checkpoints_probe(cfg: ProbeConfig, data: PreparedData, layers: list[int]) -
         model = run.load_model(path.name)
         print(f"checkpoint {path.name} (val_nll {state['val_nll']:.4f})", file=sys.stderr)
         r = full_probe(cfg, model, data, layers)
-        rows.append({"checkpoint": path.name, "step": state["step"], "val_nll": state["val_nll"],
-                     "best_layer": r["best_layer"], "best_accuracy": r["best_accuracy"], "layers": r["layers"]})  # fmt: skip
+        rows.append(
+            {
+                "checkpoint": path.name,
+                "step": state["step"],
+                "val_nll": state["val_nll"],
+                "best_layer": r["best_layer"],
+                "best_accuracy": r["best_accuracy"],
+                "layers": r["layers"],
+            }
+        )
     if len(rows) < 2:
-        raise IgptError("loss against probe needs at least two kept checkpoints with val_nll; pretrain with "
-                        "--keep-every N")  # fmt: skip
+        raise IgptError(
+            "loss against probe needs at least two kept checkpoints with val_nll; pretrain with "
+            "--keep-every N"
+        )
     return {"checkpoints": rows, "raw_pixel_accuracy": r["raw_pixel_accuracy"]}
 
 
@@ -557,8 +644,13 @@ def plot_checkpoints(path: Path, rows: list[dict]) -> None:
     xs, ys = [r["val_nll"] for r in rows], [r["best_accuracy"] for r in rows]
     ax.plot(xs, ys, "o-")
     for r in rows:
-        ax.annotate(str(r["step"]), (r["val_nll"], r["best_accuracy"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")  # fmt: skip
+        ax.annotate(
+            str(r["step"]),
+            (r["val_nll"], r["best_accuracy"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     ax.set_xlabel("validation NLL (nats per token)")
     ax.set_ylabel("best-layer probe accuracy")
     ax.set_title("Better generative loss, better features (labels: step)")
@@ -587,8 +679,11 @@ def probe_and_save(
         res = full_probe(cfg, model, data, layers, cache)
         name = "probe_full"
         title = f"linear probe, {res['n_train']:,} training images"
-    res.update(objective=model.config.objective, checkpoint=cfg.checkpoint or "latest",
-               seconds_total=round(time.perf_counter() - t0, 2))  # fmt: skip
+    res.update(
+        objective=model.config.objective,
+        checkpoint=cfg.checkpoint or "latest",
+        seconds_total=round(time.perf_counter() - t0, 2),
+    )
     write_json_atomic(run_dir / f"{name}.json", res)
     write_json_atomic(run_dir / "probe.json", res)
     plot_layers(run_dir / "probe.png", res["layers"], res["raw_pixel_accuracy"], title, baselines or {})

@@ -89,40 +89,86 @@ def write_report(out: Path) -> Path:
     model = info.get("model", {})
     loss_curve(run, out / "loss.png")
 
-    parts = [f"<h1>igpt quickstart: {html.escape(meta.get('dataset', '?'))}</h1>",
-             f"<p class=muted>Generated {time.strftime('%Y-%m-%d %H:%M')} from {html.escape(str(out))}</p>"]  # fmt: skip
+    parts = [
+        f"<h1>igpt quickstart: {html.escape(meta.get('dataset', '?'))}</h1>",
+        f"<p class=muted>Generated {time.strftime('%Y-%m-%d %H:%M')} from {html.escape(str(out))}</p>",
+    ]
     if qs.get("notice"):
         parts.append(f"<p class=notice>{html.escape(qs['notice'])}</p>")
     best, raw = full.get("best_accuracy"), full.get("raw_pixel_accuracy")
     cards = [
-        ("best-layer probe", f"{best:.4f}" if best is not None else "-", f"layer {full.get('best_layer', '-')}"),
-        ("raw pixels, same probe", f"{raw:.4f}" if raw is not None else "-", f"{meta.get('resolution', 0) ** 2} pixels; features {full.get('feature_dim', '')}-d"),
-        ("validation NLL", f"{summ.get('val_nll', float('nan')):.4f}", f"{summ.get('val_bits_per_token', float('nan')):.3f} bits per token"),
+        (
+            "best-layer probe",
+            f"{best:.4f}" if best is not None else "-",
+            f"layer {full.get('best_layer', '-')}",
+        ),
+        (
+            "raw pixels, same probe",
+            f"{raw:.4f}" if raw is not None else "-",
+            f"{meta.get('resolution', 0) ** 2} pixels; features {full.get('feature_dim', '')}-d",
+        ),
+        (
+            "validation NLL",
+            f"{summ.get('val_nll', float('nan')):.4f}",
+            f"{summ.get('val_bits_per_token', float('nan')):.3f} bits per token",
+        ),
         ("training speed", f"{summ.get('tokens_per_second', 0):,.0f}", "tokens per second"),
-    ]  # fmt: skip
-    parts.append("<div class=cards>" + "".join(
-        f"<div class=card>{html.escape(a)}<b>{b}</b><span class=muted>{html.escape(c)}</span></div>"
-        for a, b, c in cards) + "</div>")  # fmt: skip
+    ]
+    parts.append(
+        "<div class=cards>"
+        + "".join(
+            f"<div class=card>{html.escape(a)}<b>{b}</b><span class=muted>{html.escape(c)}</span></div>"
+            for a, b, c in cards
+        )
+        + "</div>"
+    )
 
     parts.append("<h2>Settings</h2>")
-    parts.append(_table(["setting", "value"], [
-        ["dataset", f"{meta.get('dataset')} ({meta.get('n_train', 0):,} train / {meta.get('n_test', 0):,} test images)"],
-        ["pixels", f"{meta.get('resolution')}x{meta.get('resolution')}, {meta.get('clusters')} grey levels "
-                   f"(quantization RMSE {meta.get('quantization_rmse', float('nan')):.2f} on 0-255)"],
-        ["model", f"{model.get('n_layer')} layers x {model.get('n_embd')} wide, {model.get('n_head')} heads, "
-                  f"{summ.get('params', 0):,} parameters, objective {model.get('objective')}"],
-        ["pretraining", f"{plan.get('minutes')} min budget: {summ.get('steps', 0):,} steps of batch {plan.get('batch_size')}, "
-                        f"peak lr {plan.get('lr')}, {summ.get('tokens_seen', 0):,} tokens ({summ.get('epochs', 0):.2f} epochs), "
-                        f"{'through torch.compile' if summ.get('compiled', plan.get('compile')) else 'eager PyTorch'}"],
-        ["probe", f"{full.get('classifier', '-')}; pooling: {full.get('pool', '-')}"],
-    ]))  # fmt: skip
+    parts.append(
+        _table(
+            ["setting", "value"],
+            [
+                [
+                    "dataset",
+                    f"{meta.get('dataset')} ({meta.get('n_train', 0):,} train / "
+                    f"{meta.get('n_test', 0):,} test images)",
+                ],
+                [
+                    "pixels",
+                    f"{meta.get('resolution')}x{meta.get('resolution')}, {meta.get('clusters')} grey levels "
+                    f"(quantization RMSE {meta.get('quantization_rmse', float('nan')):.2f} on 0-255)",
+                ],
+                [
+                    "model",
+                    f"{model.get('n_layer')} layers x {model.get('n_embd')} wide, "
+                    f"{model.get('n_head')} heads, "
+                    f"{summ.get('params', 0):,} parameters, objective {model.get('objective')}",
+                ],
+                [
+                    "pretraining",
+                    f"{plan.get('minutes')} min budget: {summ.get('steps', 0):,} steps of batch "
+                    f"{plan.get('batch_size')}, peak lr {plan.get('lr')}, "
+                    f"{summ.get('tokens_seen', 0):,} tokens "
+                    f"({summ.get('epochs', 0):.2f} epochs), "
+                    + (
+                        "through torch.compile"
+                        if summ.get("compiled", plan.get("compile"))
+                        else "eager PyTorch"
+                    ),
+                ],
+                ["probe", f"{full.get('classifier', '-')}; pooling: {full.get('pool', '-')}"],
+            ],
+        )
+    )
 
     parts.append("<h2>Pretraining loss</h2>" + _img(out / "loss.png", "loss curve"))
     parts.append("<h2>Linear probe, every layer</h2>")
     parts.append(_img(run / "probe_full.png", "probe accuracy against layer"))
     if full:
-        rows = [[f"layer {k}", v, full["val_accuracy"].get(k, float("nan")), f"{full['lambda'].get(k, 0):g}"]
-                for k, v in full["layers"].items()]  # fmt: skip
+        rows = [
+            [f"layer {k}", v, full["val_accuracy"].get(k, float("nan")), f"{full['lambda'].get(k, 0):g}"]
+            for k, v in full["layers"].items()
+        ]
         rows.append(["raw pixels", full["raw_pixel_accuracy"], float("nan"), ""])
         if meta.get("dataset") == "fashion-mnist":
             rows += [
@@ -130,8 +176,10 @@ def write_report(out: Path) -> Path:
                 for k, v in CLASSICAL_BASELINES.items()
             ]
         parts.append(_table(["features", "test accuracy", "validation accuracy", "L2"], rows))
-        parts.append(f"<p class=muted>{full.get('n_train', 0):,} training and {full.get('n_test', 0):,} test "
-                     "images; the best layer is chosen on validation accuracy.</p>")  # fmt: skip
+        parts.append(
+            f"<p class=muted>{full.get('n_train', 0):,} training and {full.get('n_test', 0):,} test "
+            "images; the best layer is chosen on validation accuracy.</p>"
+        )
 
     low = sorted(run.glob("probe_*_per_class.json"), key=lambda p: int(p.name.split("_")[1]))
     if low:
@@ -139,27 +187,39 @@ def write_report(out: Path) -> Path:
         rows = []
         for p in low:
             r = _read(p)
-            rows.append([r["labels_per_class"], r["seeds"], f"layer {r['best_layer']}",
-                         f"{r['mean_accuracy']:.4f} ± {r['std_accuracy']:.4f}",
-                         f"{r['raw_pixel_accuracy']:.4f} ± {r['raw_pixel_std']:.4f}"])  # fmt: skip
+            rows.append(
+                [
+                    r["labels_per_class"],
+                    r["seeds"],
+                    f"layer {r['best_layer']}",
+                    f"{r['mean_accuracy']:.4f} ± {r['std_accuracy']:.4f}",
+                    f"{r['raw_pixel_accuracy']:.4f} ± {r['raw_pixel_std']:.4f}",
+                ]
+            )
         parts.append(
             _table(["labels per class", "subsets", "best layer", "probe accuracy", "raw pixels"], rows)
         )
 
-    parts.append("<h2>Completions</h2><p>Each row: the original test image, the kept top half (hidden part "
-                 "hatched), then samples of the bottom half at temperature 1.</p>")  # fmt: skip
+    parts.append(
+        "<h2>Completions</h2><p>Each row: the original test image, the kept top half (hidden part "
+        "hatched), then samples of the bottom half at temperature 1.</p>"
+    )
     parts.append(_img(out / "completions.png", "completion grid"))
 
     parts.append("<h2>Timings</h2>")
     secs = qs.get("seconds", {})
     rows = [[k, float(v)] for k, v in secs.items()] + [["total", float(sum(secs.values()))]]
     parts.append(_table(["stage", "seconds"], rows))
-    parts.append(f"<p>Training throughput {summ.get('tokens_per_second', 0):,.0f} tokens/s on "
-                 f"{summ.get('device', 'cpu')} ({summ.get('precision', 'fp32')}); peak memory "
-                 f"{qs.get('peak_rss_mib', 0):,.0f} MiB.</p>")  # fmt: skip
+    parts.append(
+        f"<p>Training throughput {summ.get('tokens_per_second', 0):,.0f} tokens/s on "
+        f"{summ.get('device', 'cpu')} ({summ.get('precision', 'fp32')}); peak memory "
+        f"{qs.get('peak_rss_mib', 0):,.0f} MiB.</p>"
+    )
 
-    page = ("<!doctype html><html lang=en><head><meta charset=utf-8><title>igpt quickstart report</title>"
-            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")  # fmt: skip
+    page = (
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>igpt quickstart report</title>"
+        f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+    )
     path = out / "report.html"
     write_text_atomic(path, page)
     return path

@@ -45,8 +45,11 @@ def _upgrade(info: dict[str, Any]) -> dict[str, Any]:
     info = dict(info)
     if "num_classes" in info and "finetune" not in info:  # a fine-tuned run
         info["kind"] = "finetuned"
-        info["finetune"] = {"num_classes": info.pop("num_classes"),
-                            "class_names": info.pop("class_names", []), "pretrained_run": None}  # fmt: skip
+        info["finetune"] = {
+            "num_classes": info.pop("num_classes"),
+            "class_names": info.pop("class_names", []),
+            "pretrained_run": None,
+        }
         info.setdefault("train", None)
     elif info.get("train"):
         train = dict(info["train"])

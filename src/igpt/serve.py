@@ -1,4 +1,4 @@
-"""The web app behind `igpt serve RUN`: a page to complete an image with a run's model, and its small JSON API.
+"""The web app behind `igpt serve RUN`: a page to complete an image with a run's model, and its JSON API.
 
 Routes: `GET /` (the page: HTML, CSS and JavaScript inline, nothing from the network), `GET /api/info`,
 `GET /api/test/{i}.png` (a test image, enlarged), and `POST /api/complete` (a multipart form; the answer is a
@@ -67,9 +67,17 @@ class Completer:
         return int(self.data.meta["n_test"]) if self.data is not None else 0
 
     def info(self, max_upload: int) -> dict[str, Any]:
-        return {"run": self.run, "resolution": self.R, "channels": self.channels, "clusters": len(self.palette),
-                "objective": self.model.config.objective, "n_test": self.n_test, "max_upload_bytes": max_upload,
-                "max_samples": MAX_SAMPLES, "class_names": (self.data.meta.get("class_names") if self.data else None)}  # fmt: skip
+        return {
+            "run": self.run,
+            "resolution": self.R,
+            "channels": self.channels,
+            "clusters": len(self.palette),
+            "objective": self.model.config.objective,
+            "n_test": self.n_test,
+            "max_upload_bytes": max_upload,
+            "max_samples": MAX_SAMPLES,
+            "class_names": (self.data.meta.get("class_names") if self.data else None),
+        }
 
     def test_tokens(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens (T,), image (R, R, C)) of a test image."""
@@ -106,16 +114,21 @@ class Completer:
         row (AR; rows still to come are hatched), and a last one with `done` and the timing."""
         R, t0 = self.R, time.perf_counter()
         kept = decode(from_sequence(tokens[None], R, self.order), self.palette)[0]
-        yield {"original": png_data_url(original, self.scale),
-               "kept": png_data_url(mark_hidden(kept, keep_rows), self.scale), "rows": R, "keep_rows": keep_rows}  # fmt: skip
+        yield {
+            "original": png_data_url(original, self.scale),
+            "kept": png_data_url(mark_hidden(kept, keep_rows), self.scale),
+            "rows": R,
+            "keep_rows": keep_rows,
+        }
         prefix = torch.from_numpy(tokens[None]).repeat(num, 1)
         if not self.model.causal:  # BERT: mask-predict fills every hidden position at once
             out = complete(self.model, prefix[:1], keep_rows * R, num, temperature, seed=seed)[0]
             yield self._samples(out.numpy(), R)
         elif keep_rows < R:
             gen = torch.Generator().manual_seed(seed)
-            steps = generate_steps(self.model, prefix[:, : keep_rows * R], R * R - keep_rows * R, temperature,
-                                   generator=gen)  # fmt: skip
+            steps = generate_steps(
+                self.model, prefix[:, : keep_rows * R], R * R - keep_rows * R, temperature, generator=gen
+            )
             for buf, filled in steps:
                 if filled % R == 0:
                     yield self._samples(buf.numpy(), filled // R)
@@ -235,7 +248,8 @@ PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>igpt: complete an image</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
-body { font-family: system-ui, sans-serif; max-width: 1000px; margin: 1.5em auto; padding: 0 1em; color: #222; }
+body { font-family: system-ui, sans-serif; max-width: 1000px; margin: 1.5em auto; padding: 0 1em;
+  color: #222; }
 fieldset { border: 1px solid #ccc; border-radius: 6px; margin: 0 0 1em; }
 label { display: inline-block; margin: 0.3em 1.2em 0.3em 0; }
 input[type=number] { width: 5em; }
@@ -260,7 +274,8 @@ button { font-size: 1em; padding: 0.4em 1.4em; }
 </fieldset>
 <fieldset><legend>Sampling</legend>
   <label>rows kept <input type="number" id="keep_rows" name="keep_rows" min="0"></label>
-  <label>temperature <input type="number" id="temperature" name="temperature" value="1.0" min="0" step="0.1"></label>
+  <label>temperature
+    <input type="number" id="temperature" name="temperature" value="1.0" min="0" step="0.1"></label>
   <label>samples <input type="number" id="num" name="num" value="4" min="1"></label>
   <label>seed <input type="number" id="seed" name="seed" value="0"></label>
   <button type="submit" id="go">Complete</button>
@@ -289,8 +304,9 @@ function preview() {
 async function load() {
   info = await (await fetch("/api/info")).json();
   const names = info.class_names ? " (" + info.class_names.length + " classes)" : "";
-  $("about").textContent = "Run " + info.run + ": " + info.objective.toUpperCase() + " model, " + info.resolution +
-    "x" + info.resolution + " pixels, " + info.clusters + " palette colours, " + info.n_test + " test images" + names + ".";
+  $("about").textContent = "Run " + info.run + ": " + info.objective.toUpperCase() + " model, " +
+    info.resolution + "x" + info.resolution + " pixels, " + info.clusters + " palette colours, " +
+    info.n_test + " test images" + names + ".";
   $("keep_rows").max = info.resolution; $("keep_rows").value = Math.floor(info.resolution / 2);
   $("num").max = info.max_samples; $("index").max = Math.max(0, info.n_test - 1);
   if (info.n_test === 0) { document.querySelector("input[value=upload]").checked = true; }
@@ -312,7 +328,8 @@ $("form").onsubmit = async (ev) => {
       $("status").textContent = ""; $("go").disabled = false; return; }
     if ($("file").files[0].size > info.max_upload_bytes) {
       // the server refuses it too; saying so here saves the upload
-      $("error").textContent = "the upload is larger than the " + Math.floor(info.max_upload_bytes / 1024) + " KiB limit";
+      const kib = Math.floor(info.max_upload_bytes / 1024);
+      $("error").textContent = "the upload is larger than the " + kib + " KiB limit";
       $("status").textContent = ""; $("go").disabled = false; return; }
     body.append("file", $("file").files[0]);
   }
@@ -333,9 +350,11 @@ $("form").onsubmit = async (ev) => {
       while ((nl = buf.indexOf("\\n")) >= 0) {
         const m = JSON.parse(buf.slice(0, nl)); buf = buf.slice(nl + 1);
         if (m.original) {
-          res.appendChild(cell("original", m.original)); res.appendChild(cell("kept: " + m.keep_rows + " rows", m.kept));
+          res.appendChild(cell("original", m.original));
+          res.appendChild(cell("kept: " + m.keep_rows + " rows", m.kept));
         } else if (m.samples) {
-          if (!samples.length) samples = m.samples.map((s, i) => { const c = cell("sample " + (i + 1), s, "sample" + i);
+          if (!samples.length) samples = m.samples.map((s, i) => {
+            const c = cell("sample " + (i + 1), s, "sample" + i);
             res.appendChild(c); return c.querySelector("img"); });
           m.samples.forEach((s, i) => { samples[i].src = s; });
           $("status").textContent = "row " + m.rows_done + " of " + info.resolution;

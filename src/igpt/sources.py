@@ -20,8 +20,18 @@ from .errors import IgptError
 
 SOURCES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder", "npz", "digits")
 DEFAULT_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot"]  # fmt: skip
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 
 
@@ -182,8 +192,8 @@ def load_image(path: Path | BinaryIO, size: int | None) -> np.ndarray:
 
 
 def load_folder(directory: Path, size: int | None, test_fraction: float, seed: int, strict: bool) -> ImageSet:
-    """A folder of images in any format Pillow opens. One sub-directory per class gives labels (class names are
-    the sorted sub-directory names); a flat folder is unlabeled. Images are centre-cropped to a square and
+    """A folder of images in any format Pillow opens. One sub-directory per class gives labels (class names
+    are the sorted sub-directory names); a flat folder is unlabeled. Images are centre-cropped to a square and
     box-resized to `size` as they are read, so mixed sizes are fine. Unreadable files are skipped and counted,
     or fail the run with `strict`."""
     if not directory.is_dir():

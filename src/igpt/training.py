@@ -37,8 +37,16 @@ from .model import IGPT, IGPTConfig
 from .runs import Run
 
 # settings a resume may change: the budget and its bookkeeping, and whether the step is compiled
-BUDGET_KEYS = ("steps", "minutes", "eval_interval", "log_interval", "keep_steps", "keep_every", "eval_images",
-               "compile")  # fmt: skip
+BUDGET_KEYS = (
+    "steps",
+    "minutes",
+    "eval_interval",
+    "log_interval",
+    "keep_steps",
+    "keep_every",
+    "eval_images",
+    "compile",
+)
 MODEL_KEYS = ("preset", "objective", "n_layer", "n_embd", "n_head", "bias")
 
 
@@ -99,9 +107,13 @@ def pretrain(
         prepared = PreparedData(given["data"])
         _model_config(model_given, prepared)
         if cfg.batch_size > prepared.meta["n_train"]:
-            raise IgptError(f"--batch-size {cfg.batch_size} is larger than the {prepared.meta['n_train']} "
-                            "training images")  # fmt: skip
-    env = Dist(given.get("device", "cpu"))
+            raise IgptError(
+                f"--batch-size {cfg.batch_size} is larger than the {prepared.meta['n_train']} training images"
+            )
+    device = given.get("device")
+    if device is None and resuming:  # the run's own device, not the default
+        device = Run.open(out).train_config.device
+    env = Dist(device or "cpu")
     lock = None
     try:
         # rank 0 creates or checks the run directory, then tells the others what it decided (or why not)
@@ -129,9 +141,14 @@ def _model_config(model_given: dict[str, Any], data: PreparedData) -> tuple[IGPT
     """The model of a new run: the preset (tiny by default) with the given overrides, sized to the data."""
     preset = model_given.get("preset", "tiny")
     shape = {k: model_given.get(k) for k in ("n_layer", "n_embd", "n_head")}
-    cfg = IGPTConfig.from_preset(preset, vocab_size=data.clusters, n_positions=data.seq_len,
-                                 objective=model_given.get("objective", "ar"), bias=bool(model_given.get("bias")),
-                                 **shape)  # fmt: skip
+    cfg = IGPTConfig.from_preset(
+        preset,
+        vocab_size=data.clusters,
+        n_positions=data.seq_len,
+        objective=model_given.get("objective", "ar"),
+        bias=bool(model_given.get("bias")),
+        **shape,
+    )
     return cfg, preset
 
 
@@ -174,8 +191,17 @@ def _setup_run(
     data = PreparedData(cfg.data)
     mcfg, preset = _model_config(model_given, data)
     meta = {k: v for k, v in data.meta.items() if k != "settings"}
-    run = Run.create(out, "pretrained", mcfg, preset=preset, train=cfg, data_dir=cfg.data, data_meta=meta,
-                     palette=data.palette, seed=cfg.seed)  # fmt: skip
+    run = Run.create(
+        out,
+        "pretrained",
+        mcfg,
+        preset=preset,
+        train=cfg,
+        data_dir=cfg.data,
+        data_meta=meta,
+        palette=data.palette,
+        seed=cfg.seed,
+    )
     write_json_atomic(out / "data_meta.json", data.meta)
     return cfg, run.info, False
 
@@ -233,8 +259,10 @@ class Trainer:
         self.mcfg = mcfg = run.model_config
         self.preset = run.preset or "custom"
         if self.data.clusters != mcfg.vocab_size or self.data.seq_len != mcfg.n_positions:
-            raise IgptError(f"the prepared data ({self.data.clusters} clusters, {self.data.seq_len} tokens) "
-                            f"does not match the run's model ({mcfg.vocab_size}, {mcfg.n_positions})")  # fmt: skip
+            raise IgptError(
+                f"the prepared data ({self.data.clusters} clusters, {self.data.seq_len} tokens) "
+                f"does not match the run's model ({mcfg.vocab_size}, {mcfg.n_positions})"
+            )
         tokens = self.data.tokens("train")
         G = cfg.batch_size
         if G > len(tokens):
@@ -261,9 +289,11 @@ class Trainer:
         self.opt_names = [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8,
+            lr=cfg.lr,
+            betas=(0.9, cfg.beta2),
+            eps=1e-8,
             fused=env.device.startswith("cuda") and not (cfg.fsdp and env.world > 1),  # one kernel per step
-        )  # fmt: skip
+        )
         if resuming and self._opt_tensors:
             self._load_optimizer(self._opt_tensors)
         self.flip_perm = mirror_index(self.data.resolution, self.data.meta["order"]) if cfg.flip else None
@@ -321,9 +351,19 @@ class Trainer:
         """One optimizer step through the wrapped model. If torch.compile fails (no C++ compiler, say), the
         notice is printed, the half-done gradients are dropped and the step is redone eagerly."""
         c, env = self.cfg, self.env
-        kw = dict(rank=env.rank, world=env.world, grad_accum=c.grad_accum, objective=self.mcfg.objective,
-                  mask_ratio=c.mask_ratio, flip_perm=self.flip_perm, seed=c.seed, lr=lr, grad_clip=c.grad_clip,
-                  device=env.device, precision=c.precision)  # fmt: skip
+        kw = dict(
+            rank=env.rank,
+            world=env.world,
+            grad_accum=c.grad_accum,
+            objective=self.mcfg.objective,
+            mask_ratio=c.mask_ratio,
+            flip_perm=self.flip_perm,
+            seed=c.seed,
+            lr=lr,
+            grad_clip=c.grad_clip,
+            device=env.device,
+            precision=c.precision,
+        )
         try:
             return train_step(self.wrapped, self.opt, self.batcher, self.step, **kw)
         except compile_error_types() as e:
@@ -371,8 +411,11 @@ class Trainer:
             if not self.env.main:  # the full state is gathered on rank 0 only
                 return {}, {}
             names = self.opt_names
-            extra = {f"opt.{names.index(n)}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
-                     for n, st in osd["state"].items() for k, v in st.items()}  # fmt: skip
+            extra = {
+                f"opt.{names.index(n)}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+                for n, st in osd["state"].items()
+                for k, v in st.items()
+            }
             return msd, extra
         return self.model.state_dict(), optimizer_tensors(self.opt)
 
@@ -416,8 +459,10 @@ class Trainer:
             raise KeyboardInterrupt
         self.stop_requested = True
         if self.env.main:
-            print("\nigpt: interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                "\nigpt: interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)",
+                file=sys.stderr,
+            )
 
     def _log(self, row: dict[str, Any]) -> None:
         if not self.env.main:
@@ -431,8 +476,15 @@ class Trainer:
 
     def _validate(self) -> float:
         c = self.cfg
-        v = evaluate(self.model, self.data.tokens("test"), c.eval_images, self.mcfg.objective, c.mask_ratio, self.env.device,
-                     c.precision)  # fmt: skip
+        v = evaluate(
+            self.model,
+            self.data.tokens("test"),
+            c.eval_images,
+            self.mcfg.objective,
+            c.mask_ratio,
+            self.env.device,
+            c.precision,
+        )
         self.last_val = v
         return v
 
@@ -455,19 +507,29 @@ class Trainer:
                 for s in (f"{c.steps} steps" if c.steps else "", f"{c.minutes} min" if c.minutes else "")
                 if s
             )
-            print(f"igpt pretrain: {self.mcfg.objective.upper()} {self.preset} ({n:,} parameters), {T} tokens/image, "
-                  f"{self.data.meta['n_train']:,} training images\n"
-                  f"  global batch {c.batch_size} = {env.world} process(es) x {c.grad_accum} accumulation x {micro} "
-                  f"micro-batch; {per_step_tokens:,} tokens/step; peak lr {c.lr:g}, warm-up {c.warmup:.0%} of "
-                  f"{budget}, cosine to 0\n  device {env.device} {c.precision}{' torch.compile' if c.compile else ''}; run {self.run}", file=sys.stderr)  # fmt: skip
+            print(
+                f"igpt pretrain: {self.mcfg.objective.upper()} {self.preset} ({n:,} parameters), "
+                f"{T} tokens/image, {self.data.meta['n_train']:,} training images\n"
+                f"  global batch {c.batch_size} = {env.world} process(es) x {c.grad_accum} accumulation x "
+                f"{micro} micro-batch; {per_step_tokens:,} tokens/step; peak lr {c.lr:g}, warm-up "
+                f"{c.warmup:.0%} of {budget}, cosine to 0\n  device {env.device} {c.precision}"
+                f"{' torch.compile' if c.compile else ''}; run {self.run}",
+                file=sys.stderr,
+            )
         prev_handler = signal.signal(signal.SIGINT, self._on_sigint) if env.main or env.world == 1 else None
         self.t_start = time.perf_counter()
         bar = None
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=c.steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                       mininterval=1.0)  # fmt: skip
+            bar = tqdm(
+                total=c.steps,
+                initial=self.step,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0,
+            )
         window: list[float] = []
         t_window, tok_window = time.perf_counter(), 0
         tok_rate, train_loss = 0.0, None
@@ -479,8 +541,10 @@ class Trainer:
                 loss, gnorm = self._train_step(lr)
                 if not (math.isfinite(loss) and math.isfinite(gnorm)):
                     last = f"step {self.step}" if self.step else "none yet"
-                    raise IgptError(f"the loss became {loss} (gradient norm {gnorm}) at step {self.step + 1}; "
-                                    f"stopped without saving it (last good checkpoint: {last}); try a lower --lr")  # fmt: skip
+                    raise IgptError(
+                        f"the loss became {loss} (gradient norm {gnorm}) at step {self.step + 1}; "
+                        f"stopped without saving it (last good checkpoint: {last}); try a lower --lr"
+                    )
                 self.step += 1
                 self.tokens_seen += per_step_tokens
                 tok_window += per_step_tokens
@@ -489,8 +553,17 @@ class Trainer:
                     now = time.perf_counter()
                     tok_rate = tok_window / max(1e-9, now - t_window)
                     train_loss = sum(window) / len(window)
-                    self._log({"step": self.step, "loss": train_loss, "lr": lr, "grad_norm": gnorm,
-                               "tokens_per_second": tok_rate, "elapsed": self.elapsed(), "epoch": self.batcher.epoch_of(self.step)})  # fmt: skip
+                    self._log(
+                        {
+                            "step": self.step,
+                            "loss": train_loss,
+                            "lr": lr,
+                            "grad_norm": gnorm,
+                            "tokens_per_second": tok_rate,
+                            "elapsed": self.elapsed(),
+                            "epoch": self.batcher.epoch_of(self.step),
+                        }
+                    )
                     window, t_window, tok_window = [], now, 0
                 if bar is not None:
                     bar.update(1)
@@ -508,8 +581,10 @@ class Trainer:
                     t_window += paused
                     eval_seconds += paused
                     if env.main and bar is None:
-                        print(f"step {self.step}: loss {loss:.4f}, val_nll {val:.4f}, {tok_rate:,.0f} tokens/s",
-                              file=sys.stderr)  # fmt: skip
+                        print(
+                            f"step {self.step}: loss {loss:.4f}, val_nll {val:.4f}, {tok_rate:,.0f} tokens/s",
+                            file=sys.stderr,
+                        )
                 if self.stop_requested:
                     break
         finally:
@@ -545,9 +620,11 @@ class Trainer:
         if env.main:
             write_json_atomic(self.run / "summary.json", summary)
             state = "interrupted" if self.stop_requested else "done"
-            print(f"igpt pretrain {state}: {self.step} steps, train loss {train_loss}, val_nll {self.last_val:.4f} "
-                  f"({summary['val_bits_per_token']:.4f} bits/token), {summary['tokens_per_second']:,.0f} tokens/s; "
-                  f"{self.run}/summary.json")  # fmt: skip
+            print(
+                f"igpt pretrain {state}: {self.step} steps, train loss {train_loss}, val_nll "
+                f"{self.last_val:.4f} ({summary['val_bits_per_token']:.4f} bits/token), "
+                f"{summary['tokens_per_second']:,.0f} tokens/s; {self.run}/summary.json"
+            )
         if self.stop_requested:
             raise KeyboardInterrupt
         return summary
