@@ -105,20 +105,11 @@ def micro_run(tmp_path_factory) -> Path:
     prepare(PrepareConfig("digits", resolution=8, clusters=8), d / "data")
     main(
         [
-            "pretrain",
-            "--data",
+            *"pretrain --data".split(),
             str(d / "data"),
             "--out",
             str(d / "run"),
-            "--preset",
-            "micro",
-            "--steps",
-            "20",
-            "--batch-size",
-            "16",
-            "--eval-images",
-            "32",
-            "--no-progress",
+            *"--preset micro --steps 20 --batch-size 16 --eval-images 32 --no-progress".split(),
         ]
     )
     return d / "run"

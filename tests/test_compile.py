@@ -15,21 +15,8 @@ from igpt.compiling import CompiledOrEager
 from igpt.model import IGPT, IGPTConfig
 from igpt.probing import extract_features
 
-BASE = [
-    "--preset",
-    "micro",
-    "--steps",
-    "6",
-    "--batch-size",
-    "16",
-    "--eval-interval",
-    "6",
-    "--log-interval",
-    "1",
-    "--eval-images",
-    "32",
-    "--no-progress",
-]
+BASE = "--preset micro --steps 6 --batch-size 16 --eval-interval 6 --log-interval 1 --eval-images 32".split()
+BASE += ["--no-progress"]
 
 
 def pretrain_subprocess(data: Path, out: Path, *extra: str, env: dict | None = None) -> str:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import run_cli
 
+import igpt
 from igpt import training
-from igpt.cli import main
 from igpt.generation import DecodeWeights, KVCache, decode_step
 from igpt.model import IGPT, IGPTConfig
 
@@ -93,31 +93,15 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+CUDA_RUN = dict(
+    preset="micro", batch_size=16, device="cuda", precision="bf16", eval_images=64, progress=False
+)
+
+
 def test_pretrain_and_resume_on_cuda(digits, tmp_path, monkeypatch):
-    base = [
-        "pretrain",
-        "--data",
-        str(digits),
-        "--preset",
-        "micro",
-        "--batch-size",
-        "16",
-        "--device",
-        "cuda",
-        "--precision",
-        "bf16",
-        "--eval-interval",
-        "10",
-        "--log-interval",
-        "5",
-        "--eval-images",
-        "64",
-        "--steps",
-        "20",
-        "--no-progress",
-    ]
+    kw = dict(CUDA_RUN, steps=20, eval_interval=10, log_interval=5)
     straight, crashed = tmp_path / "a", tmp_path / "b"
-    main([*base, "--out", str(straight)])
+    igpt.pretrain(digits, straight, **kw)
     real = training.train_step
 
     def crashing(*a, **k):
@@ -127,41 +111,18 @@ def test_pretrain_and_resume_on_cuda(digits, tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "train_step", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        main([*base, "--out", str(crashed)])
+        igpt.pretrain(digits, crashed, **kw)
     monkeypatch.setattr(training, "train_step", real)
-    main([*base, "--out", str(crashed), "--resume"])
+    s = igpt.pretrain(out=crashed, resume=True, progress=False)  # the run's own device and settings
     a, b = _losses(straight), _losses(crashed)
     assert sorted(a) == sorted(b) == [5, 10, 15, 20]
-    for s in a:  # cuBLAS and flash attention need not be bitwise deterministic; the run is the same run
-        assert abs(a[s] - b[s]) < 1e-3 * max(1.0, abs(a[s])), (s, a[s], b[s])
-    s = json.loads((crashed / "summary.json").read_text())
+    for step in a:  # cuBLAS and flash attention need not be bitwise deterministic; the run is the same run
+        assert abs(a[step] - b[step]) < 1e-3 * max(1.0, abs(a[step])), (step, a[step], b[step])
     assert s["device"].startswith("cuda") and s["steps"] == 20 and s["val_nll"] < 2.0794
 
 
 def test_pretrain_compiled_on_cuda(digits, tmp_path):
-    r = run_cli(
-        "pretrain",
-        "--data",
-        digits,
-        "--out",
-        tmp_path / "c",
-        "--preset",
-        "micro",
-        "--batch-size",
-        "16",
-        "--device",
-        "cuda",
-        "--precision",
-        "bf16",
-        "--compile",
-        "--steps",
-        "12",
-        "--eval-images",
-        "32",
-        "--no-progress",
-    )
-    assert r.returncode == 0, r.stderr
-    s = json.loads((tmp_path / "c" / "summary.json").read_text())
+    s = igpt.pretrain(digits, tmp_path / "c", compile=True, steps=12, **CUDA_RUN)
     assert s["compiled"] is True and s["steps"] == 12
 
 

@@ -25,19 +25,13 @@ def runs(tmp_path_factory):
     for obj in ("ar", "bert"):
         main(
             [
-                "pretrain",
-                "--data",
+                *"pretrain --data".split(),
                 str(d / "data"),
                 "--out",
                 str(d / obj),
                 "--objective",
                 obj,
-                "--steps",
-                "30",
-                "--eval-interval",
-                "10",
-                "--keep-every",
-                "10",
+                *"--steps 30 --eval-interval 10 --keep-every 10".split(),
                 *COMMON,
             ]
         )
@@ -127,11 +121,7 @@ def test_finetune_beats_untrained_head(runs, tmp_path, compiled):
             str(runs / "ar"),
             "--out",
             str(out),
-            "--epochs",
-            "3",
-            "--lr",
-            "1e-3",
-            "--no-progress",
+            *"--epochs 3 --lr 1e-3 --no-progress".split(),
             *(["--compile"] if compiled else []),
         ]
     )

@@ -15,18 +15,8 @@ from igpt.preparation import PrepareConfig
 from igpt.preparation import prepare_config as prepare
 from igpt.sources import load_source
 
-META_KEYS = [
-    "dataset",
-    "resolution",
-    "channels",
-    "clusters",
-    "order",
-    "n_train",
-    "n_test",
-    "num_classes",
-    "class_names",
-    "quantization_rmse",
-]
+META_KEYS = "dataset resolution channels clusters order n_train n_test num_classes class_names".split()
+META_KEYS += ["quantization_rmse"]
 
 
 def cli_error(capsys, *args: str) -> str:
@@ -96,16 +86,11 @@ def test_prepare_cli_writes_meta_and_reuses(idx_dir, tmp_path, capsys):
     out = tmp_path / "p"
     main(
         [
-            "prepare",
-            "mnist",
-            "--data-dir",
+            *"prepare mnist --data-dir".split(),
             str(idx_dir),
             "--out",
             str(out),
-            "--resolution",
-            "6",
-            "--clusters",
-            "4",
+            *"--resolution 6 --clusters 4".split(),
         ]
     )
     meta = json.loads((out / "meta.json").read_text())
@@ -116,16 +101,11 @@ def test_prepare_cli_writes_meta_and_reuses(idx_dir, tmp_path, capsys):
     capsys.readouterr()
     main(
         [
-            "prepare",
-            "mnist",
-            "--data-dir",
+            *"prepare mnist --data-dir".split(),
             str(idx_dir),
             "--out",
             str(out),
-            "--resolution",
-            "6",
-            "--clusters",
-            "4",
+            *"--resolution 6 --clusters 4".split(),
         ]
     )
     assert "reusing" in capsys.readouterr().err

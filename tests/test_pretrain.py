@@ -19,19 +19,8 @@ from igpt import training
 from igpt.checkpoint import list_checkpoints
 from igpt.cli import main
 
-BASE = [
-    "--preset",
-    "micro",
-    "--batch-size",
-    "16",
-    "--eval-interval",
-    "10",
-    "--log-interval",
-    "5",
-    "--eval-images",
-    "64",
-    "--no-progress",
-]
+BASE = "--preset micro --batch-size 16 --eval-interval 10 --log-interval 5 --eval-images 64".split()
+BASE += ["--no-progress"]
 
 
 def pretrain(data, out, *extra):
@@ -173,22 +162,13 @@ def test_ddp_two_processes_equal_one(digits, tmp_path):
     r = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            "-m",
-            "igpt",
-            "pretrain",
-            "--data",
+            *"-m torch.distributed.run --nproc_per_node 2 --master_port 29517".split(),
+            *"-m igpt pretrain --data".split(),
             str(digits),
             "--out",
             str(two),
             *BASE,
-            "--steps",
-            "12",
+            *"--steps 12".split(),
         ],
         capture_output=True,
         text=True,
@@ -204,18 +184,12 @@ def test_ctrl_c_saves_a_checkpoint(digits, tmp_path):
     run = tmp_path / "run"
     cmd = [
         sys.executable,
-        "-m",
-        "igpt",
-        "pretrain",
-        "--data",
+        *"-m igpt pretrain --data".split(),
         str(digits),
         "--out",
         str(run),
         *BASE,
-        "--steps",
-        "100000",
-        "--eval-interval",
-        "100000",
+        *"--steps 100000 --eval-interval 100000".split(),
     ]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60

@@ -401,6 +401,17 @@ def plot_layers(
 
 
 # ---------------------------------------------------------------------------------------------- modes
+def _feature_settings(cfg: ProbeConfig, data: PreparedData) -> dict[str, Any]:
+    """The feature pass's settings of a probe (batch, pooling, device, compile)."""
+    return dict(
+        batch_size=cfg.batch_size,
+        pool=cfg.pool,
+        resolution=data.resolution,
+        device=cfg.device,
+        compile=cfg.compile,
+    )
+
+
 def full_probe(
     cfg: ProbeConfig, model: IGPT, data: PreparedData, layers: list[int], cache: FeatureCache | None = None
 ) -> dict[str, Any]:
@@ -410,13 +421,7 @@ def full_probe(
     te = labelled_rows(data.labels("test"), cfg.test_limit)
     ytr, yte = torch.from_numpy(data.labels("train")[tr]), torch.from_numpy(data.labels("test")[te])
     t0 = time.perf_counter()
-    kw = dict(
-        batch_size=cfg.batch_size,
-        pool=cfg.pool,
-        resolution=data.resolution,
-        device=cfg.device,
-        compile=cfg.compile,
-    )
+    kw = _feature_settings(cfg, data)
     cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
     ftr, fte = cache("train", tr, "train features"), cache("test", te, "test features")
     t_feat = time.perf_counter() - t0
@@ -557,13 +562,7 @@ def low_data_probe(
     rows = np.unique(np.concatenate(subsets))
     te = labelled_rows(data.labels("test"), cfg.test_limit)
     yte = torch.from_numpy(data.labels("test")[te])
-    kw = dict(
-        batch_size=cfg.batch_size,
-        pool=cfg.pool,
-        resolution=data.resolution,
-        device=cfg.device,
-        compile=cfg.compile,
-    )
+    kw = _feature_settings(cfg, data)
     cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
     ftr, fte = cache("train", rows, "train features"), cache("test", te, "test features")
     rtr, rte = raw_pixels(data, "train", rows), raw_pixels(data, "test", te)
