@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import IgptError
-from .files import fsync_dir
+from .files import disk_errors, fsync_dir
 
 CKPT_DIR = "checkpoints"
 
@@ -77,24 +77,32 @@ def save_checkpoint(
     """Write checkpoint `step` atomically, then prune: the newest `keep_last` (so a damaged latest still
     leaves one that loads) and the steps in `keep` stay."""
     d = Path(run) / CKPT_DIR
-    d.mkdir(parents=True, exist_ok=True)
     final = d / f"step_{step:08d}"
     tmp = d / f".tmp-step_{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
-    save_file(extra_tensors, tmp / "optimizer.safetensors")
-    with open(tmp / "state.json", "w") as f:
-        json.dump(state, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    fsync_dir(d)
+    needed = sum(t.numel() * t.element_size() for t in [*model_state.values(), *extra_tensors.values()])
+    try:
+        with disk_errors(final / "model.safetensors", needed):
+            d.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors"
+            )
+            save_file(extra_tensors, tmp / "optimizer.safetensors")
+            with open(tmp / "state.json", "w") as f:
+                json.dump(state, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            for name in ("model.safetensors", "optimizer.safetensors"):
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            fsync_dir(d)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint must not keep the disk full
+        raise
     ckpts = list_checkpoints(run)
     for p in ckpts[:-keep_last]:
         if int(p.name[5:]) not in keep:
@@ -102,8 +110,11 @@ def save_checkpoint(
     return final
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """Model tensors, optimizer/RNG tensors and state of one checkpoint; IgptError if any file is damaged."""
+def read_checkpoint(
+    path: Path, expected: dict[str, torch.Size] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """Model tensors, optimizer/RNG tensors and state of one checkpoint; IgptError if any file is damaged, or
+    (with `expected`, the model's tensor shapes) if its tensors do not fit the model."""
     try:
         state = json.loads((path / "state.json").read_text())
         model = load_file(path / "model.safetensors")
@@ -112,15 +123,24 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
         )
     except (OSError, json.JSONDecodeError, SafetensorError, ValueError) as e:
         raise IgptError(f"checkpoint {path} is damaged ({e.__class__.__name__}: {e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise IgptError(f"checkpoint {path} is damaged (state.json is not a checkpoint state)")
+    if expected is not None:
+        missing = sorted(set(expected) - set(model))
+        wrong = [k for k in expected if k in model and model[k].shape != expected[k]]
+        if missing or wrong:
+            what = f"missing {missing[:2]}" if missing else f"{wrong[0]} is {tuple(model[wrong[0]].shape)}"
+            raise IgptError(f"checkpoint {path} does not fit the run's model ({what})")
     return model, extra, state
 
 
-def latest_readable(run: str | Path, quiet: bool = False):
-    """The newest checkpoint that reads cleanly, falling back past damaged ones with a warning.
-    Returns (path, model tensors, extra tensors, state) or None when the run has no checkpoint."""
+def latest_readable(run: str | Path, quiet: bool = False, expected: dict[str, torch.Size] | None = None):
+    """The newest checkpoint that reads cleanly (and fits `expected` shapes, when given), falling back past
+    damaged ones with a warning. Returns (path, model tensors, extra tensors, state) or None when the run has
+    no checkpoint that reads."""
     for path in reversed(list_checkpoints(run)):
         try:
-            return (path, *read_checkpoint(path))
+            return (path, *read_checkpoint(path, expected))
         except IgptError as e:
             if not quiet:
                 print(f"igpt: warning: {e}; using the previous checkpoint", file=sys.stderr)

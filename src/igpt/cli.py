@@ -384,5 +384,11 @@ def main(argv: list[str] | None = None) -> None:
     except MemoryError:
         if debug:
             raise
-        print("igpt: error: out of memory; try a smaller --batch-size or --limit", file=sys.stderr)
+        print("igpt: error: out of memory; use a smaller batch size or fewer images", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # the file system's word (permission, full disk, ...), as one line
+        if debug:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"igpt: error: {e.strerror or e}{where}", file=sys.stderr)
         sys.exit(1)

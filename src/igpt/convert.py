@@ -17,6 +17,7 @@ transformers is not a dependency: files are read and written with safetensors an
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,18 @@ def _read_hf_weights(hf: Path) -> dict[str, torch.Tensor]:
         if st.is_file():
             return load_file(st)
         if bin_.is_file():
-            return torch.load(bin_, map_location="cpu", weights_only=True)  # refuses anything but tensors
-    except (SafetensorError, RuntimeError, OSError, EOFError) as e:
-        raise IgptError(f"cannot read the weights in {hf} ({e.__class__.__name__}: {e})") from None
+            sd = torch.load(bin_, map_location="cpu", weights_only=True)  # refuses anything but tensors
+            if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+                raise IgptError(f"{bin_} does not hold a dictionary of tensors")
+            return sd
+    except pickle.UnpicklingError:
+        raise IgptError(
+            f"{bin_} holds objects other than tensors, which igpt never unpickles; refused (convert the "
+            "checkpoint to model.safetensors with a tool you trust)"
+        ) from None
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise IgptError(f"cannot read the weights in {hf} ({e.__class__.__name__}: {first[:200]})") from None
     raise IgptError(f"{hf} has neither model.safetensors nor pytorch_model.bin")
 
 
@@ -122,6 +132,9 @@ def from_hf(hf_dir: str | Path, out: str | Path, palette: str | None = None) -> 
         c = json.loads((hf / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise IgptError(f"{hf / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(c, dict):
+        raise IgptError(f"{hf / 'config.json'} is not a JSON object")
+    hf_config_to_igpt(c, bias=False).check_fits_in_memory()  # before reading or allocating any weights
     sd = _read_hf_weights(hf)
     biases = [v for k, v in sd.items() if k.endswith(".bias") and ".attn.bias" not in k]
     # OpenAI's converted weights carry all-zero biases: drop them, as the original model has none

@@ -4,6 +4,7 @@ leaves the previous version, or nothing, behind."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,22 +15,50 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import IgptError
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for the errors a full disk (or an exhausted quota) raises: OSError ENOSPC/EDQUOT, and the
+    safetensors writer's own error, which carries only the message."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left on device" in str(err) or "Disk quota exceeded" in str(err)
+
+
+def disk_full_error(path: str | Path, needed: int | None = None) -> IgptError:
+    """The one message for a full disk: where, and how much the write needed when that is known."""
+    size = f" ({needed / 2**20:,.1f} MB needed)" if needed else ""
+    return IgptError(f"no space left on the device of {Path(path).parent}{size}; free some space and retry")
+
 
 @contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (same suffix, so writers that look at it still work); on success
-    it replaces `path`, on any failure it is deleted."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(name)
+def disk_errors(path: str | Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a full disk inside the block into `disk_full_error`; other errors pass unchanged."""
     try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        yield
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full_error(path, needed) from None
         raise
+
+
+@contextmanager
+def atomic_file(path: str | Path, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix, so writers that look at it still work); on success
+    it replaces `path`, on any failure it is deleted, and a full disk becomes one clear IgptError."""
+    path = Path(path)
+    with disk_errors(path, needed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -63,17 +92,39 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     directory."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    clean_stale(out.parent, f".{out.name}.tmp-")
+    with disk_errors(out / "x"):
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
+        try:
+            tmp.chmod(0o755)
+            yield tmp
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def clean_stale(parent: Path, prefix: str) -> None:
+    """Remove `prefix{pid}-*` temporary directories in `parent` whose process is gone (a killed prepare or
+    fine-tune), so they do not pile up; those of live processes stay."""
+    for p in parent.glob(f"{prefix}*"):
+        pid = p.name[len(prefix) :].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
     try:
-        tmp.chmod(0o755)
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -190,6 +190,8 @@ class FinetuneConfig:
             raise IgptError("--val-fraction must be in (0, 1)")
         if self.labels_per_class is not None and self.labels_per_class < 1:
             raise IgptError(f"--labels-per-class must be at least 1, got {self.labels_per_class}")
+        if not 0 <= self.seed < 2**32:
+            raise IgptError(f"--seed must be in [0, 2^32), got {self.seed}")
         if self.head_init not in ("probe", "zero"):
             raise IgptError(f"--head-init must be probe or zero, got '{self.head_init}'")
         for name in ("train_limit", "test_limit"):

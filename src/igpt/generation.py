@@ -205,14 +205,24 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def check_sampling_options(temperature: float, top_k: int | None, top_p: float | None) -> None:
+MIN_TEMPERATURE = 1e-3  # below this (but above 0, which is greedy) logits / T overflow to inf
+MAX_SEED = 2**63 - 1
+
+
+def check_sampling_options(
+    temperature: float, top_k: int | None, top_p: float | None, seed: int | None = None
+) -> None:
     """Refuse impossible sampling settings with one clear message."""
-    if temperature < 0 or not math.isfinite(temperature):
-        raise IgptError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0 or 0 < temperature < MIN_TEMPERATURE:
+        raise IgptError(
+            f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature:g}"
+        )
     if top_k is not None and top_k < 0:
         raise IgptError(f"--top-k must be 0 (off) or positive, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise IgptError(f"--top-p must be in (0, 1], got {top_p}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise IgptError(f"--seed must be in [0, 2^63 - 1], got {seed}")
 
 
 @torch.no_grad()
@@ -263,7 +273,7 @@ def complete(
     """Keep the first `keep` tokens of each sequence (B, T) and sample the rest, `num` times per image:
     (B, num, T). With raster or snake order, keeping R x rows tokens keeps the top rows. `keep` 0 samples
     unconditionally (the tokens' values are then unused)."""
-    check_sampling_options(temperature, top_k, top_p)
+    check_sampling_options(temperature, top_k, top_p, seed)
     B, T = tokens.shape
     if not 0 <= keep <= T:
         raise IgptError(f"cannot keep {keep} of {T} tokens")

@@ -15,6 +15,7 @@ one to one (Conv1D's (in, out) weights are transposed on conversion).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -78,6 +79,26 @@ class IGPTConfig:
         if name not in PRESETS:
             raise IgptError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
+
+    def num_params(self) -> int:
+        """The model's parameter count, from the shape alone (nothing is allocated)."""
+        d, K, T, L = self.n_embd, self.vocab_size, self.n_positions, self.n_layer
+        block = 2 * d + 12 * d * d + (9 * d if self.bias else 0)  # norms, q|k|v, proj, fc, proj (+ biases)
+        return (K + 1) * d + T * d + (d if self.objective == "bert" else 0) + L * block + d + K * d
+
+    def check_fits_in_memory(self, share: float = 0.8) -> None:
+        """Refuse a shape whose fp32 weights alone would take more than `share` of this machine's memory,
+        before anything is allocated (a hostile config.json could otherwise ask for tens of gigabytes)."""
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+        need = 4 * self.num_params()
+        if need > share * total:
+            raise IgptError(
+                f"a model of {self.num_params():,} parameters needs {need / 2**30:.1f} GiB for its weights "
+                f"alone; this machine has {total / 2**30:.1f} GiB of memory"
+            )
 
     @property
     def sos_id(self) -> int:
@@ -168,6 +189,8 @@ class IGPT(nn.Module):
 
     def __init__(self, cfg: IGPTConfig):
         super().__init__()
+        if torch.get_default_device().type != "meta":  # a meta model allocates nothing
+            cfg.check_fits_in_memory()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size + 1, cfg.n_embd)  # row K is SOS
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)

@@ -297,6 +297,13 @@ def open_labelled_run(
             f"{data_dir} ({data.clusters} clusters, {data.seq_len} tokens) does not match the model "
             f"({cfg.vocab_size}, {cfg.n_positions})"
         )
+    if (r.path / "palette.npy").is_file():
+        own = r.palette()
+        if own.shape != data.palette.shape or not np.allclose(own, data.palette, atol=0.5):
+            raise IgptError(
+                f"{data_dir} was prepared with another palette than the run's, so its tokens mean other "
+                "colours; prepare it with --palette RUN/palette.npy"
+            )
     if not r.finished:
         last = r.checkpoints()[-1].name if r.checkpoints() else "none"
         print(
@@ -665,6 +672,7 @@ def probe_and_save(
     layers: list[int],
     cache: FeatureCache | None = None,
     baselines: dict[str, float] | None = None,
+    checkpoint_used: str | None = None,
 ) -> dict[str, Any]:
     """One full or low-data probe of `cfg.run`: probe_full.json or probe_N_per_class.json, probe.json (the
     latest probe) and the matching plots; `baselines` are extra named lines for the plot."""
@@ -680,7 +688,7 @@ def probe_and_save(
         title = f"linear probe, {res['n_train']:,} training images"
     res.update(
         objective=model.config.objective,
-        checkpoint=cfg.checkpoint or "latest",
+        checkpoint=checkpoint_used or cfg.checkpoint or "latest",
         seconds_total=round(time.perf_counter() - t0, 2),
     )
     write_json_atomic(run_dir / f"{name}.json", res)
@@ -746,6 +754,8 @@ class ProbeConfig:
             raise IgptError(f"--labels-per-class must be at least 1, got {self.labels_per_class}")
         if self.seeds < 1:
             raise IgptError("--seeds must be at least 1")
+        if not 0 <= self.seed < 2**32:
+            raise IgptError(f"--seed must be in [0, 2^32), got {self.seed}")
         if self.pool not in POOLS:
             raise IgptError(f"--pool must be one of {', '.join(POOLS)}, got '{self.pool}'")
         if self.checkpoints not in ("latest", "all"):
@@ -773,4 +783,4 @@ def probe(run: str | Path, **settings: Any) -> dict[str, Any]:
         write_json_atomic(run_dir / "probe_checkpoints.json", res)
         plot_checkpoints(run_dir / "probe_checkpoints.png", res["checkpoints"])
         return res
-    return probe_and_save(cfg, model, data, layers)
+    return probe_and_save(cfg, model, data, layers, checkpoint_used=info.loaded_checkpoint)

@@ -71,6 +71,8 @@ class Run:
 
     path: Path
     info: dict[str, Any]
+    loaded_checkpoint: str | None = None
+    """The checkpoint `load_model` last read (after any fallback past damaged ones)."""
 
     # ------------------------------------------------------------------------------------------ opening
     @classmethod
@@ -83,9 +85,12 @@ class Run:
         try:
             info = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise IgptError(f"{p} is not valid JSON ({e})") from None
-        if not isinstance(info, dict) or "model" not in info:
-            raise IgptError(f"{p} is not an igpt run record (no model)")
+            raise IgptError(f"{p} is not valid JSON ({e.__class__.__name__})") from None
+        if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
+            raise IgptError(f"{p} is not an igpt run record (no model description)")
+        for key in ("train", "data"):
+            if info.get(key) is not None and not isinstance(info[key], dict):
+                raise IgptError(f"{p} is not an igpt run record ({key} is not an object)")
         schema = info.get("schema", 1)
         if schema > SCHEMA:
             raise IgptError(f"{path} was written by a newer igpt (run schema {schema}); upgrade igpt")
@@ -156,7 +161,12 @@ class Run:
     @property
     def train_config(self) -> TrainConfig | None:
         t = self.info.get("train")
-        return None if not t else TrainConfig(**t)
+        if not t:
+            return None
+        try:
+            return TrainConfig(**t)
+        except TypeError as e:
+            raise IgptError(f"{self.path}/run.json records unknown training settings ({e})") from None
 
     @property
     def preset(self) -> str | None:
@@ -223,17 +233,25 @@ class Run:
                 for k, v in self.finetuned_state().items()
                 if k.startswith("backbone.")
             }
+        shapes = self.tensor_shapes()
         if checkpoint is not None:
             path = self.path / "checkpoints" / checkpoint
             if not path.is_dir():
                 path = Path(checkpoint)
             if not (path / "state.json").is_file():
                 raise IgptError(f"no checkpoint {checkpoint} in {self.path}")
-            return read_checkpoint(path)[0]
-        found = latest_readable(self.path)
+            self.loaded_checkpoint = path.name
+            return read_checkpoint(path, shapes)[0]
+        found = latest_readable(self.path, expected=shapes)
         if found is None:
-            raise IgptError(f"{self.path} has no checkpoint yet")
+            raise IgptError(f"{self.path} has no readable checkpoint")
+        self.loaded_checkpoint = found[0].name
         return found[1]
+
+    def tensor_shapes(self) -> dict[str, torch.Size]:
+        """The shape of every tensor of the run's model, computed without allocating it."""
+        with torch.device("meta"):
+            return {k: v.shape for k, v in IGPT(self.model_config).state_dict().items()}
 
     def finetuned_state(self) -> dict[str, torch.Tensor]:
         """Every tensor of a fine-tuned run's model.safetensors (backbone.*, head.*, feature statistics)."""

@@ -19,6 +19,8 @@ from .images import default_scale, grid_image, load_images, mark_hidden, save_pn
 from .palette import decode, from_sequence, quantize, to_sequence
 from .runs import Run
 
+MAX_SAMPLES = 4096  # sampled images per call: beyond this a grid (and its memory) is no longer useful
+
 
 def check_device(device: str) -> str:
     """`device` if it is usable here; one clear line otherwise."""
@@ -60,9 +62,15 @@ def sample(
     rows (half by default; 0 samples unconditionally), `num` samples each; write the grid to `out` and the
     tokens to `out` with `.npy`. AR runs sample with the key/value cache, BERT runs by mask-predict. Returns
     what was written and how fast."""
-    check_sampling_options(temperature, top_k, top_p)
+    check_sampling_options(temperature, top_k, top_p, seed)
     if num < 1 or count < 1 or rounds < 1:
         raise IgptError("--num, --count and --rounds must be at least 1")
+    n_images = count if images is None else len(_parse_indices(images))
+    n_images = len(image_files) if image_files else n_images
+    if num * n_images > MAX_SAMPLES or rounds > 1000:
+        raise IgptError(
+            f"--num x images ({num} x {n_images}) must be at most {MAX_SAMPLES:,}, and --rounds at most 1000"
+        )
     if scale is not None and not 1 <= scale <= 64:
         raise IgptError(f"--scale must be in [1, 64], got {scale}")
     check_device(device)

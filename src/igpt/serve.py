@@ -24,7 +24,7 @@ import torch
 
 from .data import PreparedData
 from .errors import IgptError
-from .generation import complete, generate_steps
+from .generation import check_sampling_options, complete, generate_steps
 from .images import default_scale, mark_hidden, png_bytes
 from .palette import decode, from_sequence, quantize, to_channels, to_sequence
 from .runs import Run
@@ -167,9 +167,32 @@ def _float(form: Any, name: str, default: float) -> float:
     return x
 
 
+async def bounded_body(request: Any, limit: int, max_upload: int) -> bytes:
+    """The request body, read as it arrives and refused (413) as soon as it passes `limit` bytes, so a body
+    without Content-Length (chunked) cannot fill the memory or the disk before the refusal."""
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def body_request(request: Any, body: bytes) -> Any:
+    """A request like `request` whose body is the bytes already read (for Starlette's form parser)."""
+    from starlette.requests import Request
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, receive)
+
+
 def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024):
     """The Starlette application serving `completer`; uploads larger than `max_upload` bytes are refused."""
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
@@ -189,15 +212,17 @@ def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024):
             _, img = completer.test_tokens(index)
         except BadRequest as e:
             return error(e)
-        return Response(png_bytes(img, completer.scale), media_type="image/png")
+        return Response(await run_in_threadpool(png_bytes, img, completer.scale), media_type="image/png")
 
     async def complete_route(request: Request) -> Response:
         try:
+            limit = max_upload + 64 * 1024  # the file plus the form's other fields
             size = request.headers.get("content-length")
-            if size is not None and size.isdigit() and int(size) > max_upload + 64 * 1024:
+            if size is not None and size.isdigit() and int(size) > limit:
                 raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit")
+            body = await bounded_body(request, limit, max_upload)
             try:
-                form = await request.form(max_files=1, max_fields=20)
+                form = await body_request(request, body).form(max_files=1, max_fields=20)
             except Exception:  # noqa: BLE001 - malformed multipart bodies
                 raise BadRequest(
                     400, "expected a multipart form (source, index or file, keep_rows, ...)"
@@ -213,6 +238,10 @@ def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024):
             if not 0 <= temperature <= MAX_TEMPERATURE:
                 raise BadRequest(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature:g}")
             seed = _int(form, "seed", 0)
+            try:
+                check_sampling_options(temperature, None, None, seed)
+            except IgptError as e:
+                raise BadRequest(400, str(e).replace("--", "")) from None
             source = form.get("source", "test")
             if source == "test":
                 tokens, img = completer.test_tokens(_int(form, "index", 0))
@@ -225,7 +254,7 @@ def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024):
                     raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit")
                 if not raw:
                     raise BadRequest(400, "the uploaded file is empty")
-                tokens, img = completer.upload_tokens(raw)
+                tokens, img = await run_in_threadpool(completer.upload_tokens, raw)  # off the event loop
             else:
                 raise BadRequest(400, f"source must be test or upload, got '{str(source)[:40]}'")
         except BadRequest as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -173,15 +174,56 @@ def load_cifar(directory: Path, name: str) -> ImageSet:
 
 
 # ---------------------------------------------------------------------------------------------- folder
-def load_image(path: Path | BinaryIO, size: int | None) -> np.ndarray:
-    """One image (a path or an open binary file) as uint8 (H, W, C), centre-cropped to a square and
-    box-resized to `size` when given."""
+# The largest image igpt decodes, in pixels (Pillow's own decompression-bomb limit, made an error): a small
+# compressed file can hold a huge image, and decoding it would take gigabytes.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
+def max_image_pixels() -> int:
+    """The decoding limit: IGPT_MAX_IMAGE_PIXELS from the environment, else DEFAULT_MAX_IMAGE_PIXELS."""
+    text = os.environ.get("IGPT_MAX_IMAGE_PIXELS", "")
+    try:
+        return int(text) if text else DEFAULT_MAX_IMAGE_PIXELS
+    except ValueError:
+        raise IgptError(f"IGPT_MAX_IMAGE_PIXELS must be an integer, got {text!r}") from None
+
+
+def _to_8bit(im):
+    """A Pillow image in 8-bit L or RGB. 16- and 32-bit grey images are scaled (65535 -> 255), not clipped."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im.load()
-        grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
-        im = im.convert("L" if grey else "RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
+            a = a / 257.0
+        return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    return im.convert("L" if im.mode in ("1", "L", "LA") else "RGB")
+
+
+def load_image(path: Path | BinaryIO, size: int | None) -> np.ndarray:
+    """One image (a path or an open binary file) as uint8 (H, W, C), centre-cropped to a square and
+    box-resized to `size` when given. The one bounded decoder: an image of more than `max_image_pixels()`
+    pixels is refused before it is decoded, with IgptError."""
+    import warnings
+
+    from PIL import Image
+
+    limit = max_image_pixels()
+    Image.MAX_IMAGE_PIXELS = limit  # Pillow warns above this and refuses above twice this: both refuse here
+    name = path if isinstance(path, (str, Path)) else "the uploaded image"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # reads the header only; the size is checked before decoding
+                im.load()
+                im = _to_8bit(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise IgptError(
+            f"{safe_name(name)} has {size}, over the limit of {limit:,} (a decompression bomb?); "
+            "set IGPT_MAX_IMAGE_PIXELS to allow larger images"
+        ) from None
     if size is not None:
         w, h = im.size
         s = min(w, h)
@@ -189,6 +231,12 @@ def load_image(path: Path | BinaryIO, size: int | None) -> np.ndarray:
         im = im.resize((size, size), Image.BOX, box=(left, top, left + s, top + s))
     a = np.asarray(im, dtype=np.uint8)
     return a[..., None] if a.ndim == 2 else a
+
+
+def safe_name(name: object) -> str:
+    """A file name fit for one line of a message: control characters (newlines too) escaped."""
+    text = str(name)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def load_folder(directory: Path, size: int | None, test_fraction: float, seed: int, strict: bool) -> ImageSet:
@@ -212,15 +260,19 @@ def load_folder(directory: Path, size: int | None, test_fraction: float, seed: i
     images, labels, skipped = [], [], []
     for path, label in entries:
         if path.suffix.lower() not in IMAGE_EXTENSIONS and not strict:
-            skipped.append(f"{path} (not an image file extension)")
+            skipped.append(f"{safe_name(path)} (not an image file extension)")
             continue
         try:
             images.append(load_image(path, size))
             labels.append(label)
+        except IgptError as e:  # over the pixel limit
+            if strict:
+                raise
+            skipped.append(f"{safe_name(path)} ({e})")
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
             if strict:
-                raise IgptError(f"cannot read image {path}: {e}") from None
-            skipped.append(f"{path} ({e.__class__.__name__})")
+                raise IgptError(f"cannot read image {safe_name(path)}: {safe_name(e)}") from None
+            skipped.append(f"{safe_name(path)} ({e.__class__.__name__})")
     if not images:
         raise IgptError(f"no readable images in {directory}")
     shapes = {im.shape[:2] for im in images}
@@ -258,6 +310,27 @@ def _as_nhwc(a: np.ndarray, what: str) -> np.ndarray:
     return a
 
 
+MAX_CLASSES = 100_000
+
+
+def _labels(y: np.ndarray | None, n: int, what: str) -> np.ndarray:
+    """Integer class labels (n,) in [0, MAX_CLASSES), or -1 for unlabeled; one clear line for anything else
+    (strings, NaN, fractions, negatives, labels so large that a class list would exhaust memory)."""
+    if y is None:
+        return np.full(n, -1, dtype=np.int64)
+    y = np.asarray(y).reshape(-1)
+    if y.dtype.kind not in "iufb":
+        raise IgptError(f"{what} must hold integer class labels, got {y.dtype} values")
+    if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        raise IgptError(f"{what} must hold integer class labels; it holds NaN, infinite or fractional values")
+    if len(y) and (y.min() < -1 or y.max() >= MAX_CLASSES):
+        raise IgptError(
+            f"{what} labels must be class indices in [0, {MAX_CLASSES}) or -1 for unlabeled; "
+            f"found {y.min()} .. {y.max()}"
+        )
+    return y.astype(np.int64)
+
+
 def load_npz(path: Path, test_fraction: float, seed: int) -> ImageSet:
     """A `.npz` with `x_train` (and usually `x_test`), optional `y_train`/`y_test`, optional `class_names`.
     Without `x_test`, a seeded `test_fraction` of `x_train` becomes the test split."""
@@ -271,7 +344,7 @@ def load_npz(path: Path, test_fraction: float, seed: int) -> ImageSet:
     if "x_train" not in arrays:
         raise IgptError(f"{path} has no 'x_train' array (found: {', '.join(arrays) or 'nothing'})")
     xtr = _as_nhwc(arrays["x_train"], "x_train")
-    ytr = arrays.get("y_train", np.full(len(xtr), -1)).astype(np.int64).reshape(-1)
+    ytr = _labels(arrays.get("y_train"), len(xtr), "y_train")
     if len(ytr) != len(xtr):
         raise IgptError(f"{path}: x_train has {len(xtr)} images but y_train has {len(ytr)} labels")
     if "x_test" in arrays:
@@ -280,17 +353,20 @@ def load_npz(path: Path, test_fraction: float, seed: int) -> ImageSet:
             raise IgptError(
                 f"{path}: x_test images {xte.shape[1:]} differ from x_train images {xtr.shape[1:]}"
             )
-        yte = arrays.get("y_test", np.full(len(xte), -1)).astype(np.int64).reshape(-1)
+        yte = _labels(arrays.get("y_test"), len(xte), "y_test")
         if len(yte) != len(xte):
             raise IgptError(f"{path}: x_test has {len(xte)} images but y_test has {len(yte)} labels")
         train, test = Split(xtr, ytr), Split(xte, yte)
     else:
         train, test = split_train_test(xtr, ytr, test_fraction, seed)
     labelled = np.concatenate([train.labels, test.labels])
+    top = int(labelled.max(initial=-1))
     if "class_names" in arrays:
-        names = [str(n) for n in arrays["class_names"]]
+        names = [str(n) for n in np.asarray(arrays["class_names"]).reshape(-1)]
+        if top >= len(names):
+            raise IgptError(f"{path}: label {top} has no entry in class_names ({len(names)} names)")
     else:
-        names = [str(i) for i in range(int(labelled.max()) + 1)] if labelled.max() >= 0 else []
+        names = [str(i) for i in range(top + 1)]
     return ImageSet(train, test, names, str(path))
 
 

@@ -112,7 +112,8 @@ def pretrain(
             )
     device = given.get("device")
     if device is None and resuming:  # the run's own device, not the default
-        device = Run.open(out).train_config.device
+        stored = Run.open(out).train_config
+        device = stored.device if stored else None
     env = Dist(device or "cpu")
     lock = None
     try:
@@ -303,7 +304,8 @@ class Trainer:
     def _restore(self) -> None:
         if self.env.main:
             clean_partial(self.run)
-        found = latest_readable(self.run, quiet=not self.env.main)
+        shapes = {k: v.shape for k, v in self.model.state_dict().items()}
+        found = latest_readable(self.run, quiet=not self.env.main, expected=shapes)
         self._opt_tensors = {}
         if found is None:
             if self.env.main:
