@@ -166,7 +166,7 @@ def train_step(
     micro = per_rank // grad_accum
     for g in opt.param_groups:
         g["lr"] = lr
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=device)  # collectives run on the training device
     for m in range(grad_accum):
         lo = rank * per_rank + m * micro
         rows = slice(lo, lo + micro)
@@ -178,16 +178,43 @@ def train_step(
         with nullcontext() if sync else model.no_sync(), autocast(device, precision):
             _, loss_sum = model(x.to(device), mk, reduction="sum")
             (loss_sum * (world / count)).backward()
-        total += loss_sum.detach().double().cpu()
+        total += loss_sum.detach().double()
     if world > 1:
-        dist.all_reduce(total)
+        all_reduce(total, device)
     params = [p for p in model.parameters() if p.grad is not None]
-    if grad_clip > 0:
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    else:
-        gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    gnorm = grad_norm(params, sharded=world > 1 and _is_sharded(params), device=device)
+    if grad_clip > 0 and math.isfinite(gnorm):
+        coef = min(1.0, grad_clip / (gnorm + 1e-6))
+        for p in params:
+            p.grad.mul_(coef)
     loss = float(total) / count
     if math.isfinite(loss) and math.isfinite(gnorm):
         opt.step()
     opt.zero_grad(set_to_none=True)
     return loss, gnorm
+
+
+def all_reduce(t: torch.Tensor, device: str | torch.device, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
+    """All-reduce `t` in place across the process group. Every collective of training goes through here:
+    NCCL takes only CUDA tensors, so a tensor off the training device is refused on any machine (a CPU test
+    run catches what would break only on GPUs)."""
+    dev = torch.device(device)
+    if t.device.type != dev.type:
+        raise RuntimeError(f"collective on a {t.device} tensor, but this process trains on {dev}")
+    dist.all_reduce(t, op=op)
+
+
+def _is_sharded(params: list[torch.nn.Parameter]) -> bool:
+    return any(hasattr(p.grad, "to_local") for p in params)  # FSDP2 gradients are DTensors
+
+
+def grad_norm(params: list[torch.nn.Parameter], sharded: bool, device: str | torch.device) -> float:
+    """The global L2 norm of the gradients. With `sharded` (FSDP), each process holds a shard of every
+    gradient: the squares of the local shards are summed across processes, so every process gets the same
+    full norm (and so makes the same decision to step). Replicated (DDP, one process) gradients need no
+    collective."""
+    local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+    sq = torch.stack([g.detach().float().pow(2).sum() for g in local]).sum().to(device)
+    if sharded:
+        all_reduce(sq, device)
+    return float(sq.sqrt())

@@ -205,7 +205,7 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-MIN_TEMPERATURE = 1e-3  # below this (but above 0, which is greedy) logits / T overflow to inf
+MIN_TEMPERATURE = 1e-6  # below this (but above 0, which is greedy), logits / T can overflow float32
 MAX_SEED = 2**63 - 1
 
 

@@ -8,6 +8,7 @@ checkpoint and, on CPU, reproduces the uninterrupted run's losses and weights ex
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from .checkpoint import (
 from .compiling import compile_error_types, fallback_notice
 from .config import TrainConfig
 from .data import PreparedData
-from .engine import Batcher, evaluate, lr_at, mirror_index, train_step
+from .engine import Batcher, all_reduce, evaluate, lr_at, mirror_index, train_step
 from .errors import IgptError
 from .files import write_json_atomic, write_text_atomic
 from .model import IGPT, IGPTConfig
@@ -114,9 +115,35 @@ def pretrain(
     if device is None and resuming:  # the run's own device, not the default
         stored = Run.open(out).train_config
         device = stored.device if stored else None
+    if given.get("fsdp"):
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise IgptError(
+                "--fsdp shards the model over torchrun processes; launch with torchrun --nproc_per_node N"
+            )
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401
+        except ImportError:
+            raise IgptError(
+                f"--fsdp needs torch 2.6 or newer (FSDP2); this is torch {torch.__version__}"
+            ) from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accum = given.get("grad_accum", 1)
+    if "batch_size" in given and given["batch_size"] % (world * accum):
+        raise IgptError(
+            f"--batch-size {given['batch_size']} must divide by processes x --grad-accum = {world * accum}"
+        )
     env = Dist(device or "cpu")
     lock = None
     try:
+        if env.world > 1:  # every process must have been given the same settings: one decision for all
+            seen: list[Any] = [None] * env.world
+            dist.all_gather_object(seen, {"given": given, "model": model_given, "resume": resume})
+            if any(x != seen[0] for x in seen):
+                bad = next(i for i, x in enumerate(seen) if x != seen[0])
+                raise IgptError(
+                    f"the processes were given different settings (rank 0 and rank {bad}); "
+                    "launch every rank with the same command"
+                )
         # rank 0 creates or checks the run directory, then tells the others what it decided (or why not)
         msg: list[Any] = [None]
         if env.main:
@@ -215,15 +242,17 @@ class Dist:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = device
+        if device == "cuda":  # checked first, on every rank, so no rank waits for one that failed
+            if not torch.cuda.is_available():
+                raise IgptError("--device cuda, but no CUDA GPU is available")
+            if self.local_rank >= torch.cuda.device_count():
+                raise IgptError(f"local rank {self.local_rank}, but only {torch.cuda.device_count()} GPU(s)")
+            self.device = f"cuda:{self.local_rank}"
         if self.world > 1:
             backend = "nccl" if device == "cuda" else "gloo"
             if device == "cuda":
                 torch.cuda.set_device(self.local_rank)
             dist.init_process_group(backend)
-        if device == "cuda":
-            if not torch.cuda.is_available():
-                raise IgptError("--device cuda, but no CUDA GPU is available")
-            self.device = f"cuda:{self.local_rank}"
 
     @property
     def main(self) -> bool:
@@ -278,6 +307,7 @@ class Trainer:
         self.model = IGPT(mcfg).to(env.device)  # the module saved in checkpoints
         self.batcher = Batcher(tokens, G, cfg.seed)
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self._clock = 0.0
         self.last_val: float | None = None
         if resuming:
             self._restore()
@@ -298,7 +328,8 @@ class Trainer:
         if resuming and self._opt_tensors:
             self._load_optimizer(self._opt_tensors)
         self.flip_perm = mirror_index(self.data.resolution, self.data.meta["order"]) if cfg.flip else None
-        self.stop_requested = False
+        self.stop_requested = False  # agreed by every process (see _tick)
+        self._stop_local = False  # this process received a stop signal
 
     # ------------------------------------------------------------------------------------------ state
     def _restore(self) -> None:
@@ -442,7 +473,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def elapsed(self) -> float:
-        return self.elapsed_before + (time.perf_counter() - self.t_start)
+        """Seconds of the budget used, as of the last `_tick`: the same number on every process."""
+        return self._clock
+
+    def _tick(self) -> None:
+        """Agree on the clock and on stop requests. Under torchrun every process takes rank 0's elapsed time
+        and stops if any process was asked to, in one small collective, so the learning rate, `done()` and
+        the checkpoints are one decision made the same on every rank, however skewed their starts."""
+        local = self.elapsed_before + (time.perf_counter() - self.t_start)
+        if self.env.world == 1:
+            self._clock, self.stop_requested = local, self._stop_local
+            return
+        # the signal handler only sets _stop_local: a signal that lands during this collective is not lost,
+        # and stop_requested changes here alone, the same on every rank
+        t = torch.tensor([local if self.env.main else 0.0, float(self._stop_local)], dtype=torch.float64)
+        t = t.to(self.env.device)
+        all_reduce(t, self.env.device)
+        self._clock, self.stop_requested = float(t[0]), bool(t[1] > 0)
 
     def lr_progress(self) -> float:
         """Share of the budget that the coming step completes: by steps, by time, or the larger of both."""
@@ -456,15 +503,30 @@ class Trainer:
             return True
         return bool(self.cfg.minutes and self.elapsed() >= 60 * self.cfg.minutes)
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self.stop_requested:
+    def _on_stop(self, signum, frame) -> None:
+        """SIGINT or SIGTERM (torchrun forwards its own as SIGTERM): finish the step, then every process
+        saves and stops together (see `_tick`). A second signal aborts."""
+        if self._stop_local:
             raise KeyboardInterrupt
-        self.stop_requested = True
-        if self.env.main:
-            print(
-                "\nigpt: interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)",
-                file=sys.stderr,
-            )
+        self._stop_local = True
+        who = f" (rank {self.env.rank})" if self.env.world > 1 else ""
+        print(
+            f"\nigpt: interrupt{who}: finishing this step and saving a checkpoint (Ctrl-C again to abort)",
+            file=sys.stderr,
+        )
+
+    def _replica_digests(self) -> list[str] | None:
+        """Under DDP, a digest of each process's weights, gathered on every process: equal digests show the
+        replicas ended identical. None in one process or under FSDP (whose processes hold shards)."""
+        if self.env.world == 1 or self.cfg.fsdp:
+            return None
+        h = hashlib.sha256()
+        for k, v in sorted(self.model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        out: list[Any] = [None] * self.env.world
+        dist.all_gather_object(out, h.hexdigest()[:16])
+        return out
 
     def _log(self, row: dict[str, Any]) -> None:
         if not self.env.main:
@@ -518,8 +580,12 @@ class Trainer:
                 f"{' torch.compile' if c.compile else ''}; run {self.run}",
                 file=sys.stderr,
             )
-        prev_handler = signal.signal(signal.SIGINT, self._on_sigint) if env.main or env.world == 1 else None
+        prev_handlers = {sig: signal.signal(sig, self._on_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        skew = os.environ.get("IGPT_START_SKEW", "")  # "RANK:SECONDS", for the test of skewed starts
+        if skew.partition(":")[0] == str(env.rank):
+            time.sleep(float(skew.partition(":")[2] or 0))
         self.t_start = time.perf_counter()
+        self._tick()
         bar = None
         if self.progress:
             from tqdm import tqdm
@@ -548,6 +614,7 @@ class Trainer:
                         f"stopped without saving it (last good checkpoint: {last}); try a lower --lr"
                     )
                 self.step += 1
+                self._tick()
                 self.tokens_seen += per_step_tokens
                 tok_window += per_step_tokens
                 window.append(loss)
@@ -592,10 +659,11 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            if prev_handler is not None:
-                signal.signal(signal.SIGINT, prev_handler)
+            for sig, handler in prev_handlers.items():
+                signal.signal(sig, handler)
             if self.tb is not None:
                 self.tb.close()
+        digests = self._replica_digests()
         wall = time.perf_counter() - run_t0
         summary = {
             "objective": self.mcfg.objective,
@@ -617,6 +685,8 @@ class Trainer:
             "precision": c.precision,
             "compiled": hasattr(self.wrapped, "_orig_mod"),  # False too where --compile fell back to eager
         }
+        if digests is not None:
+            summary["replica_weight_digests"] = digests
         if env.device.startswith("cuda"):
             summary["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(env.device) / 2**20, 1)
         if env.main:
