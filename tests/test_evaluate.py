@@ -54,11 +54,10 @@ def test_probe_on_label_carrying_features_beats_chance_by_far():
     x = torch.nn.functional.one_hot(y, 5).float() @ torch.randn(5, 16, generator=g) + 0.3 * torch.randn(
         600, 16, generator=g
     )
-    r = probe_with_validation(x[:500], y[:500], x[500:], y[500:], 5)
+    r = probe_with_validation(x[:400], y[:400], x[400:500], y[400:500], x[500:], y[500:], 5)
     assert r["test_accuracy"] > 0.95
-    noise = probe_with_validation(
-        torch.randn(500, 16, generator=g), y[:500], torch.randn(100, 16, generator=g), y[500:], 5
-    )
+    n = torch.randn(600, 16, generator=g)
+    noise = probe_with_validation(n[:400], y[:400], n[400:500], y[400:500], n[500:], y[500:], 5)
     assert noise["test_accuracy"] < 0.45
 
 

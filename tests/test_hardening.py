@@ -362,8 +362,8 @@ def test_probe_data_with_another_palette_is_refused(micro_run, tmp_path, capsys)
 def test_file_names_cannot_forge_error_lines(tmp_path, capsys):
     d = tmp_path / "f" / "a"
     d.mkdir(parents=True)
-    for i in range(3):
-        Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(d / f"{i}.png")
+    for i in range(12):
+        Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(d / f"{i}.png")
     (d / "x\nigpt: error: forged.png").write_bytes(b"not an image")
     flags = "--resolution 8 --clusters 2 --test-fraction 0.3".split()
     main(["prepare", "folder", "--data-dir", str(tmp_path / "f"), "--out", str(tmp_path / "o"), *flags])

@@ -15,7 +15,7 @@ from igpt.preparation import PrepareConfig
 from igpt.preparation import prepare_config as prepare
 from igpt.sources import load_source
 
-META_KEYS = "dataset resolution channels clusters order n_train n_test num_classes class_names".split()
+META_KEYS = "dataset resolution channels clusters order n_train n_val n_test num_classes class_names".split()
 META_KEYS += ["quantization_rmse"]
 
 
@@ -78,7 +78,8 @@ def test_npz_source_and_prepare(npz_path, tmp_path):
     assert meta["channels"] == 3 and meta["resolution"] == 10 and meta["order"] == "snake"
     d = PreparedData(out)
     tok = d.tokens("train")
-    assert isinstance(tok, np.memmap) and tok.shape == (30, 100) and tok.dtype == np.uint8
+    assert isinstance(tok, np.memmap) and tok.shape == (meta["n_train"], 100) and tok.dtype == np.uint8
+    assert meta["n_train"] + meta["n_val"] == 30 and len(d.tokens("val")) == meta["n_val"] >= 1
     assert d.images("test", [0, 1]).shape == (2, 10, 10, 3)
 
 
@@ -95,7 +96,8 @@ def test_prepare_cli_writes_meta_and_reuses(idx_dir, tmp_path, capsys):
     )
     meta = json.loads((out / "meta.json").read_text())
     assert [k for k in META_KEYS if k not in meta] == []
-    assert meta["n_train"] == 40 and meta["n_test"] == 12 and meta["num_classes"] == 10
+    assert meta["n_train"] + meta["n_val"] == 40 and meta["n_val"] >= 1
+    assert meta["n_test"] == 12 and meta["num_classes"] == 10
     assert meta["quantization_rmse"] > 0
     mtime = (out / "train_tokens.npy").stat().st_mtime_ns
     capsys.readouterr()
@@ -181,7 +183,8 @@ def test_python_m_igpt_subprocess(tmp_path):
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_prepare_real_fashion_mnist(tmp_path):
     meta = prepare(PrepareConfig("fashion-mnist", resolution=28, clusters=16), tmp_path / "fm")
-    assert meta["n_train"] == 60000 and meta["n_test"] == 10000 and meta["num_classes"] == 10
+    assert meta["n_train"] == 55000 and meta["n_val"] == 5000 and meta["n_test"] == 10000
+    assert meta["num_classes"] == 10
     assert 2.0 < meta["quantization_rmse"] < 4.5
     tok = PreparedData(tmp_path / "fm").tokens("train")
-    assert tok.shape == (60000, 784) and tok.dtype == np.uint8 and tok.max() == 15
+    assert tok.shape == (55000, 784) and tok.dtype == np.uint8 and tok.max() == 15

@@ -56,6 +56,12 @@ def add_prepare(sub: Sub) -> None:
     p.add_argument(
         "--test-fraction", type=float, default=0.1, help="test share for folder/npz without a split"
     )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=5000 / 60000,
+        help="validation share held out of the training split (default: 5,000 of Fashion-MNIST's 60,000)",
+    )
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.add_argument("--force", action="store_true", help="replace an --out prepared with other settings")
     p.set_defaults(func=run_prepare)
@@ -150,7 +156,6 @@ def add_probe(sub: Sub) -> None:
     )
     p.add_argument("--concat", help="also probe these layers' features concatenated, e.g. 2,3,4")
     p.add_argument("--data", help="prepared directory to probe on (default: the run's own)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of the training split")
     p.add_argument("--batch-size", type=int, default=128, help="images per feature batch")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -200,7 +205,6 @@ def add_finetune(sub: Sub) -> None:
         help="start the head from a linear probe of the final layer (default) or from zero",
     )
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--patience", type=int, default=2, help="epochs without validation gain before stopping")
     p.add_argument("--train-limit", type=int, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, help="use only the first N test images")

@@ -52,7 +52,8 @@ class TrainConfig:
     eval_interval: int = 250
     """Validate (and checkpoint) every N steps, and at the end."""
     eval_images: int = 1000
-    """Test images used for val_nll (the first N of the test split)."""
+    """Images for val_nll (the first N of the validation split) and, once at the end, for test_nll (the
+    first N of the test split)."""
     log_interval: int = 10
     """Write a metrics.jsonl row every N steps."""
     keep_steps: list[int] = field(default_factory=list)

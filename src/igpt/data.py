@@ -12,7 +12,7 @@ import numpy as np
 from .errors import IgptError
 from .palette import decode, from_sequence
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 
 
 class PreparedData:
@@ -30,6 +30,11 @@ class PreparedData:
             self.meta: dict[str, Any] = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise IgptError(f"{meta_path} is not valid JSON ({e})") from None
+        if not isinstance(self.meta, dict) or "n_val" not in self.meta:
+            raise IgptError(
+                f"{self.dir} was prepared before igpt held out a validation split; prepare it again "
+                "(igpt prepare ... --force)"
+            )
         self.palette = np.load(self.dir / "palette.npy", allow_pickle=False)
         self._tokens: dict[str, np.ndarray] = {}
         self._labels: dict[str, np.ndarray] = {}

@@ -30,7 +30,6 @@ from .probing import (
     fit_logistic,
     labelled_rows,
     open_labelled_run,
-    split_validation,
 )
 from .runs import Run
 
@@ -158,8 +157,6 @@ class FinetuneConfig:
     """probe (start the head at a linear probe of the features) or zero."""
     batch_size: int = 32
     """Images per step."""
-    val_fraction: float = 0.1
-    """Validation share of the training split, for early stopping and the best epoch."""
     patience: int = 2
     """Epochs without validation gain before stopping."""
     train_limit: int | None = None
@@ -186,8 +183,6 @@ class FinetuneConfig:
             raise IgptError(f"--minutes must be a positive number, got {self.minutes}")
         if not (math.isfinite(self.gen_weight) and self.gen_weight >= 0):
             raise IgptError("--gen-weight must be 0 or more")
-        if not 0 < self.val_fraction < 1:
-            raise IgptError("--val-fraction must be in (0, 1)")
         if self.labels_per_class is not None and self.labels_per_class < 1:
             raise IgptError(f"--labels-per-class must be at least 1, got {self.labels_per_class}")
         if not 0 <= self.seed < 2**32:
@@ -233,14 +228,15 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
                 "rarest class"
             )
         rows = rows[balanced_subset(y_all[rows], args.labels_per_class, args.seed)]
-    tr_i, va_i = split_validation(y_all[rows], args.val_fraction, args.seed)
-    tr, va = rows[tr_i], rows[va_i]
+    tr = rows
+    va = labelled_rows(data.labels("val"), None)  # the prepared validation split: early stopping, best epoch
+    y_va, tok_va = data.labels("val"), data.tokens("val")
     te = labelled_rows(data.labels("test"), args.test_limit)
     if len(tr) < 1:
-        raise IgptError("no training images left after the validation split")
+        raise IgptError("no labelled training images")
     torch.manual_seed(args.seed)
     model = Classifier(backbone, C).to(device).train()
-    untrained_val = accuracy(model, data.tokens("train")[va], y_all[va], device) if len(va) else None
+    untrained_val = accuracy(model, tok_va[va], y_va[va], device) if len(va) else None
     standardise_head(
         model,
         tokens_rows(data, tr[:10_000]),
@@ -271,7 +267,7 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
         f"{steps_per_epoch} steps; augment {'shifts' + (' + flips' if flip else '') if aug else 'off'}",
         file=sys.stderr,
     )
-    initial_val = accuracy(model, tokens[va], y_all[va], device) if len(va) else None
+    initial_val = accuracy(model, tok_va[va], y_va[va], device) if len(va) else None
     history, best, best_state, bad_epochs, step = [], (-1.0, -1), None, 0, 0
     t0 = time.perf_counter()
     from tqdm import tqdm
@@ -311,7 +307,7 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
             if args.minutes and time.perf_counter() - t0 > 60 * args.minutes:
                 break  # the epoch is cut short; it is still validated and may be the best
         bar.close()
-        val = accuracy(model, tokens[va], y_all[va], device) if len(va) else float("nan")
+        val = accuracy(model, tok_va[va], y_va[va], device) if len(va) else float("nan")
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val})
         print(f"epoch {epoch}: train loss {np.mean(losses):.4f}, val accuracy {val:.4f}", file=sys.stderr)
         if not len(va) or val > best[0]:

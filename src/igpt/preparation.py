@@ -30,7 +30,9 @@ from .palette import (
     to_sequence,
     token_dtype,
 )
-from .sources import SOURCES, Split, load_source
+from .sources import SOURCES, Split, load_source, split_validation
+
+VAL_FRACTION = 5000 / 60000  # 5,000 of Fashion-MNIST's 60,000 training images
 
 
 @dataclass
@@ -56,6 +58,9 @@ class PrepareConfig:
     """Seed of the k-means sampling and initialisation, and of folder/npz test splits."""
     test_fraction: float = 0.1
     """Share of images held out for testing where the source has no test split (folder, npz)."""
+    val_fraction: float = VAL_FRACTION
+    """Share of the training split held out for validation (seeded, class-stratified): every choice is made
+    on it and nothing trains on it. The default keeps 5,000 of Fashion-MNIST's 60,000."""
     strict: bool = False
     """Fail on an unreadable image in a folder instead of skipping and counting it."""
 
@@ -72,6 +77,8 @@ class PrepareConfig:
             raise IgptError(f"--limit must be positive, got {self.limit}")
         if not 0.0 < self.test_fraction < 1.0:
             raise IgptError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise IgptError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.palette is not None:
             self.palette = str(Path(self.palette).resolve())
         if self.data_dir is not None:
@@ -94,6 +101,7 @@ def prepare(
     limit: int | None = None,
     seed: int = 0,
     test_fraction: float = 0.1,
+    val_fraction: float = VAL_FRACTION,
     strict: bool = False,
     force: bool = False,
 ) -> dict[str, Any]:
@@ -110,6 +118,7 @@ def prepare(
         limit=limit,
         seed=seed,
         test_fraction=test_fraction,
+        val_fraction=val_fraction,
         strict=strict,
     )
     return prepare_config(cfg, out, force)
@@ -147,6 +156,18 @@ def prepare_config(cfg: PrepareConfig, out: str | Path, force: bool = False) -> 
     if cfg.limit:
         train = Split(train.images[: cfg.limit], train.labels[: cfg.limit])
         test = Split(test.images[: cfg.limit], test.labels[: cfg.limit])
+    if len(train.labels) < 2:
+        raise IgptError("need at least two training images to hold out a validation split")
+    tr_rows, va_rows = split_validation(train.labels, cfg.val_fraction, cfg.seed)
+    if len(tr_rows) == 0 or len(va_rows) == 0:
+        raise IgptError(f"--val-fraction {cfg.val_fraction} leaves no training or no validation images")
+    val = Split(train.images[va_rows], train.labels[va_rows])
+    train = Split(train.images[tr_rows], train.labels[tr_rows])
+    labelled = train.labels[train.labels >= 0]
+    if len(labelled) and len(np.unique(labelled)) < len(
+        np.unique(np.concatenate([labelled, val.labels[val.labels >= 0]]))
+    ):
+        raise IgptError(f"--val-fraction {cfg.val_fraction} leaves a class without training images")
     h, w = train.images.shape[1:3]
     resolution = cfg.resolution
     if resolution is None:
@@ -155,12 +176,14 @@ def prepare_config(cfg: PrepareConfig, out: str | Path, force: bool = False) -> 
         resolution = h
     t_load = time.perf_counter()
     xtr = resize_images(train.images, resolution)
+    xva = resize_images(val.images, resolution)
     xte = resize_images(test.images, resolution)
     t_resize = time.perf_counter()
 
     if cfg.palette:
         palette = load_palette(cfg.palette)
         xtr, xte = to_channels(xtr, palette.shape[1]), to_channels(xte, palette.shape[1])
+        xva = to_channels(xva, palette.shape[1])
         if cfg.clusters is not None and cfg.clusters != len(palette):
             raise IgptError(f"--clusters {cfg.clusters} does not match the palette's {len(palette)} colours")
     else:
@@ -170,6 +193,7 @@ def prepare_config(cfg: PrepareConfig, out: str | Path, force: bool = False) -> 
     t_fit = time.perf_counter()
     dtype = token_dtype(k)
     tok_tr = to_sequence(quantize(xtr, palette), cfg.order).astype(dtype)
+    tok_va = to_sequence(quantize(xva, palette), cfg.order).astype(dtype)
     grid_te = quantize(xte, palette)
     tok_te = to_sequence(grid_te, cfg.order).astype(dtype)
     rmse = float(
@@ -177,7 +201,7 @@ def prepare_config(cfg: PrepareConfig, out: str | Path, force: bool = False) -> 
     )
     t_quant = time.perf_counter()
 
-    labelled = np.concatenate([train.labels, test.labels])
+    labelled = np.concatenate([train.labels, val.labels, test.labels])
     num_classes = len(data.class_names) if (labelled >= 0).any() else 0
     meta = {
         "dataset": cfg.dataset,
@@ -186,6 +210,8 @@ def prepare_config(cfg: PrepareConfig, out: str | Path, force: bool = False) -> 
         "clusters": k,
         "order": cfg.order,
         "n_train": len(tok_tr),
+        "n_val": len(tok_va),
+        "val_fraction": cfg.val_fraction,
         "n_test": len(tok_te),
         "num_classes": num_classes,
         "class_names": data.class_names if num_classes else [],
@@ -207,7 +233,9 @@ def prepare_config(cfg: PrepareConfig, out: str | Path, force: bool = False) -> 
     }
     with atomic_directory(out) as tmp:
         np.save(tmp / "train_tokens.npy", tok_tr)
+        np.save(tmp / "val_tokens.npy", tok_va)
         np.save(tmp / "test_tokens.npy", tok_te)
+        np.save(tmp / "val_labels.npy", val.labels.astype(np.int64))
         np.save(tmp / "train_labels.npy", train.labels.astype(np.int64))
         np.save(tmp / "test_labels.npy", test.labels.astype(np.int64))
         np.save(tmp / "palette.npy", palette.astype(np.float32))
@@ -221,7 +249,8 @@ def summary_lines(meta: dict[str, Any], out: str | Path) -> list[str]:
     tr = meta["n_train"]
     return [
         f"prepared {meta['dataset']} -> {out}",
-        f"  images      train {tr:,}  test {meta['n_test']:,}  ({meta['num_classes']} classes)",
+        f"  images      train {tr:,}  validation {meta['n_val']:,}  test {meta['n_test']:,}  "
+        f"({meta['num_classes']} classes)",
         f"  tokens      {meta['resolution']}x{meta['resolution']} = {meta['seq_len']} per image, "
         f"{meta['order']} order, "
         f"dtype {meta['token_dtype']}",

@@ -26,6 +26,7 @@ from .errors import IgptError
 from .files import atomic_file, write_json_atomic
 from .model import IGPT
 from .runs import Run
+from .sources import split_validation
 
 LAMBDAS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
@@ -196,44 +197,33 @@ def fit_logistic_many(
     ]
 
 
-def split_validation(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded split of row indices into (train, validation), stratified by class."""
-    rng = np.random.default_rng(seed)
-    tr, va = [], []
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        n = max(1, int(round(len(idx) * fraction))) if len(idx) > 1 else 0
-        va.append(idx[:n])
-        tr.append(idx[n:])
-    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
-
-
 def probe_with_validation(
     xtr: torch.Tensor,
     ytr: torch.Tensor,
+    xva: torch.Tensor,
+    yva: torch.Tensor,
     xte: torch.Tensor,
     yte: torch.Tensor,
     num_classes: int,
-    val_fraction: float = 0.1,
     seed: int = 0,
     lambdas: tuple[float, ...] = LAMBDAS,
     device: str = "cpu",
     select_rows: int | None = 20000,
 ) -> dict:
-    """Choose lambda on a validation split carved from the training rows, refit on all training rows with it
-    (warm-started from the chosen solution), and score the test rows. The lambda sweep fits on at most
-    `select_rows` of the remaining training rows (a seeded, class-stratified share): it ranks the strengths
-    about as well as all rows would, at a fraction of the cost for wide (grid-pooled) features. Returns
-    accuracies, the chosen lambda and the fitted probe."""
-    tr, va = split_validation(ytr.numpy(), val_fraction, seed)
+    """Choose lambda on the validation rows, refit on all training rows with it (warm-started from the
+    chosen solution), and score the test rows, which choose nothing. The lambda sweep fits on at most
+    `select_rows` training rows (a seeded, class-stratified share): it ranks the strengths about as well as
+    all rows would, at a fraction of the cost for wide (grid-pooled) features. Returns accuracies, the
+    chosen lambda and the fitted probe."""
+    tr = np.arange(len(ytr))
     if select_rows and len(tr) > select_rows:
-        keep, _ = split_validation(ytr.numpy()[tr], 1 - select_rows / len(tr), seed + 1)
+        keep, _ = split_validation(ytr.numpy(), 1 - select_rows / len(tr), seed + 1)
         tr = tr[keep]
     stats = (xtr[tr].double().mean(0), xtr[tr].double().std(0).clamp(min=1e-6))
     probes = fit_logistic_many(
         xtr[tr], ytr[tr], num_classes, list(lambdas), stats=stats, max_iter=300, device=device
     )
-    val_acc = {p.lam: p.accuracy(xtr[va], ytr[va]) for p in probes}
+    val_acc = {p.lam: p.accuracy(xva, yva) for p in probes}
     best = max(lambdas, key=lambda k: (val_acc[k], k))  # ties go to the stronger regularisation
     chosen = probes[list(lambdas).index(best)]
     probe = fit_logistic(xtr, ytr, num_classes, best, init=(chosen.weight, chosen.bias), device=device)
@@ -425,16 +415,21 @@ def full_probe(
     """The standard protocol: all training rows, lambda chosen on a validation split, test accuracy."""
     C = data.num_classes
     tr = labelled_rows(data.labels("train"), cfg.train_limit)
+    va = labelled_rows(data.labels("val"), None)
     te = labelled_rows(data.labels("test"), cfg.test_limit)
+    if not len(va):
+        raise IgptError(f"{data.dir} has no labelled validation images to choose on")
     ytr, yte = torch.from_numpy(data.labels("train")[tr]), torch.from_numpy(data.labels("test")[te])
+    yva = torch.from_numpy(data.labels("val")[va])
     t0 = time.perf_counter()
     kw = _feature_settings(cfg, data)
     cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
     ftr, fte = cache("train", tr, "train features"), cache("test", te, "test features")
+    fva = cache("val", va, "validation features")
     t_feat = time.perf_counter() - t0
     res: dict[str, Any] = {"layers": {}, "val_accuracy": {}, "lambda": {}}
     for i in layers:
-        r = probe_with_validation(ftr[i], ytr, fte[i], yte, C, cfg.val_fraction, cfg.seed, device=cfg.device)
+        r = probe_with_validation(ftr[i], ytr, fva[i], yva, fte[i], yte, C, cfg.seed, device=cfg.device)
         res["layers"][str(i)], res["val_accuracy"][str(i)], res["lambda"][str(i)] = (
             r["test_accuracy"],
             r["val_accuracy"],
@@ -451,10 +446,11 @@ def full_probe(
     raw = probe_with_validation(
         raw_pixels(data, "train", tr),
         ytr,
+        raw_pixels(data, "val", va),
+        yva,
         raw_pixels(data, "test", te),
         yte,
         C,
-        cfg.val_fraction,
         cfg.seed,
         device=cfg.device,
     )
@@ -462,13 +458,14 @@ def full_probe(
         best_layer=best,
         best_accuracy=res["layers"][str(best)],
         raw_pixel_accuracy=raw["test_accuracy"],
+        raw_pixel_val_accuracy=raw["val_accuracy"],
         n_train=len(tr),
+        n_val=len(va),
         n_test=len(te),
         feature_dim=int(ftr[layers[0]].shape[1]),
         pool=cfg.pool,
-        classifier="multinomial logistic regression, torch L-BFGS, L2 chosen on a "
-        f"{cfg.val_fraction:.0%} validation split from {list(LAMBDAS)} (the sweep fitted on at most "
-        "20,000 training rows), then refitted on all",
+        classifier="multinomial logistic regression, torch L-BFGS, L2 chosen on the validation split from "
+        f"{list(LAMBDAS)} (the sweep fitted on at most 20,000 training rows), then refitted on all",
         seconds={"features": round(t_feat, 2), "probes": round(t_fit, 2)},
     )
     if cfg.concat:
@@ -479,10 +476,11 @@ def full_probe(
         r = probe_with_validation(
             torch.cat([ftr[i] for i in cat], 1),
             ytr,
+            torch.cat([fva[i] for i in cat], 1),
+            yva,
             torch.cat([fte[i] for i in cat], 1),
             yte,
             C,
-            cfg.val_fraction,
             cfg.seed,
             device=cfg.device,
         )
@@ -728,8 +726,6 @@ class ProbeConfig:
     """Also probe these layers' features concatenated, e.g. "2,3,4"."""
     data: str | None = None
     """Another prepared directory (with the run's palette) to probe on; default the run's own."""
-    val_fraction: float = 0.1
-    """Validation share of the training split, for choosing lambda and the layer."""
     batch_size: int = 128
     """Images per feature batch."""
     device: str = "cpu"
@@ -744,8 +740,6 @@ class ProbeConfig:
     def __post_init__(self) -> None:
         if self.mask_ensemble < 0:
             raise IgptError("--mask-ensemble must be 0 or more")
-        if not 0 < self.val_fraction < 1:
-            raise IgptError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         for name in ("train_limit", "test_limit", "batch_size"):
             v = getattr(self, name)
             if v is not None and v < 1:

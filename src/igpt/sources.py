@@ -287,6 +287,19 @@ def load_folder(directory: Path, size: int | None, test_fraction: float, seed: i
     return ImageSet(train, test, classes, str(directory), skipped)
 
 
+def split_validation(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of row indices into (train, validation), stratified by class (unlabeled rows, -1, are
+    one more stratum). Every class with two or more rows gives at least one to validation."""
+    rng = np.random.default_rng(seed)
+    tr, va = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n = max(1, int(round(len(idx) * fraction))) if len(idx) > 1 else 0
+        va.append(idx[:n])
+        tr.append(idx[n:])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
+
+
 def split_train_test(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> tuple[Split, Split]:
     """A seeded random split; at least one image lands in each split when there are two or more."""
     if not 0.0 < test_fraction < 1.0:

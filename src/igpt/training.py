@@ -542,7 +542,7 @@ class Trainer:
         c = self.cfg
         v = evaluate(
             self.model,
-            self.data.tokens("test"),
+            self.data.tokens("val"),
             c.eval_images,
             self.mcfg.objective,
             c.mask_ratio,
@@ -664,6 +664,12 @@ class Trainer:
             if self.tb is not None:
                 self.tb.close()
         digests = self._replica_digests()
+        t_test = time.perf_counter()  # the test split, touched once, at the end of the run
+        test = self.data.tokens("test")
+        test_nll = evaluate(
+            self.model, test, c.eval_images, self.mcfg.objective, c.mask_ratio, env.device, c.precision
+        )
+        eval_seconds += time.perf_counter() - t_test
         wall = time.perf_counter() - run_t0
         summary = {
             "objective": self.mcfg.objective,
@@ -674,7 +680,10 @@ class Trainer:
             "train_loss": train_loss,
             "val_nll": self.last_val,
             "val_bits_per_token": None if self.last_val is None else self.last_val / math.log(2),
-            "val_images": min(c.eval_images, self.data.meta["n_test"]),
+            "val_images": min(c.eval_images, self.data.meta["n_val"]),
+            "test_nll": test_nll,
+            "test_bits_per_token": test_nll / math.log(2),
+            "test_images": min(c.eval_images, self.data.meta["n_test"]),
             "tokens_per_second": (self.tokens_seen - run_tok0) / max(wall - eval_seconds, 1e-9),
             "validation_seconds": round(eval_seconds, 2),
             "elapsed_seconds": self.elapsed(),
