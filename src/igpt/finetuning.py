@@ -236,7 +236,6 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
         raise IgptError("no labelled training images")
     torch.manual_seed(args.seed)
     model = Classifier(backbone, C).to(device).train()
-    untrained_val = accuracy(model, tok_va[va], y_va[va], device) if len(va) else None
     standardise_head(
         model,
         tokens_rows(data, tr[:10_000]),
@@ -327,7 +326,6 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
         "test_accuracy": test_acc,
         "best_epoch": best[1],
         "best_val_accuracy": best[0] if len(va) else None,
-        "untrained_head_val_accuracy": untrained_val,
         "initial_val_accuracy": initial_val,
         "history": history,
         "n_train": len(tr),

@@ -269,6 +269,7 @@ def quickstart(
             batch_size=128,
             pool=plan.pool,
             resolution=data.resolution,
+            order=data.meta["order"],
             device="cpu",
             quiet=not progress,
             compile=plan.compile,

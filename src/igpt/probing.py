@@ -25,6 +25,7 @@ from .data import PreparedData
 from .errors import IgptError
 from .files import atomic_file, write_json_atomic
 from .model import IGPT
+from .palette import order_index
 from .runs import Run
 from .sources import split_validation
 
@@ -39,6 +40,7 @@ def extract_features(
     batch_size: int = 128,
     pool: str = "mean",
     resolution: int | None = None,
+    order: str = "raster",
     mask_ratio: float | None = None,
     seed: int = 0,
     device: str = "cpu",
@@ -71,7 +73,7 @@ def extract_features(
             mask = None if mask is None else torch.cat([mask, mask.new_zeros(batch_size - n, mask.shape[1])])
         hs = forward(x, layers, mask)
         for i, h in hs.items():
-            f = pool_states(h[:n].float(), pool, resolution).cpu()
+            f = pool_states(h[:n].float(), pool, resolution, order).cpu()
             if i not in out:
                 out[i] = torch.empty(len(tokens), f.shape[1], dtype=torch.float32)
             out[i][s : s + len(f)] = f
@@ -81,11 +83,11 @@ def extract_features(
 POOLS = ("mean", "grid", "grid3", "grid4")
 
 
-def pool_states(h: torch.Tensor, pool: str, resolution: int | None) -> torch.Tensor:
+def pool_states(h: torch.Tensor, pool: str, resolution: int | None, order: str = "raster") -> torch.Tensor:
     """(B, T, d) -> (B, d) with "mean" (the paper's feature), or a coarse spatial grid of means concatenated
-    in raster order: "grid" 2 x 2 -> (B, 4d), "grid3" 3 x 3 -> (B, 9d), "grid4" 4 x 4 -> (B, 16d). Positions
-    are mapped through raster order (a close approximation for snake order); cells split the side as evenly
-    as it allows."""
+    in raster order: "grid" 2 x 2 -> (B, 4d), "grid3" 3 x 3 -> (B, 9d), "grid4" 4 x 4 -> (B, 16d). Sequence
+    positions are put back in image order first (`order`: raster or snake), so every cell holds the pixels of
+    its region; cells split the side as evenly as it allows."""
     if pool == "mean":
         return h.mean(1)
     if pool not in POOLS:
@@ -95,7 +97,9 @@ def pool_states(h: torch.Tensor, pool: str, resolution: int | None) -> torch.Ten
     R = resolution or int(round(T**0.5))
     if R < n:
         raise ValueError(f"{pool} pooling needs images of at least {n}x{n}")
-    g = h.view(B, R, R, d)
+    if order != "raster":  # sequence position -> pixel: reorder the states into raster order
+        h = h[:, torch.from_numpy(np.argsort(order_index(R, order))).to(h.device)]
+    g = h.reshape(B, R, R, d)
     e = [round(i * R / n) for i in range(n + 1)]
     cells = [g[:, e[i] : e[i + 1], e[j] : e[j + 1]].mean((1, 2)) for i in range(n) for j in range(n)]
     return torch.cat(cells, dim=1)
@@ -404,13 +408,19 @@ def _feature_settings(cfg: ProbeConfig, data: PreparedData) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         pool=cfg.pool,
         resolution=data.resolution,
+        order=data.meta.get("order", "raster"),
         device=cfg.device,
         compile=cfg.compile,
     )
 
 
 def full_probe(
-    cfg: ProbeConfig, model: IGPT, data: PreparedData, layers: list[int], cache: FeatureCache | None = None
+    cfg: ProbeConfig,
+    model: IGPT,
+    data: PreparedData,
+    layers: list[int],
+    cache: FeatureCache | None = None,
+    raw_cache: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The standard protocol: all training rows, lambda chosen on a validation split, test accuracy."""
     C = data.num_classes
@@ -443,7 +453,7 @@ def full_probe(
             )
     t_fit = time.perf_counter() - t0 - t_feat
     best = max(layers, key=lambda i: (res["val_accuracy"][str(i)], -i))  # chosen on validation, not test
-    raw = probe_with_validation(
+    raw = (raw_cache or {}).get("raw") or probe_with_validation(
         raw_pixels(data, "train", tr),
         ytr,
         raw_pixels(data, "val", va),
@@ -454,6 +464,8 @@ def full_probe(
         cfg.seed,
         device=cfg.device,
     )
+    if raw_cache is not None:
+        raw_cache["raw"] = raw
     res.update(
         best_layer=best,
         best_accuracy=res["layers"][str(best)],
@@ -507,8 +519,9 @@ def mask_ensemble(
     kw: dict,
 ) -> dict[str, Any]:
     """BERT, Figure 4's protocol: the evaluation is repeated M times, each with its own random 15% mask on the
-    training and test images (the input BERT saw in pretraining); the test prediction is the modal class over
-    the M probes. Each layer keeps the L2 strength chosen on its unmasked validation split."""
+    training and test images (the input BERT saw in pretraining); the test prediction is the argmax of
+    the M probes' averaged probabilities. Each layer keeps the L2 strength chosen on its unmasked validation
+    split."""
     if model.causal:
         raise IgptError("--mask-ensemble applies to BERT runs only")
     layers = list(lambdas)
@@ -536,13 +549,13 @@ def mask_ensemble(
         )
         for i in layers:
             p = fit_logistic(ftr[i], ytr, data.num_classes, lambdas[i], device=kw["device"])
-            pred = p.predict(fte[i]).cpu()
-            votes[i].append(pred)
-            single[i].append(float((pred == yte).float().mean()))
+            prob = torch.softmax(p.logits(fte[i]).float(), -1).cpu()
+            votes[i].append(prob)
+            single[i].append(float((prob.argmax(-1) == yte).float().mean()))
     out = {}
-    for i in layers:
-        mode = torch.mode(torch.stack(votes[i]), dim=0).values
-        out[str(i)] = float((mode == yte).float().mean())
+    for i in layers:  # the ensemble averages the probes' probabilities (no ties broken toward class 0)
+        mean = torch.stack(votes[i]).mean(0)
+        out[str(i)] = float((mean.argmax(-1) == yte).float().mean())
     return {
         "masks": cfg.mask_ensemble,
         "layers": out,
@@ -573,6 +586,10 @@ def low_data_probe(
     rtr, rte = raw_pixels(data, "train", rows), raw_pixels(data, "test", te)
     pos = {r: k for k, r in enumerate(rows)}
     folds = min(5, N)
+    if folds < 2:  # one label per class: no cross-validation; the layer is chosen on the validation split
+        va = labelled_rows(data.labels("val"), None)
+        yva = torch.from_numpy(data.labels("val")[va])
+        fva = cache("val", va, "validation features")
     acc = {str(i): [] for i in layers}
     cv = {str(i): [] for i in layers}
     raw = []
@@ -580,8 +597,14 @@ def low_data_probe(
         k = np.array([pos[r] for r in sub])
         y = torch.from_numpy(ytr_all[sub])
         for name, xtr, xte in [*((str(i), ftr[i][k], fte[i]) for i in layers), ("raw", rtr[k], rte)]:
-            lam, score = cv_lambda(xtr, y, C, folds, cfg.seed + s, cfg.device) if folds >= 2 else (1e-2, 0.0)
-            a = fit_logistic(xtr, y, C, lam, device=cfg.device).accuracy(xte, yte)
+            if folds >= 2:
+                lam, score = cv_lambda(xtr, y, C, folds, cfg.seed + s, cfg.device)
+            else:
+                lam, score = 1e-2, 0.0
+            probe = fit_logistic(xtr, y, C, lam, device=cfg.device)
+            if folds < 2 and name != "raw":
+                score = probe.accuracy(fva[int(name)], yva)
+            a = probe.accuracy(xte, yte)
             if name == "raw":
                 raw.append(a)
             else:
@@ -602,7 +625,11 @@ def low_data_probe(
         "n_test": len(te),
         "pool": cfg.pool,
         "classifier": "multinomial logistic regression, torch L-BFGS, "
-        f"L2 by {folds}-fold CV within each subset",
+        + (
+            f"L2 and layer by {folds}-fold CV within each subset"
+            if folds >= 2
+            else "L2 1e-2 (one label per class: no CV), layer chosen on the validation split"
+        ),
     }
 
 
@@ -612,14 +639,15 @@ def checkpoints_probe(cfg: ProbeConfig, data: PreparedData, layers: list[int]) -
     ckpts = run.checkpoints()
     if not ckpts:
         raise IgptError(f"{cfg.run} has no checkpoint")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    raw_cache: dict[str, Any] = {}  # the raw-pixel baseline does not depend on the checkpoint: fitted once
     for path in ckpts:
         state = json.loads((path / "state.json").read_text())
         if state.get("val_nll") is None:
             continue
         model = run.load_model(path.name)
         print(f"checkpoint {path.name} (val_nll {state['val_nll']:.4f})", file=sys.stderr)
-        r = full_probe(cfg, model, data, layers)
+        r = full_probe(cfg, model, data, layers, raw_cache=raw_cache)
         rows.append(
             {
                 "checkpoint": path.name,
@@ -746,6 +774,8 @@ class ProbeConfig:
                 raise IgptError(f"--{name.replace('_', '-')} must be positive")
         if self.labels_per_class is not None and self.labels_per_class < 1:
             raise IgptError(f"--labels-per-class must be at least 1, got {self.labels_per_class}")
+        if self.labels_per_class and (self.mask_ensemble or self.concat):
+            raise IgptError("--mask-ensemble and --concat apply to the full probe, not to --labels-per-class")
         if self.seeds < 1:
             raise IgptError("--seeds must be at least 1")
         if not 0 <= self.seed < 2**32:
