@@ -256,3 +256,16 @@ def test_mask_ensemble_averages_probabilities(monkeypatch):
         cfg, Bert(), Data(), np.array([0]), np.array([0]), y, y, {1: 0.01}, {"device": "cpu"}
     )
     assert res["layers"]["1"] == 1.0  # class 1 has the highest mean probability (0.41)
+
+
+def test_the_papers_probe_is_reported_beside_another_pooling(runs):
+    main(["probe", str(runs / "ar"), "--pool", "grid", "--layers", "1,2", "--train-limit", "400"])
+    p = json.loads((runs / "ar" / "probe.json").read_text())
+    paper = p["paper_probe"]
+    assert p["pool"] == "grid" and p["head"] == "linear" and paper["pool"] == "mean"
+    assert sorted(paper["layers"]) == ["1", "2"] and paper["best_layer"] in (1, 2)
+    assert paper["best_accuracy"] == paper["layers"][str(paper["best_layer"])]
+    assert paper["layers"] != p["layers"]  # its own features, not the grid's
+    main(["probe", str(runs / "ar"), "--layers", "1,2", "--train-limit", "400"])
+    same = json.loads((runs / "ar" / "probe.json").read_text())
+    assert same["paper_probe"]["layers"] == same["layers"]  # mean pooling is the paper's probe itself

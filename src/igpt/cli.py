@@ -108,7 +108,11 @@ def add_pretrain(sub: Sub) -> None:
     )
     p.add_argument("--fsdp", action="store_true", default=None, help="shard per block with FSDP (torchrun)")
     p.add_argument("--eval-interval", type=int, help="validate and checkpoint every N steps (default 250)")
-    p.add_argument("--eval-images", type=int, help="test images for val_nll (default 1000)")
+    p.add_argument(
+        "--eval-images",
+        type=int,
+        help="validation images for val_nll, test images for test_nll (default 1000)",
+    )
     p.add_argument("--log-interval", type=int)
     p.add_argument("--keep-steps", help="comma-separated steps whose checkpoints are kept")
     p.add_argument("--keep-every", type=int, help="keep every checkpoint at multiples of N steps")

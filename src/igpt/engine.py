@@ -116,8 +116,8 @@ def evaluate(
     precision: str,
     batch_size: int = 64,
 ) -> float:
-    """Mean NLL in nats per predicted token on the first `n_images` test images. BERT scores masked positions
-    under fixed seeded masks, so successive evaluations are comparable."""
+    """Mean NLL in nats per predicted token on the first `n_images` rows of `tokens` (a validation or test
+    split). BERT scores masked positions under fixed seeded masks, so successive evaluations compare."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

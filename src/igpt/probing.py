@@ -46,11 +46,13 @@ def extract_features(
     device: str = "cpu",
     progress: str | None = None,
     compile: bool = False,
+    mean_out: dict[int, torch.Tensor] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Pooled normed hidden states of the chosen layers for every row of `tokens` (N, T), one batched forward
     pass per batch for all layers, pooled by `pool_states`. With `mask_ratio` (BERT), inputs are randomly
     masked. With `compile`, the forward pass runs through torch.compile (eagerly if that fails), and a short
-    last batch is padded to `batch_size` so that one compiled shape serves every batch."""
+    last batch is padded to `batch_size` so that one compiled shape serves every batch. With `mean_out` (a
+    dict to fill), the same pass also yields the paper's mean-pooled features of every layer there."""
     model = model.to(device).eval()
     forward = CompiledOrEager(model.get_intermediate_layers, "the feature pass", enabled=compile)
     out: dict[int, torch.Tensor] = {}  # filled in place: no second copy of wide features at the end
@@ -77,6 +79,10 @@ def extract_features(
             if i not in out:
                 out[i] = torch.empty(len(tokens), f.shape[1], dtype=torch.float32)
             out[i][s : s + len(f)] = f
+            if mean_out is not None:
+                if i not in mean_out:
+                    mean_out[i] = torch.empty(len(tokens), h.shape[-1], dtype=torch.float32)
+                mean_out[i][s : s + len(f)] = h[:n].float().mean(1).cpu()
     return out
 
 
@@ -327,24 +333,30 @@ class FeatureCache:
 
     def __init__(self, model: IGPT, data: PreparedData, layers: list[int], quiet: bool = False, **kw: Any):
         self.model, self.data, self.layers, self.kw, self.quiet = model, data, layers, kw, quiet
-        self.store: dict[str, tuple[np.ndarray, dict[int, torch.Tensor]]] = {}
+        self.store: dict[str, tuple[np.ndarray, dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
 
-    def __call__(self, split: str, rows: np.ndarray, label: str) -> dict[int, torch.Tensor]:
-        """Features of the sorted `rows` of `split`."""
+    def __call__(
+        self, split: str, rows: np.ndarray, label: str, mean: bool = False
+    ) -> dict[int, torch.Tensor]:
+        """Features of the sorted `rows` of `split`; with `mean`, the paper's mean-pooled ones (computed in
+        the same pass when the cache's pooling is another)."""
         if split in self.store:
-            have, feats = self.store[split]
+            have, feats, means = self.store[split]
             pos = np.minimum(np.searchsorted(have, rows), len(have) - 1)
             if len(have) and (have[pos] == rows).all():
-                return {i: f[torch.from_numpy(pos)] for i, f in feats.items()}
+                chosen = means if mean and means else feats
+                return {i: f[torch.from_numpy(pos)] for i, f in chosen.items()}
+        means: dict[int, torch.Tensor] = {}
         feats = extract_features(
             self.model,
             self.data.tokens(split)[rows],
             self.layers,
             progress=None if self.quiet else label,
+            mean_out=means if self.kw.get("pool", "mean") != "mean" else None,
             **self.kw,
         )
-        self.store[split] = (rows, feats)
-        return feats
+        self.store[split] = (rows, feats, means)
+        return means if mean and means else feats
 
 
 def parse_layers(text: str, n_layer: int, run: str) -> list[int]:
@@ -378,9 +390,16 @@ def save_figure(fig, path: Path) -> None:
 
 
 def plot_layers(
-    path: Path, layers: dict[str, float], raw: float, title: str, extra: dict[str, float]
+    path: Path,
+    layers: dict[str, float],
+    raw: float,
+    title: str,
+    extra: dict[str, float],
+    pool: str = "mean",
+    paper: dict[str, float] | None = None,
 ) -> None:
-    """Accuracy against layer, with the raw-pixel baseline (and any named reference) as horizontal lines."""
+    """Accuracy against layer (with `paper`, the paper's mean-pooled probe beside it), with the raw-pixel
+    baseline (and any named reference) as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -388,7 +407,9 @@ def plot_layers(
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     xs = [int(k) for k in layers]
-    ax.plot(xs, [layers[k] for k in layers], "o-", label="linear probe")
+    ax.plot(xs, [layers[k] for k in layers], "o-", label=f"linear probe, {pool} pooling")
+    if paper and pool != "mean":
+        ax.plot(xs, [paper[k] for k in layers], "s--", color="tab:orange", label="the paper's: mean pooling")
     ax.axhline(raw, color="tab:red", ls="--", label=f"raw pixels ({raw:.3f})")
     for (name, v), c in zip(extra.items(), ("tab:green", "tab:purple", "tab:gray"), strict=False):
         ax.axhline(v, color=c, ls=":", label=f"{name} ({v:.3f})")
@@ -402,6 +423,40 @@ def plot_layers(
 
 
 # ---------------------------------------------------------------------------------------------- modes
+def _paper_probe(
+    cfg: ProbeConfig,
+    cache: FeatureCache,
+    layers: list[int],
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray],
+    labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    C: int,
+    main: dict[str, Any],
+    best: int,
+) -> dict[str, Any]:
+    """The paper's protocol beside whatever pooling was asked for: a linear probe of each layer's normed
+    states averaged over positions, its L2 strength and best layer chosen on validation. Under mean pooling
+    it is the main probe itself; otherwise its features come from the same forward pass."""
+    out: dict[str, Any] = {"pool": "mean", "head": "linear"}
+    if cfg.pool == "mean":
+        out.update(layers=main["layers"], val_accuracy=main["val_accuracy"], **{"lambda": main["lambda"]})
+        out.update(best_layer=best, best_accuracy=main["layers"][str(best)])
+        return out
+    tr, va, te = rows
+    ytr, yva, yte = labels
+    ftr, fva, fte = (
+        cache("train", tr, "", mean=True),
+        cache("val", va, "", mean=True),
+        cache("test", te, "", mean=True),
+    )
+    acc, val, lam = {}, {}, {}
+    for i in layers:
+        r = probe_with_validation(ftr[i], ytr, fva[i], yva, fte[i], yte, C, cfg.seed, device=cfg.device)
+        acc[str(i)], val[str(i)], lam[str(i)] = r["test_accuracy"], r["val_accuracy"], r["lambda"]
+    pb = max(layers, key=lambda i: (val[str(i)], -i))
+    out.update(layers=acc, val_accuracy=val, **{"lambda": lam}, best_layer=pb, best_accuracy=acc[str(pb)])
+    return out
+
+
 def _feature_settings(cfg: ProbeConfig, data: PreparedData) -> dict[str, Any]:
     """The feature pass's settings of a probe (batch, pooling, device, compile)."""
     return dict(
@@ -451,8 +506,9 @@ def full_probe(
                 f"(val {r['val_accuracy']:.4f}, lambda {r['lambda']:g})",
                 file=sys.stderr,
             )
-    t_fit = time.perf_counter() - t0 - t_feat
     best = max(layers, key=lambda i: (res["val_accuracy"][str(i)], -i))  # chosen on validation, not test
+    res["paper_probe"] = _paper_probe(cfg, cache, layers, (tr, va, te), (ytr, yva, yte), C, res, best)
+    t_fit = time.perf_counter() - t0 - t_feat
     raw = (raw_cache or {}).get("raw") or probe_with_validation(
         raw_pixels(data, "train", tr),
         ytr,
@@ -476,6 +532,7 @@ def full_probe(
         n_test=len(te),
         feature_dim=int(ftr[layers[0]].shape[1]),
         pool=cfg.pool,
+        head="linear",
         classifier="multinomial logistic regression, torch L-BFGS, L2 chosen on the validation split from "
         f"{list(LAMBDAS)} (the sweep fitted on at most 20,000 training rows), then refitted on all",
         seconds={"features": round(t_feat, 2), "probes": round(t_fit, 2)},
@@ -624,6 +681,7 @@ def low_data_probe(
         "raw_pixel_std": float(np.std(raw)),
         "n_test": len(te),
         "pool": cfg.pool,
+        "head": "linear",
         "classifier": "multinomial logistic regression, torch L-BFGS, "
         + (
             f"L2 and layer by {folds}-fold CV within each subset"
@@ -719,7 +777,16 @@ def probe_and_save(
     )
     write_json_atomic(run_dir / f"{name}.json", res)
     write_json_atomic(run_dir / "probe.json", res)
-    plot_layers(run_dir / "probe.png", res["layers"], res["raw_pixel_accuracy"], title, baselines or {})
+    paper = (res.get("paper_probe") or {}).get("layers")
+    plot_layers(
+        run_dir / "probe.png",
+        res["layers"],
+        res["raw_pixel_accuracy"],
+        title,
+        baselines or {},
+        cfg.pool,
+        paper,
+    )
     with atomic_file(run_dir / f"{name}.png") as tmp:
         tmp.write_bytes((run_dir / "probe.png").read_bytes())
     return res

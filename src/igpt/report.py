@@ -68,7 +68,7 @@ def loss_curve(run: Path, out: Path) -> None:
     if tr:
         ax.plot(*zip(*tr, strict=True), lw=1, alpha=0.8, label="training loss")
     if va:
-        ax.plot(*zip(*va, strict=True), "o-", label="validation NLL (test images)")
+        ax.plot(*zip(*va, strict=True), "o-", label="validation NLL (validation split)")
     ax.set_xlabel("step")
     ax.set_ylabel("nats per token")
     ax.set_title("AR pretraining")
@@ -96,11 +96,18 @@ def write_report(out: Path) -> Path:
     if qs.get("notice"):
         parts.append(f"<p class=notice>{html.escape(qs['notice'])}</p>")
     best, raw = full.get("best_accuracy"), full.get("raw_pixel_accuracy")
+    paper = full.get("paper_probe") or {}
+    pool = full.get("pool", "mean")
     cards = [
         (
-            "best-layer probe",
+            f"best-layer probe ({pool} pooling, linear)",
             f"{best:.4f}" if best is not None else "-",
-            f"layer {full.get('best_layer', '-')}",
+            f"layer {full.get('best_layer', '-')}, chosen on validation; test accuracy",
+        ),
+        (
+            "the paper's probe (mean pooling, linear)",
+            f"{paper['best_accuracy']:.4f}" if "best_accuracy" in paper else "-",
+            f"layer {paper.get('best_layer', '-')}, chosen on validation; test accuracy",
         ),
         (
             "raw pixels, same probe",
@@ -110,7 +117,8 @@ def write_report(out: Path) -> Path:
         (
             "validation NLL",
             f"{summ.get('val_nll', float('nan')):.4f}",
-            f"{summ.get('val_bits_per_token', float('nan')):.3f} bits per token",
+            f"{summ.get('val_bits_per_token', float('nan')):.3f} bits per token; test NLL "
+            f"{summ.get('test_nll', float('nan')):.4f}",
         ),
         ("training speed", f"{summ.get('tokens_per_second', 0):,.0f}", "tokens per second"),
     ]
@@ -131,7 +139,7 @@ def write_report(out: Path) -> Path:
                 [
                     "dataset",
                     f"{meta.get('dataset')} ({meta.get('n_train', 0):,} train / "
-                    f"{meta.get('n_test', 0):,} test images)",
+                    f"{meta.get('n_val', 0):,} validation / {meta.get('n_test', 0):,} test images)",
                 ],
                 [
                     "pixels",
