@@ -354,14 +354,13 @@ def _save(
             "class_names": data.meta.get("class_names", []),
             "head": "linear, on the standardised mean of the final normed states",
         }
-        meta = {k: v for k, v in data.meta.items() if k != "settings"}
         Run.create(
             tmp,
             "finetuned",
             pretrained.model_config,
             preset=pretrained.preset,
             data_dir=str(data.dir),
-            data_meta=meta,
+            data_meta=data.meta,
             palette=data.palette,
             finetune=finetune,
         )

@@ -73,6 +73,8 @@ class Run:
     info: dict[str, Any]
     loaded_checkpoint: str | None = None
     """The checkpoint `load_model` last read (after any fallback past damaged ones)."""
+    upgraded: bool = False
+    """True when run.json was written by an older schema and upgraded in memory (`save` writes it back)."""
 
     # ------------------------------------------------------------------------------------------ opening
     @classmethod
@@ -98,7 +100,7 @@ class Run:
             info = _upgrade(info)
         if info.get("kind") not in KINDS:
             raise IgptError(f"{p}: unknown run kind {info.get('kind')!r}")
-        run = cls(path, info)
+        run = cls(path, info, upgraded=schema < SCHEMA)
         run.model_config  # validates the recorded shape  # noqa: B018
         return run
 
@@ -117,7 +119,8 @@ class Run:
         **extra: Any,
     ) -> Run:
         """Write a new run's record (and its copies of the palette and data meta) into `path`, which must
-        exist. `extra` goes into run.json as is (`converted_from`, `finetune`, `seed`)."""
+        exist. data_meta.json keeps the prepared set's whole meta; run.json records it without the prepare
+        settings. `extra` goes into run.json as is (`converted_from`, `finetune`, `seed`)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         path = Path(path)
@@ -130,7 +133,10 @@ class Run:
             "preset": preset,
             "model": model.to_dict(),
             "train": None if train is None else train.to_dict(),
-            "data": {"dir": data_dir, "meta": data_meta or {}},
+            "data": {
+                "dir": data_dir,
+                "meta": {k: v for k, v in (data_meta or {}).items() if k != "settings"},
+            },
             **extra,
         }
         if palette is not None:

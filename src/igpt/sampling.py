@@ -65,8 +65,8 @@ def sample(
     check_sampling_options(temperature, top_k, top_p, seed)
     if num < 1 or count < 1 or rounds < 1:
         raise IgptError("--num, --count and --rounds must be at least 1")
-    n_images = count if images is None else len(_parse_indices(images))
-    n_images = len(image_files) if image_files else n_images
+    indices = None if images is None else _parse_indices(images)
+    n_images = len(image_files) if image_files else (count if indices is None else len(indices))
     if num * n_images > MAX_SAMPLES or rounds > 1000:
         raise IgptError(
             f"--num x images ({num} x {n_images}) must be at most {MAX_SAMPLES:,}, and --rounds at most 1000"
@@ -93,7 +93,7 @@ def sample(
             raise IgptError(f"the run's data directory {r.data_dir} is not available; pass --image-files")
         data = PreparedData(r.data_dir)
         n_test = data.meta["n_test"]
-        idx = _parse_indices(images) if images is not None else list(range(min(count, n_test)))
+        idx = indices if indices is not None else list(range(min(count, n_test)))
         bad = [i for i in idx if not 0 <= i < n_test]
         if bad or not idx:
             raise IgptError(

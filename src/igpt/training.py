@@ -111,6 +111,7 @@ def pretrain(
             raise IgptError(
                 f"--batch-size {cfg.batch_size} is larger than the {prepared.meta['n_train']} training images"
             )
+        check_batch_split(cfg.batch_size, int(os.environ.get("WORLD_SIZE", "1")), cfg.grad_accum)
     device = given.get("device")
     if device is None and resuming:  # the run's own device, not the default
         stored = Run.open(out).train_config
@@ -126,12 +127,6 @@ def pretrain(
             raise IgptError(
                 f"--fsdp needs torch 2.6 or newer (FSDP2); this is torch {torch.__version__}"
             ) from None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    accum = given.get("grad_accum", 1)
-    if "batch_size" in given and given["batch_size"] % (world * accum):
-        raise IgptError(
-            f"--batch-size {given['batch_size']} must divide by processes x --grad-accum = {world * accum}"
-        )
     env = Dist(device or "cpu")
     lock = None
     try:
@@ -163,6 +158,14 @@ def pretrain(
         if lock:
             lock.release()
         env.close()
+
+
+def check_batch_split(batch_size: int, world: int, grad_accum: int) -> None:
+    """The global batch must split evenly over processes and accumulation steps."""
+    if batch_size % (world * grad_accum):
+        raise IgptError(
+            f"--batch-size {batch_size} must divide by processes x --grad-accum = {world * grad_accum}"
+        )
 
 
 def _model_config(model_given: dict[str, Any], data: PreparedData) -> tuple[IGPTConfig, str]:
@@ -207,7 +210,7 @@ def _setup_run(
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
             raise IgptError(f"--resume with changed settings is refused ({what}); the run keeps its own")
         cfg = TrainConfig(**{**stored.to_dict(), **{k: given[k] for k in changed}})
-        if changed or run.info.get("schema") != json.loads((out / "run.json").read_text()).get("schema"):
+        if changed or run.upgraded:
             # a new budget (steps, minutes, keeps) is recorded, so the run stays self-describing
             run.info["train"] = cfg.to_dict()
             run.save()
@@ -218,7 +221,6 @@ def _setup_run(
     cfg = TrainConfig(**given)
     data = PreparedData(cfg.data)
     mcfg, preset = _model_config(model_given, data)
-    meta = {k: v for k, v in data.meta.items() if k != "settings"}
     run = Run.create(
         out,
         "pretrained",
@@ -226,11 +228,10 @@ def _setup_run(
         preset=preset,
         train=cfg,
         data_dir=cfg.data,
-        data_meta=meta,
+        data_meta=data.meta,
         palette=data.palette,
         seed=cfg.seed,
     )
-    write_json_atomic(out / "data_meta.json", data.meta)
     return cfg, run.info, False
 
 
@@ -297,10 +298,7 @@ class Trainer:
         G = cfg.batch_size
         if G > len(tokens):
             raise IgptError(f"--batch-size {G} is larger than the {len(tokens)} training images")
-        if G % (env.world * cfg.grad_accum):
-            raise IgptError(
-                f"--batch-size {G} must divide by processes x --grad-accum = {env.world * cfg.grad_accum}"
-            )
+        check_batch_split(G, env.world, cfg.grad_accum)
         if cfg.device == "cpu" and cfg.precision == "bf16" and env.main:
             print("igpt: warning: bf16 on this CPU is likely far slower than fp32", file=sys.stderr)
         torch.manual_seed(cfg.seed)
