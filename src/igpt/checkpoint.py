@@ -44,20 +44,24 @@ def clean_partial(run: str | Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """AdamW's per-parameter state flattened to `opt.{index}.{name}` tensors for safetensors."""
+def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str = "opt") -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state flattened to `{prefix}.{index}.{name}` tensors for safetensors
+    (AdamW's under `opt`, Muon's under `muon`)."""
     out = {}
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             t = v if torch.is_tensor(v) else torch.tensor(v)
-            out[f"opt.{i}.{k}"] = t.detach().cpu().contiguous()
+            out[f"{prefix}.{i}.{k}"] = t.detach().cpu().contiguous()
     return out
 
 
-def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+def load_optimizer_tensors(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str = "opt"
+) -> None:
+    """Load what `optimizer_tensors(opt, prefix)` wrote into `opt` (same parameters, same order)."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        if key.startswith("opt."):
+        if key.startswith(prefix + "."):
             _, i, k = key.split(".", 2)
             state.setdefault(int(i), {})[k] = t
     sd = opt.state_dict()

@@ -87,19 +87,34 @@ def add_pretrain(sub: Sub) -> None:
     p.add_argument("--n-embd", type=int, help="override the preset's width")
     p.add_argument("--n-head", type=int, help="override the preset's heads")
     p.add_argument("--bias", action="store_true", default=None, help="biases in linear layers (HF format)")
+    p.add_argument(
+        "--prefix-causal",
+        action="store_true",
+        default=None,
+        help="AR, prefix-causal: a random prefix attends both ways; features are read bidirectionally",
+    )
     p.add_argument("--steps", type=int, help="optimizer steps (default 2000 without --minutes)")
     p.add_argument("--minutes", type=float, help="wall-clock budget")
     p.add_argument("--batch-size", type=int, help="global batch in images (default 32)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per step and process (default 1)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    p.add_argument(
+        "--optimizer", help="adamw (default) or muon (Muon for the blocks' matrices, AdamW for the rest)"
+    )
+    p.add_argument("--schedule", help="cosine (default), linear or wsd (warm-up, stable, decay)")
     p.add_argument("--warmup", type=float, help="warm-up share of the budget (default 0.05)")
+    p.add_argument("--cooldown", type=float, help="wsd: decay share at the end of the budget (default 0.2)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--mask-ratio", type=float, help="BERT mask share (default 0.15)")
     p.add_argument("--flip", action="store_true", default=None, help="random horizontal flips")
+    p.add_argument("--shift", type=int, help="random translations of up to N pixels each way (default 0)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu (default) or cuda")
-    p.add_argument("--precision", help="fp32 (default) or bf16 (CUDA, or CPUs with AMX)")
+    p.add_argument(
+        "--precision",
+        help="fp32 (default), bf16 (CUDA, or CPUs with AMX) or auto (bf16 where the hardware has it)",
+    )
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,

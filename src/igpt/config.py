@@ -7,6 +7,10 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import IgptError
+from .hardware import auto_precision
+
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "linear", "wsd")
 
 
 @dataclass
@@ -25,11 +29,18 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step (per process)."""
     lr: float = 2e-3
-    """Peak learning rate of AdamW."""
+    """Peak learning rate (of AdamW, and of Muon, whose updates are scaled to AdamW's size)."""
+    optimizer: str = "adamw"
+    """adamw for every parameter, or muon for the blocks' weight matrices with AdamW for the rest."""
+    schedule: str = "cosine"
+    """Learning rate after warm-up: cosine or linear decay to zero, or wsd (warm-up, stable, then a linear
+    decay to zero over the last `cooldown` share of the budget)."""
     warmup: float = 0.05
-    """Share of the budget spent in linear warm-up, before cosine decay to zero."""
+    """Share of the budget spent in linear warm-up."""
+    cooldown: float = 0.2
+    """wsd: share of the budget spent decaying to zero at the end."""
     weight_decay: float = 0.0
-    """AdamW weight decay on matrices (the paper needs none)."""
+    """Decoupled weight decay on matrices (the paper needs none)."""
     beta2: float = 0.95
     """Adam beta2 (the paper found 0.999 caused loss spikes)."""
     grad_clip: float = 1.0
@@ -38,12 +49,18 @@ class TrainConfig:
     """BERT: share of positions replaced by the mask token."""
     flip: bool = False
     """Random horizontal flips of the training images (see `engine.mirror_index` for which data suit them)."""
+    shift: int = 0
+    """Random translations of the training images by up to this many pixels each way, edges replicated."""
     seed: int = 0
     """Seed of the initialisation, the data order, BERT masks and flips."""
     device: str = "cpu"
     """cpu or cuda."""
     precision: str = "fp32"
-    """fp32, or bf16 autocast (for CUDA, and CPUs with AMX; far slower than fp32 on CPUs without it)."""
+    """fp32, or bf16 autocast (for CUDA, and CPUs with AMX; far slower than fp32 on CPUs without it), or
+    auto: bf16 where the machine has it in hardware, else fp32 (resolved when the run is created; see
+    `precision_reason`)."""
+    precision_reason: str = ""
+    """Why `auto` chose what it chose (empty when the precision was given)."""
     compile: bool = False
     """torch.compile the training step (a CPU needs a C++ compiler); if compiling fails, training goes on
     eagerly after a notice."""
@@ -82,14 +99,26 @@ class TrainConfig:
             raise IgptError(f"--seed must be 0 or positive, got {self.seed}")
         if self.keep_every < 0 or any(s <= 0 for s in self.keep_steps):
             raise IgptError("--keep-every must be 0 or positive, and --keep-steps positive steps")
+        if self.optimizer not in OPTIMIZERS:
+            raise IgptError(f"unknown --optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise IgptError(f"unknown --schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
+        if not 0 < self.cooldown <= 1 or self.warmup + (self.cooldown if self.schedule == "wsd" else 0) > 1:
+            raise IgptError(f"--cooldown must be in (0, 1] and leave room for --warmup, got {self.cooldown}")
+        if self.shift < 0:
+            raise IgptError(f"--shift must be 0 or a positive number of pixels, got {self.shift}")
+        if self.optimizer == "muon" and self.fsdp:
+            raise IgptError("--optimizer muon needs whole matrices; it does not run with --fsdp")
         if not 0 <= self.warmup < 1:
             raise IgptError(f"--warmup must be in [0, 1), got {self.warmup}")
         if not 0 < self.mask_ratio < 1:
             raise IgptError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
         if self.device not in ("cpu", "cuda"):
             raise IgptError(f"--device must be cpu or cuda, got '{self.device}'")
+        if self.precision == "auto":
+            self.precision, self.precision_reason = auto_precision(self.device)
         if self.precision not in ("fp32", "bf16"):
-            raise IgptError(f"--precision must be fp32 or bf16, got '{self.precision}'")
+            raise IgptError(f"--precision must be fp32, bf16 or auto, got '{self.precision}'")
         if min(self.eval_interval, self.eval_images, self.log_interval) <= 0:
             raise IgptError("--eval-interval, --eval-images and --log-interval must be positive")
 

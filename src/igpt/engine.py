@@ -89,12 +89,45 @@ def random_flips(x: torch.Tensor, flips: torch.Tensor, mirror: torch.Tensor) -> 
     return torch.where(flips[:, None], x[:, mirror], x)
 
 
-def lr_at(progress: float, peak: float, warmup: float) -> float:
-    """Linear warm-up over the first `warmup` share of the budget, then cosine decay to zero."""
+def shift_table(resolution: int, order: str, max_shift: int) -> torch.Tensor:
+    """(S, T) gather indices, one row per translation (dy, dx) with |dy|, |dx| <= max_shift (row 0 is no
+    shift): row s of `x[:, table[s]]` is the image moved by that offset, its uncovered edge filled by
+    replicating the nearest edge pixel (the background, for centred objects such as Fashion-MNIST's)."""
+    r = resolution
+    seq = np.arange(r * r)
+    grid = from_sequence(seq, r, order)  # grid[y, x] = sequence position of pixel (y, x)
+    offsets = [(0, 0)] + [
+        (dy, dx)
+        for dy in range(-max_shift, max_shift + 1)
+        for dx in range(-max_shift, max_shift + 1)
+        if (dy, dx) != (0, 0)
+    ]
+    rows = []
+    for dy, dx in offsets:
+        ys = np.clip(np.arange(r) - dy, 0, r - 1)
+        xs = np.clip(np.arange(r) - dx, 0, r - 1)
+        rows.append(to_sequence(grid[np.ix_(ys, xs)], order))
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def random_shifts(x: torch.Tensor, choice: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Tokens (B, T) with row b moved by translation `choice[b]` of `shift_table`'s rows."""
+    return x.gather(1, table[choice])
+
+
+def lr_at(
+    progress: float, peak: float, warmup: float, schedule: str = "cosine", cooldown: float = 0.2
+) -> float:
+    """Linear warm-up over the first `warmup` share of the budget, then `schedule`: cosine or linear decay
+    to zero, or wsd (the peak held, then a linear decay to zero over the last `cooldown` share)."""
     progress = min(max(progress, 0.0), 1.0)
     if warmup > 0 and progress < warmup:
         return peak * progress / warmup
+    if schedule == "wsd":
+        return peak * min(1.0, (1.0 - progress) / max(1e-12, cooldown))
     t = (progress - warmup) / max(1e-12, 1.0 - warmup)
+    if schedule == "linear":
+        return peak * (1.0 - t)
     return peak * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
@@ -147,6 +180,8 @@ def train_step(
     mask_ratio: float,
     flip_perm: torch.Tensor | None,
     seed: int,
+    shifts: torch.Tensor | None = None,
+    prefix_causal: bool = False,
     lr: float,
     grad_clip: float,
     device: str,
@@ -155,13 +190,21 @@ def train_step(
     """One optimizer step over the global batch of `step`; returns (mean loss per predicted token over the
     global batch, gradient norm). The loss of every micro-batch is its summed NLL divided by the number of
     predicted tokens in the whole global batch (times the world size, which DDP's gradient averaging
-    divides out), so the gradient is the same however the batch is split across processes and micro-steps."""
+    divides out), so the gradient is the same however the batch is split across processes and micro-steps.
+    Augmentations (`flip_perm`, `shifts`: see `mirror_index`, `shift_table`) and a prefix-causal step's
+    prefix length are drawn from the step's generator, so a resumed run repeats them."""
     G = batcher.global_batch
     T = batcher.tokens.shape[1]
     gen = step_generator(seed, step)
     mask = bert_mask((G, T), mask_ratio, gen) if objective == "bert" else None
     flips = torch.rand(G, generator=gen) < 0.5 if flip_perm is not None else None
-    count = int(mask.sum()) if mask is not None else G * T
+    moves = torch.randint(len(shifts), (G,), generator=gen) if shifts is not None else None
+    prefix = int(torch.randint(1, T, (), generator=gen)) if prefix_causal else None
+    if mask is not None:
+        count = int(mask.sum())
+    else:
+        count = G * (T - prefix + 1) if prefix is not None else G * T
+    prefix_t = torch.tensor(prefix, device=device) if prefix is not None else None
     per_rank = G // world
     micro = per_rank // grad_accum
     for g in opt.param_groups:
@@ -173,10 +216,12 @@ def train_step(
         x = batcher.batch(step, rows)
         if flips is not None:
             x = random_flips(x, flips[rows], flip_perm)
+        if moves is not None:
+            x = random_shifts(x, moves[rows], shifts)
         mk = mask[rows].to(device) if mask is not None else None
         sync = m == grad_accum - 1 or not hasattr(model, "no_sync")
         with nullcontext() if sync else model.no_sync(), autocast(device, precision):
-            _, loss_sum = model(x.to(device), mk, reduction="sum")
+            _, loss_sum = model(x.to(device), mk, reduction="sum", prefix=prefix_t)
             (loss_sum * (world / count)).backward()
         total += loss_sum.detach().double()
     if world > 1:

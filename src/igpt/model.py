@@ -59,6 +59,11 @@ class IGPTConfig:
     """ar (causal, next-token) or bert (bidirectional, masked tokens)."""
     norm_eps: float = 1e-5
     """Epsilon inside the root-mean-square norm."""
+    prefix_causal: bool = False
+    """AR only: trained with prefix-causal attention (AIM's): at each step a random prefix of positions
+    attends both ways and the loss skips it, so that the features (`features`, `get_intermediate_layers`)
+    can be read with bidirectional attention, as they are for such a model. Logits and generation stay
+    causal."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head"):
@@ -69,6 +74,8 @@ class IGPTConfig:
             raise IgptError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.objective not in OBJECTIVES:
             raise IgptError(f"objective must be ar or bert, got '{self.objective}'")
+        if self.prefix_causal and self.objective != "ar":
+            raise IgptError("prefix-causal attention is an option of the AR objective, not BERT")
         if not (isinstance(self.norm_eps, float | int) and 0 < self.norm_eps < 1):
             raise IgptError(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
 
@@ -138,8 +145,9 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # fused q | k | v
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, causal: bool, kv: KVSlot | None = None) -> torch.Tensor:
-        """Self-attention of (B, T, C). With `kv` (this layer's cache buffers and the number of positions
+    def forward(self, x: torch.Tensor, causal: bool | torch.Tensor, kv: KVSlot | None = None) -> torch.Tensor:
+        """Self-attention of (B, T, C); `causal` is a bool, or a (T, T) boolean mask (True: may attend).
+        With `kv` (this layer's cache buffers and the number of positions
         already in them), this chunk's keys and values are stored there and attention also reads the
         earlier ones: one prefill from position 0, or one new token after it."""
         B, T, C = x.shape
@@ -154,7 +162,10 @@ class Attention(nn.Module):
             k, v = k_buf[:, :, : p + T], v_buf[:, :, : p + T]  # (B, nh, p+T, hs)
             # a chunk that starts at 0 is causal within itself; a single new token sees every cached key
             causal = causal and p == 0 and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, nh, T, hs)
+        if isinstance(causal, torch.Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -177,7 +188,7 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, causal: bool, kv: KVSlot | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool | torch.Tensor, kv: KVSlot | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal, kv)
         return x + self.mlp(self.ln_2(x))
 
@@ -218,6 +229,11 @@ class IGPT(nn.Module):
     def causal(self) -> bool:
         return self.config.objective == "ar"
 
+    @property
+    def reads_causal(self) -> bool:
+        """Whether features are read with causal attention: AR runs, except prefix-causal ones."""
+        return self.causal and not self.config.prefix_causal
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -254,34 +270,52 @@ class IGPT(nn.Module):
                 out[i] = (self.h[i].ln_1(x) if i < L else self.ln_f(x)) if norm else x
             if i == max(want):
                 break
-            x = self.h[i](x, self.causal)
+            x = self.h[i](x, self.reads_causal)
         return out
 
     # ------------------------------------------------------------------------------------------ API
     def forward(
-        self, tokens: torch.Tensor, mask: torch.Tensor | None = None, reduction: str = "mean"
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        reduction: str = "mean",
+        prefix: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, K) and the training loss on image tokens (B, T). AR: next-token cross entropy at
         every position (the SOS predicts the first pixel). BERT: cross entropy on the positions where `mask`
-        (B, T) is True, which read the mask embedding. `reduction` "sum" returns the summed NLL, for callers
-        that normalise over a larger batch than this one."""
-        logits = self.lm_head(self.final_states(tokens, mask))  # (B, T, K)
-        if self.causal:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction=reduction)
-        else:
+        (B, T) is True, which read the mask embedding. `prefix` (AR, a 0-d integer tensor P in [1, T)):
+        prefix-causal attention, where the first P input positions attend both ways and the loss starts at
+        position P - 1, the first whose target no position it sees holds. `reduction` "sum" returns the
+        summed NLL, for callers that normalise over a larger batch than this one."""
+        T = tokens.shape[1]
+        attn: bool | torch.Tensor = self.causal
+        targets = tokens
+        if prefix is not None:
+            if not self.causal:
+                raise ValueError("prefix-causal attention is for AR models")
+            pos = torch.arange(T, device=tokens.device)
+            inside = pos < prefix  # (T,)
+            attn = (pos[:, None] >= pos[None, :]) | (inside[:, None] & inside[None, :])  # (T, T)
+            targets = tokens.masked_fill(pos[None, :] < prefix - 1, -100)  # a tensor, so no recompiles
+        logits = self.lm_head(self.final_states(tokens, mask, attn))  # (B, T, K)
+        if not self.causal:
             if mask is None:
                 raise ValueError("a BERT model's loss needs a mask")
             # unmasked positions are ignored; no boolean indexing, so shapes stay static under torch.compile
             targets = tokens.masked_fill(~mask, -100)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
         return logits, loss
 
-    def final_states(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def final_states(
+        self, tokens: torch.Tensor, mask: torch.Tensor | None = None, attn: bool | torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The last block's output after ln_f, (B, T, d): what the output head reads and what fine-tuning and
-        Hugging Face's classifier mean-pool."""
+        Hugging Face's classifier mean-pool. `attn` overrides the attention pattern (default: causal for
+        AR, bidirectional for BERT)."""
+        attn = self.causal if attn is None else attn
         x = self.embed(tokens, mask)
         for block in self.h:
-            x = block(x, self.causal)
+            x = block(x, attn)
         return self.ln_f(x)
 
     @torch.no_grad()

@@ -53,6 +53,18 @@ class QuickstartPlan:
     """Pretraining wall-clock budget."""
     batch_size: int
     lr: float
+    optimizer: str
+    """adamw or muon (see `igpt.optim`)."""
+    schedule: str
+    """Learning-rate decay after warm-up: cosine, linear or wsd."""
+    shift: int
+    """Random translations of up to this many pixels during pretraining (0: none)."""
+    flip: bool
+    """Random horizontal flips during pretraining (Fashion-MNIST's classes survive them)."""
+    precision: str
+    """fp32, bf16, or auto (bf16 where the CPU has AMX, else fp32)."""
+    prefix_causal: bool
+    """AR with prefix-causal attention, features read bidirectionally."""
     pool: str
     """Probe pooling: 'grid3' (means over a 3x3 grid) beat the paper's 'mean' at this scale (see README)."""
     low_data: tuple[tuple[int, int], ...]
@@ -66,6 +78,11 @@ class QuickstartPlan:
     """torch.compile pretraining and the probes' feature pass (faster on CPU after some seconds of compiling;
     see BENCHMARKS.md); each falls back to eager PyTorch, with a notice, where compiling fails."""
 
+    def pretrain_settings(self) -> dict[str, Any]:
+        """The plan's pretraining settings as `igpt.pretrain` keywords (all but the budget)."""
+        keys = ("preset", "batch_size", "lr", "optimizer", "schedule", "shift", "flip", "precision")
+        return {"prefix_causal": self.prefix_causal or None, **{k: getattr(self, k) for k in keys}}
+
 
 DEFAULT = QuickstartPlan(
     dataset="fashion-mnist",
@@ -76,6 +93,12 @@ DEFAULT = QuickstartPlan(
     minutes=19.5,
     batch_size=32,
     lr=2e-3,
+    optimizer="adamw",
+    schedule="cosine",
+    shift=0,
+    flip=False,
+    precision="fp32",
+    prefix_causal=False,
     pool="grid3",
     low_data=((10, 5), (100, 3)),
     completions=(8, 5),
@@ -91,6 +114,12 @@ SMOKE = QuickstartPlan(
     minutes=0.3,
     batch_size=32,
     lr=3e-3,
+    optimizer="adamw",
+    schedule="cosine",
+    shift=0,
+    flip=False,
+    precision="fp32",
+    prefix_causal=False,
     pool="grid",
     low_data=((10, 2),),
     completions=(3, 3),
@@ -238,10 +267,8 @@ def quickstart(
         summary = pretrain(
             data_dir_out,
             run_dir,
-            preset=plan.preset,
             minutes=plan.minutes,
-            batch_size=plan.batch_size,
-            lr=plan.lr,
+            **plan.pretrain_settings(),
             eval_images=1000,
             keep_every=plan.keep_every,
             compile=plan.compile,

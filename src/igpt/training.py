@@ -24,17 +24,16 @@ import torch.distributed as dist
 from .checkpoint import (
     clean_partial,
     latest_readable,
-    load_optimizer_tensors,
-    optimizer_tensors,
     save_checkpoint,
 )
 from .compiling import compile_error_types, fallback_notice
 from .config import TrainConfig
 from .data import PreparedData
-from .engine import Batcher, all_reduce, evaluate, lr_at, mirror_index, train_step
+from .engine import Batcher, all_reduce, evaluate, lr_at, mirror_index, shift_table, train_step
 from .errors import IgptError
 from .files import write_json_atomic, write_text_atomic
 from .model import IGPT, IGPTConfig
+from .optim import Optimizers
 from .runs import Run
 
 # settings a resume may change: the budget and its bookkeeping, and whether the step is compiled
@@ -48,7 +47,12 @@ BUDGET_KEYS = (
     "eval_images",
     "compile",
 )
-MODEL_KEYS = ("preset", "objective", "n_layer", "n_embd", "n_head", "bias")
+SCHEDULE_WORDS = {
+    "cosine": "cosine to 0",
+    "linear": "linear to 0",
+    "wsd": "stable, then linear to 0 over the last {:.0%}",
+}
+MODEL_KEYS = ("preset", "objective", "n_layer", "n_embd", "n_head", "bias", "prefix_causal")
 
 
 def pretrain(
@@ -61,16 +65,21 @@ def pretrain(
     n_embd: int | None = None,
     n_head: int | None = None,
     bias: bool | None = None,
+    prefix_causal: bool | None = None,
     steps: int | None = None,
     minutes: float | None = None,
     batch_size: int | None = None,
     grad_accum: int | None = None,
     lr: float | None = None,
+    optimizer: str | None = None,
+    schedule: str | None = None,
     warmup: float | None = None,
+    cooldown: float | None = None,
     weight_decay: float | None = None,
     grad_clip: float | None = None,
     mask_ratio: float | None = None,
     flip: bool | None = None,
+    shift: int | None = None,
     seed: int | None = None,
     device: str | None = None,
     precision: str | None = None,
@@ -101,6 +110,8 @@ def pretrain(
     model_given = {k: given.pop(k) for k in MODEL_KEYS if k in given}
     out = Path(out)
     resuming = resume and (out / "run.json").is_file()
+    if resuming and given.get("precision") == "auto":
+        del given["precision"]  # the run keeps the precision that auto chose when it was created
     if not resuming:
         if "data" not in given:
             raise IgptError("pretrain needs data, a prepared directory (from igpt prepare)")
@@ -178,6 +189,7 @@ def _model_config(model_given: dict[str, Any], data: PreparedData) -> tuple[IGPT
         n_positions=data.seq_len,
         objective=model_given.get("objective", "ar"),
         bias=bool(model_given.get("bias")),
+        prefix_causal=bool(model_given.get("prefix_causal")),
         **shape,
     )
     return cfg, preset
@@ -195,7 +207,7 @@ def _setup_run(
         if run.kind != "pretrained":
             raise IgptError(f"{out} is a {run.kind} run, not a pretraining to resume")
         stored, mcfg = run.train_config, run.model_config
-        have = {"preset": run.preset, **{k: getattr(mcfg, k) for k in MODEL_KEYS if k != "preset"}}
+        have = {"preset": run.preset, **{k: getattr(mcfg, k, None) for k in MODEL_KEYS if k != "preset"}}
         clash = {k: (have[k], v) for k, v in model_given.items() if have[k] != v}
         if clash:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in clash.items())
@@ -311,21 +323,20 @@ class Trainer:
             self._restore()
         self.wrapped = self._wrap()
         # parameter groups are taken after wrapping: FSDP replaces parameters with sharded ones
-        named = list(self.model.named_parameters())
-        decay = [p for _, p in named if p.dim() >= 2]
-        other = [p for _, p in named if p.dim() < 2]
-        # parameter names in the optimizer's index order, for full (unsharded) optimizer state under FSDP
-        self.opt_names = [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=(0.9, cfg.beta2),
-            eps=1e-8,
+        self.opt = Optimizers(
+            list(self.model.named_parameters()),
+            cfg.optimizer,
+            cfg.lr,
+            cfg.weight_decay,
+            cfg.beta2,
             fused=env.device.startswith("cuda") and not (cfg.fsdp and env.world > 1),  # one kernel per step
         )
+        self.opt_names = self.opt.adamw_names
         if resuming and self._opt_tensors:
             self._load_optimizer(self._opt_tensors)
-        self.flip_perm = mirror_index(self.data.resolution, self.data.meta["order"]) if cfg.flip else None
+        order = self.data.meta["order"]
+        self.flip_perm = mirror_index(self.data.resolution, order) if cfg.flip else None
+        self.shifts = shift_table(self.data.resolution, order, cfg.shift) if cfg.shift else None
         self.stop_requested = False  # agreed by every process (see _tick)
         self._stop_local = False  # this process received a stop signal
 
@@ -389,6 +400,8 @@ class Trainer:
             objective=self.mcfg.objective,
             mask_ratio=c.mask_ratio,
             flip_perm=self.flip_perm,
+            shifts=self.shifts,
+            prefix_causal=self.mcfg.prefix_causal,
             seed=c.seed,
             lr=lr,
             grad_clip=c.grad_clip,
@@ -408,7 +421,7 @@ class Trainer:
 
     def _load_optimizer(self, tensors: dict[str, torch.Tensor]) -> None:
         if not (self.cfg.fsdp and self.env.world > 1):
-            load_optimizer_tensors(self.opt, tensors)
+            self.opt.load(tensors)
             return
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -417,7 +430,7 @@ class Trainer:
         )
 
         o = StateDictOptions(full_state_dict=True)  # every rank gets the template, and loads its own copy
-        osd = get_optimizer_state_dict(self.model, self.opt, options=o)
+        osd = get_optimizer_state_dict(self.model, self.opt.adamw, options=o)
         names = self.opt_names
         state: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
@@ -425,7 +438,8 @@ class Trainer:
                 _, i, k = key.split(".", 2)
                 state.setdefault(names[int(i)], {})[k] = t
         osd["state"] = state
-        set_optimizer_state_dict(self.model, self.opt, osd, options=StateDictOptions(full_state_dict=True))
+        o = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self.model, self.opt.adamw, osd, options=o)
 
     def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Model and optimizer tensors as full (unsharded) CPU tensors."""
@@ -438,7 +452,7 @@ class Trainer:
 
             o = StateDictOptions(full_state_dict=True, cpu_offload=True)
             msd = get_model_state_dict(self.model, options=o)
-            osd = get_optimizer_state_dict(self.model, self.opt, options=o)
+            osd = get_optimizer_state_dict(self.model, self.opt.adamw, options=o)
             if not self.env.main:  # the full state is gathered on rank 0 only
                 return {}, {}
             names = self.opt_names
@@ -448,7 +462,7 @@ class Trainer:
                 for k, v in st.items()
             }
             return msd, extra
-        return self.model.state_dict(), optimizer_tensors(self.opt)
+        return self.model.state_dict(), self.opt.tensors()
 
     def save(self, train_loss: float | None) -> None:
         msd, extra = self._full_state()
@@ -563,6 +577,14 @@ class Trainer:
             except ImportError:
                 pass
             n = self.model.num_params()
+            why = f" ({c.precision_reason})" if c.precision_reason else ""
+            augment = "".join(
+                [
+                    ", random flips" if c.flip else "",
+                    f", random shifts up to {c.shift} px" if c.shift else "",
+                    ", prefix-causal attention" if self.mcfg.prefix_causal else "",
+                ]
+            )
             micro = c.batch_size // (env.world * c.grad_accum)
             budget = " and ".join(
                 s
@@ -573,8 +595,9 @@ class Trainer:
                 f"igpt pretrain: {self.mcfg.objective.upper()} {self.preset} ({n:,} parameters), "
                 f"{T} tokens/image, {self.data.meta['n_train']:,} training images\n"
                 f"  global batch {c.batch_size} = {env.world} process(es) x {c.grad_accum} accumulation x "
-                f"{micro} micro-batch; {per_step_tokens:,} tokens/step; peak lr {c.lr:g}, warm-up "
-                f"{c.warmup:.0%} of {budget}, cosine to 0\n  device {env.device} {c.precision}"
+                f"{micro} micro-batch; {per_step_tokens:,} tokens/step\n  {c.optimizer}, peak lr {c.lr:g}, "
+                f"warm-up {c.warmup:.0%} of {budget}, {SCHEDULE_WORDS[c.schedule].format(c.cooldown)}"
+                f"{augment}\n  device {env.device} {c.precision}{why}"
                 f"{' torch.compile' if c.compile else ''}; run {self.run}",
                 file=sys.stderr,
             )
@@ -603,7 +626,7 @@ class Trainer:
         try:
             self.wrapped.train()
             while not self.done():
-                lr = lr_at(self.lr_progress(), c.lr, c.warmup)
+                lr = lr_at(self.lr_progress(), c.lr, c.warmup, c.schedule, c.cooldown)
                 loss, gnorm = self._train_step(lr)
                 if not (math.isfinite(loss) and math.isfinite(gnorm)):
                     last = f"step {self.step}" if self.step else "none yet"

@@ -1,0 +1,83 @@
+"""Pretraining's optimizers: AdamW for every parameter, or Muon for the blocks' weight matrices beside
+AdamW for the rest, behind one small interface the training step and the checkpoints use.
+
+Muon (`torch.optim.Muon`) orthogonalises each matrix's momentum with Newton-Schulz iterations; it is meant
+for hidden 2-D weights only, so embeddings, the output head, norm gains and biases stay with AdamW. With
+`adjust_lr_fn="match_rms_adamw"` its update has AdamW's root-mean-square size, so one `--lr` serves both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checkpoint import load_optimizer_tensors, optimizer_tensors
+from .config import OPTIMIZERS
+from .errors import IgptError
+
+
+def muon_owns(name: str, p: torch.nn.Parameter) -> bool:
+    """Whether Muon steps this parameter: the 2-D weights inside the transformer blocks."""
+    return name.startswith("h.") and p.dim() == 2
+
+
+class Optimizers:
+    """AdamW, and Muon where chosen, stepped together. `param_groups` spans both, so setting each group's
+    learning rate sets the schedule for all of them."""
+
+    def __init__(
+        self,
+        named: list[tuple[str, torch.nn.Parameter]],
+        kind: str,
+        lr: float,
+        weight_decay: float,
+        beta2: float,
+        fused: bool,
+    ):
+        if kind not in OPTIMIZERS:
+            raise IgptError(f"unknown optimizer '{kind}'; choose one of {', '.join(OPTIMIZERS)}")
+        self.kind = kind
+        to_muon = [p for n, p in named if kind == "muon" and muon_owns(n, p)]
+        rest = [(n, p) for n, p in named if not (kind == "muon" and muon_owns(n, p))]
+        decay = [p for _, p in rest if p.dim() >= 2]
+        other = [p for _, p in rest if p.dim() < 2]
+        # parameter names in AdamW's index order, for full (unsharded) optimizer state under FSDP
+        self.adamw_names = [n for n, p in rest if p.dim() >= 2] + [n for n, p in rest if p.dim() < 2]
+        self.adamw = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+            lr=lr,
+            betas=(0.9, beta2),
+            eps=1e-8,
+            fused=fused,
+        )
+        self.muon = (
+            torch.optim.Muon(
+                to_muon, lr=lr, weight_decay=weight_decay, momentum=0.95, adjust_lr_fn="match_rms_adamw"
+            )
+            if to_muon
+            else None
+        )
+        self.all = [o for o in (self.adamw, self.muon) if o is not None]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.all for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.all:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.all:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state of both as flat tensors: AdamW's under `opt.`, Muon's under `muon.`."""
+        out = optimizer_tensors(self.adamw, "opt")
+        if self.muon is not None:
+            out.update(optimizer_tensors(self.muon, "muon"))
+        return out
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        load_optimizer_tensors(self.adamw, tensors, "opt")
+        if self.muon is not None:
+            load_optimizer_tensors(self.muon, tensors, "muon")
