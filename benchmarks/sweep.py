@@ -1,5 +1,5 @@
 """Pretraining sweep: each variant is pretrained for the same wall-clock budget from the same prepared data,
-then probed on the validation split only. Writes sweep.json and sweep.md (one row per variant: settings,
+then probed on the validation split only. Writes sweep_<M>min.json and .md (one row per variant: settings,
 steps, tokens/s, validation NLL, validation probe accuracy per layer for the paper's mean pooling and for
 3x3 grid pooling). The test split is never read. This is how the quickstart's defaults are chosen; rerun it
 on your own machine to choose yours.
@@ -8,10 +8,10 @@ on your own machine to choose yours.
     python benchmarks/sweep.py --out runs/sweep --minutes 3 --variants base,muon
     python benchmarks/sweep.py --list
 
-Each variant is the quickstart's pretraining settings with a few changed. Run nothing else beside it: the
-variants compete for the same CPU-minutes, and a second job skews every figure. A finished variant (its
-row in sweep.json) is skipped when the sweep is run again with the same --out, so an interrupted sweep goes
-on where it stopped.
+Each variant is the quickstart's pretraining settings with a few changed. Run nothing else beside it:
+the variants compete for the same CPU-minutes, and a second job skews every figure. A finished variant
+(its row in the budget's table) is skipped when the sweep is run again with the same --out, so an
+interrupted sweep goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "deep6x96": {"n_layer": 6, "n_embd": 96, "n_head": 4},
     "wide3x192": {"n_layer": 3, "n_embd": 192, "n_head": 6},
     "muon+augment": {"optimizer": "muon", "shift": 1, "flip": True},
+    "bert": {"objective": "bert"},  # AR against BERT at the same budget (the paper's Table 3 question)
 }
 MODEL_KEYS = ("n_layer", "n_embd", "n_head", "prefix_causal", "preset", "objective")
 PROBE_SECONDS = 90  # about what one variant's validation probe costs the quickstart's model on 2 cores
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.minutes > 0:
             raise IgptError(f"--minutes must be positive, got {args.minutes}")
         data = out / "data"
+        check_variants(names, args.minutes, args.total_minutes, data)  # before anything is prepared or run
         if not (data / "meta.json").is_file():
             igpt.prepare(
                 "fashion-mnist",
@@ -167,10 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                 resolution=DEFAULT.resolution,
                 clusters=DEFAULT.clusters,
             )
-        check_variants(names, args.minutes, args.total_minutes, data)
-        table = out / "sweep.json"
+        table = out / f"sweep_{args.minutes:g}min.json"  # one table per budget
         rows = json.loads(table.read_text())["rows"] if table.is_file() else []
-        rows = [r for r in rows if r["variant"] in names and r["minutes"] == args.minutes]
+        rows = [r for r in rows if r["minutes"] == args.minutes]  # other budgets are other tables
         cpu = cpu_name()
         for n in names:
             if any(r["variant"] == n for r in rows):
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
             write_json_atomic(table, {"cpu": cpu, "minutes": args.minutes, "rows": rows})
-            write_text_atomic(out / "sweep.md", markdown(rows, args.minutes, cpu))
+            write_text_atomic(table.with_suffix(".md"), markdown(rows, args.minutes, cpu))
         print(markdown(rows, args.minutes, cpu))
     except IgptError as e:
         print(f"sweep: error: {e}", file=sys.stderr)

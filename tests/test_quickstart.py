@@ -78,3 +78,17 @@ def test_foreign_out_directory_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["quickstart", "--out", str(tmp_path / "q"), *ARGS])
     assert "not made by igpt quickstart" in capsys.readouterr().err
+
+
+def test_finetune_minutes_adds_a_fine_tuning_stage_to_the_report(qs, capsys):
+    main(["quickstart", "--out", str(qs), *ARGS, "--finetune-minutes", "0.05"])
+    assert "fine-tuned: test accuracy" in capsys.readouterr().out
+    state = json.loads((qs / "quickstart.json").read_text())
+    assert state["done"][-1] == "finetune" and state["plan"]["finetune_minutes"] == 0.05
+    ft = json.loads((qs / "finetune" / "finetune.json").read_text())
+    assert ft["best_epoch"] >= 1 and ft["n_val"] > 0
+    page = (qs / "report.html").read_text()
+    assert "fine-tuned" in page and f"{ft['test_accuracy']:.4f}" in page
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--out", str(qs), *ARGS, "--finetune-minutes", "-1"])
+    assert "--finetune-minutes must be positive" in capsys.readouterr().err

@@ -145,7 +145,7 @@ def run_pretrain(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- probe
 def add_probe(sub: Sub) -> None:
-    from .probing import POOLS
+    from .probing import HEADS, POOLS
 
     p = sub.add_parser("probe", help="linear probes of every layer, low-data probes, loss against probe")
     p.add_argument("run", help="run directory")
@@ -174,12 +174,31 @@ def add_probe(sub: Sub) -> None:
         "grid3 (3x3), grid4 (4x4)",
     )
     p.add_argument("--concat", help="also probe these layers' features concatenated, e.g. 2,3,4")
+    p.add_argument(
+        "--head",
+        choices=HEADS,
+        default="linear",
+        help="linear (the paper's), or attentive: learned queries over token states (beside the linear)",
+    )
+    p.add_argument(
+        "--attentive-layers",
+        default="best",
+        help="attentive head: best (the linear probe's, on validation) or i,j,... (states averaged)",
+    )
+    p.add_argument(
+        "--attentive-epochs", type=int, default=10, help="attentive head: most epochs (default 10)"
+    )
     p.add_argument("--data", help="prepared directory to probe on (default: the run's own)")
     p.add_argument("--batch-size", type=int, default=128, help="images per feature batch")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the feature pass (eager if it fails)"
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        help="feature pass: fp32 (default), bf16, or auto (bf16 on AMX CPUs, GPUs)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_probe)
@@ -323,6 +342,17 @@ def add_quickstart(sub: Sub) -> None:
     p.add_argument("--data-dir", help=f"where the Fashion-MNIST IDX files are (default {FASHION_DIR})")
     p.add_argument("--preset", help=f"model shape (default {DEFAULT.preset})")
     p.add_argument("--resolution", type=int, help=f"image side (default {DEFAULT.resolution})")
+    p.add_argument(
+        "--finetune-minutes",
+        type=float,
+        help="also fine-tune the model for M minutes (joint loss, early-stopped on validation; default off)",
+    )
+    p.add_argument(
+        "--attentive",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also train the attentive probe on the best layer (default off)",
+    )
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,

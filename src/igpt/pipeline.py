@@ -25,6 +25,7 @@ import numpy as np
 from .data import PreparedData
 from .errors import IgptError
 from .files import write_json_atomic
+from .finetuning import finetune
 from .preparation import PrepareConfig, prepare_config, summary_lines
 from .probing import FeatureCache, ProbeConfig, open_labelled_run, probe_and_save
 from .report import CLASSICAL_BASELINES, write_report
@@ -65,6 +66,8 @@ class QuickstartPlan:
     """fp32, bf16, or auto (bf16 where the CPU has AMX, else fp32)."""
     prefix_causal: bool
     """AR with prefix-causal attention, features read bidirectionally."""
+    probe_precision: str
+    """The probes' feature pass: fp32, bf16, or auto (bf16 where the CPU has AMX)."""
     pool: str
     """Probe pooling: 'grid3' (means over a 3x3 grid) beat the paper's 'mean' at this scale (see README)."""
     low_data: tuple[tuple[int, int], ...]
@@ -74,6 +77,11 @@ class QuickstartPlan:
     keep_every: int
     """Checkpoints kept every N steps, so `igpt probe RUN --checkpoints all` can
     plot probe accuracy against validation loss over the run."""
+    finetune_minutes: float | None
+    """Fine-tune the pretrained model (joint loss, early-stopped on validation) for this many minutes after
+    the probes; None skips it."""
+    attentive: bool
+    """Also train the attentive probe on the best layer's token states (see `igpt.attentive`)."""
     compile: bool
     """torch.compile pretraining and the probes' feature pass (faster on CPU after some seconds of compiling;
     see BENCHMARKS.md); each falls back to eager PyTorch, with a notice, where compiling fails."""
@@ -99,10 +107,13 @@ DEFAULT = QuickstartPlan(
     flip=False,
     precision="fp32",
     prefix_causal=False,
+    probe_precision="fp32",
     pool="grid3",
     low_data=((10, 5), (100, 3)),
     completions=(8, 5),
     keep_every=500,
+    finetune_minutes=None,
+    attentive=False,
     compile=True,
 )
 SMOKE = QuickstartPlan(
@@ -120,10 +131,13 @@ SMOKE = QuickstartPlan(
     flip=False,
     precision="fp32",
     prefix_causal=False,
+    probe_precision="fp32",
     pool="grid",
     low_data=((10, 2),),
     completions=(3, 3),
     keep_every=1000,
+    finetune_minutes=None,
+    attentive=False,
     compile=False,
 )
 
@@ -136,6 +150,8 @@ def make_plan(
     resolution: int | None = None,
     dataset: str | None = None,
     data_dir: str | None = None,
+    finetune_minutes: float | None = None,
+    attentive: bool | None = None,
 ) -> tuple[QuickstartPlan, str | None]:
     """The plan from the defaults (or the smoke plan) and the options; with a notice when Fashion-MNIST is
     missing and the digits stand in."""
@@ -145,6 +161,12 @@ def make_plan(
         if not (math.isfinite(minutes) and minutes > 0):
             raise IgptError(f"--minutes must be positive, got {minutes}")
         over["minutes"] = minutes
+    if finetune_minutes is not None:
+        if not (math.isfinite(finetune_minutes) and finetune_minutes > 0):
+            raise IgptError(f"--finetune-minutes must be positive, got {finetune_minutes}")
+        over["finetune_minutes"] = finetune_minutes
+    if attentive is not None:
+        over["attentive"] = attentive
     if preset:
         over["preset"] = preset
     if compile is not None:
@@ -194,7 +216,7 @@ class Stages:
 
     def reset_after(self, name: str) -> None:
         """Forget the stages after `name` (the model changed, so its evaluations are stale)."""
-        order = ["prepare", "pretrain", "probe", "low_data", "completions"]
+        order = ["prepare", "pretrain", "probe", "low_data", "completions", "finetune"]
         later = order[order.index(name) + 1 :]
         self.state["done"] = [s for s in self.state["done"] if s not in later]
         self.save()
@@ -210,7 +232,7 @@ def peak_rss_mib() -> float:
 
 
 def stage(n: int, title: str) -> None:
-    print(f"\n[{n}/6] {title}", flush=True)
+    print(f"\n[{n}/7] {title}", flush=True)
 
 
 def quickstart(
@@ -223,12 +245,16 @@ def quickstart(
     preset: str | None = None,
     resolution: int | None = None,
     compile: bool | None = None,
+    finetune_minutes: float | None = None,
+    attentive: bool | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The whole pipeline into `out`: prepare, AR pretraining for `minutes`, a probe of every layer beside raw
     pixels, low-data probes, completions and report.html. A second call with the same `out` skips finished
     stages and resumes an interrupted pretraining. Returns quickstart.json's content."""
-    plan, notice = make_plan(smoke, minutes, preset, compile, resolution, dataset, data_dir)
+    plan, notice = make_plan(
+        smoke, minutes, preset, compile, resolution, dataset, data_dir, finetune_minutes, attentive
+    )
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise IgptError(f"--out {out} exists and is not a directory")
@@ -282,6 +308,7 @@ def quickstart(
 
     stage(3, f"linear probe of every layer ({plan.pool} pooling) beside raw pixels")
     baselines = CLASSICAL_BASELINES if plan.dataset == "fashion-mnist" else {}
+    probe_precision = ProbeConfig(run=str(run_dir), precision=plan.probe_precision).precision  # auto resolved
 
     @functools.cache
     def evaluation() -> tuple:
@@ -300,6 +327,7 @@ def quickstart(
             device="cpu",
             quiet=not progress,
             compile=plan.compile,
+            precision=probe_precision,
         )
         return model, data, layers, cache
 
@@ -308,7 +336,15 @@ def quickstart(
     else:
         t = time.perf_counter()
         model, data, layers, cache = evaluation()
-        cfg = ProbeConfig(run=str(run_dir), pool=plan.pool, progress=progress)
+        head = "attentive" if plan.attentive else "linear"
+        cfg = ProbeConfig(
+            run=str(run_dir),
+            pool=plan.pool,
+            head=head,
+            compile=plan.compile,
+            precision=probe_precision,
+            progress=progress,
+        )
         res = probe_and_save(cfg, model, data, layers, cache, baselines)
         print(probe_line(res))
         st.finish("probe", time.perf_counter() - t)
@@ -342,7 +378,27 @@ def quickstart(
         sample(run_dir, out / "completions.png", images=pick_one_per_class(data_dir_out, n_img), num=n_samp)
         st.finish("completions", time.perf_counter() - t)
 
-    stage(6, "report")
+    if plan.finetune_minutes:
+        stage(6, f"fine-tuning: joint loss, {plan.finetune_minutes:g} minutes, early-stopped on validation")
+        ft_dir = out / "finetune"
+        if st.done("finetune") and (ft_dir / "finetune.json").is_file():
+            print("already done; skipped")
+        else:
+            t = time.perf_counter()
+            if ft_dir.exists():  # an interrupted fine-tuning starts again
+                shutil.rmtree(ft_dir)
+            ft = finetune(
+                run_dir,
+                ft_dir,
+                minutes=plan.finetune_minutes,
+                epochs=20,
+                compile=plan.compile,
+                progress=progress,
+            )
+            print(f"fine-tuned: test accuracy {ft['test_accuracy']:.4f} (epoch {ft['best_epoch']})")
+            st.finish("finetune", time.perf_counter() - t)
+
+    stage(7, "report")
     st.save()
     path = write_report(out)
     total = sum(st.state["seconds"].values())
@@ -356,8 +412,9 @@ def quickstart(
 def probe_line(res: dict[str, Any]) -> str:
     """One line that sums up a probe result: the best layer's accuracy beside raw pixels."""
     extra = f" (std {res['std_accuracy']:.4f})" if "std_accuracy" in res else ""
+    head = f", {res['head']} head" if res.get("head", "linear") != "linear" else ""
     return (
-        f"best layer {res['best_layer']}: accuracy {res['best_accuracy']:.4f}{extra}; "
+        f"best layer {res['best_layer']}{head}: accuracy {res['best_accuracy']:.4f}{extra}; "
         f"raw pixels {res['raw_pixel_accuracy']:.4f}"
     )
 

@@ -22,8 +22,10 @@ import torch.nn.functional as F
 
 from .compiling import CompiledOrEager
 from .data import PreparedData
+from .engine import autocast
 from .errors import IgptError
 from .files import atomic_file, write_json_atomic
+from .hardware import auto_precision
 from .model import IGPT
 from .palette import order_index
 from .runs import Run
@@ -47,12 +49,14 @@ def extract_features(
     progress: str | None = None,
     compile: bool = False,
     mean_out: dict[int, torch.Tensor] | None = None,
+    precision: str = "fp32",
 ) -> dict[int, torch.Tensor]:
     """Pooled normed hidden states of the chosen layers for every row of `tokens` (N, T), one batched forward
     pass per batch for all layers, pooled by `pool_states`. With `mask_ratio` (BERT), inputs are randomly
     masked. With `compile`, the forward pass runs through torch.compile (eagerly if that fails), and a short
     last batch is padded to `batch_size` so that one compiled shape serves every batch. With `mean_out` (a
-    dict to fill), the same pass also yields the paper's mean-pooled features of every layer there."""
+    dict to fill), the same pass also yields the paper's mean-pooled features of every layer there. With
+    `precision` bf16 the pass runs under bf16 autocast (pooled in float32)."""
     model = model.to(device).eval()
     forward = CompiledOrEager(model.get_intermediate_layers, "the feature pass", enabled=compile)
     out: dict[int, torch.Tensor] = {}  # filled in place: no second copy of wide features at the end
@@ -73,7 +77,8 @@ def extract_features(
         if forward.active and n < batch_size:  # pad: padded rows are computed and dropped
             x = torch.cat([x, x.new_zeros(batch_size - n, x.shape[1])])
             mask = None if mask is None else torch.cat([mask, mask.new_zeros(batch_size - n, mask.shape[1])])
-        hs = forward(x, layers, mask)
+        with autocast(device, precision):
+            hs = forward(x, layers, mask)
         for i, h in hs.items():
             f = pool_states(h[:n].float(), pool, resolution, order).cpu()
             if i not in out:
@@ -87,6 +92,7 @@ def extract_features(
 
 
 POOLS = ("mean", "grid", "grid3", "grid4")
+HEADS = ("linear", "attentive")
 
 
 def pool_states(h: torch.Tensor, pool: str, resolution: int | None, order: str = "raster") -> torch.Tensor:
@@ -466,6 +472,7 @@ def _feature_settings(cfg: ProbeConfig, data: PreparedData) -> dict[str, Any]:
         order=data.meta.get("order", "raster"),
         device=cfg.device,
         compile=cfg.compile,
+        precision=cfg.precision,
     )
 
 
@@ -561,7 +568,75 @@ def full_probe(
     if cfg.mask_ensemble:
         lambdas = {i: res["lambda"][str(i)] for i in layers}
         res["mask_ensemble"] = mask_ensemble(cfg, model, data, tr, te, ytr, yte, lambdas, kw)
+    if cfg.head == "attentive":
+        from .attentive import attentive_probe
+
+        att_layers = (
+            [best]
+            if cfg.attentive_layers == "best"
+            else parse_layers(cfg.attentive_layers, model.config.n_layer, cfg.run)
+        )
+        splits = {
+            "train": (data.tokens("train")[tr], ytr),
+            "val": (data.tokens("val")[va], yva),
+            "test": (data.tokens("test")[te], yte),
+        }
+        att = attentive_probe(
+            model,
+            splits,
+            att_layers,
+            C,
+            epochs=cfg.attentive_epochs,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            compile=cfg.compile,
+            precision=cfg.precision,
+            seed=cfg.seed,
+            progress=cfg.progress,
+        )
+        res["attentive"] = att
+        res.update(
+            head="attentive", best_accuracy=att["test_accuracy"], linear_best_accuracy=res["best_accuracy"]
+        )
+    res["chosen"] = _chosen(res)
     return res
+
+
+def _chosen(res: dict[str, Any]) -> dict[str, Any]:
+    """Of the probes run (the linear probe of each layer, concatenated layers, the attentive head), the one
+    with the best validation accuracy, and its test accuracy: the honest answer to "which probe is best"."""
+    cands = [
+        {
+            "probe": f"linear, {res['pool']} pooling, layer {k}",
+            "val_accuracy": v,
+            "test_accuracy": res["layers"][k],
+        }
+        for k, v in res["val_accuracy"].items()
+    ]
+    pp = res.get("paper_probe") or {}
+    for k, v in (pp.get("val_accuracy") or {}).items():
+        cands.append(
+            {"probe": f"linear, mean pooling, layer {k}", "val_accuracy": v, "test_accuracy": pp["layers"][k]}
+        )
+    if "concat" in res:
+        c = res["concat"]
+        cands.append(
+            {
+                "probe": f"linear, {res['pool']} pooling, layers {c['layers']} concatenated",
+                "val_accuracy": c["val_accuracy"],
+                "test_accuracy": c["test_accuracy"],
+            }
+        )
+    if "attentive" in res:
+        a = res["attentive"]
+        cands.append(
+            {
+                "probe": f"attentive, layer(s) {a['layers']}",
+                "val_accuracy": a["val_accuracy"],
+                "test_accuracy": a["test_accuracy"],
+            }
+        )
+    return max(cands, key=lambda c: c["val_accuracy"])
 
 
 def mask_ensemble(
@@ -575,12 +650,14 @@ def mask_ensemble(
     lambdas: dict[int, float],
     kw: dict,
 ) -> dict[str, Any]:
-    """BERT, Figure 4's protocol: the evaluation is repeated M times, each with its own random 15% mask on the
-    training and test images (the input BERT saw in pretraining); the test prediction is the argmax of
-    the M probes' averaged probabilities. Each layer keeps the L2 strength chosen on its unmasked validation
-    split."""
+    """BERT, Figure 4's protocol: the evaluation is repeated M times, each with its own random mask on the
+    training and test images, at the run's own mask ratio (the input BERT saw in pretraining); the test
+    prediction is the argmax of the M probes' averaged probabilities. Each layer keeps the L2 strength chosen
+    on its unmasked validation split."""
     if model.causal:
         raise IgptError("--mask-ensemble applies to BERT runs only")
+    train_cfg = Run.open(cfg.run).train_config if (Path(cfg.run) / "run.json").is_file() else None
+    ratio = train_cfg.mask_ratio if train_cfg is not None else 0.15
     layers = list(lambdas)
     votes: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     single: dict[int, list[float]] = {i: [] for i in layers}
@@ -590,7 +667,7 @@ def mask_ensemble(
             model,
             data.tokens("train")[tr],
             layers,
-            mask_ratio=0.15,
+            mask_ratio=ratio,
             seed=1000 + m,
             progress=label + " train",
             **kw,
@@ -599,7 +676,7 @@ def mask_ensemble(
             model,
             data.tokens("test")[te],
             layers,
-            mask_ratio=0.15,
+            mask_ratio=ratio,
             seed=2000 + m,
             progress=label + " test",
             **kw,
@@ -615,6 +692,7 @@ def mask_ensemble(
         out[str(i)] = float((mean.argmax(-1) == yte).float().mean())
     return {
         "masks": cfg.mask_ensemble,
+        "mask_ratio": ratio,
         "layers": out,
         "single_mask_mean": {str(i): float(np.mean(v)) for i, v in single.items()},
     }
@@ -639,54 +717,72 @@ def low_data_probe(
     yte = torch.from_numpy(data.labels("test")[te])
     kw = _feature_settings(cfg, data)
     cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
-    ftr, fte = cache("train", rows, "train features"), cache("test", te, "test features")
+    # the pooling is chosen per regime, on each subset's own cross-validation: the asked-for pooling and the
+    # paper's mean (computed in the same pass); wide grid features can overfit a few labels per class
+    pools = [cfg.pool] + (["mean"] if cfg.pool != "mean" else [])
+    ftr = {p: cache("train", rows, "train features", mean=p != cfg.pool) for p in pools}
+    fte = {p: cache("test", te, "test features", mean=p != cfg.pool) for p in pools}
     rtr, rte = raw_pixels(data, "train", rows), raw_pixels(data, "test", te)
     pos = {r: k for k, r in enumerate(rows)}
     folds = min(5, N)
-    if folds < 2:  # one label per class: no cross-validation; the layer is chosen on the validation split
+    if folds < 2:  # one label per class: no cross-validation; the choice is made on the validation split
         va = labelled_rows(data.labels("val"), None)
         yva = torch.from_numpy(data.labels("val")[va])
-        fva = cache("val", va, "validation features")
-    acc = {str(i): [] for i in layers}
-    cv = {str(i): [] for i in layers}
+        fva = {p: cache("val", va, "validation features", mean=p != cfg.pool) for p in pools}
+    keys = [(p, i) for p in pools for i in layers]
+    acc: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
+    cv: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
     raw = []
+    own_choice = []  # each subset's test accuracy at the pooling and layer its own CV chose
     for s, sub in enumerate(subsets):
         k = np.array([pos[r] for r in sub])
         y = torch.from_numpy(ytr_all[sub])
-        for name, xtr, xte in [*((str(i), ftr[i][k], fte[i]) for i in layers), ("raw", rtr[k], rte)]:
+        for key in [*keys, "raw"]:
+            xtr, xte = (rtr[k], rte) if key == "raw" else (ftr[key[0]][key[1]][k], fte[key[0]][key[1]])
             if folds >= 2:
                 lam, score = cv_lambda(xtr, y, C, folds, cfg.seed + s, cfg.device)
             else:
                 lam, score = 1e-2, 0.0
             probe = fit_logistic(xtr, y, C, lam, device=cfg.device)
-            if folds < 2 and name != "raw":
-                score = probe.accuracy(fva[int(name)], yva)
+            if folds < 2 and key != "raw":
+                score = probe.accuracy(fva[key[0]][key[1]], yva)
             a = probe.accuracy(xte, yte)
-            if name == "raw":
+            if key == "raw":
                 raw.append(a)
             else:
-                acc[name].append(a)
-                cv[name].append(score)
-    best = max(layers, key=lambda i: (np.mean(cv[str(i)]), -i))
+                acc[key].append(a)
+                cv[key].append(score)
+        pick = max(keys, key=lambda q: (cv[q][-1], q[0] == "mean", -q[1]))
+        own_choice.append(acc[pick][-1])
+    best_pool, best = max(keys, key=lambda q: (np.mean(cv[q]), q[0] == "mean", -q[1]))
+    by_pool = {p: {str(i): float(np.mean(acc[(p, i)])) for i in layers} for p in pools}
     return {
         "labels_per_class": N,
         "seeds": cfg.seeds,
-        "layers": {k: float(np.mean(v)) for k, v in acc.items()},
-        "layers_std": {k: float(np.std(v)) for k, v in acc.items()},
+        "layers": by_pool[cfg.pool],
+        "layers_std": {str(i): float(np.std(acc[(cfg.pool, i)])) for i in layers},
+        "layers_by_pool": by_pool,
+        "cv_accuracy_by_pool": {p: {str(i): float(np.mean(cv[(p, i)])) for i in layers} for p in pools},
         "best_layer": best,
-        "best_accuracy": float(np.mean(acc[str(best)])),
-        "mean_accuracy": float(np.mean(acc[str(best)])),
-        "std_accuracy": float(np.std(acc[str(best)])),
+        "best_pool": best_pool,
+        "best_accuracy": float(np.mean(acc[(best_pool, best)])),
+        "best_std": float(np.std(acc[(best_pool, best)])),
+        "mean_accuracy": float(np.mean(own_choice)),
+        "std_accuracy": float(np.std(own_choice)),
         "raw_pixel_accuracy": float(np.mean(raw)),
         "raw_pixel_std": float(np.std(raw)),
+        "raw_pixel_accuracies": raw,
         "n_test": len(te),
         "pool": cfg.pool,
+        "pools_compared": pools,
         "head": "linear",
         "classifier": "multinomial logistic regression, torch L-BFGS, "
         + (
-            f"L2 and layer by {folds}-fold CV within each subset"
+            f"L2 by {folds}-fold CV within each subset; pooling and layer chosen by that CV: "
+            "best_accuracy at the choice with the best CV over all subsets, mean_accuracy/std_accuracy with "
+            "each subset's own choice"
             if folds >= 2
-            else "L2 1e-2 (one label per class: no CV), layer chosen on the validation split"
+            else "L2 1e-2 (one label per class: no CV), pooling and layer chosen on the validation split"
         ),
     }
 
@@ -819,6 +915,14 @@ class ProbeConfig:
     """mean over positions (the paper's), or means over a coarse grid: grid (2x2), grid3, grid4."""
     concat: str | None = None
     """Also probe these layers' features concatenated, e.g. "2,3,4"."""
+    head: str = "linear"
+    """linear (the paper's), or attentive: learned queries cross-attending over token states, trained beside
+    the linear probes (see `igpt.attentive`); the reported best is then the attentive head's."""
+    attentive_layers: str = "best"
+    """Attentive head: best (the linear probe's best layer, chosen on validation) or i,j,... (their normed
+    states averaged)."""
+    attentive_epochs: int = 10
+    """Attentive head: most epochs (the epoch is chosen on validation, with early stopping)."""
     data: str | None = None
     """Another prepared directory (with the run's palette) to probe on; default the run's own."""
     batch_size: int = 128
@@ -829,10 +933,17 @@ class ProbeConfig:
     """Seed of the validation split, subsets and masks."""
     compile: bool = False
     """torch.compile the feature pass (eagerly if compiling fails)."""
+    precision: str = "fp32"
+    """The feature pass's precision: fp32, bf16 autocast, or auto (bf16 where the hardware has it: a CUDA
+    card with bf16, a CPU with AMX tiles)."""
     progress: bool = True
     """Progress bars and per-layer lines on stderr."""
 
     def __post_init__(self) -> None:
+        if self.precision == "auto":
+            self.precision = auto_precision(self.device)[0]
+        if self.precision not in ("fp32", "bf16"):
+            raise IgptError(f"--precision must be fp32, bf16 or auto, got '{self.precision}'")
         if self.mask_ensemble < 0:
             raise IgptError("--mask-ensemble must be 0 or more")
         for name in ("train_limit", "test_limit", "batch_size"):
@@ -845,6 +956,15 @@ class ProbeConfig:
             raise IgptError("--mask-ensemble and --concat apply to the full probe, not to --labels-per-class")
         if self.seeds < 1:
             raise IgptError("--seeds must be at least 1")
+        if self.head not in HEADS:
+            raise IgptError(f"--head must be one of {', '.join(HEADS)}, got '{self.head}'")
+        if self.head == "attentive" and (self.labels_per_class or self.checkpoints == "all"):
+            raise IgptError(
+                "--head attentive runs with the full probe; --labels-per-class and --checkpoints all use "
+                "linear heads"
+            )
+        if self.attentive_epochs < 1:
+            raise IgptError(f"--attentive-epochs must be at least 1, got {self.attentive_epochs}")
         if not 0 <= self.seed < 2**32:
             raise IgptError(f"--seed must be in [0, 2^32), got {self.seed}")
         if self.pool not in POOLS:

@@ -84,6 +84,7 @@ def write_report(out: Path) -> Path:
     info = _read(run / "run.json")
     summ = _read(run / "summary.json")
     full = _read(run / "probe_full.json")
+    ft = _read(out / "finetune" / "finetune.json")
     meta = _read(out / "data" / "meta.json")
     plan = qs.get("plan", {})
     model = info.get("model", {})
@@ -95,14 +96,38 @@ def write_report(out: Path) -> Path:
     ]
     if qs.get("notice"):
         parts.append(f"<p class=notice>{html.escape(qs['notice'])}</p>")
-    best, raw = full.get("best_accuracy"), full.get("raw_pixel_accuracy")
+    raw = full.get("raw_pixel_accuracy")
+    best = full.get("linear_best_accuracy", full.get("best_accuracy"))
     paper = full.get("paper_probe") or {}
     pool = full.get("pool", "mean")
+    att = full.get("attentive")
     cards = [
         (
             f"best-layer probe ({pool} pooling, linear)",
             f"{best:.4f}" if best is not None else "-",
             f"layer {full.get('best_layer', '-')}, chosen on validation; test accuracy",
+        ),
+        *(
+            [
+                (
+                    "attentive probe",
+                    f"{att['test_accuracy']:.4f}",
+                    f"layer(s) {att['layers']}, epoch {att['best_epoch']} chosen on validation; test",
+                )
+            ]
+            if att
+            else []
+        ),
+        *(
+            [
+                (
+                    "fine-tuned",
+                    f"{ft['test_accuracy']:.4f}",
+                    f"joint loss, epoch {ft.get('best_epoch')} chosen on validation; test accuracy",
+                )
+            ]
+            if ft
+            else []
         ),
         (
             "the paper's probe (mean pooling, linear)",
@@ -188,6 +213,12 @@ def write_report(out: Path) -> Path:
             f"<p class=muted>{full.get('n_train', 0):,} training and {full.get('n_test', 0):,} test "
             "images; the best layer is chosen on validation accuracy.</p>"
         )
+        if full.get("chosen"):
+            c = full["chosen"]
+            parts.append(
+                f"<p>Of every probe run, the best on validation: <b>{html.escape(c['probe'])}</b>, "
+                f"validation {c['val_accuracy']:.4f}, test {c['test_accuracy']:.4f}.</p>"
+            )
 
     low = sorted(run.glob("probe_*_per_class.json"), key=lambda p: int(p.name.split("_")[1]))
     if low:
@@ -199,13 +230,17 @@ def write_report(out: Path) -> Path:
                 [
                     r["labels_per_class"],
                     r["seeds"],
-                    f"layer {r['best_layer']}",
+                    f"{r.get('best_pool', r.get('pool'))} pooling, layer {r['best_layer']}",
+                    f"{r['best_accuracy']:.4f} ± {r.get('best_std', r['std_accuracy']):.4f}",
                     f"{r['mean_accuracy']:.4f} ± {r['std_accuracy']:.4f}",
                     f"{r['raw_pixel_accuracy']:.4f} ± {r['raw_pixel_std']:.4f}",
                 ]
             )
+        head = ["labels per class", "subsets", "choice (CV over all subsets)", "probe at that choice"]
+        parts.append(_table([*head, "probe, each subset's own choice", "raw pixels"], rows))
         parts.append(
-            _table(["labels per class", "subsets", "best layer", "probe accuracy", "raw pixels"], rows)
+            "<p class=muted>Mean ± std of test accuracy over the subsets; pooling, layer and L2 strength are "
+            "chosen by cross-validation inside the labelled subsets, never on test.</p>"
         )
 
     parts.append(
