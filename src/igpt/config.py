@@ -57,8 +57,8 @@ class TrainConfig:
     """cpu or cuda."""
     precision: str = "fp32"
     """fp32, or bf16 autocast (for CUDA, and CPUs with AMX; far slower than fp32 on CPUs without it), or
-    auto: bf16 where the machine has it in hardware, else fp32 (resolved when the run is created; see
-    `precision_reason`)."""
+    auto: bf16 where the machine has it in hardware and the model is wide enough for it to pay, else fp32
+    (resolved by `resolve_precision` when the run is created; see `precision_reason`)."""
     precision_reason: str = ""
     """Why `auto` chose what it chose (empty when the precision was given)."""
     compile: bool = False
@@ -115,12 +115,15 @@ class TrainConfig:
             raise IgptError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
         if self.device not in ("cpu", "cuda"):
             raise IgptError(f"--device must be cpu or cuda, got '{self.device}'")
-        if self.precision == "auto":
-            self.precision, self.precision_reason = auto_precision(self.device)
-        if self.precision not in ("fp32", "bf16"):
+        if self.precision not in ("fp32", "bf16", "auto"):
             raise IgptError(f"--precision must be fp32, bf16 or auto, got '{self.precision}'")
         if min(self.eval_interval, self.eval_images, self.log_interval) <= 0:
             raise IgptError("--eval-interval, --eval-images and --log-interval must be positive")
+
+    def resolve_precision(self, n_embd: int) -> None:
+        """Turn `auto` into fp32 or bf16 for a model of width `n_embd` on this machine, recording why."""
+        if self.precision == "auto":
+            self.precision, self.precision_reason = auto_precision(self.device, n_embd)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,11 @@ def _read_hf_weights(hf: Path) -> dict[str, torch.Tensor]:
         if st.is_file():
             return load_file(st)
         if bin_.is_file():
-            sd = torch.load(bin_, map_location="cpu", weights_only=True)  # refuses anything but tensors
+            with (
+                warnings.catch_warnings()
+            ):  # torch's notes on the pickle protocol are not the user's business
+                warnings.simplefilter("ignore", UserWarning)
+                sd = torch.load(bin_, map_location="cpu", weights_only=True)  # refuses anything but tensors
             if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
                 raise IgptError(f"{bin_} does not hold a dictionary of tensors")
             return sd

@@ -32,6 +32,7 @@ from .data import PreparedData
 from .engine import Batcher, all_reduce, evaluate, lr_at, mirror_index, shift_table, train_step
 from .errors import IgptError
 from .files import write_json_atomic, write_text_atomic
+from .hardware import cpu_has_amx
 from .model import IGPT, IGPTConfig
 from .optim import Optimizers
 from .runs import Run
@@ -233,6 +234,7 @@ def _setup_run(
     cfg = TrainConfig(**given)
     data = PreparedData(cfg.data)
     mcfg, preset = _model_config(model_given, data)
+    cfg.resolve_precision(mcfg.n_embd)
     run = Run.create(
         out,
         "pretrained",
@@ -311,8 +313,11 @@ class Trainer:
         if G > len(tokens):
             raise IgptError(f"--batch-size {G} is larger than the {len(tokens)} training images")
         check_batch_split(G, env.world, cfg.grad_accum)
-        if cfg.device == "cpu" and cfg.precision == "bf16" and env.main:
-            print("igpt: warning: bf16 on this CPU is likely far slower than fp32", file=sys.stderr)
+        if cfg.device == "cpu" and cfg.precision == "bf16" and env.main and not cpu_has_amx():
+            print(
+                "igpt: warning: this CPU has no AMX tiles; bf16 is likely far slower than fp32 here",
+                file=sys.stderr,
+            )
         torch.manual_seed(cfg.seed)
         self.model = IGPT(mcfg).to(env.device)  # the module saved in checkpoints
         self.batcher = Batcher(tokens, G, cfg.seed)
