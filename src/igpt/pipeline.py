@@ -411,7 +411,10 @@ def quickstart(
 
 def probe_line(res: dict[str, Any]) -> str:
     """One line that sums up a probe result: the best layer's accuracy beside raw pixels."""
-    extra = f" (std {res['std_accuracy']:.4f})" if "std_accuracy" in res else ""
+    std = res.get("best_std", res.get("std_accuracy"))  # the std of the number shown, best_accuracy's
+    extra = f" (std {std:.4f})" if std is not None else ""
+    if "best_pool" in res:
+        extra += f", {res['best_pool']} pooling"
     head = f", {res['head']} head" if res.get("head", "linear") != "linear" else ""
     return (
         f"best layer {res['best_layer']}{head}: accuracy {res['best_accuracy']:.4f}{extra}; "
