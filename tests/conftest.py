@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,12 @@ def digits(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "digits"
     prepare(PrepareConfig("digits", resolution=8, clusters=8), out)
     return out
+
+
+def permuted_test_copy(data: Path, dest: Path, name: str = "test_labels.npy", seed: int = 0) -> Path:
+    """A copy of the prepared set `data` at `dest` with one test-split array (`name`) permuted: what the
+    leakage tests probe to show that no choice reads the test split."""
+    shutil.copytree(data, dest)
+    a = np.load(dest / name)
+    np.save(dest / name, a[np.random.default_rng(seed).permutation(len(a))])
+    return dest

@@ -3,11 +3,11 @@ learn, choices made on validation (or the subsets' own CV) that a permuted test 
 refusals."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import permuted_test_copy
 
 import igpt
 from igpt.attentive import AttentiveHead, check_states_fit, fit_attentive
@@ -44,10 +44,7 @@ def test_attentive_states_that_would_not_fit_are_refused_with_the_size():
 
 def test_attentive_probe_end_to_end_and_blind_to_the_test_split(micro_run, tmp_path):
     data = micro_run.parent / "data"
-    shuffled = tmp_path / "shuffled"
-    shutil.copytree(data, shuffled)
-    labels = np.load(shuffled / "test_labels.npy")
-    np.save(shuffled / "test_labels.npy", labels[np.random.default_rng(0).permutation(len(labels))])
+    shuffled = permuted_test_copy(data, tmp_path / "shuffled", seed=0)
     kw = dict(head="attentive", attentive_epochs=5, layers="1,2", progress=False)
     a = igpt.probe(micro_run, data=str(data), **kw)
     b = igpt.probe(micro_run, data=str(shuffled), **kw)
@@ -78,10 +75,7 @@ def test_bad_heads_are_refused(kw, match):
 
 def test_low_data_chooses_pooling_per_regime_on_the_subsets_own_cv(micro_run, tmp_path):
     data = micro_run.parent / "data"
-    shuffled = tmp_path / "shuffled"
-    shutil.copytree(data, shuffled)
-    labels = np.load(shuffled / "test_labels.npy")
-    np.save(shuffled / "test_labels.npy", labels[np.random.default_rng(1).permutation(len(labels))])
+    shuffled = permuted_test_copy(data, tmp_path / "shuffled", seed=1)
     kw = dict(pool="grid", labels_per_class=5, seeds=3, layers="1,2", progress=False)
     a = igpt.probe(micro_run, data=str(data), **kw)
     b = igpt.probe(micro_run, data=str(shuffled), **kw)

@@ -4,10 +4,10 @@ reported number. The leakage tests permute the test labels (and, separately, the
 that no selection and no validation figure moves."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
+from conftest import permuted_test_copy
 
 import igpt
 from igpt.data import PreparedData
@@ -49,11 +49,8 @@ def _selections(res: dict) -> tuple:
 @pytest.mark.parametrize("what", ["labels", "images"])
 def test_permuting_the_test_split_changes_no_choice(micro_run, tmp_path, what):
     data = micro_run.parent / "data"
-    shuffled = tmp_path / "shuffled"
-    shutil.copytree(data, shuffled)
     name = "test_labels.npy" if what == "labels" else "test_tokens.npy"
-    a = np.load(shuffled / name)
-    np.save(shuffled / name, a[np.random.default_rng(0).permutation(len(a))])
+    shuffled = permuted_test_copy(data, tmp_path / "shuffled", name)
     first = igpt.probe(micro_run, data=str(data), progress=False)
     second = igpt.probe(micro_run, data=str(shuffled), progress=False)
     assert _selections(first) == _selections(second)
@@ -68,10 +65,7 @@ def test_pretrain_reports_validation_and_test_separately(micro_run):
 
 def test_finetune_early_stopping_ignores_the_test_split(micro_run, tmp_path):
     data = micro_run.parent / "data"
-    shuffled = tmp_path / "shuffled"
-    shutil.copytree(data, shuffled)
-    labels = np.load(shuffled / "test_labels.npy")
-    np.save(shuffled / "test_labels.npy", labels[np.random.default_rng(0).permutation(len(labels))])
+    shuffled = permuted_test_copy(data, tmp_path / "shuffled")
     kw = dict(epochs=2, patience=1, progress=False)
     a = igpt.finetune(micro_run, out=tmp_path / "a", data=str(data), **kw)
     b = igpt.finetune(micro_run, out=tmp_path / "b", data=str(shuffled), **kw)

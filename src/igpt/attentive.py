@@ -69,9 +69,10 @@ def states_bytes(n_images: int, seq_len: int, d: int) -> int:
     return 2 * n_images * seq_len * d
 
 
-def check_states_fit(n_images: int, seq_len: int, d: int, share: float = 0.5) -> None:
+def check_states_fit(n_images: int, seq_len: int, d: int, share: float = 0.5, n_fixed: int = 0) -> None:
     """Refuse an attentive probe whose cached states would take more than `share` of the memory available
-    now, with the size and what to pass instead."""
+    now, with the size and what to pass instead: the `--train-limit` that fits beside the `n_fixed`
+    images (validation and test) that are cached whatever the limit."""
     need = states_bytes(n_images, seq_len, d)
     try:
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
@@ -83,7 +84,7 @@ def check_states_fit(n_images: int, seq_len: int, d: int, share: float = 0.5) ->
         raise IgptError(
             f"the attentive probe caches {n_images:,} images x {seq_len} tokens x {d} in float16, "
             f"{need / 2**30:.1f} GiB, more than half of the {avail / 2**30:.1f} GiB available; pass "
-            f"--train-limit {max(1, fits - 15000):,} or less (or --head linear)"
+            f"--train-limit {max(1, fits - n_fixed):,} or less (or --head linear)"
         )
 
 
@@ -216,7 +217,8 @@ def attentive_probe(
     labels). Every choice (the epoch) is made on val; test is scored once at the end."""
     cfg = model.config
     n_all = sum(len(t) for t, _ in splits.values())
-    check_states_fit(n_all, cfg.n_positions, cfg.n_embd)
+    n_fixed = len(splits["val"][0]) + len(splits["test"][0])
+    check_states_fit(n_all, cfg.n_positions, cfg.n_embd, n_fixed=n_fixed)
     t0 = time.perf_counter()
     states = {
         name: token_states(

@@ -605,38 +605,29 @@ def full_probe(
 def _chosen(res: dict[str, Any]) -> dict[str, Any]:
     """Of the probes run (the linear probe of each layer, concatenated layers, the attentive head), the one
     with the best validation accuracy, and its test accuracy: the honest answer to "which probe is best"."""
+    pp = res.get("paper_probe") or {}
     cands = [
-        {
-            "probe": f"linear, {res['pool']} pooling, layer {k}",
-            "val_accuracy": v,
-            "test_accuracy": res["layers"][k],
-        }
+        (f"linear, {res['pool']} pooling, layer {k}", v, res["layers"][k])
         for k, v in res["val_accuracy"].items()
     ]
-    pp = res.get("paper_probe") or {}
-    for k, v in (pp.get("val_accuracy") or {}).items():
-        cands.append(
-            {"probe": f"linear, mean pooling, layer {k}", "val_accuracy": v, "test_accuracy": pp["layers"][k]}
-        )
+    cands += [
+        (f"linear, mean pooling, layer {k}", v, pp["layers"][k])
+        for k, v in (pp.get("val_accuracy") or {}).items()
+    ]
     if "concat" in res:
         c = res["concat"]
         cands.append(
-            {
-                "probe": f"linear, {res['pool']} pooling, layers {c['layers']} concatenated",
-                "val_accuracy": c["val_accuracy"],
-                "test_accuracy": c["test_accuracy"],
-            }
+            (
+                f"linear, {res['pool']} pooling, layers {c['layers']} concatenated",
+                c["val_accuracy"],
+                c["test_accuracy"],
+            )
         )
     if "attentive" in res:
         a = res["attentive"]
-        cands.append(
-            {
-                "probe": f"attentive, layer(s) {a['layers']}",
-                "val_accuracy": a["val_accuracy"],
-                "test_accuracy": a["test_accuracy"],
-            }
-        )
-    return max(cands, key=lambda c: c["val_accuracy"])
+        cands.append((f"attentive, layer(s) {a['layers']}", a["val_accuracy"], a["test_accuracy"]))
+    probe, val, test = max(cands, key=lambda c: c[1])
+    return {"probe": probe, "val_accuracy": val, "test_accuracy": test}
 
 
 def mask_ensemble(
