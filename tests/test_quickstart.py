@@ -82,13 +82,18 @@ def test_foreign_out_directory_refused(tmp_path, capsys):
 
 def test_finetune_minutes_adds_a_fine_tuning_stage_to_the_report(qs, capsys):
     main(["quickstart", "--out", str(qs), *ARGS, "--finetune-minutes", "0.05"])
-    assert "fine-tuned: test accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "pretrained init: test accuracy" in printed and "scratch init: test accuracy" in printed
     state = json.loads((qs / "quickstart.json").read_text())
-    assert state["done"][-1] == "finetune" and state["plan"]["finetune_minutes"] == 0.05
+    assert state["done"][-2:] == ["finetune", "finetune_scratch"]
+    assert state["plan"]["finetune_minutes"] == 0.05
     ft = json.loads((qs / "finetune" / "finetune.json").read_text())
+    scratch = json.loads((qs / "finetune_scratch" / "finetune.json").read_text())
     assert ft["best_epoch"] >= 1 and ft["n_val"] > 0
+    assert (ft["init"], scratch["init"]) == ("pretrained", "scratch")
     page = (qs / "report.html").read_text()
     assert "fine-tuned" in page and f"{ft['test_accuracy']:.4f}" in page
+    assert "from scratch (control)" in page and f"{scratch['test_accuracy']:.4f}" in page
     with pytest.raises(SystemExit):
         main(["quickstart", "--out", str(qs), *ARGS, "--finetune-minutes", "-1"])
     assert "--finetune-minutes must be positive" in capsys.readouterr().err

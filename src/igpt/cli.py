@@ -231,6 +231,26 @@ def add_finetune(sub: Sub) -> None:
     p.add_argument("--gen-weight", type=float, default=1.0, help="weight of L_GEN beside L_CLF (default 1)")
     p.add_argument("--labels-per-class", type=int, help="fine-tune on N labelled images per class")
     p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="with --labels-per-class: fine-tune on K seeded subsets (the low-data probes' subsets) and "
+        "report mean and std (default 1)",
+    )
+    p.add_argument(
+        "--init",
+        choices=["pretrained", "scratch"],
+        default="pretrained",
+        help="pretrained weights (default), or scratch: the same architecture and recipe from random "
+        "weights, the control",
+    )
+    p.add_argument(
+        "--pool",
+        choices=["mean", "grid", "grid3"],
+        default="mean",
+        help="the head's input: the mean of the final normed states (the paper's, default) or a 2x2/3x3 grid",
+    )
+    p.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -258,8 +278,15 @@ def run_finetune(args: argparse.Namespace) -> None:
     from .finetuning import finetune
 
     res = finetune(progress=not args.no_progress, **settings(args))
+    if "std_accuracy" in res:
+        print(
+            f"{res['init']} init: test accuracy {res['mean_accuracy']:.4f} +- {res['std_accuracy']:.4f} over "
+            f"{len(res['accuracies'])} subsets (best epochs {res['best_epochs']}); "
+            f"wrote {args.out}/finetune.json"
+        )
+        return
     print(
-        f"test accuracy {res['test_accuracy']:.4f} (best epoch {res['best_epoch']}); "
+        f"{res['init']} init: test accuracy {res['test_accuracy']:.4f} (best epoch {res['best_epoch']}); "
         f"wrote {args.out}/finetune.json"
     )
 

@@ -1,6 +1,9 @@
-"""The finetune stage: the pretrained backbone plus a linear head on the average-pooled final normed states,
-trained on L_CLF + gen_weight x L_GEN (the run's own objective), with early stopping on a validation split
-taken from the training split, and augmentation (shifts, and flips where they suit the data)."""
+"""The finetune stage: the pretrained backbone plus a linear head on the pooled final normed states (the
+paper's mean pool, or a coarse grid), trained on L_CLF + gen_weight x L_GEN (the run's own objective), with
+early stopping on the prepared validation split, and augmentation (shifts, and flips where they suit the
+data). `init="scratch"` trains the same architecture from random weights with the same recipe: the control
+that shows what pretraining buys. With `labels_per_class` it runs once per seeded class-balanced subset (the
+low-data probes' subsets) and reports their mean and std."""
 
 from __future__ import annotations
 
@@ -25,27 +28,38 @@ from .files import atomic_directory, write_json_atomic
 from .model import IGPT
 from .palette import order_index
 from .probing import (
+    POOLS,
     balanced_subset,
     extract_features,
     fit_logistic,
     labelled_rows,
     open_labelled_run,
+    pool_states,
 )
 from .runs import Run
 
+INITS = ("pretrained", "scratch")
+HEAD_POOLS = tuple(p for p in POOLS if p in ("mean", "grid", "grid3"))
+
 
 class Classifier(nn.Module):
-    """Backbone + linear head on mean-pooled final normed states; `forward` returns (class logits, L_GEN).
+    """Backbone + linear head on pooled final normed states; `forward` returns (class logits, L_GEN).
 
+    `pool` is "mean" (the paper's: the mean over positions) or a coarse spatial grid of means
+    ("grid" 2x2, "grid3" 3x3; `probing.pool_states`), which keeps where in the image a feature was seen.
     The pooled features are standardised with fixed statistics of the training set (buffers set by
     `standardise_head`) before the head: averaged over positions they vary little between images, and a head
     on the raw pool needs weights so large that it learns slowly and amplifies every change of the
     backbone."""
 
-    def __init__(self, backbone: IGPT, num_classes: int):
+    def __init__(
+        self, backbone: IGPT, num_classes: int, pool: str = "mean", resolution: int = 0, order: str = "raster"
+    ):
         super().__init__()
         self.backbone = backbone
-        d = backbone.config.n_embd
+        self.pool, self.resolution, self.order = pool, resolution, order
+        cells = {"mean": 1, "grid": 4, "grid3": 9}[pool]
+        d = backbone.config.n_embd * cells
         self.head = nn.Linear(d, num_classes)
         self.register_buffer("feat_mean", torch.zeros(d))
         self.register_buffer("feat_std", torch.ones(d))
@@ -56,7 +70,8 @@ class Classifier(nn.Module):
         self, tokens: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.backbone.final_states(tokens, mask)  # (B, T, d)
-        logits = self.head((h.mean(1) - self.feat_mean) / self.feat_std)  # (B, C)
+        pooled = self.pooled(h)  # (B, d * cells)
+        logits = self.head((pooled - self.feat_mean) / self.feat_std)  # (B, C)
         gen = self.backbone.lm_head(h)  # (B, T, K)
         if self.backbone.causal:
             l_gen = F.cross_entropy(gen.flatten(0, 1), tokens.flatten())
@@ -65,6 +80,10 @@ class Classifier(nn.Module):
         else:
             l_gen = gen.sum() * 0.0
         return logits, l_gen
+
+    def pooled(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) final states -> (B, d * cells) head input."""
+        return pool_states(h, self.pool, self.resolution or None, self.order)
 
 
 class Augment:
@@ -101,7 +120,15 @@ def standardise_head(
     """Set the head's feature statistics from up to 10,000 training rows and, with `probe`, start the head
     at a linear probe of those standardised features (linear probe, then fine-tune) instead of at zero."""
     n = model.backbone.config.n_layer
-    x = extract_features(model.backbone, tokens, [n], device=device)[n]
+    x = extract_features(
+        model.backbone,
+        tokens,
+        [n],
+        device=device,
+        pool=model.pool,
+        resolution=model.resolution or None,
+        order=model.order,
+    )[n]
     model.feat_mean.copy_(x.mean(0))
     model.feat_std.copy_(x.std(0).clamp(min=1e-6))
     if probe:
@@ -144,13 +171,25 @@ class FinetuneConfig:
     epochs: int = 5
     """Most epochs to train (early stopping may end sooner)."""
     minutes: float | None = None
-    """Stop after this many minutes, keeping the best epoch (an epoch may be cut short)."""
+    """Stop after this many minutes, keeping the best epoch (an epoch may be cut short); with several
+    subsets (`seeds`), each subset gets this budget."""
     lr: float | None = None
     """Peak learning rate; default the pretraining's lr / 10."""
     gen_weight: float = 1.0
     """Weight of L_GEN (the run's own generative loss) beside L_CLF."""
     labels_per_class: int | None = None
-    """Fine-tune on N labelled images per class (the low-data regime)."""
+    """Fine-tune on N labelled images per class (the low-data regime); early stopping then uses a seeded
+    class-balanced draw of at most N images per class from the validation split, as a user with N labels per
+    class would have."""
+    seeds: int = 1
+    """With `labels_per_class`: fine-tune on this many seeded subsets (the low-data probes' subsets for the
+    same `seed`) and report their mean and std."""
+    init: str = "pretrained"
+    """pretrained (the run's weights), or scratch: the same architecture from random weights, trained with
+    the same recipe, labels and budget (the control that shows what pretraining buys)."""
+    pool: str = "mean"
+    """The head's input: mean (the paper's mean over positions of the final normed states), or a coarse
+    spatial grid of means: grid (2x2) or grid3 (3x3)."""
     augment: bool = True
     """Random shifts, and flips where the data suits them (see `engine.mirror_index`)."""
     head_init: str = "probe"
@@ -168,7 +207,7 @@ class FinetuneConfig:
     device: str = "cpu"
     """cpu or cuda."""
     seed: int = 0
-    """Seed of the split, the order, augmentation and masks."""
+    """Seed of the subsets, the order, augmentation, masks and (with init scratch) the weights."""
     compile: bool = False
     """torch.compile the training forward (eagerly if compiling fails)."""
     progress: bool = True
@@ -185,6 +224,14 @@ class FinetuneConfig:
             raise IgptError("--gen-weight must be 0 or more")
         if self.labels_per_class is not None and self.labels_per_class < 1:
             raise IgptError(f"--labels-per-class must be at least 1, got {self.labels_per_class}")
+        if self.seeds < 1:
+            raise IgptError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.seeds > 1 and self.labels_per_class is None:
+            raise IgptError("--seeds K draws K subsets of --labels-per-class N; give --labels-per-class too")
+        if self.init not in INITS:
+            raise IgptError(f"unknown --init '{self.init}'; choose one of {', '.join(INITS)}")
+        if self.pool not in HEAD_POOLS:
+            raise IgptError(f"unknown --pool '{self.pool}'; choose one of {', '.join(HEAD_POOLS)}")
         if not 0 <= self.seed < 2**32:
             raise IgptError(f"--seed must be in [0, 2^32), got {self.seed}")
         if self.head_init not in ("probe", "zero"):
@@ -205,8 +252,9 @@ class FinetuneConfig:
 def finetune(run: str | Path, out: str | Path, **settings: Any) -> dict[str, Any]:
     """Fine-tune a run's backbone with a classification head into the run directory `out`, and return what
     is written to OUT/finetune.json. Keyword arguments are `FinetuneConfig`'s fields, named as the command's
-    flags: `igpt.finetune("runs/r", out="runs/ft", epochs=1)`. `igpt.load_run(out)` opens the result (the
-    fine-tuned backbone); `load_classifier(out)` gives backbone and head."""
+    flags: `igpt.finetune("runs/r", out="runs/ft", epochs=1)`; `init="scratch"` is the from-scratch control.
+    `igpt.load_run(out)` opens the result (the fine-tuned backbone); `load_classifier(out)` gives backbone
+    and head."""
     known = set(FinetuneConfig.__dataclass_fields__) - {"run", "out"}
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -214,28 +262,92 @@ def finetune(run: str | Path, out: str | Path, **settings: Any) -> dict[str, Any
     return _finetune(FinetuneConfig(run=str(run), out=str(out), **settings))
 
 
-def _finetune(args: FinetuneConfig) -> dict[str, Any]:
-    info, backbone, data = open_labelled_run(args.run, args.data)
-    device = args.device
+@dataclass
+class _Split:
+    """Rows of one fine-tuning: training rows (of the train split), validation rows (of the validation
+    split, for early stopping), test rows."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def _subsets(args: FinetuneConfig, data: PreparedData) -> list[_Split]:
+    """The training/validation rows of each fine-tuning: all labelled images, or with `labels_per_class` N
+    one split per seed: N training images per class (`balanced_subset` with seed + s, the low-data probes'
+    subsets) and a seeded class-balanced draw of min(N, rarest validation class) images per class from the
+    validation split, so early stopping sees no more labels than the user has."""
     C = data.num_classes
     y_all = data.labels("train")
     rows = labelled_rows(y_all, args.train_limit)
-    if args.labels_per_class:
-        counts = np.bincount(y_all[rows], minlength=C)
-        if args.labels_per_class > counts.min():
-            raise IgptError(
-                f"--labels-per-class {args.labels_per_class} exceeds the {counts.min()} images of the "
-                "rarest class"
-            )
-        rows = rows[balanced_subset(y_all[rows], args.labels_per_class, args.seed)]
-    tr = rows
-    va = labelled_rows(data.labels("val"), None)  # the prepared validation split: early stopping, best epoch
-    y_va, tok_va = data.labels("val"), data.tokens("val")
+    va_all = labelled_rows(data.labels("val"), None)
     te = labelled_rows(data.labels("test"), args.test_limit)
-    if len(tr) < 1:
-        raise IgptError("no labelled training images")
-    torch.manual_seed(args.seed)
-    model = Classifier(backbone, C).to(device).train()
+    N = args.labels_per_class
+    if not N:
+        if len(rows) < 1:
+            raise IgptError("no labelled training images")
+        return [_Split(rows, va_all, te)]
+    counts = np.bincount(y_all[rows], minlength=C)
+    if N > counts.min():
+        raise IgptError(f"--labels-per-class {N} exceeds the {counts.min()} images of the rarest class")
+    y_va = data.labels("val")[va_all]
+    va_n = int(min(N, np.bincount(y_va, minlength=C).min())) if len(va_all) else 0
+    out = []
+    for s in range(args.seeds):
+        tr = rows[balanced_subset(y_all[rows], N, args.seed + s)]
+        va = va_all[balanced_subset(y_va, va_n, args.seed + 10_000 + s)] if va_n else va_all[:0]
+        out.append(_Split(tr, va, te))
+    return out
+
+
+def _finetune(args: FinetuneConfig) -> dict[str, Any]:
+    info, backbone, data = open_labelled_run(args.run, args.data)
+    if args.init == "scratch" and info.kind == "finetuned":
+        raise IgptError(
+            f"{args.run} is a fine-tuned run; the from-scratch control (--init scratch) takes the pretrained "
+            "run it came from, so both share the architecture and the data"
+        )
+    splits = _subsets(args, data)
+    results, states = [], []
+    for s, split in enumerate(splits):
+        if len(splits) > 1:
+            print(f"igpt finetune: subset {s + 1}/{len(splits)}", file=sys.stderr)
+        if s > 0:
+            backbone = info.load_model()  # every subset starts from the same weights
+        res, state = _fit_one(args, info, backbone, data, split, args.seed + s)
+        results.append(res)
+        states.append(state)
+    result = results[0]
+    if len(results) > 1:
+        accs = [r["test_accuracy"] for r in results]
+        result = {
+            **{k: v for k, v in results[0].items() if k != "history"},
+            "test_accuracy": float(np.mean(accs)),
+            "mean_accuracy": float(np.mean(accs)),
+            "std_accuracy": float(np.std(accs)),
+            "accuracies": accs,
+            "best_epochs": [r["best_epoch"] for r in results],
+            "subsets": results,
+            "saved_subset": 0,
+            "seconds": round(sum(r["seconds"] for r in results), 2),
+        }
+    _save(Path(args.out), states[0], info, data.num_classes, data, result, args.pool)
+    return result
+
+
+def _fit_one(
+    args: FinetuneConfig, info: Run, backbone: IGPT, data: PreparedData, split: _Split, seed: int
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Train one classifier on `split` (early stopping on its validation rows) and score its best epoch on
+    the test rows: (result, the best epoch's weights)."""
+    device, C = args.device, data.num_classes
+    y_all = data.labels("train")
+    tr, va, te = split.train, split.val, split.test
+    y_va, tok_va = data.labels("val"), data.tokens("val")
+    torch.manual_seed(seed)
+    if args.init == "scratch":
+        backbone = IGPT(backbone.config)  # same shape, random weights (seeded above)
+    model = Classifier(backbone, C, args.pool, data.resolution, data.meta["order"]).to(device).train()
     standardise_head(
         model,
         tokens_rows(data, tr[:10_000]),
@@ -257,11 +369,11 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
     )
     steps_per_epoch = math.ceil(len(tr) / args.batch_size)
     total = steps_per_epoch * args.epochs
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(seed)
     tokens = data.tokens("train")
     print(
-        f"igpt finetune: {len(tr):,} training / {len(va):,} validation / {len(te):,} test images, "
-        f"{C} classes; "
+        f"igpt finetune ({args.init} init, {args.pool} pool): {len(tr):,} training / {len(va):,} "
+        f"validation / {len(te):,} test images, {C} classes; "
         f"lr {lr:g}, gen weight {args.gen_weight:g}, batch {args.batch_size}, up to {args.epochs} epochs x "
         f"{steps_per_epoch} steps; augment {'shifts' + (' + flips' if flip else '') if aug else 'off'}",
         file=sys.stderr,
@@ -270,6 +382,9 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
     history, best, best_state, bad_epochs, step = [], (-1.0, -1), None, 0, 0
     t0 = time.perf_counter()
     from tqdm import tqdm
+
+    def out_of_time() -> bool:
+        return bool(args.minutes) and time.perf_counter() - t0 > 60 * args.minutes
 
     train_forward = CompiledOrEager(model, "the fine-tuning forward", enabled=args.compile)
     for epoch in range(1, args.epochs + 1):
@@ -303,12 +418,13 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
             step += 1
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
-            if args.minutes and time.perf_counter() - t0 > 60 * args.minutes:
+            if out_of_time():
                 break  # the epoch is cut short; it is still validated and may be the best
         bar.close()
         val = accuracy(model, tok_va[va], y_va[va], device) if len(va) else float("nan")
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val})
-        print(f"epoch {epoch}: train loss {np.mean(losses):.4f}, val accuracy {val:.4f}", file=sys.stderr)
+        if args.progress:
+            print(f"epoch {epoch}: train loss {np.mean(losses):.4f}, val accuracy {val:.4f}", file=sys.stderr)
         if not len(va) or val > best[0]:
             best, bad_epochs = (val, epoch), 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -317,7 +433,7 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
             if bad_epochs >= args.patience:
                 print(f"early stop: no validation gain for {args.patience} epochs", file=sys.stderr)
                 break
-        if args.minutes and time.perf_counter() - t0 > 60 * args.minutes:
+        if out_of_time():
             print("stopping: --minutes budget reached", file=sys.stderr)
             break
     model.load_state_dict(best_state)
@@ -328,20 +444,29 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
         "best_val_accuracy": best[0] if len(va) else None,
         "initial_val_accuracy": initial_val,
         "history": history,
+        "init": args.init,
+        "pool": args.pool,
+        "labels_per_class": args.labels_per_class,
         "n_train": len(tr),
         "n_val": len(va),
+        **({"train_rows": [int(r) for r in np.sort(tr)]} if args.labels_per_class else {}),
         "n_test": len(te),
+        "val_rows": (
+            "the whole prepared validation split"
+            if not args.labels_per_class
+            else "a seeded class-balanced draw of at most labels_per_class images per class from the "
+            "validation split"
+        ),
         "objective": backbone.config.objective,
         "settings": asdict(args) | {"lr": lr, "flip": flip},
         "seconds": round(time.perf_counter() - t0, 2),
         "pretrained_run": str(Path(args.run).resolve()),
     }
-    _save(Path(args.out), best_state, info, C, data, result)
-    return result
+    return result, best_state
 
 
 def _save(
-    out: Path, state: dict, pretrained: Run, num_classes: int, data: PreparedData, result: dict
+    out: Path, state: dict, pretrained: Run, num_classes: int, data: PreparedData, result: dict, pool: str
 ) -> None:
     """FTRUN: model.safetensors (backbone.*, head.* and the feature statistics), run.json (a "finetuned"
     run: the backbone's shape, the classes, the head) and finetune.json; written in a temporary directory and
@@ -352,7 +477,9 @@ def _save(
             "pretrained_run": str(pretrained.path.resolve()),
             "num_classes": num_classes,
             "class_names": data.meta.get("class_names", []),
-            "head": "linear, on the standardised mean of the final normed states",
+            "head": f"linear, on the standardised {pool} pool of the final normed states",
+            "pool": pool,
+            "init": result["init"],
         }
         Run.create(
             tmp,
@@ -372,6 +499,8 @@ def load_classifier(run: str | Path, device: str = "cpu") -> Classifier:
     r = Run.open(run)
     if r.kind != "finetuned":
         raise IgptError(f"{run} is a {r.kind} run, not a fine-tuned one (igpt finetune makes those)")
-    model = Classifier(r.load_model(), int(r.info["finetune"]["num_classes"]))
+    ft = r.info["finetune"]
+    pool = ft.get("pool", "mean")  # runs written before the pool option had the mean
+    model = Classifier(r.load_model(), int(ft["num_classes"]), pool, r.resolution, r.order)
     model.load_state_dict(r.finetuned_state())
     return model.to(device).eval()

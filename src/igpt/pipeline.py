@@ -216,7 +216,7 @@ class Stages:
 
     def reset_after(self, name: str) -> None:
         """Forget the stages after `name` (the model changed, so its evaluations are stale)."""
-        order = ["prepare", "pretrain", "probe", "low_data", "completions", "finetune"]
+        order = ["prepare", "pretrain", "probe", "low_data", "completions", "finetune", "finetune_scratch"]
         later = order[order.index(name) + 1 :]
         self.state["done"] = [s for s in self.state["done"] if s not in later]
         self.save()
@@ -379,24 +379,30 @@ def quickstart(
         st.finish("completions", time.perf_counter() - t)
 
     if plan.finetune_minutes:
-        stage(6, f"fine-tuning: joint loss, {plan.finetune_minutes:g} minutes, early-stopped on validation")
-        ft_dir = out / "finetune"
-        if st.done("finetune") and (ft_dir / "finetune.json").is_file():
-            print("already done; skipped")
-        else:
+        stage(
+            6,
+            f"fine-tuning: joint loss, {plan.finetune_minutes:g} minutes, early-stopped on validation; then "
+            "the same architecture and recipe from scratch (the control)",
+        )
+        for init, name in (("pretrained", "finetune"), ("scratch", "finetune_scratch")):
+            ft_dir = out / name
+            if st.done(name) and (ft_dir / "finetune.json").is_file():
+                print(f"{init}: already done; skipped")
+                continue
             t = time.perf_counter()
             if ft_dir.exists():  # an interrupted fine-tuning starts again
                 shutil.rmtree(ft_dir)
             ft = finetune(
                 run_dir,
                 ft_dir,
+                init=init,
                 minutes=plan.finetune_minutes,
                 epochs=20,
                 compile=plan.compile,
                 progress=progress,
             )
-            print(f"fine-tuned: test accuracy {ft['test_accuracy']:.4f} (epoch {ft['best_epoch']})")
-            st.finish("finetune", time.perf_counter() - t)
+            print(f"{init} init: test accuracy {ft['test_accuracy']:.4f} (epoch {ft['best_epoch']})")
+            st.finish(name, time.perf_counter() - t)
 
     stage(7, "report")
     st.save()

@@ -85,6 +85,7 @@ def write_report(out: Path) -> Path:
     summ = _read(run / "summary.json")
     full = _read(run / "probe_full.json")
     ft = _read(out / "finetune" / "finetune.json")
+    scratch = _read(out / "finetune_scratch" / "finetune.json")
     meta = _read(out / "data" / "meta.json")
     plan = qs.get("plan", {})
     model = info.get("model", {})
@@ -127,6 +128,17 @@ def write_report(out: Path) -> Path:
                 )
             ]
             if ft
+            else []
+        ),
+        *(
+            [
+                (
+                    "trained from scratch (control)",
+                    f"{scratch['test_accuracy']:.4f}",
+                    "same architecture, recipe, labels and minutes, random initial weights; test accuracy",
+                )
+            ]
+            if scratch
             else []
         ),
         (
