@@ -146,12 +146,23 @@ def test_augmented_muon_prefix_run_resumes_exactly(digits, tmp_path, monkeypatch
     assert losses(plain) != losses(straight)  # the levers did change the run
 
 
+def test_bf16_speedup_is_a_measured_ratio():
+    r = hardware.bf16_speedup(32, repeats=1)
+    assert 0 < r < 1000
+
+
 def test_precision_auto_follows_the_hardware_and_the_width(monkeypatch, digits, tmp_path):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "amx_bf16", "amx_tile"})
     assert hardware.auto_precision("cpu", 512) == ("bf16", "this CPU has AMX bf16 tiles")
     p, why = hardware.auto_precision("cpu", 128)
     assert p == "fp32" and "width 128" in why
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    for speedup, want in ((1.6, "bf16"), (0.9, "fp32")):  # AVX512_BF16 without AMX: the measurement decides
+        monkeypatch.setattr(hardware, "bf16_speedup", lambda n, s=speedup: s)
+        p, why = hardware.auto_precision("cpu", 512)
+        assert p == want and f"{speedup:.2f}x" in why and "no AMX" in why
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr(hardware, "bf16_speedup", lambda n: pytest.fail("measured bf16 without the flags"))
     p, why = hardware.auto_precision("cpu", 512)
     assert p == "fp32" and "no AMX" in why
     # a run records what auto chose and why; its resume keeps it

@@ -6,10 +6,11 @@ import re
 
 import pytest
 
-from igpt import pipeline
+from igpt import budget, pipeline
+from igpt.budget import Speeds
 from igpt.cli import main
 
-ARGS = ["--smoke", "--dataset", "digits", "--minutes", "0.1", "--no-progress"]
+ARGS = ["--smoke", "--dataset", "digits", "--pretrain-minutes", "0.1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,9 @@ def test_missing_fashion_mnist_falls_back_to_digits_with_a_notice(monkeypatch, t
     "args, expect",
     [
         (["--minutes", "0"], "--minutes must be positive"),
+        (["--minutes", "nan"], "--minutes must be positive"),
+        (["--minutes", "-3"], "--minutes must be positive"),
+        (["--pretrain-minutes", "0"], "--pretrain-minutes must be positive"),
         (["--data-dir", "/nonexistent"], "no Fashion-MNIST IDX files"),
         (["--resolution", "40"], "--resolution must be in"),
     ],
@@ -97,3 +101,55 @@ def test_finetune_minutes_adds_a_fine_tuning_stage_to_the_report(qs, capsys):
     with pytest.raises(SystemExit):
         main(["quickstart", "--out", str(qs), *ARGS, "--finetune-minutes", "-1"])
     assert "--finetune-minutes must be positive" in capsys.readouterr().err
+
+
+FAST = Speeds(feature_seconds_per_image=1e-3, fit_flops_per_second=2e10, calibration_seconds=0.5)
+
+
+def test_budget_shares_out_the_minutes_and_a_rerun_keeps_the_plan(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a: calls.append(a) or FAST)
+    plan, _ = pipeline.make_plan(minutes=30)
+    st = pipeline.Stages(tmp_path, plan)
+    minutes = pipeline.plan_budget(plan, tmp_path, st)
+    b = st.state["budget"]
+    predicted = budget.predict(pipeline._workload(plan, tmp_path), FAST)
+    assert set(b["predicted"]) == {"probe", "low_data", "completions", "report"}
+    want = 30 - (sum(predicted.values()) * budget.MARGIN + budget.MARGIN_SECONDS + b["spent_before"]) / 60
+    assert minutes == b["pretrain_minutes"] == pytest.approx(want, abs=0.01) and 3 < minutes < 30
+    # a slower machine leaves pretraining less of the same budget
+    slow = Speeds(FAST.feature_seconds_per_image * 2, FAST.fit_flops_per_second / 2, 0.5)
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a: slow)
+    assert pipeline.plan_budget(plan, tmp_path, st) == minutes  # same budget: the plan is kept, not remade
+    plan60, _ = pipeline.make_plan(minutes=60)
+
+    def fresh(name: str, p: pipeline.QuickstartPlan) -> float:
+        (tmp_path / name).mkdir()
+        return pipeline.plan_budget(p, tmp_path / name, pipeline.Stages(tmp_path / name, p))
+
+    slow60 = fresh("slow", plan60)
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a: FAST)
+    fast60 = fresh("fast", plan60)
+    assert fast60 == pytest.approx(minutes + 30, abs=0.05) and slow60 < fast60 - 5
+    # fine-tuning's minutes come out of the budget too (pretrained and the control)
+    ft, _ = pipeline.make_plan(minutes=60, finetune_minutes=5)
+    assert fresh("ft", ft) < fast60 - 10
+
+
+def test_budget_too_small_is_refused_with_the_least_that_works(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a: FAST)
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--out", str(tmp_path / "q"), "--minutes", "2"])
+    err = capsys.readouterr().err.strip()
+    least = int(re.search(r"use --minutes (\d+) or more", err).group(1))
+    assert "leaves no time for pretraining" in err and len(err.splitlines()) == 1 and least > 2
+    assert not (tmp_path / "q" / "data").exists() and not (tmp_path / "q" / "run").exists()
+    plan, _ = pipeline.make_plan(minutes=least)  # the least budget named is enough
+    assert pipeline.plan_budget(plan, tmp_path, pipeline.Stages(tmp_path, plan)) >= plan.min_pretrain_minutes
+
+
+def test_calibration_measures_this_machine():
+    from igpt.model import IGPTConfig
+
+    s = budget.calibrate(IGPTConfig.from_preset("micro", vocab_size=8, n_positions=16), "fp32", 64, images=32)
+    assert s.feature_seconds_per_image > 0 and s.fit_flops_per_second > 1e6 and s.calibration_seconds < 30

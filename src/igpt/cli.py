@@ -363,7 +363,17 @@ def add_quickstart(sub: Sub) -> None:
     p.add_argument(
         "--out", default="runs/quickstart", help="directory for everything (default runs/quickstart)"
     )
-    p.add_argument("--minutes", type=float, help=f"pretraining budget (default {DEFAULT.minutes:g})")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        help=f"the whole job's budget; pretraining gets what the other stages are predicted to leave "
+        f"(default {DEFAULT.minutes:g})",
+    )
+    p.add_argument(
+        "--pretrain-minutes",
+        type=float,
+        help="pretrain for exactly this long instead of sharing out --minutes",
+    )
     p.add_argument("--smoke", action="store_true", help="a tiny model on a subset: the pipeline in ~1 minute")
     p.add_argument("--dataset", choices=["fashion-mnist", "digits"], help="default fashion-mnist")
     p.add_argument("--data-dir", help=f"where the Fashion-MNIST IDX files are (default {FASHION_DIR})")

@@ -1,10 +1,11 @@
 """The quickstart: the whole pipeline on Fashion-MNIST as one resumable call.
 
-Stages: prepare -> AR pretraining within `--minutes` -> a linear probe of every layer -> low-data probes ->
-a completion grid -> `report.html`. Each finished stage leaves its output in `--out`, and a second run with
-the same `--out` skips what is done (an interrupted pretraining resumes from its last checkpoint). The
-defaults were chosen by a measured sweep on a 2-core CPU (see README): the best-layer probe as high as it
-gets when the whole job takes about half an hour.
+Stages: prepare -> AR pretraining -> a linear probe of every layer -> low-data probes -> a completion grid
+-> `report.html`, all within `--minutes` (the whole job's budget): before pretraining, the later stages'
+time is predicted on this machine (`igpt.budget`), and pretraining gets the rest. Each finished stage
+leaves its output in `--out`, and a second run with the same `--out` skips what is done (an interrupted
+pretraining resumes from its last checkpoint). The defaults were chosen by measured sweeps on 2-core CPUs
+(see README).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from .budget import BudgetPlan, Workload, calibrate, predict, prepared_counts, share_out
 from .data import PreparedData
 from .errors import IgptError
 from .files import write_json_atomic
 from .finetuning import finetune
-from .preparation import PrepareConfig, prepare_config, summary_lines
+from .model import IGPTConfig
+from .preparation import VAL_FRACTION, PrepareConfig, prepare_config, summary_lines
 from .probing import FeatureCache, ProbeConfig, open_labelled_run, probe_and_save
 from .report import CLASSICAL_BASELINES, write_report
 from .runs import Run
@@ -51,7 +54,11 @@ class QuickstartPlan:
     preset: str
     """Model shape preset."""
     minutes: float
-    """Pretraining wall-clock budget."""
+    """The whole job's wall-clock budget: pretraining gets what the other stages are predicted to leave."""
+    pretrain_minutes: float | None
+    """Pretraining's minutes, given outright (no budget sharing); None: shared out from `minutes`."""
+    min_pretrain_minutes: float
+    """The least pretraining worth running; a budget that leaves less is refused."""
     batch_size: int
     lr: float
     optimizer: str
@@ -98,14 +105,16 @@ DEFAULT = QuickstartPlan(
     clusters=16,
     limit=None,
     preset="tiny",
-    minutes=21.0,
+    minutes=30.0,
+    pretrain_minutes=None,
+    min_pretrain_minutes=3.0,
     batch_size=32,
     lr=2e-3,
     optimizer="muon",
     schedule="wsd",
     shift=0,
     flip=False,
-    precision="fp32",
+    precision="auto",
     prefix_causal=False,
     probe_precision="auto",
     pool="grid3",
@@ -122,7 +131,9 @@ SMOKE = QuickstartPlan(
     clusters=8,
     limit=2000,
     preset="micro",
-    minutes=0.3,
+    minutes=1.5,
+    pretrain_minutes=None,
+    min_pretrain_minutes=0.1,
     batch_size=32,
     lr=3e-3,
     optimizer="adamw",
@@ -152,6 +163,7 @@ def make_plan(
     data_dir: str | None = None,
     finetune_minutes: float | None = None,
     attentive: bool | None = None,
+    pretrain_minutes: float | None = None,
 ) -> tuple[QuickstartPlan, str | None]:
     """The plan from the defaults (or the smoke plan) and the options; with a notice when Fashion-MNIST is
     missing and the digits stand in."""
@@ -161,6 +173,10 @@ def make_plan(
         if not (math.isfinite(minutes) and minutes > 0):
             raise IgptError(f"--minutes must be positive, got {minutes}")
         over["minutes"] = minutes
+    if pretrain_minutes is not None:
+        if not (math.isfinite(pretrain_minutes) and pretrain_minutes > 0):
+            raise IgptError(f"--pretrain-minutes must be positive, got {pretrain_minutes}")
+        over["pretrain_minutes"] = pretrain_minutes
     if finetune_minutes is not None:
         if not (math.isfinite(finetune_minutes) and finetune_minutes > 0):
             raise IgptError(f"--finetune-minutes must be positive, got {finetune_minutes}")
@@ -217,6 +233,7 @@ class Stages:
     def reset_after(self, name: str) -> None:
         """Forget the stages after `name` (the model changed, so its evaluations are stale)."""
         order = ["prepare", "pretrain", "probe", "low_data", "completions", "finetune", "finetune_scratch"]
+        self.state.pop("budget_actual", None)
         later = order[order.index(name) + 1 :]
         self.state["done"] = [s for s in self.state["done"] if s not in later]
         self.save()
@@ -247,13 +264,24 @@ def quickstart(
     compile: bool | None = None,
     finetune_minutes: float | None = None,
     attentive: bool | None = None,
+    pretrain_minutes: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The whole pipeline into `out`: prepare, AR pretraining for `minutes`, a probe of every layer beside raw
-    pixels, low-data probes, completions and report.html. A second call with the same `out` skips finished
-    stages and resumes an interrupted pretraining. Returns quickstart.json's content."""
+    """The whole pipeline into `out` within `minutes`: prepare, AR pretraining for what the later stages leave
+    of the budget (or for `pretrain_minutes`, given outright), a probe of every layer beside raw pixels,
+    low-data probes, completions and report.html. A second call with the same `out` skips finished stages
+    and resumes an interrupted pretraining. Returns quickstart.json's content."""
     plan, notice = make_plan(
-        smoke, minutes, preset, compile, resolution, dataset, data_dir, finetune_minutes, attentive
+        smoke,
+        minutes,
+        preset,
+        compile,
+        resolution,
+        dataset,
+        data_dir,
+        finetune_minutes,
+        attentive,
+        pretrain_minutes,
     )
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -267,6 +295,7 @@ def quickstart(
     if notice:
         st.state["notice"] = notice
     data_dir_out, run_dir = out / "data", out / "run"
+    pre_minutes = plan_budget(plan, out, st)
 
     stage(1, f"prepare {plan.dataset}: {plan.resolution}x{plan.resolution}, {plan.clusters} grey levels")
     t = time.perf_counter()
@@ -284,16 +313,16 @@ def quickstart(
     print("\n".join(summary_lines(meta, data_dir_out)))
     st.finish("prepare", time.perf_counter() - t)
 
-    stage(2, f"AR pretraining, preset {plan.preset}, {plan.minutes:g} minutes")
+    stage(2, f"AR pretraining, preset {plan.preset}, {pre_minutes:g} minutes")
     run = Run.open(run_dir) if (run_dir / "run.json").is_file() else None
-    if run is not None and run.finished and run.train_config.minutes == plan.minutes:
+    if run is not None and run.finished and run.train_config.minutes == pre_minutes:
         print(f"already done ({run_dir}); skipped")
     else:
         t = time.perf_counter()
         summary = pretrain(
             data_dir_out,
             run_dir,
-            minutes=plan.minutes,
+            minutes=pre_minutes,
             **plan.pretrain_settings(),
             eval_images=1000,
             keep_every=plan.keep_every,
@@ -405,14 +434,97 @@ def quickstart(
             st.finish(name, time.perf_counter() - t)
 
     stage(7, "report")
+    t = time.perf_counter()
     st.save()
-    path = write_report(out)
+    write_report(out)
+    st.finish("report", time.perf_counter() - t)
+    path = write_report(out)  # again, so that the page shows the report stage's own seconds
     total = sum(st.state["seconds"].values())
     print(
-        f"\nwrote {path}\ntotal {total / 60:.1f} min of stages; "
-        f"peak memory {st.state['peak_rss_mib']:.0f} MiB"
+        f"\nwrote {path}\ntotal {total / 60:.1f} min of stages"
+        + (f" (budget {plan.minutes:g})" if "budget" in st.state else "")
+        + f"; peak memory {st.state['peak_rss_mib']:.0f} MiB"
     )
+    for line in budget_lines(st.state):
+        print(line)
     return st.state
+
+
+def _workload(plan: QuickstartPlan, out: Path) -> Workload:
+    """The sizes of the stages after pretraining: from the prepared meta.json when it exists, else from the
+    dataset's known sizes."""
+    counts = prepared_counts(out / "data" / "meta.json")
+    if counts is None:
+        if plan.dataset == "fashion-mnist":
+            n_tr, n_te = min(plan.limit or 60_000, 60_000), min(plan.limit or 10_000, 10_000)
+        else:  # the digits: 1,797 images, a fifth for test
+            n_tr, n_te = 1438, 359
+        n_va = round(n_tr * VAL_FRACTION)
+        counts = (n_tr - n_va, n_va, n_te, 10)
+    cfg = IGPTConfig.from_preset(plan.preset)
+    cells = {"mean": 1, "grid": 4, "grid3": 9, "grid4": 16}[plan.pool]
+    return Workload(
+        *counts,
+        resolution=plan.resolution,
+        n_layer=cfg.n_layer,
+        n_embd=cfg.n_embd,
+        pool_cells=cells,
+        low_data=plan.low_data,
+        completions=plan.completions,
+        compile=plan.compile,
+        finetune_minutes=plan.finetune_minutes,
+        attentive=plan.attentive,
+    )
+
+
+def plan_budget(plan: QuickstartPlan, out: Path, st: Stages) -> float:
+    """Pretraining's minutes: given outright, kept from an earlier call with the same budget (so a rerun
+    resumes instead of replanning), or shared out from the budget after timing this machine (a few seconds).
+    A budget too small for the stages here is refused in one line naming the least one that works."""
+    if plan.pretrain_minutes is not None:
+        st.state.pop("budget", None)
+        return plan.pretrain_minutes
+    old = st.state.get("budget")
+    if old and old.get("minutes") == plan.minutes and old.get("pretrain_minutes"):
+        return float(old["pretrain_minutes"])
+    t = time.perf_counter()
+    w = _workload(plan, out)
+    cfg = IGPTConfig.from_preset(plan.preset, vocab_size=plan.clusters, n_positions=plan.resolution**2)
+    precision = ProbeConfig(run=str(out), precision=plan.probe_precision).precision
+    speeds = calibrate(cfg, precision, w.n_embd * w.pool_cells)
+    predicted = predict(w, speeds)
+    spent = st.state["seconds"].get("prepare", 2.0) + (time.perf_counter() - t)
+    shared = share_out(plan.minutes, spent, predicted, speeds, plan.min_pretrain_minutes)
+    if not isinstance(shared, BudgetPlan):
+        raise IgptError(
+            f"--minutes {plan.minutes:g} leaves no time for pretraining on this machine: the other stages "
+            f"are predicted to take about {sum(predicted.values()) / 60:.1f} minutes here; use --minutes "
+            f"{shared:g} or more"
+        )
+    st.state["budget"] = shared.to_json()
+    st.save()
+    print(
+        f"budget {plan.minutes:g} min: pretraining {shared.pretrain_minutes:g} min; then predicted "
+        + ", ".join(f"{k} {v / 60:.1f}" for k, v in shared.predicted.items())
+        + f" min (timed here in {speeds.calibration_seconds:.1f} s)",
+        flush=True,
+    )
+    return shared.pretrain_minutes
+
+
+def budget_lines(state: dict[str, Any]) -> list[str]:
+    """Predicted against actual seconds of each stage after pretraining, as printed lines."""
+    b = state.get("budget")
+    if not b:
+        return []
+    sec = state["seconds"]
+    lines = ["stage        predicted  actual (seconds)"]
+    for k, v in b["predicted"].items():
+        actual = sum(s for n, s in sec.items() if n == k or n.startswith(k + "_"))
+        lines.append(f"{k:<12} {v:>9.0f}  {actual:>6.0f}" if actual else f"{k:<12} {v:>9.0f}       -")
+    pre = sec.get("pretrain")
+    lines.append(f"{'pretrain':<12} {60 * b['pretrain_minutes']:>9.0f}  {pre or 0:>6.0f}")
+    return lines
 
 
 def probe_line(res: dict[str, Any]) -> str:

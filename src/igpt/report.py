@@ -263,8 +263,28 @@ def write_report(out: Path) -> Path:
 
     parts.append("<h2>Timings</h2>")
     secs = qs.get("seconds", {})
-    rows = [[k, float(v)] for k, v in secs.items()] + [["total", float(sum(secs.values()))]]
-    parts.append(_table(["stage", "seconds"], rows))
+    budget = qs.get("budget") or {}
+    planned = dict(budget.get("predicted", {}))
+    if budget:
+        planned["pretrain"] = 60 * budget["pretrain_minutes"]
+        parts.append(
+            f"<p>Budget {budget['minutes']:g} minutes for the whole job: the stages after pretraining were "
+            "predicted on this machine before pretraining started (margin included), and pretraining got "
+            "the rest.</p>"
+        )
+
+    def plan_of(stage: str) -> str:
+        if stage in planned:
+            return f"{planned[stage]:.0f}"
+        return "(in finetune)" if stage == "finetune_scratch" and "finetune" in planned else "-"
+
+    rows = [[k, plan_of(k), f"{float(v):.1f}"] for k, v in secs.items()]
+    total = f"{sum(secs.values()):.1f}"
+    rows.append(["total", f"{60 * budget['minutes']:.0f}" if budget else "-", total])
+    parts.append(_table(["stage", "planned seconds", "seconds"], rows))
+    if summ.get("precision_reason") or info.get("train", {}).get("precision_reason"):
+        why = info.get("train", {}).get("precision_reason", "")
+        parts.append(f"<p>Pretraining precision: {html.escape(why)}.</p>")
     parts.append(
         f"<p>Training throughput {summ.get('tokens_per_second', 0):,.0f} tokens/s on "
         f"{summ.get('device', 'cpu')} ({summ.get('precision', 'fp32')}); peak memory "

@@ -32,7 +32,7 @@ from .data import PreparedData
 from .engine import Batcher, all_reduce, evaluate, lr_at, mirror_index, shift_table, train_step
 from .errors import IgptError
 from .files import write_json_atomic, write_text_atomic
-from .hardware import cpu_has_amx
+from .hardware import cpu_has_amx, cpu_has_avx512_bf16
 from .model import IGPT, IGPTConfig
 from .optim import Optimizers
 from .runs import Run
@@ -313,9 +313,11 @@ class Trainer:
         if G > len(tokens):
             raise IgptError(f"--batch-size {G} is larger than the {len(tokens)} training images")
         check_batch_split(G, env.world, cfg.grad_accum)
-        if cfg.device == "cpu" and cfg.precision == "bf16" and env.main and not cpu_has_amx():
+        bf16_hw = cpu_has_amx() or cpu_has_avx512_bf16()
+        if cfg.device == "cpu" and cfg.precision == "bf16" and env.main and not bf16_hw:
             print(
-                "igpt: warning: this CPU has no AMX tiles; bf16 is likely far slower than fp32 here",
+                "igpt: warning: this CPU has neither AMX tiles nor AVX512_BF16; bf16 is likely far slower "
+                "than fp32 here",
                 file=sys.stderr,
             )
         torch.manual_seed(cfg.seed)

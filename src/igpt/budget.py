@@ -1,0 +1,178 @@
+"""The quickstart's time budget: how long the stages after pretraining will take on this machine, predicted
+before pretraining starts, so that pretraining gets what the whole job's `--minutes` leaves.
+
+The prediction times two primitives here (a few seconds): the probes' feature pass on a model of the planned
+shape with random weights (speed does not depend on the weights), and the matrix products that the probes'
+L-BFGS fits are made of, at the planned feature width. Each stage's cost is then counted in those units from
+the known sizes (images, layers, feature widths, subsets, the solver's iteration caps) and scaled by factors
+measured on full default quickstarts (see FEATURE_FACTOR and FIT_FACTOR)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .model import IGPT, IGPTConfig
+from .probing import LAMBDAS, extract_features
+
+# Measured / counted ratios for the default quickstart: the compiled feature pass against this module's eager
+# timing, and the fits' real time against the product count at the solvers' iteration caps (most fits stop
+# before their caps). Set from full default runs; see the README's quickstart section for the figures.
+FEATURE_FACTOR = 1.0
+FIT_FACTOR = 1.0
+COMPILE_SECONDS = 30.0
+"""Compiling the feature pass (the first compiled batch), where --compile is on."""
+REPORT_SECONDS = 10.0
+"""Writing report.html and its plots."""
+MARGIN = 1.1
+"""Predictions are multiplied by this, and MARGIN_SECONDS added, before pretraining gets the rest."""
+MARGIN_SECONDS = 20.0
+
+# the probes' solver caps (probing.probe_with_validation, probing.cv_lambda, probing.fit_logistic)
+SWEEP_ROWS, SWEEP_ITERS, REFIT_ITERS, CV_ITERS, CV_FOLDS = 20_000, 300, 150, 200, 5
+
+
+@dataclass(frozen=True)
+class Speeds:
+    """What the calibration measured on this machine."""
+
+    feature_seconds_per_image: float
+    """The eager feature pass of every layer at the planned shape and precision, per image."""
+    fit_flops_per_second: float
+    """Rate of the fits' matrix products (features (N, D) against P*C columns, both directions)."""
+    calibration_seconds: float
+    """How long measuring took."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The sizes the stages after pretraining work on."""
+
+    n_train: int
+    n_val: int
+    n_test: int
+    num_classes: int
+    resolution: int
+    n_layer: int
+    n_embd: int
+    pool_cells: int
+    """Grid cells of the probe's pooling (mean 1, grid 4, grid3 9, grid4 16)."""
+    low_data: tuple[tuple[int, int], ...]
+    completions: tuple[int, int]
+    compile: bool
+    finetune_minutes: float | None = None
+    attentive: bool = False
+
+
+def calibrate(cfg: IGPTConfig, precision: str, feature_dim: int, images: int = 256) -> Speeds:
+    """Time the feature pass (eager, after a warm-up batch) and a fit's product pair on this machine."""
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = IGPT(cfg).eval()
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (images, cfg.n_positions), dtype=np.int64)
+    layers = list(range(cfg.n_layer + 1))
+    extract_features(model, tokens[:64], layers, batch_size=64, precision=precision)  # warm-up
+    t = time.perf_counter()
+    extract_features(model, tokens, layers, batch_size=128, precision=precision)
+    per_image = (time.perf_counter() - t) / images
+    n, cols = 4096, 10 * len(LAMBDAS)
+    x, w = torch.randn(n, feature_dim), torch.randn(feature_dim, cols)
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        g = x @ w
+        (g.T @ x).T.contiguous()
+        best = min(best, time.perf_counter() - t)
+    rate = 4 * n * feature_dim * cols / max(best, 1e-9)
+    return Speeds(per_image, rate, time.perf_counter() - t0)
+
+
+def _fit_flops(rows: int, dim: int, cols: int, iters: int) -> float:
+    """Products of one L-BFGS fit at its iteration cap: two (rows x dim x cols) products per evaluation."""
+    return 4.0 * rows * dim * cols * iters
+
+
+def predict(w: Workload, s: Speeds) -> dict[str, float]:
+    """Seconds per stage after pretraining (probe, low_data, completions, report, and the optional
+    finetune and attentive work), before the margin."""
+    L1, d, C = w.n_layer + 1, w.n_embd, w.num_classes
+    raw_dim, grid_dim = w.resolution**2, d * w.pool_cells
+    n_all = w.n_train + w.n_val + w.n_test
+    features = n_all * s.feature_seconds_per_image * FEATURE_FACTOR + (COMPILE_SECONDS if w.compile else 0)
+
+    def probe_fits(dim: int) -> float:  # lambda sweep on <= 20k rows, then the refit on all rows
+        sweep = _fit_flops(min(SWEEP_ROWS, w.n_train), dim, C * len(LAMBDAS), SWEEP_ITERS)
+        return sweep + _fit_flops(w.n_train, dim, C, REFIT_ITERS)
+
+    dims = [grid_dim] + ([d] if w.pool_cells > 1 else [])  # the asked-for pooling and the paper's mean
+    fits = sum(L1 * probe_fits(k) for k in dims) + probe_fits(raw_dim)
+    low = 0.0
+    for per_class, subsets in w.low_data:
+        rows = per_class * C
+        folds = min(CV_FOLDS, per_class)
+        cv_cols = C * len(LAMBDAS) * folds if folds >= 2 else 0
+        for k in [*([kk for kk in dims for _ in range(L1)]), raw_dim]:
+            low += subsets * (_fit_flops(rows, k, cv_cols, CV_ITERS) + _fit_flops(rows, k, C, REFIT_ITERS))
+    n_img, n_samp = w.completions
+    # sampling the bottom half token by token costs about as much as T/2 feature passes of the batch
+    completions = n_img * n_samp * (w.resolution**2 / 2) * s.feature_seconds_per_image / 8 + 5
+    out = {
+        "probe": features + fits * FIT_FACTOR / s.fit_flops_per_second,
+        "low_data": low * FIT_FACTOR / s.fit_flops_per_second,
+        "completions": completions,
+        "report": REPORT_SECONDS,
+    }
+    if w.finetune_minutes:
+        # two fine-tunings (pretrained and the control), each with its budget plus its evaluation passes
+        evals = (min(w.n_train, 10_000) + 4 * w.n_val + w.n_test) * s.feature_seconds_per_image
+        out["finetune"] = 2 * (60 * w.finetune_minutes + evals)
+    if w.attentive:
+        out["attentive"] = 3 * n_all * s.feature_seconds_per_image + 60
+    return out
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """How the quickstart's minutes are shared out: what was predicted and what pretraining gets."""
+
+    minutes: float
+    """The whole job's budget."""
+    pretrain_minutes: float
+    """What pretraining gets."""
+    predicted: dict[str, float]
+    """Seconds per later stage, margin included."""
+    spent_before: float
+    """Seconds already spent (prepare, calibration) when the plan was made."""
+    speeds: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def share_out(
+    minutes: float, spent_before: float, predicted: dict[str, float], speeds: Speeds, min_pretrain: float
+) -> BudgetPlan | float:
+    """Pretraining's minutes from the budget, or (when too little is left) the least budget, in minutes,
+    that leaves `min_pretrain` minutes of pretraining here."""
+    rest = sum(predicted.values()) * MARGIN + MARGIN_SECONDS
+    left = (60 * minutes - spent_before - rest) / 60
+    if left < min_pretrain:
+        return math.ceil((spent_before + rest) / 60 + min_pretrain)
+    shares = {k: round(v * MARGIN, 1) for k, v in predicted.items()}
+    return BudgetPlan(minutes, round(left, 2), shares, round(spent_before, 1), asdict(speeds))
+
+
+def prepared_counts(meta_path: Path) -> tuple[int, int, int, int] | None:
+    """(n_train, n_val, n_test, classes) of a prepared set, or None where it is not there yet."""
+    try:
+        m = json.loads(meta_path.read_text())
+        return int(m["n_train"]), int(m.get("n_val", 0)), int(m["n_test"]), int(m.get("num_classes", 10))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
