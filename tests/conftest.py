@@ -134,3 +134,22 @@ def permuted_test_copy(data: Path, dest: Path, name: str = "test_labels.npy", se
     a = np.load(dest / name)
     np.save(dest / name, a[np.random.default_rng(seed).permutation(len(a))])
     return dest
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """Run the CLI in-process and expect a refusal: a non-zero exit with exactly one `igpt: error:` line on
+    stderr and no traceback. Returns that line."""
+    from igpt.cli import main
+
+    def run(*argv: object) -> str:
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in argv])
+        assert e.value.code != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and err[-1].startswith("igpt: error:"), err
+        assert sum(ln.startswith("igpt: error:") for ln in err) == 1
+        assert not any("Traceback" in ln for ln in err)
+        return err[-1]
+
+    return run

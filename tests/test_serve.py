@@ -3,6 +3,7 @@
 
 import io
 import json
+import select
 import shutil
 import socket
 import threading
@@ -18,7 +19,8 @@ from igpt.cli import main
 starlette = pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
-from igpt.serve import Completer, create_app  # noqa: E402
+from igpt import serve  # noqa: E402
+from igpt.serve import Completer, create_app, is_loopback, make_server  # noqa: E402
 
 LIMIT = 64 * 1024
 
@@ -133,14 +135,10 @@ CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 def start_server(completer: Completer):
     """uvicorn on a free port in a daemon thread; returns (base URL, stop function)."""
-    import uvicorn
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(
-        uvicorn.Config(create_app(completer, LIMIT), host="127.0.0.1", port=port, log_level="warning")
-    )
+    srv = make_server(create_app(completer, LIMIT), "127.0.0.1", port)
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
     for _ in range(200):
@@ -258,3 +256,104 @@ def test_browser_shows_the_refusal_of_a_non_image(server, browser, tmp_path):
     browser.find_element(By.ID, "go").click()
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "error").text)
     assert "not an image" in browser.find_element(By.ID, "error").text
+
+
+# ---------------------------------------------------------------------------------------------- bounds
+def test_json_bodies_are_read_and_other_types_refused(client):
+    got = messages(client.post("/api/complete", json={"index": 1, "num": 1, "keep_rows": 7}))
+    want = client.get("/api/test/1.png").content
+    import base64
+
+    assert base64.b64decode(got[0]["original"].split(",", 1)[1]) == want  # test image 1, not image 0
+    assert got[0]["keep_rows"] == 7 and len(got[-2]["samples"]) == 1
+    for body, expect in (("[1, 2]", "must be an object"), ("{nope", "not valid JSON")):
+        r = client.post("/api/complete", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and expect in r.json()["error"]
+    r = client.post("/api/complete", content=b"<x/>", headers={"content-type": "application/xml"})
+    assert r.status_code == 415 and "multipart form or JSON" in r.json()["error"]
+
+
+def test_concurrent_completions_are_capped_with_503(micro_run):
+    completer = Completer(micro_run)
+    c = TestClient(create_app(completer, LIMIT))
+    for _ in range(serve.MAX_CONCURRENT):
+        assert completer.slots.acquire(blocking=False)
+    r = c.post("/api/complete", data={"num": "1"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "5" and "retry" in r.json()["error"]
+    for _ in range(serve.MAX_CONCURRENT):
+        completer.slots.release()
+    messages(c.post("/api/complete", data={"num": "1"}))  # a slot is free again, and given back after
+    assert all(completer.slots.acquire(blocking=False) for _ in range(serve.MAX_CONCURRENT))
+
+
+def test_form_refusals_name_what_is_wrong(client):
+    many = {f"f{i}": "1" for i in range(25)}
+    assert "more than 20 fields" in client.post("/api/complete", data=many).json()["error"]
+    two = [("file", ("a.png", png_bytes(), "image/png")), ("file", ("b.png", png_bytes(), "image/png"))]
+    r = client.post("/api/complete", data={"source": "upload"}, files=two)
+    assert r.status_code == 400 and "at most one file" in r.json()["error"]
+
+
+def test_bomb_upload_says_so(client, monkeypatch):
+    monkeypatch.setenv("IGPT_MAX_IMAGE_PIXELS", "100")
+    r = client.post("/api/complete", data={"source": "upload"}, files={"file": ("b.png", png_bytes())})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]
+
+
+def test_undecodable_class_names_do_not_break_info(micro_run):
+    completer = Completer(micro_run)
+    completer.data.meta["class_names"] = ["caf\udce9", "ok"]  # a Latin-1 folder name, as Python keeps it
+    info = TestClient(create_app(completer, LIMIT)).get("/api/info")
+    assert info.status_code == 200 and info.json()["class_names"] == ["caf\ufffd", "ok"]
+
+
+def test_loopback_hosts():
+    assert is_loopback("127.0.0.2") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
+
+
+def _read_all(sock: socket.socket, limit: float) -> bytes:
+    sock.settimeout(limit)
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return out
+
+
+def test_slow_and_oversize_clients_are_answered_and_closed(micro_run, monkeypatch):
+    monkeypatch.setattr(serve, "HEADER_TIMEOUT", 0.5)
+    monkeypatch.setattr(serve, "BODY_TIMEOUT", 0.5)
+    url, stop = start_server(Completer(micro_run))
+    host, port = url[len("http://") :].split(":")
+    try:
+        # half-sent headers: closed after the header deadline (recv returns b"" on a closed socket)
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /api/complete HTTP/1.1\r\nHost: x\r\n")
+            t = time.perf_counter()
+            assert _read_all(s, 5) == b"" and time.perf_counter() - t < 4
+        # a body that stops arriving: 408, then closed
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /api/complete HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\nab")
+            reply = _read_all(s, 5)
+            assert reply.startswith(b"HTTP/1.1 408") and b"stopped arriving" in reply
+        # an oversize chunked upload: 413 while the client is still sending, then closed
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /api/complete HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b"%x\r\n%s\r\n" % (16384, b"x" * 16384)
+            sent, reply = 0, b""
+            while sent < 100 * 2**20 and not reply:  # a 100 MB body, unless the answer comes first
+                try:
+                    s.sendall(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                sent += len(chunk)
+                if select.select([s], [], [], 0.01 if sent > LIMIT else 0)[0]:
+                    reply = _read_all(s, 2)
+            reply = reply or _read_all(s, 5)
+            assert reply.startswith(b"HTTP/1.1 413") and b"connection: close" in reply.lower()
+            assert sent < LIMIT + 4 * 2**20  # answered long before the body's end
+    finally:
+        stop()

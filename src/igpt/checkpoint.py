@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -26,13 +27,38 @@ from .files import disk_errors, fsync_dir
 CKPT_DIR = "checkpoints"
 
 
+STEP_NAME = re.compile(r"step_[0-9]{1,12}")
+"""A checkpoint directory's name: step_ and the step (other names in checkpoints/ are ignored)."""
+
+
 def list_checkpoints(run: str | Path) -> list[Path]:
     """Complete checkpoints of a run (those with a state.json), oldest first."""
     d = Path(run) / CKPT_DIR
-    if not d.is_dir():
+    try:
+        if not d.is_dir():
+            return []
+        entries = list(d.iterdir())
+    except OSError:  # a symlink loop or an unreadable directory: no checkpoints to read
         return []
-    found = [p for p in d.iterdir() if p.name.startswith("step_") and (p / "state.json").is_file()]
+    found = [
+        p
+        for p in entries
+        if STEP_NAME.fullmatch(p.name) and not p.is_symlink() and p.is_dir() and (p / "state.json").is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def check_writable(run: str | Path) -> None:
+    """Make sure RUN/checkpoints is a directory that a checkpoint can be written into, before any step is
+    trained (a symlink loop or a file in its place would otherwise fail the first save after the work)."""
+    d = Path(run) / CKPT_DIR
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".tmp-check-{os.getpid()}"
+        probe.mkdir(exist_ok=True)
+        probe.rmdir()
+    except OSError as e:
+        raise IgptError(f"cannot write checkpoints into {d} ({e.strerror or e})") from None
 
 
 def clean_partial(run: str | Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from .checks import check_seed
 from .errors import IgptError
 from .hardware import auto_precision
 
@@ -95,8 +96,7 @@ class TrainConfig:
             raise IgptError(f"--grad-clip must be 0 (off) or positive, got {self.grad_clip}")
         if not 0 < self.beta2 < 1:
             raise IgptError(f"beta2 must be in (0, 1), got {self.beta2}")
-        if self.seed < 0:
-            raise IgptError(f"--seed must be 0 or positive, got {self.seed}")
+        check_seed(self.seed)
         if self.keep_every < 0 or any(s <= 0 for s in self.keep_steps):
             raise IgptError("--keep-every must be 0 or positive, and --keep-steps positive steps")
         if self.optimizer not in OPTIMIZERS:

@@ -43,18 +43,32 @@ def disk_errors(path: str | Path, needed: int | None = None) -> Iterator[None]:
         raise
 
 
+def umask() -> int:
+    """This process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_file(path: str | Path, needed: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path` (same suffix, so writers that look at it still work); on success
-    it replaces `path`, on any failure it is deleted, and a full disk becomes one clear IgptError."""
+    it replaces `path` with the mode a plain `open` would give it (0666 less the umask, not mkstemp's 0600),
+    on any failure it is deleted, and a full disk becomes one clear IgptError. Temporary files of processes
+    that died here (a SIGKILL) are removed first."""
     path = Path(path)
     with disk_errors(path, needed):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
+        clean_stale(path.parent, f".{path.stem}.tmp-", files=True)
+        fd, name = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.stem}.tmp-{os.getpid()}-", suffix=path.suffix
+        )
         os.close(fd)
         tmp = Path(name)
         try:
             yield tmp
+            if tmp.exists():
+                tmp.chmod(0o666 & ~umask())
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -93,13 +107,14 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out.parent, f".{out.name}.tmp-")
+    clean_stale(out.parent, f".{out.name}.old-")
     with disk_errors(out / "x"):
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
         try:
-            tmp.chmod(0o755)
+            tmp.chmod(0o777 & ~umask())
             yield tmp
             if out.exists():
-                old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+                old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
                 out.rename(old)
                 tmp.rename(out)
                 shutil.rmtree(old, ignore_errors=True)
@@ -110,17 +125,23 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
             raise
 
 
-def clean_stale(parent: Path, prefix: str) -> None:
-    """Remove `prefix{pid}-*` temporary directories in `parent` whose process is gone (a killed prepare or
-    fine-tune), so they do not pile up; those of live processes stay."""
+def clean_stale(parent: Path, prefix: str, files: bool = False) -> None:
+    """Remove `prefix{pid}-*` temporary directories (or, with `files`, files) in `parent` whose process is
+    gone (a killed prepare, fine-tune or probe), so they do not pile up; those of live processes stay."""
     for p in parent.glob(f"{prefix}*"):
         pid = p.name[len(prefix) :].split("-", 1)[0]
         if not pid.isdigit() or _alive(int(pid)):
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        if files:
+            if p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
+    if pid > 2**22:  # past Linux's largest pid: an older name with a timestamp in its place
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from .checks import check_device, check_seed
 from .compiling import CompiledOrEager
 from .data import PreparedData
 from .engine import NO_FLIP, bert_mask, lr_at, mirror_index, random_flips
@@ -30,7 +31,10 @@ from .palette import order_index
 from .probing import (
     POOLS,
     balanced_subset,
+    check_pool,
+    check_trainable,
     extract_features,
+    feature_std,
     fit_logistic,
     labelled_rows,
     open_labelled_run,
@@ -130,7 +134,7 @@ def standardise_head(
         order=model.order,
     )[n]
     model.feat_mean.copy_(x.mean(0))
-    model.feat_std.copy_(x.std(0).clamp(min=1e-6))
+    model.feat_std.copy_(feature_std(x))
     if probe:
         p = fit_logistic(
             x,
@@ -232,18 +236,14 @@ class FinetuneConfig:
             raise IgptError(f"unknown --init '{self.init}'; choose one of {', '.join(INITS)}")
         if self.pool not in HEAD_POOLS:
             raise IgptError(f"unknown --pool '{self.pool}'; choose one of {', '.join(HEAD_POOLS)}")
-        if not 0 <= self.seed < 2**32:
-            raise IgptError(f"--seed must be in [0, 2^32), got {self.seed}")
+        check_seed(self.seed)
         if self.head_init not in ("probe", "zero"):
             raise IgptError(f"--head-init must be probe or zero, got '{self.head_init}'")
         for name in ("train_limit", "test_limit"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise IgptError(f"--{name.replace('_', '-')} must be positive")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise IgptError(f"--device must be cpu or cuda, got '{self.device}'")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise IgptError("--device cuda, but no CUDA GPU is available")
+        check_device(self.device)
         out = Path(self.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise IgptError(f"{out} exists and is not empty; choose another --out")
@@ -284,8 +284,7 @@ def _subsets(args: FinetuneConfig, data: PreparedData) -> list[_Split]:
     te = labelled_rows(data.labels("test"), args.test_limit)
     N = args.labels_per_class
     if not N:
-        if len(rows) < 1:
-            raise IgptError("no labelled training images")
+        check_trainable(y_all[rows], f"--train-limit {args.train_limit}")
         return [_Split(rows, va_all, te)]
     counts = np.bincount(y_all[rows], minlength=C)
     if N > counts.min():
@@ -307,6 +306,7 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
             f"{args.run} is a fine-tuned run; the from-scratch control (--init scratch) takes the pretrained "
             "run it came from, so both share the architecture and the data"
         )
+    check_pool(args.pool, data.resolution)
     splits = _subsets(args, data)
     results, states = [], []
     for s, split in enumerate(splits):

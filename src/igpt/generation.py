@@ -17,6 +17,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from .checks import check_seed
 from .errors import IgptError
 from .model import IGPT, IGPTConfig, quick_gelu
 
@@ -206,7 +207,6 @@ def sample_next(
 
 
 MIN_TEMPERATURE = 1e-6  # below this (but above 0, which is greedy), logits / T can overflow float32
-MAX_SEED = 2**63 - 1
 
 
 def check_sampling_options(
@@ -221,8 +221,8 @@ def check_sampling_options(
         raise IgptError(f"--top-k must be 0 (off) or positive, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise IgptError(f"--top-p must be in (0, 1], got {top_p}")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise IgptError(f"--seed must be in [0, 2^63 - 1], got {seed}")
+    if seed is not None:
+        check_seed(seed)
 
 
 @torch.no_grad()

@@ -93,12 +93,31 @@ class IGPTConfig:
         block = 2 * d + 12 * d * d + (9 * d if self.bias else 0)  # norms, q|k|v, proj, fc, proj (+ biases)
         return (K + 1) * d + T * d + (d if self.objective == "bert" else 0) + L * block + d + K * d
 
-    def check_fits_in_memory(self, share: float = 0.8) -> None:
-        """Refuse a shape whose fp32 weights alone would take more than `share` of this machine's memory,
-        before anything is allocated (a hostile config.json could otherwise ask for tens of gigabytes)."""
+    def training_bytes(self, micro_batch: int) -> int:
+        """About what training needs in fp32 with a micro-batch of `micro_batch` images: weights, gradients
+        and optimizer state (16 bytes a parameter), the activations kept for the backward pass (about 18 x
+        n_embd floats per token and layer) and the logits with their gradient (3 x K floats per token)."""
+        tokens = micro_batch * self.n_positions
+        acts = tokens * (self.n_layer * 18 * self.n_embd + 3 * self.vocab_size) * 4
+        return 16 * self.num_params() + acts
+
+    def check_fits_in_memory(self, share: float = 0.8, micro_batch: int | None = None) -> None:
+        """Refuse a shape whose fp32 weights alone (or, with `micro_batch`, whose training at that batch: see
+        `training_bytes`) would take more than `share` of this machine's memory, before anything is allocated
+        or created (a hostile config.json could otherwise ask for tens of gigabytes)."""
         try:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
+            return
+        if micro_batch:
+            need = self.training_bytes(micro_batch)
+            if need > share * total:
+                raise IgptError(
+                    f"training a model of {self.num_params():,} parameters at {micro_batch} images per "
+                    f"micro-batch needs about {need / 2**30:.1f} GiB (weights, gradients, optimizer state, "
+                    f"activations); this machine has {total / 2**30:.1f} GiB: choose a smaller model, "
+                    "--batch-size or more --grad-accum"
+                )
             return
         need = 4 * self.num_params()
         if need > share * total:

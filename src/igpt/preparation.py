@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .checks import check_seed
+from .data import MAX_RESOLUTION
 from .errors import IgptError
 from .files import atomic_directory, write_json_atomic
 from .palette import (
@@ -67,8 +69,11 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if self.dataset not in SOURCES:
             raise IgptError(f"unknown dataset '{self.dataset}'; choose one of {', '.join(SOURCES)}")
-        if self.resolution is not None and self.resolution <= 0:
-            raise IgptError(f"--resolution must be positive, got {self.resolution}")
+        if self.resolution is not None and not 0 < self.resolution <= MAX_RESOLUTION:
+            raise IgptError(
+                f"--resolution must be in [1, {MAX_RESOLUTION}] (an image side in pixels), got "
+                f"{self.resolution}"
+            )
         if self.clusters is not None and self.clusters < 2:
             raise IgptError(f"--clusters must be at least 2, got {self.clusters}")
         if self.order not in ORDERS:
@@ -79,6 +84,7 @@ class PrepareConfig:
             raise IgptError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
         if not 0.0 < self.val_fraction < 1.0:
             raise IgptError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        check_seed(self.seed)
         if self.palette is not None:
             self.palette = str(Path(self.palette).resolve())
         if self.data_dir is not None:

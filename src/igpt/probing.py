@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import check_device, check_seed
 from .compiling import CompiledOrEager
 from .data import PreparedData
 from .engine import autocast
@@ -117,6 +118,16 @@ def pool_states(h: torch.Tensor, pool: str, resolution: int | None, order: str =
     return torch.cat(cells, dim=1)
 
 
+def check_pool(pool: str, resolution: int) -> None:
+    """A grid pooling needs at least one pixel per cell: one line otherwise."""
+    n = {"grid": 2, "grid3": 3, "grid4": 4}.get(pool, 1)
+    if resolution < n:
+        raise IgptError(
+            f"--pool {pool} splits the image into {n}x{n} cells, but these images are "
+            f"{resolution}x{resolution}; use --pool mean"
+        )
+
+
 @dataclass
 class LinearProbe:
     """A fitted multinomial logistic regression on standardised features."""
@@ -136,6 +147,21 @@ class LinearProbe:
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((self.predict(x).cpu() == y.cpu()).float().mean())
+
+
+def feature_std(x: torch.Tensor) -> torch.Tensor:
+    """Per-feature standard deviation for standardising, at least 1e-6; 1 where it is undefined (one row)."""
+    return torch.nan_to_num(x.std(0), nan=1.0).clamp(min=1e-6)
+
+
+def check_trainable(y: np.ndarray, what: str) -> None:
+    """A classifier needs labelled rows of at least two classes; one line otherwise."""
+    classes = np.unique(y[y >= 0])
+    if len(classes) < 2:
+        raise IgptError(
+            f"{what} leaves {int((y >= 0).sum())} labelled training image(s) of {len(classes)} class(es); a "
+            "classifier needs at least two classes"
+        )
 
 
 def fit_logistic(
@@ -171,7 +197,7 @@ def fit_logistic_many(
     fit, since on CPU these products are bound by reading the features, not by arithmetic."""
     x = x.to(device, torch.float32)
     y = y.to(device)
-    mean, std = stats if stats is not None else (x.mean(0), x.std(0).clamp(min=1e-6))
+    mean, std = stats if stats is not None else (x.mean(0), feature_std(x))
     mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
     xs = (x - mean) / std
     (n, d), P, C = x.shape, len(lams), num_classes
@@ -235,7 +261,7 @@ def probe_with_validation(
     if select_rows and len(tr) > select_rows:
         keep, _ = split_validation(ytr.numpy(), 1 - select_rows / len(tr), seed + 1)
         tr = tr[keep]
-    stats = (xtr[tr].double().mean(0), xtr[tr].double().std(0).clamp(min=1e-6))
+    stats = (xtr[tr].double().mean(0), feature_std(xtr[tr].double()))
     probes = fit_logistic_many(
         xtr[tr], ytr[tr], num_classes, list(lambdas), stats=stats, max_iter=300, device=device
     )
@@ -374,7 +400,16 @@ def parse_layers(text: str, n_layer: int, run: str) -> list[int]:
             raise IgptError(
                 "--layers best needs an earlier full probe (probe.json); run `igpt probe RUN` first"
             )
-        return [int(json.loads(p.read_text())["best_layer"])]
+        try:
+            best = json.loads(p.read_text()).get("best_layer")
+        except (ValueError, OSError, AttributeError):  # damaged JSON, bytes that are not UTF-8, not an object
+            best = None
+        if isinstance(best, bool) or not isinstance(best, int) or not 0 <= best <= n_layer:
+            raise IgptError(
+                f"{p} does not name a best layer of this model (damaged, or from another run); run "
+                "`igpt probe RUN` again"
+            )
+        return [best]
     try:
         layers = sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
@@ -491,6 +526,7 @@ def full_probe(
     te = labelled_rows(data.labels("test"), cfg.test_limit)
     if not len(va):
         raise IgptError(f"{data.dir} has no labelled validation images to choose on")
+    check_trainable(data.labels("train")[tr], f"--train-limit {cfg.train_limit}")
     ytr, yte = torch.from_numpy(data.labels("train")[tr]), torch.from_numpy(data.labels("test")[te])
     yva = torch.from_numpy(data.labels("val")[va])
     t0 = time.perf_counter()
@@ -787,10 +823,20 @@ def checkpoints_probe(cfg: ProbeConfig, data: PreparedData, layers: list[int]) -
     rows: list[dict[str, Any]] = []
     raw_cache: dict[str, Any] = {}  # the raw-pixel baseline does not depend on the checkpoint: fitted once
     for path in ckpts:
-        state = json.loads((path / "state.json").read_text())
-        if state.get("val_nll") is None:
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (ValueError, OSError):
+            state = None
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            print(f"igpt: warning: checkpoint {path.name} is damaged (state.json); skipped", file=sys.stderr)
             continue
-        model = run.load_model(path.name)
+        if not isinstance(state.get("val_nll"), int | float):
+            continue
+        try:
+            model = run.load_model(path.name)
+        except IgptError as e:
+            print(f"igpt: warning: {e}; skipped", file=sys.stderr)
+            continue
         print(f"checkpoint {path.name} (val_nll {state['val_nll']:.4f})", file=sys.stderr)
         r = full_probe(cfg, model, data, layers, raw_cache=raw_cache)
         rows.append(
@@ -956,16 +1002,12 @@ class ProbeConfig:
             )
         if self.attentive_epochs < 1:
             raise IgptError(f"--attentive-epochs must be at least 1, got {self.attentive_epochs}")
-        if not 0 <= self.seed < 2**32:
-            raise IgptError(f"--seed must be in [0, 2^32), got {self.seed}")
+        check_seed(self.seed)
         if self.pool not in POOLS:
             raise IgptError(f"--pool must be one of {', '.join(POOLS)}, got '{self.pool}'")
         if self.checkpoints not in ("latest", "all"):
             raise IgptError(f"--checkpoints must be latest or all, got '{self.checkpoints}'")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise IgptError(f"--device must be cpu or cuda, got '{self.device}'")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise IgptError("--device cuda, but no CUDA GPU is available")
+        check_device(self.device)
 
 
 def probe(run: str | Path, **settings: Any) -> dict[str, Any]:
@@ -978,6 +1020,7 @@ def probe(run: str | Path, **settings: Any) -> dict[str, Any]:
         raise TypeError(f"probe() got unknown settings {unknown}; it takes {sorted(known)}")
     cfg = ProbeConfig(run=str(run), **settings)
     info, model, data = open_labelled_run(cfg.run, cfg.data, cfg.checkpoint)
+    check_pool(cfg.pool, data.resolution)
     layers = parse_layers(cfg.layers, model.config.n_layer, cfg.run)
     run_dir = Path(cfg.run)
     if cfg.checkpoints == "all":

@@ -13,6 +13,7 @@ from typing import Any
 
 from .files import write_text_atomic
 from .probing import save_figure
+from .runs import read_metrics
 
 # Published scikit-learn results on Fashion-MNIST (28x28 pixels; the dataset's benchmark table), drawn as
 # reference lines beside our probes.
@@ -61,9 +62,10 @@ def loss_curve(run: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    va = [(r["step"], r["val_nll"]) for r in rows if "val_nll" in r]
+    rows = read_metrics(run)
+    num = (int, float)
+    tr = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), num)]
+    va = [(r["step"], r["val_nll"]) for r in rows if isinstance(r.get("val_nll"), num)]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     if tr:
         ax.plot(*zip(*tr, strict=True), lw=1, alpha=0.8, label="training loss")

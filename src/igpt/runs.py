@@ -209,13 +209,18 @@ class Run:
         except (OSError, ValueError) as e:
             raise IgptError(f"cannot read {p} ({e.__class__.__name__})") from None
 
+    def metrics(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's rows (see `read_metrics`)."""
+        return read_metrics(self.path)
+
     def summary(self) -> dict[str, Any] | None:
         """summary.json of a pretrained run, or None."""
         p = self.path / "summary.json"
         try:
-            return json.loads(p.read_text()) if p.is_file() else None
-        except json.JSONDecodeError:
+            s = json.loads(p.read_text()) if p.is_file() else None
+        except (ValueError, OSError):  # damaged JSON or bytes that are not UTF-8
             return None
+        return s if isinstance(s, dict) else None
 
     @property
     def finished(self) -> bool:
@@ -289,3 +294,21 @@ def load_run(run: str | Path, checkpoint: str | None = None) -> IGPT:
     """The model of a run directory (pretrained, converted or fine-tuned) with its latest (or the named)
     checkpoint's weights, in eval mode, on CPU."""
     return Run.open(run).load_model(checkpoint)
+
+
+def read_metrics(run: str | Path) -> list[dict[str, Any]]:
+    """The rows of RUN/metrics.jsonl that read as rows (JSON objects with an integer step), in file order;
+    damaged bytes and lines cut by a kill are skipped. Empty when the file is missing."""
+    p = Path(run) / "metrics.jsonl"
+    if not p.is_file():
+        return []
+    rows = []
+    for line in p.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool):
+            rows.append(row)
+    return rows

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import checks
 from .data import PreparedData
 from .errors import IgptError
 from .files import atomic_file
@@ -24,10 +25,7 @@ MAX_SAMPLES = 4096  # sampled images per call: beyond this a grid (and its memor
 
 def check_device(device: str) -> str:
     """`device` if it is usable here; one clear line otherwise."""
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise IgptError(f"--device must be cpu or cuda, got '{device}'")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise IgptError("--device cuda, but no CUDA GPU is available")
+    checks.check_device(device)
     return device
 
 
@@ -74,6 +72,8 @@ def sample(
     if scale is not None and not 1 <= scale <= 64:
         raise IgptError(f"--scale must be in [1, 64], got {scale}")
     check_device(device)
+    if Path(out).is_dir():
+        raise IgptError(f"--out {out} is a directory; give the PNG file to write ({out}/grid.png, say)")
     r = Run.open(run)
     palette = r.palette()
     R, order = r.resolution, r.order

@@ -5,15 +5,23 @@ Routes: `GET /` (the page: HTML, CSS and JavaScript inline, nothing from the net
 stream of JSON lines, one per completed row, so the page can draw completions as they are sampled). Sampling
 runs in a worker thread (Starlette iterates a synchronous stream in its thread pool), so a slow request never
 blocks the others. Bad input gets a 4xx with {"error": message}.
+
+Bounded: at most MAX_CONCURRENT completions run at once (more get 503 with Retry-After), a request body must
+keep arriving (a pause of BODY_TIMEOUT seconds gets 408), a connection must finish sending its headers
+within HEADER_TIMEOUT seconds (or is closed), and a refused upload is answered and its connection closed at
+once, without reading the rest of the body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import errno
 import io
+import ipaddress
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,17 +36,24 @@ from .generation import check_sampling_options, complete, generate_steps
 from .images import default_scale, mark_hidden, png_bytes
 from .palette import decode, from_sequence, quantize, to_channels, to_sequence
 from .runs import Run
+from .sources import printable_text
 
 MAX_SAMPLES = 16
 MAX_TEMPERATURE = 5.0
+MAX_CONCURRENT = 2
+"""Completions sampled at once; one per core of a 2-core machine keeps memory flat and each one quick."""
+BODY_TIMEOUT = 10.0
+"""Seconds a request body may pause between chunks."""
+HEADER_TIMEOUT = 10.0
+"""Seconds a connection has to send its request headers."""
 
 
 class BadRequest(Exception):
     """A request the server refuses: an HTTP status and a message for the user."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers or {}
 
 
 def png_data_url(img: np.ndarray, scale: int) -> str:
@@ -61,6 +76,26 @@ class Completer:
         if data_dir and (Path(data_dir) / "meta.json").is_file():
             self.data = PreparedData(data_dir)
         self.run = str(run)
+        self.slots = threading.BoundedSemaphore(MAX_CONCURRENT)
+
+    def guarded(self, messages: Iterator[dict[str, Any]]) -> Iterator[str]:
+        """The JSON lines of one completion, holding one of the MAX_CONCURRENT slots until it ends (or its
+        client leaves and the stream is closed). Refused with 503 when every slot is taken."""
+        if not self.slots.acquire(blocking=False):
+            raise BadRequest(
+                503,
+                f"{MAX_CONCURRENT} completions are already running; retry in a few seconds",
+                {"Retry-After": "5"},
+            )
+
+        def lines() -> Iterator[str]:
+            try:
+                for m in messages:
+                    yield json.dumps(m) + "\n"
+            finally:
+                self.slots.release()
+
+        return lines()
 
     @property
     def n_test(self) -> int:
@@ -76,7 +111,11 @@ class Completer:
             "n_test": self.n_test,
             "max_upload_bytes": max_upload,
             "max_samples": MAX_SAMPLES,
-            "class_names": (self.data.meta.get("class_names") if self.data else None),
+            "class_names": (
+                [printable_text(str(n)) for n in self.data.meta.get("class_names") or []]
+                if self.data
+                else None
+            ),
         }
 
     def test_tokens(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,6 +134,8 @@ class Completer:
 
         try:
             img = load_image(io.BytesIO(raw), self.R)
+        except IgptError as e:  # over the pixel limit: say so, not "not an image"
+            raise BadRequest(413, str(e)) from None
         except Exception:  # noqa: BLE001 - Pillow raises many types for files it cannot read
             raise BadRequest(415, "the file is not an image Pillow can read (try PNG or JPEG)") from None
         img = to_channels(img[None], self.channels)[0]
@@ -167,16 +208,45 @@ def _float(form: Any, name: str, default: float) -> float:
     return x
 
 
-async def bounded_body(request: Any, limit: int, max_upload: int) -> bytes:
+CLOSE = {"Connection": "close"}
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json", "")
+
+
+async def bounded_body(request: Any, limit: int, max_upload: int, timeout: float | None = None) -> bytes:
     """The request body, read as it arrives and refused (413) as soon as it passes `limit` bytes, so a body
-    without Content-Length (chunked) cannot fill the memory or the disk before the refusal."""
+    without Content-Length (chunked) cannot fill the memory or the disk before the refusal; a body that stops
+    arriving for `timeout` seconds is refused with 408. Both refusals close the connection."""
+    timeout = BODY_TIMEOUT if timeout is None else timeout
     chunks, total = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise BadRequest(408, f"the request body stopped arriving for {timeout:g} s", CLOSE) from None
         total += len(chunk)
         if total > limit:
-            raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit")
+            raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit", CLOSE)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def json_form(body: bytes) -> dict[str, str]:
+    """A JSON request body ({"source": "test", "index": 3, ...}) as the form's fields."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        raise BadRequest(400, "the body is not valid JSON") from None
+    if not isinstance(obj, dict) or len(obj) > 20:
+        raise BadRequest(400, "a JSON body must be an object of at most 20 fields (source, index, ...)")
+    if "file" in obj:
+        raise BadRequest(400, "upload a file with a multipart form, not JSON")
+    bad = [k for k, v in obj.items() if not isinstance(v, str | int | float) or isinstance(v, bool)]
+    if bad:
+        raise BadRequest(400, f"field {str(bad[0])[:40]} must be a number or a string")
+    return {str(k): str(v) for k, v in obj.items()}
 
 
 def body_request(request: Any, body: bytes) -> Any:
@@ -189,6 +259,27 @@ def body_request(request: Any, body: bytes) -> Any:
     return Request(request.scope, receive)
 
 
+async def parse_form(request: Any, body: bytes) -> Any:
+    """The multipart (or URL-encoded) form of an already read body, with a message that names what is wrong
+    with it: too many fields or files, or not a form at all."""
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    try:
+        return await body_request(request, body).form(max_files=1, max_fields=20, max_part_size=64 * 1024)
+    except (MultiPartException, HTTPException) as e:  # inside an app, Starlette wraps the first in the second
+        text = str(getattr(e, "detail", None) or e)
+        if "Too many files" in text:
+            raise BadRequest(400, "send at most one file") from None
+        if "Too many fields" in text:
+            raise BadRequest(400, "the form has more than 20 fields") from None
+        if "exceeded maximum size" in text or "Part exceeded" in text:
+            raise BadRequest(400, "a form field (or its name) is larger than 64 KiB") from None
+        raise BadRequest(400, f"the multipart form is malformed ({text[:80]})") from None
+    except Exception:  # noqa: BLE001 - other malformed bodies
+        raise BadRequest(400, "expected a multipart form (source, index or file, keep_rows, ...)") from None
+
+
 def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024):
     """The Starlette application serving `completer`; uploads larger than `max_upload` bytes are refused."""
     from starlette.applications import Starlette
@@ -198,7 +289,7 @@ def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024):
     from starlette.routing import Route
 
     def error(e: BadRequest) -> JSONResponse:
-        return JSONResponse({"error": e.message}, status_code=e.status)
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
 
     async def page(request: Request) -> HTMLResponse:
         return HTMLResponse(PAGE)
@@ -219,14 +310,15 @@ def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024):
             limit = max_upload + 64 * 1024  # the file plus the form's other fields
             size = request.headers.get("content-length")
             if size is not None and size.isdigit() and int(size) > limit:
-                raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit")
+                raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit", CLOSE)
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind not in FORM_TYPES:
+                raise BadRequest(415, f"send a multipart form or JSON, not {kind[:60]}")
             body = await bounded_body(request, limit, max_upload)
-            try:
-                form = await body_request(request, body).form(max_files=1, max_fields=20)
-            except Exception:  # noqa: BLE001 - malformed multipart bodies
-                raise BadRequest(
-                    400, "expected a multipart form (source, index or file, keep_rows, ...)"
-                ) from None
+            if kind == "application/json":
+                form = json_form(body)
+            else:
+                form = await parse_form(request, body)
             R = completer.R
             keep_rows = _int(form, "keep_rows", R // 2)
             if not 0 <= keep_rows <= R:
@@ -257,11 +349,9 @@ def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024):
                 tokens, img = await run_in_threadpool(completer.upload_tokens, raw)  # off the event loop
             else:
                 raise BadRequest(400, f"source must be test or upload, got '{str(source)[:40]}'")
+            lines = completer.guarded(completer.stream(tokens, img, keep_rows, num, temperature, seed))
         except BadRequest as e:
             return error(e)
-        lines = (
-            json.dumps(m) + "\n" for m in completer.stream(tokens, img, keep_rows, num, temperature, seed)
-        )
         return StreamingResponse(lines, media_type="application/x-ndjson")
 
     routes = [
@@ -433,7 +523,6 @@ def serve(
 ) -> None:
     """Serve the completion page for `run` at http://host:port/ until interrupted. It binds this machine
     only unless `host` says otherwise."""
-    import uvicorn
 
     if max_upload_kb < 1:
         raise IgptError("--max-upload-kb must be at least 1")
@@ -441,6 +530,67 @@ def serve(
     app = create_app(Completer(run, checkpoint), max_upload_kb * 1024)
     shown = f"[{host}]" if ":" in host else host
     print(f"igpt serve: http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if not is_loopback(host):
         print(f"igpt serve: note: bound to {host}, reachable from other machines", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    make_server(app, host, port).run()
+
+
+def make_server(app: Any, host: str, port: int) -> Any:
+    """The uvicorn server for `app`: h11 with the header deadline, idle keep-alive connections closed after
+    5 s, and no more than 64 connections at once (more are answered 503)."""
+    import uvicorn
+
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            http=_header_deadline_protocol(),
+            timeout_keep_alive=5,
+            limit_concurrency=64,
+        )
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine only (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _header_deadline_protocol() -> type:
+    """uvicorn's h11 protocol with a deadline for the request headers: a connection that has not sent a
+    whole request head within HEADER_TIMEOUT seconds of opening (or of its last response) is closed, so
+    half-sent requests cannot pile up open connections."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._deadline = self.loop.call_later(HEADER_TIMEOUT, self._too_slow)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and self._deadline is not None:  # a whole request head arrived
+                self._deadline.cancel()
+                self._deadline = None
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            super().connection_lost(exc)
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol

@@ -203,10 +203,12 @@ def _to_8bit(im):
 def load_image(path: Path | BinaryIO, size: int | None) -> np.ndarray:
     """One image (a path or an open binary file) as uint8 (H, W, C), centre-cropped to a square and
     box-resized to `size` when given. The one bounded decoder: an image of more than `max_image_pixels()`
-    pixels is refused before it is decoded, with IgptError."""
+    pixels is refused before it is decoded, with IgptError. EXIF orientation is applied (a phone photo
+    stored sideways comes out as it was taken). A JPEG much larger than `size` is decoded at 1/2, 1/4 or 1/8
+    scale (Pillow's draft mode) before the box resize: a fraction of the work of a full decode."""
     import warnings
 
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     limit = max_image_pixels()
     Image.MAX_IMAGE_PIXELS = limit  # Pillow warns above this and refuses above twice this: both refuse here
@@ -215,7 +217,14 @@ def load_image(path: Path | BinaryIO, size: int | None) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:  # reads the header only; the size is checked before decoding
+                if size is not None and im.format == "JPEG":
+                    w, h = im.size
+                    s = min(w, h)
+                    # the smallest scale that keeps at least 2x the target side (so the box resize still
+                    # averages), of the side the crop will take
+                    im.draft(im.mode, (max(1, w * 2 * size // s), max(1, h * 2 * size // s)))
                 im.load()
+                im = ImageOps.exif_transpose(im)
                 im = _to_8bit(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         found = re.search(r"\((\d+) pixels\)", str(e))
@@ -233,10 +242,37 @@ def load_image(path: Path | BinaryIO, size: int | None) -> np.ndarray:
     return a[..., None] if a.ndim == 2 else a
 
 
+def printable_text(name: str) -> str:
+    """A file name as valid Unicode text: bytes that are not UTF-8 (kept by Python as lone surrogates, which
+    no JSON or HTTP writer can encode) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def safe_name(name: object) -> str:
     """A file name fit for one line of a message: control characters (newlines too) escaped."""
     text = str(name)
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def list_folder(directory: Path) -> tuple[list[str], list[tuple[Path, int]], list[str]]:
+    """(class names, (file, label) entries in a fixed order, notes of what was left out) of an image folder:
+    one sub-directory per class (sorted names; a sub-directory without files is left out, with a note, rather
+    than becoming a class no image has), or a flat folder of unlabeled files (label -1)."""
+    dirs = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries: list[tuple[Path, int]] = []
+    classes: list[str] = []
+    notes: list[str] = []
+    if dirs:
+        for d in dirs:
+            files = [p for p in sorted(d.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+            if not files:
+                notes.append(f"{safe_name(d)} (an empty class folder; not made a class)")
+                continue
+            entries += [(p, len(classes)) for p in files]
+            classes.append(printable_text(d.name))
+    else:
+        entries = [(p, -1) for p in sorted(directory.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    return classes, entries, notes
 
 
 def load_folder(directory: Path, size: int | None, test_fraction: float, seed: int, strict: bool) -> ImageSet:
@@ -246,18 +282,8 @@ def load_folder(directory: Path, size: int | None, test_fraction: float, seed: i
     or fail the run with `strict`."""
     if not directory.is_dir():
         raise IgptError(f"image folder {directory} does not exist")
-    classes = sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
-    entries: list[tuple[Path, int]] = []
-    if classes:
-        for ci, c in enumerate(classes):
-            entries += [
-                (p, ci)
-                for p in sorted((directory / c).rglob("*"))
-                if p.is_file() and not p.name.startswith(".")
-            ]
-    else:
-        entries = [(p, -1) for p in sorted(directory.iterdir()) if p.is_file() and not p.name.startswith(".")]
-    images, labels, skipped = [], [], []
+    classes, entries, skipped = list_folder(directory)
+    images, labels = [], []
     for path, label in entries:
         if path.suffix.lower() not in IMAGE_EXTENSIONS and not strict:
             skipped.append(f"{safe_name(path)} (not an image file extension)")

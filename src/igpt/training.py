@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import (
+    check_writable,
     clean_partial,
     latest_readable,
+    list_checkpoints,
     save_checkpoint,
 )
 from .compiling import compile_error_types, fallback_notice
@@ -35,7 +37,7 @@ from .files import write_json_atomic, write_text_atomic
 from .hardware import cpu_has_amx, cpu_has_avx512_bf16
 from .model import IGPT, IGPTConfig
 from .optim import Optimizers
-from .runs import Run
+from .runs import Run, read_metrics
 
 # settings a resume may change: the budget and its bookkeeping, and whether the step is compiled
 BUDGET_KEYS = (
@@ -117,13 +119,7 @@ def pretrain(
         if "data" not in given:
             raise IgptError("pretrain needs data, a prepared directory (from igpt prepare)")
         cfg = TrainConfig(**given)  # validate everything before touching the disk
-        prepared = PreparedData(given["data"])
-        _model_config(model_given, prepared)
-        if cfg.batch_size > prepared.meta["n_train"]:
-            raise IgptError(
-                f"--batch-size {cfg.batch_size} is larger than the {prepared.meta['n_train']} training images"
-            )
-        check_batch_split(cfg.batch_size, int(os.environ.get("WORLD_SIZE", "1")), cfg.grad_accum)
+        check_new_run(cfg, PreparedData(given["data"]), model_given)
     device = given.get("device")
     if device is None and resuming:  # the run's own device, not the default
         stored = Run.open(out).train_config
@@ -170,6 +166,25 @@ def pretrain(
         if lock:
             lock.release()
         env.close()
+
+
+def check_new_run(cfg: TrainConfig, prepared: PreparedData, model_given: dict[str, Any]) -> None:
+    """Everything a new run's settings must satisfy against its data and this machine, checked before the
+    run directory is created: the whole prepared set (shapes, token and label ranges), the model sized to
+    it, the shift against the image side, the batch against the images, and the memory training needs."""
+    prepared.check()
+    mcfg, _ = _model_config(model_given, prepared)
+    R = prepared.resolution
+    if cfg.shift >= R:
+        raise IgptError(f"--shift {cfg.shift} must be smaller than the image side ({R} pixels)")
+    if mcfg.prefix_causal and mcfg.n_positions < 2:
+        raise IgptError("--prefix-causal needs images of at least 2 pixels (a prefix and what follows it)")
+    n_train = len(prepared.tokens("train"))
+    if cfg.batch_size > n_train:
+        raise IgptError(f"--batch-size {cfg.batch_size} is larger than the {n_train} training images")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_batch_split(cfg.batch_size, world, cfg.grad_accum)
+    mcfg.check_fits_in_memory(micro_batch=cfg.batch_size // (world * cfg.grad_accum))
 
 
 def check_batch_split(batch_size: int, world: int, grad_accum: int) -> None:
@@ -350,6 +365,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ state
     def _restore(self) -> None:
         if self.env.main:
+            check_writable(self.run)
             clean_partial(self.run)
         shapes = {k: v.shape for k, v in self.model.state_dict().items()}
         found = latest_readable(self.run, quiet=not self.env.main, expected=shapes)
@@ -357,6 +373,7 @@ class Trainer:
         if found is None:
             if self.env.main:
                 print("igpt: no checkpoint yet; starting the run from step 0", file=sys.stderr)
+                self._truncate_metrics()  # rows of the killed attempt would stand beside the new ones
             return
         path, weights, extra, state = found
         self.model.load_state_dict(weights)
@@ -371,11 +388,12 @@ class Trainer:
             self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
-        """Drop metric rows past the checkpoint we resume from: they will be produced again."""
+        """Drop metric rows past the checkpoint we resume from (they will be produced again), and rows that
+        do not read as a metrics row (cut mid-line by a kill, damaged bytes, a step that is not a number)."""
         p = self.run / "metrics.jsonl"
         if p.is_file():
-            keep = [ln for ln in p.read_text().splitlines() if ln.strip() and _row_step(ln) <= self.step]
-            write_text_atomic(p, "".join(ln + "\n" for ln in keep))
+            keep = [row for row in read_metrics(self.run) if row["step"] <= self.step]
+            write_text_atomic(p, "".join(json.dumps(row) + "\n" for row in keep))
 
     def _wrap(self) -> torch.nn.Module:
         m: torch.nn.Module = self.model
@@ -636,7 +654,8 @@ class Trainer:
                 lr = lr_at(self.lr_progress(), c.lr, c.warmup, c.schedule, c.cooldown)
                 loss, gnorm = self._train_step(lr)
                 if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                    last = f"step {self.step}" if self.step else "none yet"
+                    saved = list_checkpoints(self.run)
+                    last = saved[-1].name if saved else "none yet"
                     raise IgptError(
                         f"the loss became {loss} (gradient norm {gnorm}) at step {self.step + 1}; "
                         f"stopped without saving it (last good checkpoint: {last}); try a lower --lr"
@@ -693,6 +712,8 @@ class Trainer:
                 self.tb.close()
         digests = self._replica_digests()
         t_test = time.perf_counter()  # the test split, touched once, at the end of the run
+        if self.last_val is None:  # the budget ended before the first step: validate the weights as they are
+            self._validate()
         test = self.data.tokens("test")
         test_nll = evaluate(
             self.model, test, c.eval_images, self.mcfg.objective, c.mask_ratio, env.device, c.precision
@@ -737,10 +758,3 @@ class Trainer:
         if self.stop_requested:
             raise KeyboardInterrupt
         return summary
-
-
-def _row_step(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (json.JSONDecodeError, AttributeError, ValueError):
-        return 1 << 62
