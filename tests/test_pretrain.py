@@ -212,7 +212,7 @@ def test_nan_loss_stops_and_keeps_last_good(digits, tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit):
         pretrain(digits, run, "--steps", "30")
     err = capsys.readouterr().err
-    assert "nan" in err and "step 13" in err
+    assert "nan" in err and "at step 14" in err and "last good checkpoint: step_00000010" in err
     assert [p.name for p in list_checkpoints(run)] == ["step_00000010"]
 
 

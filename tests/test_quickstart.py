@@ -22,7 +22,7 @@ def qs(tmp_path_factory):
 
 def test_every_stage_leaves_its_output(qs):
     state = json.loads((qs / "quickstart.json").read_text())
-    assert state["done"] == ["prepare", "pretrain", "probe", "low_data", "completions"]
+    assert state["done"] == ["prepare", "pretrain", "probe", "low_data", "completions", "report"]
     assert state["peak_rss_mib"] > 50
     assert json.loads((qs / "run" / "summary.json").read_text())["finished"]
     full = json.loads((qs / "run" / "probe.json").read_text())
