@@ -119,6 +119,7 @@ def test_decompression_bomb_is_refused_without_decoding(micro_run, tmp_path, mem
     folder = tmp_path / "folder" / "a"
     folder.mkdir(parents=True)
     (folder / "bomb.png").write_bytes(BOMB)
+    (folder / "ok.png").write_bytes(png(np.zeros((4, 4), np.uint8)))
     with pytest.raises(IgptError, match="over the limit"):
         igpt.prepare("folder", tmp_path / "p", data_dir=str(tmp_path / "folder"), resolution=8, strict=True)
 

@@ -44,7 +44,11 @@ def settings(args: argparse.Namespace, *skip: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- prepare
 def add_prepare(sub: Sub) -> None:
     p = sub.add_parser("prepare", help="images -> palette -> token set (meta.json, tokens, labels, palette)")
-    p.add_argument("dataset", help="fashion-mnist, mnist, cifar10, cifar100, folder, npz or digits")
+    p.add_argument(
+        "dataset",
+        help="fashion-mnist, mnist, cifar10, cifar100, folder, npz, digits, or the downsampled ImageNet "
+        "files: imagenet16, imagenet32, imagenet64 (downsampled-imagenet reads the side from the data)",
+    )
     p.add_argument("--out", required=True, help="directory to write the prepared set to")
     p.add_argument("--data-dir", help="where the source lives (a directory, or the .npz file)")
     p.add_argument("--resolution", type=positive_int, help="square side in pixels (default: the source's)")
@@ -63,14 +67,21 @@ def add_prepare(sub: Sub) -> None:
         help="validation share held out of the training split (default: 5,000 of Fashion-MNIST's 60,000)",
     )
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        help="processes decoding a folder's images (default: the cores this process may use); the output "
+        "is the same for any number",
+    )
     p.add_argument("--force", action="store_true", help="replace an --out prepared with other settings")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_prepare)
 
 
 def run_prepare(args: argparse.Namespace) -> None:
     from .preparation import prepare, summary_lines
 
-    meta = prepare(**settings(args))
+    meta = prepare(progress=not args.no_progress, **settings(args))
     print("\n".join(summary_lines(meta, args.out)))
 
 

@@ -35,6 +35,9 @@ from .palette import (
 from .sources import SOURCES, Split, load_source, split_validation
 
 VAL_FRACTION = 5000 / 60000  # 5,000 of Fashion-MNIST's 60,000 training images
+IMAGENET_SOURCES = ("imagenet16", "imagenet32", "imagenet64", "downsampled-imagenet")
+STREAMED = ("folder", *IMAGENET_SOURCES)
+"""Sources prepared in chunks by `igpt.streaming` (parallel, bounded memory, resumable)."""
 
 
 @dataclass
@@ -43,7 +46,8 @@ class PrepareConfig:
     directory instead of redoing it."""
 
     dataset: str
-    """One of fashion-mnist, mnist, cifar10, cifar100, folder, npz, digits."""
+    """One of fashion-mnist, mnist, cifar10, cifar100, folder, npz, digits, or the downsampled ImageNet
+    files: imagenet16, imagenet32, imagenet64 (or downsampled-imagenet, its side read from the data)."""
     data_dir: str | None = None
     """Where the source lives (its default place when None)."""
     resolution: int | None = None
@@ -63,12 +67,16 @@ class PrepareConfig:
     val_fraction: float = VAL_FRACTION
     """Share of the training split held out for validation (seeded, class-stratified): every choice is made
     on it and nothing trains on it. The default keeps 5,000 of Fashion-MNIST's 60,000."""
+    workers: int | None = None
+    """Processes decoding a folder's images (default: the cores this process may use). The output is the
+    same for any number; it is not part of the settings a reuse or resume compares."""
     strict: bool = False
     """Fail on an unreadable image in a folder instead of skipping and counting it."""
 
     def __post_init__(self) -> None:
-        if self.dataset not in SOURCES:
-            raise IgptError(f"unknown dataset '{self.dataset}'; choose one of {', '.join(SOURCES)}")
+        if self.dataset not in (*SOURCES, *IMAGENET_SOURCES):
+            known = ", ".join((*SOURCES, *IMAGENET_SOURCES))
+            raise IgptError(f"unknown dataset '{self.dataset}'; choose one of {known}")
         if self.resolution is not None and not 0 < self.resolution <= MAX_RESOLUTION:
             raise IgptError(
                 f"--resolution must be in [1, {MAX_RESOLUTION}] (an image side in pixels), got "
@@ -85,6 +93,8 @@ class PrepareConfig:
         if not 0.0 < self.val_fraction < 1.0:
             raise IgptError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         check_seed(self.seed)
+        if self.workers is not None and not 1 <= self.workers <= 256:
+            raise IgptError(f"--workers must be in [1, 256], got {self.workers}")
         if self.palette is not None:
             self.palette = str(Path(self.palette).resolve())
         if self.data_dir is not None:
@@ -109,7 +119,9 @@ def prepare(
     test_fraction: float = 0.1,
     val_fraction: float = VAL_FRACTION,
     strict: bool = False,
+    workers: int | None = None,
     force: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """The prepare stage: read `dataset` (see `PrepareConfig` for every setting), box-resize it, fit or reuse
     a palette, and write the token sets to `out`; returns meta.json's content. An existing directory prepared
@@ -126,14 +138,18 @@ def prepare(
         test_fraction=test_fraction,
         val_fraction=val_fraction,
         strict=strict,
+        workers=workers,
     )
-    return prepare_config(cfg, out, force)
+    return prepare_config(cfg, out, force, progress)
 
 
-def prepare_config(cfg: PrepareConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
-    """`prepare` from a ready `PrepareConfig`."""
+def prepare_config(
+    cfg: PrepareConfig, out: str | Path, force: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """`prepare` from a ready `PrepareConfig`. A folder and the downsampled ImageNet files are streamed in
+    chunks, in parallel and resumably (`igpt.streaming`); the other sources are small enough to read whole."""
     out = Path(out)
-    settings = asdict(cfg)
+    settings = {k: v for k, v in asdict(cfg).items() if k != "workers"}
     if (out / "meta.json").is_file():
         try:
             old = json.loads((out / "meta.json").read_text())
@@ -146,6 +162,10 @@ def prepare_config(cfg: PrepareConfig, out: str | Path, force: bool = False) -> 
             raise IgptError(f"{out} holds a set prepared with other settings; pass --force to replace it")
     elif out.exists() and any(out.iterdir()) and not force:
         raise IgptError(f"{out} exists and is not empty; choose another --out or pass --force")
+    if cfg.dataset in STREAMED:
+        from .streaming import prepare_streamed
+
+        return prepare_streamed(cfg, out, force, progress)
 
     t0 = time.perf_counter()
     data = load_source(
