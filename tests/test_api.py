@@ -35,7 +35,7 @@ def test_notebook_pipeline_through_library_calls(tmp_path):
     assert result == json.loads((tmp_path / "r" / "probe.json").read_text())
     assert set(result["layers"]) == {"0", "1", "2"} and result["best_accuracy"] > 0.3
     ft = igpt.finetune(tmp_path / "r", out=tmp_path / "ft", epochs=1, progress=False)
-    assert ft == json.loads((tmp_path / "ft" / "finetune.json").read_text()) and ft["best_epoch"] == 1
+    assert ft == json.loads((tmp_path / "ft" / "finetune.json").read_text()) and ft["best_epoch"] in (0, 1)
     s = igpt.sample(tmp_path / "r", out=tmp_path / "grid.png", num=2, count=2)
     assert Path(s["png"]).is_file() and s["rows"] == 2 and s["new_tokens"] == 2 * 2 * 32
     # a fine-tuned run opens as a run: its backbone is the fine-tuned one, and its head comes with it

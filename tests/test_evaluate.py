@@ -125,7 +125,7 @@ def test_finetune_beats_untrained_head(runs, tmp_path, compiled):
         ]
     )
     r = json.loads((out / "finetune.json").read_text())
-    assert r["test_accuracy"] > 0.4 and 1 <= r["best_epoch"] <= 3  # chance is 0.1
+    assert r["test_accuracy"] > 0.4 and 0 <= r["best_epoch"] <= 3  # chance is 0.1
     assert r["best_val_accuracy"] >= r["initial_val_accuracy"]
     assert (out / "model.safetensors").is_file()
 

@@ -91,3 +91,13 @@ def test_scratch_from_a_finetuned_run_is_refused(micro_run, tmp_path):
     with pytest.raises(IgptError, match="takes the pretrained run it came from"):
         igpt.finetune(tmp_path / "ft", out=tmp_path / "again", init="scratch", **QUICK)
     assert not (tmp_path / "again").exists()
+
+
+def test_the_heads_start_is_kept_when_training_only_hurts(micro_run, tmp_path):
+    """Epoch 0 (the linear-probe start) is a candidate of early stopping: a rate that wrecks the backbone
+    cannot end below the start on validation."""
+    kw = {**QUICK, "epochs": 2, "patience": 2, "train_limit": 256}
+    res = igpt.finetune(micro_run, out=tmp_path / "ft", lr=5.0, **kw)
+    hist = [h["val_accuracy"] for h in res["history"]]
+    assert max(hist) < res["initial_val_accuracy"]  # training hurt
+    assert res["best_epoch"] == 0 and res["best_val_accuracy"] == res["initial_val_accuracy"]

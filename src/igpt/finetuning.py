@@ -380,6 +380,9 @@ def _fit_one(
     )
     initial_val = accuracy(model, tok_va[va], y_va[va], device) if len(va) else None
     history, best, best_state, bad_epochs, step = [], (-1.0, -1), None, 0, 0
+    if initial_val is not None:  # epoch 0, the head's start, is a candidate too: training must beat it
+        best = (initial_val, 0)
+        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     t0 = time.perf_counter()
     from tqdm import tqdm
 

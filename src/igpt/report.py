@@ -193,7 +193,9 @@ def write_report(out: Path) -> Path:
                 ],
                 [
                     "pretraining",
-                    f"{plan.get('minutes')} min budget: {summ.get('steps', 0):,} steps of batch "
+                    f"{info.get('train', {}).get('minutes', plan.get('minutes')):g} min"
+                    + (f" (of the job's {plan.get('minutes'):g})" if qs.get("budget") else "")
+                    + f": {summ.get('steps', 0):,} steps of batch "
                     f"{plan.get('batch_size')}, peak lr {plan.get('lr')}, "
                     f"{summ.get('tokens_seen', 0):,} tokens "
                     f"({summ.get('epochs', 0):.2f} epochs), "
