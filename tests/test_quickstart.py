@@ -103,7 +103,7 @@ def test_finetune_minutes_adds_a_fine_tuning_stage_to_the_report(qs, capsys):
     assert "--finetune-minutes must be positive" in capsys.readouterr().err
 
 
-FAST = Speeds(feature_seconds_per_image=1e-3, fit_flops_per_second=2e10, calibration_seconds=0.5)
+FAST = Speeds(feature_seconds_per_image=1e-3, fit_flops_per_second=2e11, calibration_seconds=0.5)
 
 
 def test_budget_shares_out_the_minutes_and_a_rerun_keeps_the_plan(monkeypatch, tmp_path):
