@@ -130,7 +130,7 @@ def test_budget_shares_out_the_minutes_and_a_rerun_keeps_the_plan(monkeypatch, t
     slow60 = fresh("slow", plan60)
     monkeypatch.setattr(pipeline, "calibrate", lambda *a: FAST)
     fast60 = fresh("fast", plan60)
-    assert fast60 == pytest.approx(minutes + 30, abs=0.05) and slow60 < fast60 - 5
+    assert fast60 == pytest.approx(minutes + 30, abs=0.05) and slow60 < fast60 - 2
     # fine-tuning's minutes come out of the budget too (pretrained and the control)
     ft, _ = pipeline.make_plan(minutes=60, finetune_minutes=5)
     assert fresh("ft", ft) < fast60 - 10
