@@ -430,16 +430,14 @@ def prepare_streamed(cfg: Any, out: Path, force: bool, progress: bool = True) ->
         parts = {"train": tr_where[tr_rows], "val": tr_where[va_rows], "test": te_where}
         for name, where in parts.items():
             split = "test" if name == "test" else "train"
-            shape = (len(where), size * size)
-            toks = np.lib.format.open_memmap(tmp / f"{name}_tokens.npy", "w+", dtype, shape)
-            for s in range(0, len(where), CHUNK):
-                imgs = _channels(gather(store, split, where[s : s + CHUNK]), palette.shape[1], channels == 3)
-                grid = quantize(imgs, palette)
-                toks[s : s + len(grid)] = to_sequence(grid, cfg.order).astype(dtype)
-                if name == "test":
-                    sq_err += float(((decode(grid, palette).astype(np.float64) - imgs) ** 2).sum())
-            toks.flush()
-            del toks
+            with NpyWriter(tmp / f"{name}_tokens.npy", dtype, (len(where), size * size)) as toks:
+                for s in range(0, len(where), CHUNK):
+                    imgs = gather(store, split, where[s : s + CHUNK])
+                    imgs = _channels(imgs, palette.shape[1], channels == 3)
+                    grid = quantize(imgs, palette)
+                    toks.write(to_sequence(grid, cfg.order).astype(dtype))
+                    if name == "test":
+                        sq_err += float(((decode(grid, palette).astype(np.float64) - imgs) ** 2).sum())
         labels = {"train": tr_labels[tr_rows], "val": tr_labels[va_rows], "test": te_labels}
         for name, y in labels.items():
             np.save(tmp / f"{name}_labels.npy", y.astype(np.int64))
@@ -482,6 +480,31 @@ def prepare_streamed(cfg: Any, out: Path, force: bool, progress: bool = True) ->
             print(f"  {line}", file=sys.stderr)
     meta["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     return meta
+
+
+class NpyWriter:
+    """Writes an .npy file of a known shape row block by row block with plain file writes: unlike a memory
+    map, the written pages are not counted in this process's resident memory, which stays flat however many
+    rows the file gets."""
+
+    def __init__(self, path: Path, dtype: Any, shape: tuple[int, ...]):
+        self.path, self.dtype, self.shape, self.rows = path, np.dtype(dtype), shape, 0
+
+    def __enter__(self) -> NpyWriter:
+        self.f = open(self.path, "wb")  # noqa: SIM115 - closed in __exit__
+        descr = np.lib.format.dtype_to_descr(self.dtype)
+        header = {"descr": descr, "fortran_order": False, "shape": self.shape}
+        np.lib.format.write_array_header_1_0(self.f, header)
+        return self
+
+    def write(self, block: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        self.rows += len(block)
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+        if exc[0] is None and self.rows != self.shape[0]:
+            raise RuntimeError(f"{self.path}: wrote {self.rows} rows of {self.shape[0]}")
 
 
 def _channels(images: np.ndarray, channels: int, colour: bool) -> np.ndarray:
