@@ -153,3 +153,12 @@ def test_calibration_measures_this_machine():
 
     s = budget.calibrate(IGPTConfig.from_preset("micro", vocab_size=8, n_positions=16), "fp32", 64, images=32)
     assert s.feature_seconds_per_image > 0 and s.fit_flops_per_second > 1e6 and s.calibration_seconds < 30
+
+
+def test_low_data_summary_leads_with_each_subsets_own_choice(qs):
+    low = json.loads((qs / "run" / "probe_10_per_class.json").read_text())
+    line = pipeline.probe_line(low)
+    assert line.startswith(f"10 labels per class: accuracy {low['mean_accuracy']:.4f}")
+    assert f"shared by all subsets (layer {low['best_layer']}" in line
+    page = (qs / "report.html").read_text()
+    assert page.index("each subset&#x27;s own choice") < page.index("shared by all subsets")

@@ -529,13 +529,16 @@ def budget_lines(state: dict[str, Any]) -> list[str]:
 
 def probe_line(res: dict[str, Any]) -> str:
     """One line that sums up a probe result: the best layer's accuracy beside raw pixels."""
-    std = res.get("best_std", res.get("std_accuracy"))  # the std of the number shown, best_accuracy's
-    extra = f" (std {std:.4f})" if std is not None else ""
-    if "best_pool" in res:
-        extra += f", {res['best_pool']} pooling"
+    if "mean_accuracy" in res:  # low data: a user holds one subset, so each subset's own choice leads
+        return (
+            f"{res['labels_per_class']} labels per class: accuracy {res['mean_accuracy']:.4f} (std "
+            f"{res['std_accuracy']:.4f}) with each subset's own choice; raw pixels "
+            f"{res['raw_pixel_accuracy']:.4f}; the choice shared by all subsets (layer {res['best_layer']}, "
+            f"{res.get('best_pool', res.get('pool'))} pooling) {res['best_accuracy']:.4f}"
+        )
     head = f", {res['head']} head" if res.get("head", "linear") != "linear" else ""
     return (
-        f"best layer {res['best_layer']}{head}: accuracy {res['best_accuracy']:.4f}{extra}; "
+        f"best layer {res['best_layer']}{head}: accuracy {res['best_accuracy']:.4f}; "
         f"raw pixels {res['raw_pixel_accuracy']:.4f}"
     )
 
