@@ -47,20 +47,23 @@ def test_cifar_refuses_code_in_pickle(cifar_dir):
         load_source("cifar10", str(cifar_dir))
 
 
-def test_folder_source_mixed_sizes_grey_and_colour(folder_dir):
-    s = load_source("folder", str(folder_dir), resolution=8, test_fraction=0.25)
-    assert s.train.images.shape[1:] == (8, 8, 3)
-    assert len(s.train.images) + len(s.test.images) == 12 and len(s.test.images) == 3
-    assert s.class_names == ["cats", "dogs"] and set(s.train.labels) <= {0, 1}
+def test_folder_source_mixed_sizes_grey_and_colour(folder_dir, tmp_path):
+    cfg = PrepareConfig("folder", data_dir=str(folder_dir), resolution=8, clusters=8, test_fraction=0.25)
+    meta = prepare(cfg, tmp_path / "p")
+    assert (meta["resolution"], meta["channels"]) == (8, 3)
+    assert meta["n_train"] + meta["n_val"] + meta["n_test"] == 12 and meta["n_test"] == 3
+    assert meta["class_names"] == ["cats", "dogs"]
+    assert set(PreparedData(tmp_path / "p").labels("train")) <= {0, 1}
 
 
 def test_folder_skips_bad_files_and_strict_fails(folder_dir, tmp_path):
     (folder_dir / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (folder_dir / "cats" / "notes.txt").write_text("not an image")
-    s = load_source("folder", str(folder_dir), resolution=8)
-    assert len(s.skipped) == 2
+    kw = dict(data_dir=str(folder_dir), resolution=8, clusters=8)
+    meta = prepare(PrepareConfig("folder", **kw), tmp_path / "p")
+    assert meta["skipped_files"] == 2
     with pytest.raises(IgptError, match="cannot read image"):
-        load_source("folder", str(folder_dir), resolution=8, strict=True)
+        prepare(PrepareConfig("folder", **kw, strict=True), tmp_path / "s")
 
 
 def test_flat_folder_is_unlabeled(folder_dir, tmp_path):

@@ -147,3 +147,13 @@ def test_missing_imagenet_files_are_named(tmp_path, cli_error):
     (tmp_path / "empty").mkdir()
     err = cli_error("prepare", "imagenet32", "--data-dir", tmp_path / "empty", "--out", tmp_path / "p")
     assert "train_data_batch_1" in err
+
+
+def test_a_train_split_with_classes_and_a_flat_val_is_one_line(tmp_path, cli_error):
+    image_folder(tmp_path / "set" / "train", per_class=3)
+    (tmp_path / "set" / "val").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "set" / "val" / "x.png")
+    argv = ["--data-dir", tmp_path / "set", "--out", tmp_path / "p", "--resolution", "8"]
+    err = cli_error("prepare", "folder", *argv)
+    assert "train/ has class folders and the other split does not" in err
+    assert not (tmp_path / "p").exists()

@@ -9,7 +9,6 @@ measured on full default quickstarts (see FEATURE_FACTOR and FIT_FACTOR)."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data import PreparedData
+from .errors import IgptError
 from .model import IGPT, IGPTConfig
 from .probing import LAMBDAS, extract_features
 
@@ -172,10 +173,10 @@ def share_out(
     return BudgetPlan(minutes, round(left, 2), shares, round(spent_before, 1), asdict(speeds))
 
 
-def prepared_counts(meta_path: Path) -> tuple[int, int, int, int] | None:
+def prepared_counts(directory: Path) -> tuple[int, int, int, int] | None:
     """(n_train, n_val, n_test, classes) of a prepared set, or None where it is not there yet."""
     try:
-        m = json.loads(meta_path.read_text())
-        return int(m["n_train"]), int(m.get("n_val", 0)), int(m["n_test"]), int(m.get("num_classes", 10))
-    except (OSError, ValueError, KeyError, TypeError):
+        m = PreparedData(directory).meta
+    except IgptError:
         return None
+    return int(m["n_train"]), int(m["n_val"]), int(m["n_test"]), int(m["num_classes"])

@@ -129,7 +129,7 @@ class PreparedData:
                 raise IgptError(f"{where}: {len(y)} labels for {n} images in {split}_tokens.npy")
             y = y.astype(np.int64)
             C = self.num_classes
-            if len(y) and (y.min() < -1 or y.max() >= max(C, 0)) and not (C == 0 and (y == -1).all()):
+            if len(y) and (y.min() < -1 or y.max() >= C):
                 raise IgptError(
                     f"{where}: labels must be in [0, {C}) (num_classes in meta.json) or -1 for unlabeled, "
                     f"found {y.min()}..{y.max()}"
@@ -163,6 +163,53 @@ def _value_range(a: np.ndarray, rows: int = 65_536) -> tuple[int, int]:
     lo, hi = 0, 0
     for s in range(0, len(a), rows):
         chunk = np.asarray(a[s : s + rows])
-        lo = min(lo, int(chunk.min())) if s else int(chunk.min())
-        hi = max(hi, int(chunk.max())) if s else int(chunk.max())
+        c_lo, c_hi = int(chunk.min()), int(chunk.max())
+        lo, hi = (c_lo, c_hi) if s == 0 else (min(lo, c_lo), max(hi, c_hi))
     return lo, hi
+
+
+def meta_record(
+    settings: dict[str, Any],
+    *,
+    resolution: int,
+    palette: np.ndarray,
+    counts: tuple[int, int, int],
+    class_names: list[str],
+    rmse: float,
+    source: str,
+    skipped: int,
+    palette_from: str,
+    seconds: dict[str, float],
+    **extra: Any,
+) -> dict[str, Any]:
+    """meta.json's content for a prepared set (the one place its keys are written; `PreparedData` reads
+    them): `settings` are the prepare settings compared on reuse, `counts` (n_train, n_val, n_test),
+    `class_names` empty for an unlabeled set; `extra` keys are added after the common ones."""
+    from . import __version__
+    from .palette import token_dtype
+
+    k = len(palette)
+    n_train, n_val, n_test = counts
+    return {
+        "dataset": settings["dataset"],
+        "resolution": resolution,
+        "channels": int(palette.shape[1]),
+        "clusters": k,
+        "order": settings["order"],
+        "n_train": n_train,
+        "n_val": n_val,
+        "val_fraction": settings["val_fraction"],
+        "n_test": n_test,
+        "num_classes": len(class_names),
+        "class_names": class_names,
+        "quantization_rmse": round(rmse, 4),
+        "seq_len": resolution * resolution,
+        "token_dtype": np.dtype(token_dtype(k)).name,
+        "source": source,
+        "skipped_files": skipped,
+        "palette_from": settings["palette"] or palette_from,
+        **extra,
+        "seconds": seconds,
+        "igpt_version": __version__,
+        "settings": settings,
+    }

@@ -36,6 +36,7 @@ from .probing import (
     extract_features,
     feature_std,
     fit_logistic,
+    grid_side,
     labelled_rows,
     open_labelled_run,
     pool_states,
@@ -62,8 +63,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pool, self.resolution, self.order = pool, resolution, order
-        cells = {"mean": 1, "grid": 4, "grid3": 9}[pool]
-        d = backbone.config.n_embd * cells
+        d = backbone.config.n_embd * grid_side(pool) ** 2
         self.head = nn.Linear(d, num_classes)
         self.register_buffer("feat_mean", torch.zeros(d))
         self.register_buffer("feat_std", torch.ones(d))
@@ -112,6 +112,11 @@ class Augment:
         cols = (ii.view(1, 1, R) - dx).clamp(0, R - 1)
         idx = (rows * R + cols).view(B, R * R)
         return g.gather(1, idx)[:, self.raster_to_seq]
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the model's weights, for keeping the best epoch."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def tokens_rows(data: PreparedData, rows: np.ndarray) -> np.ndarray:
@@ -312,8 +317,8 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
     for s, split in enumerate(splits):
         if len(splits) > 1:
             print(f"igpt finetune: subset {s + 1}/{len(splits)}", file=sys.stderr)
-        if s > 0:
-            backbone = info.load_model()  # every subset starts from the same weights
+        if s > 0 and args.init == "pretrained":
+            backbone = info.load_model()  # every subset starts from the same weights (scratch makes its own)
         res, state = _fit_one(args, info, backbone, data, split, args.seed + s)
         results.append(res)
         states.append(state)
@@ -382,7 +387,7 @@ def _fit_one(
     history, best, best_state, bad_epochs, step = [], (-1.0, -1), None, 0, 0
     if initial_val is not None:  # epoch 0, the head's start, is a candidate too: training must beat it
         best = (initial_val, 0)
-        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        best_state = snapshot(model)
     t0 = time.perf_counter()
     from tqdm import tqdm
 
@@ -430,7 +435,7 @@ def _fit_one(
             print(f"epoch {epoch}: train loss {np.mean(losses):.4f}, val accuracy {val:.4f}", file=sys.stderr)
         if not len(va) or val > best[0]:
             best, bad_epochs = (val, epoch), 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = snapshot(model)
         else:
             bad_epochs += 1
             if bad_epochs >= args.patience:

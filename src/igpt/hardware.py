@@ -5,6 +5,7 @@ measurement decide."""
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def cpu_has_avx512_bf16() -> bool:
 BF16_MIN_SPEEDUP = 1.15
 
 
+@functools.cache
 def bf16_speedup(n_embd: int, repeats: int = 5) -> float:
     """fp32 time over bf16-autocast time of a block-sized matrix product (512 rows, n_embd -> 4 n_embd,
     forward and backward) on this CPU, best of `repeats`: a few milliseconds that say whether bf16 pays."""
@@ -65,7 +67,7 @@ def bf16_speedup(n_embd: int, repeats: int = 5) -> float:
 def auto_precision(device: str, n_embd: int | None = None) -> tuple[str, str]:
     """(precision, why) for `--precision auto`: bf16 on a CUDA card that supports it, on a CPU with AMX's
     bf16 tiles for models at least AMX_MIN_WIDTH wide, and on a CPU with AVX512_BF16 (no AMX) where a start-up
-    measurement finds it at least BF16_MIN_SPEEDUP times faster; else fp32, the safe default."""
+    measurement (once per width and process) finds it BF16_MIN_SPEEDUP times faster; else fp32."""
     if device.startswith("cuda"):
         import torch
 

@@ -30,7 +30,7 @@ from .files import write_json_atomic
 from .finetuning import finetune
 from .model import IGPTConfig
 from .preparation import VAL_FRACTION, PrepareConfig, prepare_config, summary_lines
-from .probing import FeatureCache, ProbeConfig, open_labelled_run, probe_and_save
+from .probing import FeatureCache, ProbeConfig, grid_side, open_labelled_run, probe_and_save
 from .report import CLASSICAL_BASELINES, write_report
 from .runs import Run
 from .sampling import sample
@@ -169,18 +169,13 @@ def make_plan(
     missing and the digits stand in."""
     base = SMOKE if smoke else DEFAULT
     over: dict[str, Any] = {}
-    if minutes is not None:
-        if not (math.isfinite(minutes) and minutes > 0):
-            raise IgptError(f"--minutes must be positive, got {minutes}")
-        over["minutes"] = minutes
-    if pretrain_minutes is not None:
-        if not (math.isfinite(pretrain_minutes) and pretrain_minutes > 0):
-            raise IgptError(f"--pretrain-minutes must be positive, got {pretrain_minutes}")
-        over["pretrain_minutes"] = pretrain_minutes
-    if finetune_minutes is not None:
-        if not (math.isfinite(finetune_minutes) and finetune_minutes > 0):
-            raise IgptError(f"--finetune-minutes must be positive, got {finetune_minutes}")
-        over["finetune_minutes"] = finetune_minutes
+    budgets = {"minutes": minutes, "pretrain_minutes": pretrain_minutes, "finetune_minutes": finetune_minutes}
+    for name, value in budgets.items():
+        if value is None:
+            continue
+        if not (math.isfinite(value) and value > 0):
+            raise IgptError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        over[name] = value
     if attentive is not None:
         over["attentive"] = attentive
     if preset:
@@ -233,7 +228,6 @@ class Stages:
     def reset_after(self, name: str) -> None:
         """Forget the stages after `name` (the model changed, so its evaluations are stale)."""
         order = ["prepare", "pretrain", "probe", "low_data", "completions", "finetune", "finetune_scratch"]
-        self.state.pop("budget_actual", None)
         later = order[order.index(name) + 1 :]
         self.state["done"] = [s for s in self.state["done"] if s not in later]
         self.save()
@@ -453,7 +447,7 @@ def quickstart(
 def _workload(plan: QuickstartPlan, out: Path) -> Workload:
     """The sizes of the stages after pretraining: from the prepared meta.json when it exists, else from the
     dataset's known sizes."""
-    counts = prepared_counts(out / "data" / "meta.json")
+    counts = prepared_counts(out / "data")
     if counts is None:
         if plan.dataset == "fashion-mnist":
             n_tr, n_te = min(plan.limit or 60_000, 60_000), min(plan.limit or 10_000, 10_000)
@@ -462,13 +456,12 @@ def _workload(plan: QuickstartPlan, out: Path) -> Workload:
         n_va = round(n_tr * VAL_FRACTION)
         counts = (n_tr - n_va, n_va, n_te, 10)
     cfg = IGPTConfig.from_preset(plan.preset)
-    cells = {"mean": 1, "grid": 4, "grid3": 9, "grid4": 16}[plan.pool]
     return Workload(
         *counts,
         resolution=plan.resolution,
         n_layer=cfg.n_layer,
         n_embd=cfg.n_embd,
-        pool_cells=cells,
+        pool_cells=grid_side(plan.pool) ** 2,
         low_data=plan.low_data,
         completions=plan.completions,
         compile=plan.compile,

@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
 from .checks import check_seed
-from .data import MAX_RESOLUTION
+from .data import MAX_RESOLUTION, meta_record
 from .errors import IgptError
 from .files import atomic_directory, write_json_atomic
 from .palette import (
@@ -72,6 +71,11 @@ class PrepareConfig:
     same for any number; it is not part of the settings a reuse or resume compares."""
     strict: bool = False
     """Fail on an unreadable image in a folder instead of skipping and counting it."""
+
+    def compared_settings(self) -> dict[str, Any]:
+        """The settings that make a prepared set what it is: recorded in meta.json, compared by a reuse and
+        by a resume (everything but `workers`, which does not change the output)."""
+        return {k: v for k, v in asdict(self).items() if k != "workers"}
 
     def __post_init__(self) -> None:
         if self.dataset not in (*SOURCES, *IMAGENET_SOURCES):
@@ -149,7 +153,7 @@ def prepare_config(
     """`prepare` from a ready `PrepareConfig`. A folder and the downsampled ImageNet files are streamed in
     chunks, in parallel and resumably (`igpt.streaming`); the other sources are small enough to read whole."""
     out = Path(out)
-    settings = {k: v for k, v in asdict(cfg).items() if k != "workers"}
+    settings = cfg.compared_settings()
     if (out / "meta.json").is_file():
         try:
             old = json.loads((out / "meta.json").read_text())
@@ -165,7 +169,7 @@ def prepare_config(
     if cfg.dataset in STREAMED:
         from .streaming import prepare_streamed
 
-        return prepare_streamed(cfg, out, force, progress)
+        return prepare_streamed(cfg, out, settings, force, progress)
 
     t0 = time.perf_counter()
     data = load_source(
@@ -228,35 +232,24 @@ def prepare_config(
     t_quant = time.perf_counter()
 
     labelled = np.concatenate([train.labels, val.labels, test.labels])
-    num_classes = len(data.class_names) if (labelled >= 0).any() else 0
-    meta = {
-        "dataset": cfg.dataset,
-        "resolution": resolution,
-        "channels": int(palette.shape[1]),
-        "clusters": k,
-        "order": cfg.order,
-        "n_train": len(tok_tr),
-        "n_val": len(tok_va),
-        "val_fraction": cfg.val_fraction,
-        "n_test": len(tok_te),
-        "num_classes": num_classes,
-        "class_names": data.class_names if num_classes else [],
-        "quantization_rmse": round(rmse, 4),
-        "seq_len": resolution * resolution,
-        "token_dtype": dtype.name,
-        "source": data.source,
-        "source_size": [int(h), int(w)],
-        "skipped_files": len(data.skipped),
-        "palette_from": cfg.palette or "k-means fit on the training split",
-        "seconds": {
+    meta = meta_record(
+        settings,
+        resolution=resolution,
+        palette=palette,
+        counts=(len(tok_tr), len(tok_va), len(tok_te)),
+        class_names=data.class_names if (labelled >= 0).any() else [],
+        rmse=rmse,
+        source=data.source,
+        skipped=len(data.skipped),
+        palette_from="k-means fit on the training split",
+        seconds={
             "load": round(t_load - t0, 3),
             "resize": round(t_resize - t_load, 3),
             "palette": round(t_fit - t_resize, 3),
             "quantize": round(t_quant - t_fit, 3),
         },
-        "igpt_version": __version__,
-        "settings": settings,
-    }
+        source_size=[int(h), int(w)],
+    )
     with atomic_directory(out) as tmp:
         np.save(tmp / "train_tokens.npy", tok_tr)
         np.save(tmp / "val_tokens.npy", tok_va)

@@ -96,16 +96,22 @@ POOLS = ("mean", "grid", "grid3", "grid4")
 HEADS = ("linear", "attentive")
 
 
+def grid_side(pool: str) -> int:
+    """Cells along each side of a pooling: 1 for mean, 2 for grid, 3 for grid3, 4 for grid4. A pooled
+    feature is grid_side(pool)**2 times the width of the states."""
+    if pool not in POOLS:
+        raise ValueError(f"unknown pooling '{pool}'")
+    return 1 if pool == "mean" else 2 if pool == "grid" else int(pool[4:])
+
+
 def pool_states(h: torch.Tensor, pool: str, resolution: int | None, order: str = "raster") -> torch.Tensor:
     """(B, T, d) -> (B, d) with "mean" (the paper's feature), or a coarse spatial grid of means concatenated
     in raster order: "grid" 2 x 2 -> (B, 4d), "grid3" 3 x 3 -> (B, 9d), "grid4" 4 x 4 -> (B, 16d). Sequence
     positions are put back in image order first (`order`: raster or snake), so every cell holds the pixels of
     its region; cells split the side as evenly as it allows."""
-    if pool == "mean":
+    n = grid_side(pool)
+    if n == 1:
         return h.mean(1)
-    if pool not in POOLS:
-        raise ValueError(f"unknown pooling '{pool}'")
-    n = 2 if pool == "grid" else int(pool[4:])
     B, T, d = h.shape
     R = resolution or int(round(T**0.5))
     if R < n:
@@ -120,7 +126,7 @@ def pool_states(h: torch.Tensor, pool: str, resolution: int | None, order: str =
 
 def check_pool(pool: str, resolution: int) -> None:
     """A grid pooling needs at least one pixel per cell: one line otherwise."""
-    n = {"grid": 2, "grid3": 3, "grid4": 4}.get(pool, 1)
+    n = grid_side(pool)
     if resolution < n:
         raise IgptError(
             f"--pool {pool} splits the image into {n}x{n} cells, but these images are "

@@ -209,10 +209,6 @@ class Run:
         except (OSError, ValueError) as e:
             raise IgptError(f"cannot read {p} ({e.__class__.__name__})") from None
 
-    def metrics(self) -> list[dict[str, Any]]:
-        """metrics.jsonl's rows (see `read_metrics`)."""
-        return read_metrics(self.path)
-
     def summary(self) -> dict[str, Any] | None:
         """summary.json of a pretrained run, or None."""
         p = self.path / "summary.json"

@@ -266,51 +266,13 @@ def list_folder(directory: Path) -> tuple[list[str], list[tuple[Path, int]], lis
         for d in dirs:
             files = [p for p in sorted(d.rglob("*")) if p.is_file() and not p.name.startswith(".")]
             if not files:
-                notes.append(f"{safe_name(d)} (an empty class folder; not made a class)")
+                notes.append(f"an empty class folder (not made a class)\t{safe_name(d)}")
                 continue
             entries += [(p, len(classes)) for p in files]
             classes.append(printable_text(d.name))
     else:
         entries = [(p, -1) for p in sorted(directory.iterdir()) if p.is_file() and not p.name.startswith(".")]
     return classes, entries, notes
-
-
-def load_folder(directory: Path, size: int | None, test_fraction: float, seed: int, strict: bool) -> ImageSet:
-    """A folder of images in any format Pillow opens. One sub-directory per class gives labels (class names
-    are the sorted sub-directory names); a flat folder is unlabeled. Images are centre-cropped to a square and
-    box-resized to `size` as they are read, so mixed sizes are fine. Unreadable files are skipped and counted,
-    or fail the run with `strict`."""
-    if not directory.is_dir():
-        raise IgptError(f"image folder {directory} does not exist")
-    classes, entries, skipped = list_folder(directory)
-    images, labels = [], []
-    for path, label in entries:
-        if path.suffix.lower() not in IMAGE_EXTENSIONS and not strict:
-            skipped.append(f"{safe_name(path)} (not an image file extension)")
-            continue
-        try:
-            images.append(load_image(path, size))
-            labels.append(label)
-        except IgptError as e:  # over the pixel limit
-            if strict:
-                raise
-            skipped.append(f"{safe_name(path)} ({e})")
-        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
-            if strict:
-                raise IgptError(f"cannot read image {safe_name(path)}: {safe_name(e)}") from None
-            skipped.append(f"{safe_name(path)} ({e.__class__.__name__})")
-    if not images:
-        raise IgptError(f"no readable images in {directory}")
-    shapes = {im.shape[:2] for im in images}
-    if len(shapes) > 1:  # only possible when no size was given
-        raise IgptError(
-            f"images in {directory} have different sizes {sorted(shapes)[:3]}...; pass --resolution"
-        )
-    if any(im.shape[2] == 3 for im in images):  # mixed grey and colour: colour wins
-        images = [np.repeat(im, 3, axis=2) if im.shape[2] == 1 else im for im in images]
-    x, y = np.stack(images), np.asarray(labels, dtype=np.int64)
-    train, test = split_train_test(x, y, test_fraction, seed)
-    return ImageSet(train, test, classes, str(directory), skipped)
 
 
 def split_validation(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -443,6 +405,6 @@ def load_source(
         return load_idx_dataset(path, name)
     if name in ("cifar10", "cifar100"):
         return load_cifar(path, name)
-    if name == "folder":
-        return load_folder(path, resolution, test_fraction, seed, strict)
+    if name == "folder":  # streamed: a folder can hold more images than fit in memory
+        raise IgptError("a folder is prepared in chunks by igpt.streaming; call igpt.prepare('folder', ...)")
     return load_npz(path, test_fraction, seed)

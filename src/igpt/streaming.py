@@ -10,9 +10,9 @@ How it goes:
    skips them, so at most the chunk that was being written is redone. A rerun with other settings, or over a
    folder that changed, is refused with a message naming what differs (`--force` starts over).
 3. The palette is fitted on a seeded sample of the training images (bounded by pixels), the validation split
-   is drawn from the training labels, and the tokens are written chunk by chunk into memory-mapped arrays of
-   the final directory, which appears atomically. Peak memory depends on the chunk size and the sample, not
-   on the number of images.
+   is drawn from the training labels, and the tokens are written chunk by chunk (plain file writes, which do
+   not stay resident) into the final directory, which appears atomically. Peak memory depends on the chunk
+   size and the sample, not on the number of images.
 
 The output depends only on the settings and the source, never on the number of workers: chunk boundaries
 and their order are fixed, and each image is decoded on its own.
@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .data import meta_record
 from .errors import IgptError
 from .files import atomic_directory, atomic_file, disk_errors, write_json_atomic
 from .sources import IMAGE_EXTENSIONS, list_folder, load_image, safe_name, split_validation
@@ -92,6 +93,12 @@ def list_image_folder(directory: Path, test_fraction: float, seed: int, limit: i
         classes, train, notes = list_folder(directory / "train")
         test_classes, test, test_notes = list_folder(given_test)
         notes += test_notes
+        if bool(classes) != bool(test_classes):
+            with_classes = "train/" if classes else f"{given_test.name}/"
+            raise IgptError(
+                f"{directory}: {with_classes} has class folders and the other split does not; lay out "
+                "both as <split>/<class>/<images>, or both flat"
+            )
         if classes:
             index = {c: i for i, c in enumerate(classes)}
             unknown = sorted(set(test_classes) - set(index))
@@ -371,10 +378,11 @@ def skip_summary(notes: list[str]) -> list[str]:
     return [f"{k}: {v:,} (e.g. {first[k]})" for k, v in causes.most_common()]
 
 
-def prepare_streamed(cfg: Any, out: Path, force: bool, progress: bool = True) -> dict[str, Any]:
+def prepare_streamed(
+    cfg: Any, out: Path, settings: dict[str, Any], force: bool, progress: bool = True
+) -> dict[str, Any]:
     """`igpt prepare folder` and the downsampled ImageNet sources, streamed and resumable (see the module's
-    docstring). Returns meta.json's content."""
-    from . import __version__
+    docstring); `settings` are the ones a resume compares. Returns meta.json's content."""
     from .palette import decode, fit_palette, load_palette, quantize, to_sequence, token_dtype
 
     t0 = time.perf_counter()
@@ -389,7 +397,6 @@ def prepare_streamed(cfg: Any, out: Path, force: bool, progress: bool = True) ->
     else:
         listing = list_imagenet(src)
         size = cfg.resolution or _imagenet_resolution(cfg.dataset, Path(listing.entries["test"][0][0]))
-    settings = {k: v for k, v in vars(cfg).items() if k != "workers"}
     work = out.parent / f".{out.name}.partial"
     store = ChunkStore(work, settings, listing.digest(), force)
     workers = cfg.workers or default_workers()
@@ -420,11 +427,10 @@ def prepare_streamed(cfg: Any, out: Path, force: bool, progress: bool = True) ->
         sample = _channels(gather(store, "train", tr_where[pick]), channels, colour_tr or colour_te)
         palette = fit_palette(sample, cfg.clusters or (16 if channels == 1 else 512), seed=cfg.seed)
         del sample
-    k = len(palette)
-    dtype = token_dtype(k)
+    dtype = token_dtype(len(palette))
     t_fit = time.perf_counter()
 
-    num_classes = len(listing.class_names) if (np.concatenate([tr_labels, te_labels]) >= 0).any() else 0
+    labelled = bool((np.concatenate([tr_labels, te_labels]) >= 0).any())
     sq_err = 0.0
     with atomic_directory(out) as tmp:
         parts = {"train": tr_where[tr_rows], "val": tr_where[va_rows], "test": te_where}
@@ -443,35 +449,25 @@ def prepare_streamed(cfg: Any, out: Path, force: bool, progress: bool = True) ->
             np.save(tmp / f"{name}_labels.npy", y.astype(np.int64))
         np.save(tmp / "palette.npy", palette.astype(np.float32))
         rmse = float(np.sqrt(sq_err / max(1, len(te_where) * size * size * palette.shape[1])))
-        meta = {
-            "dataset": cfg.dataset,
-            "resolution": size,
-            "channels": int(palette.shape[1]),
-            "clusters": k,
-            "order": cfg.order,
-            "n_train": len(tr_rows),
-            "n_val": len(va_rows),
-            "val_fraction": cfg.val_fraction,
-            "n_test": len(te_where),
-            "num_classes": num_classes,
-            "class_names": listing.class_names if num_classes else [],
-            "quantization_rmse": round(rmse, 4),
-            "seq_len": size * size,
-            "token_dtype": np.dtype(dtype).name,
-            "source": listing.source,
-            "skipped_files": len(notes),
-            "skipped_by_cause": dict(Counter(n.split("\t", 1)[0] for n in notes)),
-            "palette_from": cfg.palette or f"k-means fit on a seeded sample of {n_sample:,} training images",
-            "workers": workers,
-            "seconds": {
+        meta = meta_record(
+            settings,
+            resolution=size,
+            palette=palette,
+            counts=(len(tr_rows), len(va_rows), len(te_where)),
+            class_names=listing.class_names if labelled else [],
+            rmse=rmse,
+            source=listing.source,
+            skipped=len(notes),
+            palette_from=f"k-means fit on a seeded sample of {n_sample:,} training images",
+            seconds={
                 "list": round(t_list - t0, 3),
                 "decode": round(t_decode - t_list, 3),
                 "palette": round(t_fit - t_decode, 3),
                 "quantize": round(time.perf_counter() - t_fit, 3),
             },
-            "igpt_version": __version__,
-            "settings": settings,
-        }
+            skipped_by_cause=dict(Counter(n.split("\t", 1)[0] for n in notes)),
+            workers=workers,
+        )
         write_json_atomic(tmp / "meta.json", meta)
     shutil.rmtree(work, ignore_errors=True)
     if notes:
