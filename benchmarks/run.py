@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from igpt.convert import igpt_to_hf_state
+from igpt.generation import generate
 from igpt.model import IGPT, IGPTConfig
 
 # (name, resolution, width, layers, heads, batch, clusters)
@@ -228,8 +229,8 @@ def bench_sample(
     for B in batches:
         kw = hf_generate_kwargs(B, K)
         sides = {
-            "ours": lambda n, B=B: ours.generate(
-                torch.zeros(B, 0, dtype=torch.long), n, generator=torch.Generator().manual_seed(0)
+            "ours": lambda n, B=B: generate(
+                ours, torch.zeros(B, 0, dtype=torch.long), n, generator=torch.Generator().manual_seed(0)
             ),
             "hf": lambda n, kw=kw: hf.generate(max_length=n + 1, **kw),
         }

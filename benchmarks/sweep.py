@@ -29,13 +29,15 @@ import torch
 import igpt
 from igpt.config import TrainConfig
 from igpt.errors import IgptError
+from igpt.features import FeatureCache
 from igpt.files import write_json_atomic, write_text_atomic
+from igpt.logistic import probe_with_validation
 from igpt.model import IGPTConfig
-from igpt.pipeline import DEFAULT, FASHION_DIR
-from igpt.probing import FeatureCache, open_labelled_run, probe_with_validation
+from igpt.plans import DEFAULT, FASHION_DIR
+from igpt.probe_setup import open_labelled_run
 from igpt.sources import split_validation
 
-# The baseline is the quickstart's pretraining (pipeline.DEFAULT); each variant changes what it names. The
+# The baseline is the quickstart's pretraining (plans.DEFAULT); each variant changes what it names. The
 # README's tables were measured when the defaults were AdamW with a cosine schedule (the "adamw" row's
 # settings); Muon with warm-up-stable-decay won, so those are the defaults now.
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import pickle
 import shutil
 import subprocess
@@ -153,3 +154,52 @@ def cli_error(capsys):
         return err[-1]
 
     return run
+
+
+# ---------------------------------------------------------------------------------------------- pretraining
+PRETRAIN_BASE = "--preset micro --batch-size 16 --eval-interval 10 --log-interval 5 --eval-images 64".split()
+PRETRAIN_BASE += ["--no-progress"]
+
+
+def pretrain(data, out, *extra) -> None:
+    """`igpt pretrain` in this process with a micro model and frequent logging, plus `extra` flags."""
+    from igpt.cli import main
+
+    main(["pretrain", "--data", str(data), "--out", str(out), *PRETRAIN_BASE, *map(str, extra)])
+
+
+def weights(run: Path, step: int) -> dict:
+    """The tensors of a run's checkpoint at `step`."""
+    from safetensors.torch import load_file
+
+    return load_file(run / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    """(step, training loss) rows of a run's metrics.jsonl."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    """Equal tensors, bit for bit unless `atol`."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
+
+
+@pytest.fixture
+def sweep():
+    """benchmarks/sweep.py as a module, loaded from its path (the benchmarks are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep.py"
+    spec = importlib.util.spec_from_file_location("sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

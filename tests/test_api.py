@@ -107,9 +107,10 @@ def test_a_run_from_before_the_run_object_opens_and_resumes(micro_run, tmp_path)
 
 # ---------------------------------------------------------------------------------------------- layout
 def _module_imports(path: Path) -> set[str]:
-    """igpt modules that `path` imports at module level (imports inside functions are lazy by design)."""
+    """igpt modules that `path` imports, at module level or inside functions (a lazy import still makes the
+    modules depend on each other)."""
     found = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             if node.module:
                 found.add(node.module.split(".")[0])

@@ -12,7 +12,7 @@ from conftest import permuted_test_copy
 import igpt
 from igpt.attentive import AttentiveHead, check_states_fit, fit_attentive
 from igpt.errors import IgptError
-from igpt.probing import ProbeConfig
+from igpt.probe_setup import ProbeConfig
 
 
 def test_attentive_head_learns_what_a_mean_hides():
@@ -27,7 +27,7 @@ def test_attentive_head_learns_what_a_mean_hides():
     x[torch.arange(N), pos] = patterns[y] + 0.1 * torch.randn(N, d, generator=g)
     x = x.half()
     r = fit_attentive(
-        x[:600], y[:600], x[600:750], y[600:750], C, epochs=15, patience=15, lr=3e-3, batch_size=32
+        (x[:600], y[:600]), (x[600:750], y[600:750]), C, epochs=15, patience=15, lr=3e-3, batch_size=32
     )
     head = r["head"]
     with torch.no_grad():

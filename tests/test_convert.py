@@ -96,7 +96,7 @@ def test_hf_to_igpt_parity(tmp_path, K, res, d, L, h):
             use_cache=True,
             pad_token_id=K,
         )
-    torch.testing.assert_close(ours.generate(prefix, T - T // 2, temperature=0), hf_gen[:, 1:])
+    torch.testing.assert_close(igpt.generate(ours, prefix, T - T // 2, temperature=0), hf_gen[:, 1:])
     # our mean-pooled final features equal what HF's classification head pools
     clf = ImageGPTForImageClassification(hf.config).eval()
     clf.transformer.load_state_dict(hf.transformer.state_dict())

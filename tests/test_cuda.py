@@ -11,8 +11,8 @@ import torch
 from conftest import run_cli
 
 import igpt
-from igpt import training
-from igpt.generation import DecodeWeights, KVCache, decode_step
+from igpt import trainer
+from igpt.generation import DecodeWeights, KVCache, decode_step, generate
 from igpt.model import IGPT, IGPTConfig
 
 pytestmark = [
@@ -78,7 +78,7 @@ def test_generate_greedy_matches_full_forward_under_bf16():
     m = small().eval()
     prefix = torch.randint(0, 32, (2, 8), device=DEV)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = m.generate(prefix, 12, temperature=0)
+        out = generate(m, prefix, 12, temperature=0)
     assert out.shape == (2, 20) and out.device.type == "cuda"
     assert torch.equal(out[:, :8], prefix)
     # each greedy token is the argmax of the fp32 full forward at its position, bar near-ties under bf16
@@ -102,17 +102,17 @@ def test_pretrain_and_resume_on_cuda(digits, tmp_path, monkeypatch):
     kw = dict(CUDA_RUN, steps=20, eval_interval=10, log_interval=5)
     straight, crashed = tmp_path / "a", tmp_path / "b"
     igpt.pretrain(digits, straight, **kw)
-    real = training.train_step
+    real = trainer.train_step
 
     def crashing(*a, **k):
         if a[3] == 13:  # the step argument: die after the step-10 checkpoint
             raise RuntimeError("simulated crash")
         return real(*a, **k)
 
-    monkeypatch.setattr(training, "train_step", crashing)
+    monkeypatch.setattr(trainer, "train_step", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         igpt.pretrain(digits, crashed, **kw)
-    monkeypatch.setattr(training, "train_step", real)
+    monkeypatch.setattr(trainer, "train_step", real)
     s = igpt.pretrain(out=crashed, resume=True, progress=False)  # the run's own device and settings
     a, b = _losses(straight), _losses(crashed)
     assert sorted(a) == sorted(b) == [5, 10, 15, 20]

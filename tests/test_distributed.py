@@ -126,10 +126,19 @@ def test_every_collective_is_on_the_training_device(monkeypatch, digits):
     from igpt.data import PreparedData
 
     batcher = engine.Batcher(PreparedData(digits).tokens("train"), 8, 0)
-    kw = dict(rank=0, world=2, grad_accum=1, objective="ar", mask_ratio=0.15, flip_perm=None, seed=0)
-    kw.update(lr=0.1, grad_clip=1.0, device="meta", precision="fp32")
+    recipe = engine.StepRecipe(
+        rank=0,
+        world=2,
+        grad_accum=1,
+        objective="ar",
+        mask_ratio=0.15,
+        seed=0,
+        grad_clip=1.0,
+        device="meta",
+        precision="fp32",
+    )
     with pytest.raises((RuntimeError, NotImplementedError)):  # values cannot be read off the meta device
-        engine.train_step(model, opt, batcher, 0, **kw)
+        engine.train_step(model, opt, batcher, 0, 0.1, recipe)
     assert seen and all(d.type == "meta" for d in seen), seen
     with pytest.raises(RuntimeError, match="collective on a cpu tensor"):
         engine.all_reduce(torch.zeros(1), "meta")

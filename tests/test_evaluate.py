@@ -9,11 +9,11 @@ import torch
 
 from igpt.cli import main
 from igpt.finetuning import Augment, Classifier
+from igpt.logistic import balanced_subset, probe_with_validation
 from igpt.model import IGPT, IGPTConfig
 from igpt.palette import from_sequence, to_sequence
 from igpt.preparation import PrepareConfig
 from igpt.preparation import prepare_config as prepare
-from igpt.probing import balanced_subset, probe_with_validation
 
 COMMON = ["--preset", "micro", "--batch-size", "16", "--eval-images", "32", "--no-progress"]
 
@@ -190,7 +190,7 @@ def test_unfinished_run_says_so(runs, tmp_path, capsys):
 
 
 def test_grid_pooling_averages_each_cell_in_raster_order():
-    from igpt.probing import pool_states
+    from igpt.features import pool_states
 
     R, d = 5, 2
     h = torch.arange(R * R * d, dtype=torch.float32).view(1, R * R, d)
@@ -205,8 +205,8 @@ def test_grid_pooling_averages_each_cell_in_raster_order():
 
 
 def test_grid_pooling_puts_snake_ordered_states_back_in_place():
+    from igpt.features import pool_states
     from igpt.palette import order_index
-    from igpt.probing import pool_states
 
     R, d = 6, 3
     raster = torch.randn(2, R * R, d)

@@ -15,7 +15,7 @@ from igpt.cli import main
 from igpt.data import PreparedData
 from igpt.errors import IgptError
 from igpt.finetuning import load_classifier
-from igpt.probing import balanced_subset
+from igpt.logistic import balanced_subset
 
 QUICK = {"epochs": 1, "progress": False, "test_limit": 64}
 
@@ -71,7 +71,7 @@ def test_grid_pooled_head_round_trips(micro_run, tmp_path):
 @pytest.mark.parametrize(
     "extra, expect",
     [
-        (["--init", "random"], "invalid choice: 'random'"),
+        (["--init", "random"], "unknown --init 'random'; choose one of pretrained, scratch"),
         (["--minutes", "nan"], "--minutes must be a positive number"),
         (["--minutes", "0"], "--minutes must be a positive number"),
         (["--seeds", "3"], "give --labels-per-class too"),

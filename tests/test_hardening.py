@@ -340,12 +340,12 @@ def test_a_killed_prepare_leaves_no_partial_directory_behind(tmp_path):
 
 
 def test_out_of_memory_message_names_no_missing_option(monkeypatch, capsys, micro_run):
-    from igpt import probing
+    from igpt import features
 
     def oom(*a, **k):
         raise MemoryError
 
-    monkeypatch.setattr(probing, "extract_features", oom)
+    monkeypatch.setattr(features, "extract_features", oom)
     with pytest.raises(SystemExit):
         main(["probe", str(micro_run)])
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -2,13 +2,11 @@
 prefix-causal attention, precision chosen by the hardware, and the sweep runner's refusals."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_pretrain import assert_same_weights, losses, pretrain, weights
+from conftest import assert_same_weights, losses, pretrain, weights
 
 from igpt import hardware
 from igpt.config import TrainConfig
@@ -17,8 +15,6 @@ from igpt.errors import IgptError
 from igpt.model import IGPT, IGPTConfig
 from igpt.optim import Optimizers, muon_owns
 from igpt.palette import from_sequence, to_sequence
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def tiny_model(**kw) -> IGPT:
@@ -122,22 +118,22 @@ def test_prefix_causal_attention_is_bidirectional_inside_the_prefix_only():
 
 
 def test_augmented_muon_prefix_run_resumes_exactly(digits, tmp_path, monkeypatch):
-    from igpt import training
+    from igpt import trainer
 
     extra = ["--optimizer", "muon", "--shift", "1", "--flip", "--prefix-causal", "--schedule", "wsd"]
     straight, crashed = tmp_path / "a", tmp_path / "b"
     pretrain(digits, straight, "--steps", "30", *extra)
-    real = training.train_step
+    real = trainer.train_step
 
     def crashing(*a, **k):
         if a[3] == 24:
             raise RuntimeError("simulated crash")
         return real(*a, **k)
 
-    monkeypatch.setattr(training, "train_step", crashing)
+    monkeypatch.setattr(trainer, "train_step", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         pretrain(digits, crashed, "--steps", "30", *extra)
-    monkeypatch.setattr(training, "train_step", real)
+    monkeypatch.setattr(trainer, "train_step", real)
     pretrain(digits, crashed, "--steps", "30", "--resume")
     assert losses(crashed) == losses(straight)
     assert_same_weights(weights(crashed, 30), weights(straight, 30))
@@ -204,8 +200,7 @@ def test_bad_lever_flags_are_one_line(digits, tmp_path, capsys):
         assert not (tmp_path / "r" / "run.json").exists()
 
 
-def test_sweep_refuses_unknown_variants_and_budgets_it_cannot_meet(digits, tmp_path, capsys):
-    import sweep
+def test_sweep_refuses_unknown_variants_and_budgets_it_cannot_meet(digits, tmp_path, capsys, sweep):
 
     with pytest.raises(IgptError, match="unknown variant"):
         sweep.check_variants(["base", "nope"], 1.0, None, digits)

@@ -7,42 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
-from safetensors.torch import load_file
+from conftest import PRETRAIN_BASE, assert_same_weights, losses, pretrain, run_cli, weights
 
 import igpt
-from igpt import training
+from igpt import trainer
 from igpt.checkpoint import list_checkpoints
-from igpt.cli import main
-
-BASE = "--preset micro --batch-size 16 --eval-interval 10 --log-interval 5 --eval-images 64".split()
-BASE += ["--no-progress"]
-
-
-def pretrain(data, out, *extra):
-    main(["pretrain", "--data", str(data), "--out", str(out), *BASE, *map(str, extra)])
-
-
-def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(run / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
-
-
-def losses(run: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
-
-def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if atol == 0:
-            assert torch.equal(a[k], b[k]), k
-        else:
-            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
 
 
 def test_run_directory_and_summary(digits, tmp_path):
@@ -82,17 +54,17 @@ def test_checkpoint_round_trip(digits, tmp_path):
 def test_resume_after_crash_equals_uninterrupted(digits, tmp_path, monkeypatch):
     straight, crashed = tmp_path / "a", tmp_path / "b"
     pretrain(digits, straight, "--steps", "40")
-    real = training.train_step
+    real = trainer.train_step
 
     def crashing(*a, **k):
         if a[3] == 27:  # the step argument: die in the middle of the run, after the step-20 checkpoint
             raise RuntimeError("simulated crash")
         return real(*a, **k)
 
-    monkeypatch.setattr(training, "train_step", crashing)
+    monkeypatch.setattr(trainer, "train_step", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         pretrain(digits, crashed, "--steps", "40")
-    monkeypatch.setattr(training, "train_step", real)
+    monkeypatch.setattr(trainer, "train_step", real)
     assert [p.name for p in list_checkpoints(crashed)][-1] == "step_00000020"
     pretrain(digits, crashed, "--steps", "40", "--resume")
     assert losses(crashed) == losses(straight)
@@ -101,7 +73,7 @@ def test_resume_after_crash_equals_uninterrupted(digits, tmp_path, monkeypatch):
 
 def test_resume_after_sigkill_and_half_written_checkpoint(digits, tmp_path):
     straight, killed = tmp_path / "a", tmp_path / "b"
-    args = ["--steps", "60", *BASE]
+    args = ["--steps", "60", *PRETRAIN_BASE]
     pretrain(digits, straight, "--steps", "60")
     cmd = [sys.executable, "-m", "igpt", "pretrain", "--data", str(digits), "--out", str(killed), *args]
     # first kill: soon after start, before any checkpoint exists
@@ -167,7 +139,7 @@ def test_ddp_two_processes_equal_one(digits, tmp_path):
             str(digits),
             "--out",
             str(two),
-            *BASE,
+            *PRETRAIN_BASE,
             *"--steps 12".split(),
         ],
         capture_output=True,
@@ -188,7 +160,7 @@ def test_ctrl_c_saves_a_checkpoint(digits, tmp_path):
         str(digits),
         "--out",
         str(run),
-        *BASE,
+        *PRETRAIN_BASE,
         *"--steps 100000 --eval-interval 100000".split(),
     ]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -205,9 +177,9 @@ def test_ctrl_c_saves_a_checkpoint(digits, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good(digits, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    real = training.train_step
+    real = trainer.train_step
     monkeypatch.setattr(
-        training, "train_step", lambda *a, **k: (float("nan"), 1.0) if a[3] >= 13 else real(*a, **k)
+        trainer, "train_step", lambda *a, **k: (float("nan"), 1.0) if a[3] >= 13 else real(*a, **k)
     )
     with pytest.raises(SystemExit):
         pretrain(digits, run, "--steps", "30")
@@ -218,7 +190,7 @@ def test_nan_loss_stops_and_keeps_last_good(digits, tmp_path, monkeypatch, capsy
 
 def test_bad_input(digits, tmp_path):
     run = tmp_path / "run"
-    r = run_cli("pretrain", "--data", digits, "--out", run, *BASE, "--steps", "5")
+    r = run_cli("pretrain", "--data", digits, "--out", run, *PRETRAIN_BASE, "--steps", "5")
     assert r.returncode == 0, r.stderr
     cases = [
         (["--data", digits, "--out", run, "--steps", "5"], "--resume"),

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from igpt import budget, pipeline
+from igpt import budget, pipeline, plans
 from igpt.budget import Speeds
 from igpt.cli import main
 
@@ -54,8 +54,8 @@ def test_second_run_resumes_instead_of_redoing(qs, capsys):
 
 
 def test_missing_fashion_mnist_falls_back_to_digits_with_a_notice(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(pipeline, "FASHION_DIR", tmp_path / "absent")
-    plan, notice = pipeline.make_plan(smoke=True)
+    monkeypatch.setattr(plans, "FASHION_DIR", tmp_path / "absent")
+    plan, notice = pipeline.make_plan(pipeline.QuickstartOptions(smoke=True))
     assert plan.dataset == "digits" and plan.resolution == 8 and "dataset-fashion-mnist" in notice
 
 
@@ -109,7 +109,7 @@ FAST = Speeds(feature_seconds_per_image=1e-3, fit_flops_per_second=2e11, calibra
 def test_budget_shares_out_the_minutes_and_a_rerun_keeps_the_plan(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(pipeline, "calibrate", lambda *a: calls.append(a) or FAST)
-    plan, _ = pipeline.make_plan(minutes=30)
+    plan, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=30))
     st = pipeline.Stages(tmp_path, plan)
     minutes = pipeline.plan_budget(plan, tmp_path, st)
     b = st.state["budget"]
@@ -121,7 +121,7 @@ def test_budget_shares_out_the_minutes_and_a_rerun_keeps_the_plan(monkeypatch, t
     slow = Speeds(FAST.feature_seconds_per_image * 2, FAST.fit_flops_per_second / 2, 0.5)
     monkeypatch.setattr(pipeline, "calibrate", lambda *a: slow)
     assert pipeline.plan_budget(plan, tmp_path, st) == minutes  # same budget: the plan is kept, not remade
-    plan60, _ = pipeline.make_plan(minutes=60)
+    plan60, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=60))
 
     def fresh(name: str, p: pipeline.QuickstartPlan) -> float:
         (tmp_path / name).mkdir()
@@ -132,7 +132,7 @@ def test_budget_shares_out_the_minutes_and_a_rerun_keeps_the_plan(monkeypatch, t
     fast60 = fresh("fast", plan60)
     assert fast60 == pytest.approx(minutes + 30, abs=0.05) and slow60 < fast60 - 2
     # fine-tuning's minutes come out of the budget too (pretrained and the control)
-    ft, _ = pipeline.make_plan(minutes=60, finetune_minutes=5)
+    ft, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=60, finetune_minutes=5))
     assert fresh("ft", ft) < fast60 - 10
 
 
@@ -144,7 +144,9 @@ def test_budget_too_small_is_refused_with_the_least_that_works(monkeypatch, tmp_
     least = int(re.search(r"use --minutes (\d+) or more", err).group(1))
     assert "leaves no time for pretraining" in err and len(err.splitlines()) == 1 and least > 2
     assert not (tmp_path / "q" / "data").exists() and not (tmp_path / "q" / "run").exists()
-    plan, _ = pipeline.make_plan(minutes=least)  # the least budget named is enough
+    plan, _ = pipeline.make_plan(
+        pipeline.QuickstartOptions(minutes=least)
+    )  # the least budget named is enough
     assert pipeline.plan_budget(plan, tmp_path, pipeline.Stages(tmp_path, plan)) >= plan.min_pretrain_minutes
 
 

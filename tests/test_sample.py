@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from igpt.cli import main
-from igpt.generation import complete, mask_predict, sample_next
+from igpt.generation import complete, generate, mask_predict, sample_next
 from igpt.images import grid_image
 from igpt.model import IGPT, IGPTConfig
 
@@ -23,7 +23,7 @@ def model(objective="ar"):
 def test_cached_sampling_equals_full_forward_sampling_under_one_seed():
     m = model()
     prefix = torch.randint(0, 8, (3, 10))
-    cached = m.generate(prefix, 26, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(7))
+    cached = generate(m, prefix, 26, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
     seq = prefix
     for _ in range(26):

@@ -35,10 +35,18 @@ _EXPORTS = {
     "load_run": "runs",
     "Run": "runs",
     "complete": "generation",
+    "generate": "generation",
     "load_classifier": "finetuning",
     "IGPT": "model",
     "IGPTConfig": "model",
     "IgptError": "errors",
+    "PrepareConfig": "preparation",
+    "TrainConfig": "config",
+    "ModelChoice": "config",
+    "ProbeConfig": "probe_setup",
+    "FinetuneConfig": "finetuning",
+    "SampleConfig": "sampling",
+    "QuickstartOptions": "plans",
 }
 
 __all__ = ["__version__", *_EXPORTS]

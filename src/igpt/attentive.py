@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .compiling import CompiledOrEager
-from .engine import autocast
+from .engine import EarlyStopping, lr_at
 from .errors import IgptError
+from .features import layer_batches
 from .model import IGPT
 
 
@@ -94,33 +94,15 @@ def token_states(
     tokens: np.ndarray,
     layers: list[int],
     batch_size: int = 128,
-    device: str = "cpu",
-    compile: bool = False,
-    progress: str | None = None,
-    precision: str = "fp32",
+    **pass_settings: Any,
 ) -> torch.Tensor:
-    """(N, T, d) float16 normed token states of `tokens` (N, T), averaged over `layers` when several; the
-    pass runs under bf16 autocast with `precision` bf16."""
-    model = model.to(device).eval()
-    forward = CompiledOrEager(
-        model.get_intermediate_layers, "the attentive probe's state pass", enabled=compile
-    )
+    """(N, T, d) float16 normed token states of `tokens` (N, T), averaged over `layers` when several, from
+    the feature pass's batches (`features.layer_batches`; `pass_settings` are its device, compile,
+    precision and progress)."""
     cfg = model.config
     out = torch.empty(len(tokens), cfg.n_positions, cfg.n_embd, dtype=torch.float16)
-    it = range(0, len(tokens), batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc=progress, unit="batch", leave=False, mininterval=1.0)
-    for s in it:
-        x = torch.from_numpy(np.asarray(tokens[s : s + batch_size], dtype=np.int64)).to(device)
-        n = len(x)
-        if forward.active and n < batch_size:  # one compiled shape: pad, compute, drop
-            x = torch.cat([x, x.new_zeros(batch_size - n, x.shape[1])])
-        with autocast(device, precision):
-            hs = forward(x, layers, None)
-        h = torch.stack([hs[i][:n].float() for i in layers]).mean(0)
-        out[s : s + n] = h.to(torch.float16).cpu()
+    for s, n, hs in layer_batches(model, tokens, layers, batch_size, **pass_settings):
+        out[s : s + n] = torch.stack([hs[i].float() for i in layers]).mean(0).to(torch.float16).cpu()
     return out
 
 
@@ -137,10 +119,8 @@ def _accuracy(head: AttentiveHead, x: torch.Tensor, y: torch.Tensor, device: str
 
 
 def fit_attentive(
-    xtr: torch.Tensor,
-    ytr: torch.Tensor,
-    xva: torch.Tensor,
-    yva: torch.Tensor,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
     num_classes: int,
     epochs: int = 10,
     patience: int = 3,
@@ -155,7 +135,9 @@ def fit_attentive(
     """Train an AttentiveHead on cached states with AdamW and a cosine schedule over `epochs`, keeping the
     epoch with the best validation accuracy and stopping after `patience` epochs without a better one.
     Returns the head (at its best epoch), the best epoch, and the validation accuracy of every epoch. The
-    default batch is 256, smaller for small sets (at least about 100 steps per epoch, at least 32 rows)."""
+    default batch is 256, smaller for small sets (at least about 100 steps per epoch, at least 32 rows).
+    `train` and `val` are (token states (N, T, d), labels (N,))."""
+    (xtr, ytr), (xva, yva) = train, val
     if batch_size is None:
         batch_size = int(min(256, max(32, len(xtr) // 100)))
     torch.manual_seed(seed)
@@ -169,16 +151,14 @@ def fit_attentive(
     steps_per_epoch = math.ceil(len(xtr) / batch_size)
     total, step = epochs * steps_per_epoch, 0
     history: list[float] = []
-    best_state, best_epoch, best_acc = None, 0, -1.0
+    stop = EarlyStopping(patience)
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(len(xtr), generator=gen)
         for s in range(0, len(xtr), batch_size):
             idx = perm[s : s + batch_size]
             for g in opt.param_groups:  # warm-up over the first epoch, then cosine to zero
-                g["lr"] = (
-                    lr * min(1.0, (step + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * step / total))
-                )
+                g["lr"] = lr_at((step + 1) / total, lr, 1 / epochs)
             loss = F.cross_entropy(head(xtr[idx].to(device).float()), ytr[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -191,13 +171,15 @@ def fit_attentive(
                 f"  attentive epoch {epoch}: val {acc:.4f} ({time.perf_counter() - t0:.0f} s)",
                 file=sys.stderr,
             )
-        if acc > best_acc:
-            best_acc, best_epoch = acc, epoch
-            best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        elif epoch - best_epoch >= patience:
+        if stop.update(epoch, acc, head):
             break
-    head.load_state_dict(best_state)
-    return {"head": head, "best_epoch": best_epoch, "val_accuracy": best_acc, "val_history": history}
+    stop.restore(head)
+    return {
+        "head": head,
+        "best_epoch": stop.best_epoch,
+        "val_accuracy": stop.best_score,
+        "val_history": history,
+    }
 
 
 def attentive_probe(
@@ -226,20 +208,18 @@ def attentive_probe(
             toks,
             layers,
             batch_size,
-            device,
-            compile,
-            f"{name} states" if progress else None,
-            precision,
+            device=device,
+            compile=compile,
+            progress=f"{name} states" if progress else None,
+            precision=precision,
         )
         for name, (toks, _) in splits.items()
     }
     t_states = time.perf_counter() - t0
     (_, ytr), (_, yva), (_, yte) = splits["train"], splits["val"], splits["test"]
     fit = fit_attentive(
-        states["train"],
-        ytr,
-        states["val"],
-        yva,
+        (states["train"], ytr),
+        (states["val"], yva),
         num_classes,
         epochs=epochs,
         seed=seed,

@@ -20,8 +20,9 @@ import torch
 
 from .data import PreparedData
 from .errors import IgptError
+from .features import extract_features
+from .logistic import LAMBDAS
 from .model import IGPT, IGPTConfig
-from .probing import LAMBDAS, extract_features
 
 # Measured ratios, from the default quickstart on a 2-core AMD EPYC (Zen 3, AVX2) whose budget ran with all
 # three at 1.0: the compiled feature pass took 305 s where the eager calibration predicted 631 s (0.48; on
@@ -39,7 +40,7 @@ MARGIN = 1.1
 """Predictions are multiplied by this, and MARGIN_SECONDS added, before pretraining gets the rest."""
 MARGIN_SECONDS = 20.0
 
-# the probes' solver caps (probing.probe_with_validation, probing.cv_lambda, probing.fit_logistic)
+# the probes' solver caps (logistic.probe_with_validation, logistic.cv_lambda, logistic.fit_logistic)
 SWEEP_ROWS, SWEEP_ITERS, REFIT_ITERS, CV_ITERS, CV_FOLDS = 20_000, 300, 150, 200, 5
 
 

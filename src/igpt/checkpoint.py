@@ -31,6 +31,26 @@ STEP_NAME = re.compile(r"step_[0-9]{1,12}")
 """A checkpoint directory's name: step_ and the step (other names in checkpoints/ are ignored)."""
 
 
+STATE = "state.json"
+"""A checkpoint's step, losses and elapsed time; written last, so its presence marks a complete checkpoint."""
+
+
+def is_checkpoint(path: Path) -> bool:
+    """True when `path` is a complete checkpoint directory."""
+    return path.is_dir() and (path / STATE).is_file()
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, checked (a JSON object with a step of 0 or more); IgptError otherwise."""
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise IgptError(f"checkpoint {path} is damaged ({e.__class__.__name__}: {e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise IgptError(f"checkpoint {path} is damaged (state.json is not a checkpoint state)")
+    return state
+
+
 def list_checkpoints(run: str | Path) -> list[Path]:
     """Complete checkpoints of a run (those with a state.json), oldest first."""
     d = Path(run) / CKPT_DIR
@@ -40,11 +60,7 @@ def list_checkpoints(run: str | Path) -> list[Path]:
         entries = list(d.iterdir())
     except OSError:  # a symlink loop or an unreadable directory: no checkpoints to read
         return []
-    found = [
-        p
-        for p in entries
-        if STEP_NAME.fullmatch(p.name) and not p.is_symlink() and p.is_dir() and (p / "state.json").is_file()
-    ]
+    found = [p for p in entries if STEP_NAME.fullmatch(p.name) and not p.is_symlink() and is_checkpoint(p)]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
@@ -119,7 +135,7 @@ def save_checkpoint(
                 {k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors"
             )
             save_file(extra_tensors, tmp / "optimizer.safetensors")
-            with open(tmp / "state.json", "w") as f:
+            with open(tmp / STATE, "w") as f:
                 json.dump(state, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
@@ -145,16 +161,14 @@ def read_checkpoint(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """Model tensors, optimizer/RNG tensors and state of one checkpoint; IgptError if any file is damaged, or
     (with `expected`, the model's tensor shapes) if its tensors do not fit the model."""
+    state = read_state(path)
     try:
-        state = json.loads((path / "state.json").read_text())
         model = load_file(path / "model.safetensors")
         extra = (
             load_file(path / "optimizer.safetensors") if (path / "optimizer.safetensors").is_file() else {}
         )
     except (OSError, json.JSONDecodeError, SafetensorError, ValueError) as e:
         raise IgptError(f"checkpoint {path} is damaged ({e.__class__.__name__}: {e})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
-        raise IgptError(f"checkpoint {path} is damaged (state.json is not a checkpoint state)")
     if expected is not None:
         missing = sorted(set(expected) - set(model))
         wrong = [k for k in expected if k in model and model[k].shape != expected[k]]

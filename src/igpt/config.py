@@ -1,5 +1,7 @@
 """Typed settings of pretraining (optimisation, budget, system), validated on construction and stored in a
-run's `run.json`. The model's shape is not here: it lives in `IGPTConfig` alone."""
+run's `run.json`, and the choice of a new run's model (`ModelChoice`: a preset and its overrides). The
+model's shape itself lives in `IGPTConfig` alone; `igpt pretrain`'s flags are derived from these fields
+(see `igpt.flags`)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,40 @@ from dataclasses import asdict, dataclass, field
 
 from .checks import check_seed
 from .errors import IgptError
-from .hardware import auto_precision
+from .hardware import PRECISIONS, auto_precision
+from .model import OBJECTIVES, PRESETS
+from .settings import choice
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "linear", "wsd")
+
+
+@dataclass
+class ModelChoice:
+    """The model of a new pretraining run: a preset shape, optionally overridden, and the objective. The
+    vocabulary and context come from the prepared data. Stored in run.json as the model's `IGPTConfig`."""
+
+    preset: str = choice("tiny", PRESETS)
+    """Model shape: the named preset's depth, width and heads."""
+    objective: str = choice("ar", OBJECTIVES)
+    """ar (next pixel) or bert (masked pixels)."""
+    n_layer: int | None = None
+    """Override the preset's depth."""
+    n_embd: int | None = None
+    """Override the preset's width."""
+    n_head: int | None = None
+    """Override the preset's heads."""
+    bias: bool = False
+    """Biases in the linear layers (as Hugging Face's ImageGPT has them)."""
+    prefix_causal: bool = False
+    """AR, prefix-causal: a random prefix attends both ways, and features are read bidirectionally."""
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise IgptError(f"unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}")
+        if self.objective not in OBJECTIVES:
+            raise IgptError(f"--objective must be one of {', '.join(OBJECTIVES)}, got '{self.objective}'")
+        # the shape itself (positive sizes, heads dividing the width) is IGPTConfig's to check
 
 
 @dataclass
@@ -20,7 +52,7 @@ class TrainConfig:
     stages need only RUN."""
 
     data: str
-    """The prepared directory (absolute path)."""
+    """The prepared directory (from igpt prepare), stored as an absolute path; a resume may leave it out."""
     steps: int | None = None
     """Optimizer steps to train; with --minutes, whichever ends first. Default 2000 when neither is given."""
     minutes: float | None = None
@@ -31,9 +63,9 @@ class TrainConfig:
     """Micro-batches per optimizer step (per process)."""
     lr: float = 2e-3
     """Peak learning rate (of AdamW, and of Muon, whose updates are scaled to AdamW's size)."""
-    optimizer: str = "adamw"
+    optimizer: str = choice("adamw", OPTIMIZERS)
     """adamw for every parameter, or muon for the blocks' weight matrices with AdamW for the rest."""
-    schedule: str = "cosine"
+    schedule: str = choice("cosine", SCHEDULES)
     """Learning rate after warm-up: cosine or linear decay to zero, or wsd (warm-up, stable, then a linear
     decay to zero over the last `cooldown` share of the budget)."""
     warmup: float = 0.05
@@ -54,9 +86,9 @@ class TrainConfig:
     """Random translations of the training images by up to this many pixels each way, edges replicated."""
     seed: int = 0
     """Seed of the initialisation, the data order, BERT masks and flips."""
-    device: str = "cpu"
-    """cpu or cuda."""
-    precision: str = "fp32"
+    device: str = choice("cpu", ("cpu", "cuda"))
+    """cpu or cuda (under torchrun, each process takes the GPU of its local rank)."""
+    precision: str = choice("fp32", PRECISIONS)
     """fp32, or bf16 autocast (for CUDA, and CPUs with AMX; far slower than fp32 on CPUs without it), or
     auto: bf16 where the machine has it in hardware and the model is wide enough for it to pay, else fp32
     (resolved by `resolve_precision` when the run is created; see `precision_reason`)."""
@@ -115,7 +147,7 @@ class TrainConfig:
             raise IgptError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
         if self.device not in ("cpu", "cuda"):
             raise IgptError(f"--device must be cpu or cuda, got '{self.device}'")
-        if self.precision not in ("fp32", "bf16", "auto"):
+        if self.precision not in PRECISIONS:
             raise IgptError(f"--precision must be fp32, bf16 or auto, got '{self.precision}'")
         if min(self.eval_interval, self.eval_images, self.log_interval) <= 0:
             raise IgptError("--eval-interval, --eval-images and --log-interval must be positive")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -167,32 +168,44 @@ def evaluate(
     return total / max(1, count)
 
 
+@dataclass(frozen=True)
+class StepRecipe:
+    """What every pretraining step of a run does the same way: where this process sits in the global batch,
+    the objective and its masks, the augmentations, clipping, device and precision."""
+
+    rank: int
+    world: int
+    grad_accum: int
+    objective: str
+    mask_ratio: float
+    seed: int
+    """The run's seed: step `s` draws its masks, flips, shifts and prefix from `step_generator(seed, s)`."""
+    grad_clip: float
+    device: str
+    precision: str
+    flip_perm: torch.Tensor | None = None
+    shifts: torch.Tensor | None = None
+    prefix_causal: bool = False
+
+
 def train_step(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
     batcher: Batcher,
     step: int,
-    *,
-    rank: int,
-    world: int,
-    grad_accum: int,
-    objective: str,
-    mask_ratio: float,
-    flip_perm: torch.Tensor | None,
-    seed: int,
-    shifts: torch.Tensor | None = None,
-    prefix_causal: bool = False,
     lr: float,
-    grad_clip: float,
-    device: str,
-    precision: str,
+    recipe: StepRecipe,
 ) -> tuple[float, float]:
-    """One optimizer step over the global batch of `step`; returns (mean loss per predicted token over the
-    global batch, gradient norm). The loss of every micro-batch is its summed NLL divided by the number of
-    predicted tokens in the whole global batch (times the world size, which DDP's gradient averaging
-    divides out), so the gradient is the same however the batch is split across processes and micro-steps.
-    Augmentations (`flip_perm`, `shifts`: see `mirror_index`, `shift_table`) and a prefix-causal step's
-    prefix length are drawn from the step's generator, so a resumed run repeats them."""
+    """One optimizer step over the global batch of `step` at learning rate `lr`; returns (mean loss per
+    predicted token over the global batch, gradient norm). The loss of every micro-batch is its summed NLL
+    divided by the number of predicted tokens in the whole global batch (times the world size, which DDP's
+    gradient averaging divides out), so the gradient is the same however the batch is split across processes
+    and micro-steps. Augmentations (`flip_perm`, `shifts`: see `mirror_index`, `shift_table`) and a
+    prefix-causal step's prefix length are drawn from the step's generator, so a resumed run repeats them."""
+    r = recipe
+    rank, world, grad_accum, device, precision = r.rank, r.world, r.grad_accum, r.device, r.precision
+    objective, mask_ratio, flip_perm, shifts = r.objective, r.mask_ratio, r.flip_perm, r.shifts
+    prefix_causal, grad_clip, seed = r.prefix_causal, r.grad_clip, r.seed
     G = batcher.global_batch
     T = batcher.tokens.shape[1]
     gen = step_generator(seed, step)
@@ -263,3 +276,30 @@ def grad_norm(params: list[torch.nn.Parameter], sharded: bool, device: str | tor
     if sharded:
         all_reduce(sq, device)
     return float(sq.sqrt())
+
+
+class EarlyStopping:
+    """The best epoch so far by validation score, with a CPU copy of its weights, and whether `patience`
+    epochs have passed without beating it: the one early-stopping rule of everything that trains on labels
+    (fine-tuning, the attentive probe). Ties keep the earlier epoch."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best_score, self.best_epoch = -math.inf, -1
+        self.state: dict[str, torch.Tensor] | None = None
+        self.bad_epochs = 0
+
+    def update(self, epoch: int, score: float, module: torch.nn.Module, always: bool = False) -> bool:
+        """Record `epoch`'s score; keep the weights when it is the best (or `always`, where there is nothing
+        to validate on). Returns True when training should stop."""
+        if always or score > self.best_score:
+            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            self.state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            return False
+        self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def restore(self, module: torch.nn.Module) -> None:
+        """Load the best epoch's weights back into `module`."""
+        if self.state is not None:
+            module.load_state_dict(self.state)

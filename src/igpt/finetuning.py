@@ -23,25 +23,16 @@ from safetensors.torch import save_file
 from .checks import check_device, check_seed
 from .compiling import CompiledOrEager
 from .data import PreparedData
-from .engine import NO_FLIP, bert_mask, lr_at, mirror_index, random_flips
+from .engine import NO_FLIP, EarlyStopping, bert_mask, lr_at, mirror_index, random_flips
 from .errors import IgptError
-from .files import atomic_directory, write_json_atomic
+from .features import POOLS, check_pool, extract_features, grid_side, pool_states
+from .files import atomic_directory
+from .logistic import balanced_subset, check_trainable, feature_std, fit_logistic
 from .model import IGPT
 from .palette import order_index
-from .probing import (
-    POOLS,
-    balanced_subset,
-    check_pool,
-    check_trainable,
-    extract_features,
-    feature_std,
-    fit_logistic,
-    grid_side,
-    labelled_rows,
-    open_labelled_run,
-    pool_states,
-)
+from .probe_setup import labelled_rows, open_labelled_run
 from .runs import Run
+from .settings import build_config, choice
 
 INITS = ("pretrained", "scratch")
 HEAD_POOLS = tuple(p for p in POOLS if p in ("mean", "grid", "grid3"))
@@ -51,7 +42,7 @@ class Classifier(nn.Module):
     """Backbone + linear head on pooled final normed states; `forward` returns (class logits, L_GEN).
 
     `pool` is "mean" (the paper's: the mean over positions) or a coarse spatial grid of means
-    ("grid" 2x2, "grid3" 3x3; `probing.pool_states`), which keeps where in the image a feature was seen.
+    ("grid" 2x2, "grid3" 3x3; `features.pool_states`), which keeps where in the image a feature was seen.
     The pooled features are standardised with fixed statistics of the training set (buffers set by
     `standardise_head`) before the head: averaged over positions they vary little between images, and a head
     on the raw pool needs weights so large that it learns slowly and amplifies every change of the
@@ -112,11 +103,6 @@ class Augment:
         cols = (ii.view(1, 1, R) - dx).clamp(0, R - 1)
         idx = (rows * R + cols).view(B, R * R)
         return g.gather(1, idx)[:, self.raster_to_seq]
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the model's weights, for keeping the best epoch."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def tokens_rows(data: PreparedData, rows: np.ndarray) -> np.ndarray:
@@ -193,15 +179,15 @@ class FinetuneConfig:
     seeds: int = 1
     """With `labels_per_class`: fine-tune on this many seeded subsets (the low-data probes' subsets for the
     same `seed`) and report their mean and std."""
-    init: str = "pretrained"
+    init: str = choice("pretrained", INITS)
     """pretrained (the run's weights), or scratch: the same architecture from random weights, trained with
     the same recipe, labels and budget (the control that shows what pretraining buys)."""
-    pool: str = "mean"
+    pool: str = choice("mean", HEAD_POOLS)
     """The head's input: mean (the paper's mean over positions of the final normed states), or a coarse
     spatial grid of means: grid (2x2) or grid3 (3x3)."""
     augment: bool = True
     """Random shifts, and flips where the data suits them (see `engine.mirror_index`)."""
-    head_init: str = "probe"
+    head_init: str = choice("probe", ("probe", "zero"))
     """probe (start the head at a linear probe of the features) or zero."""
     batch_size: int = 32
     """Images per step."""
@@ -254,17 +240,20 @@ class FinetuneConfig:
             raise IgptError(f"{out} exists and is not empty; choose another --out")
 
 
-def finetune(run: str | Path, out: str | Path, **settings: Any) -> dict[str, Any]:
+def finetune(
+    run: str | Path | FinetuneConfig, out: str | Path | None = None, **settings: Any
+) -> dict[str, Any]:
     """Fine-tune a run's backbone with a classification head into the run directory `out`, and return what
-    is written to OUT/finetune.json. Keyword arguments are `FinetuneConfig`'s fields, named as the command's
-    flags: `igpt.finetune("runs/r", out="runs/ft", epochs=1)`; `init="scratch"` is the from-scratch control.
+    is written to OUT/finetune.json. Takes a `FinetuneConfig`, or the run, `out` and the config's fields by
+    name, as the command's flags name them: `igpt.finetune("runs/r", out="runs/ft", epochs=1)`;
+    `init="scratch"` is the from-scratch control.
     `igpt.load_run(out)` opens the result (the fine-tuned backbone); `load_classifier(out)` gives backbone
     and head."""
-    known = set(FinetuneConfig.__dataclass_fields__) - {"run", "out"}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise TypeError(f"finetune() got unknown settings {unknown}; it takes {sorted(known)}")
-    return _finetune(FinetuneConfig(run=str(run), out=str(out), **settings))
+    if isinstance(run, FinetuneConfig):
+        return _finetune(run)
+    if out is None:
+        raise IgptError("finetune needs out, the directory to write the fine-tuned run to")
+    return _finetune(build_config(FinetuneConfig, "finetune", run=str(run), out=str(out), **settings))
 
 
 @dataclass
@@ -340,116 +329,149 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
     return result
 
 
+@dataclass
+class _Recipe:
+    """One fine-tuning's moving parts: the classifier, its optimizer and schedule, augmentation, the
+    generator that orders batches and draws masks, and the (possibly compiled) forward."""
+
+    model: Classifier
+    opt: torch.optim.Optimizer
+    lr: float
+    aug: Augment | None
+    flip: bool
+    mask_ratio: float
+    gen: torch.Generator
+    total_steps: int
+    forward: CompiledOrEager
+    step: int = 0
+
+
+def _recipe(
+    args: FinetuneConfig, info: Run, backbone: IGPT, data: PreparedData, split: _Split, seed: int
+) -> _Recipe:
+    """The classifier (pretrained or, for the control, freshly initialised with `seed`) with its head
+    started from a probe of the features, and the recipe around it; prints the start-up line."""
+    C = data.num_classes
+    torch.manual_seed(seed)
+    if args.init == "scratch":
+        backbone = IGPT(backbone.config)  # same shape, random weights (seeded above)
+    model = Classifier(backbone, C, args.pool, data.resolution, data.meta["order"]).to(args.device).train()
+    head_rows = split.train[:10_000]
+    labels = data.labels("train")[np.sort(head_rows)]
+    standardise_head(
+        model, tokens_rows(data, head_rows), labels, C, args.device, probe=args.head_init == "probe"
+    )
+    train = info.train_config
+    lr = args.lr or (train.lr if train else 1e-3) / 10
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    flip = data.meta.get("dataset") not in NO_FLIP
+    R, order = data.resolution, data.meta["order"]
+    aug = Augment(R, order, max(1, R // 8), flip) if args.augment else None
+    steps_per_epoch = math.ceil(len(split.train) / args.batch_size)
+    print(
+        f"igpt finetune ({args.init} init, {args.pool} pool): {len(split.train):,} training / "
+        f"{len(split.val):,} validation / {len(split.test):,} test images, {C} classes; "
+        f"lr {lr:g}, gen weight {args.gen_weight:g}, batch {args.batch_size}, up to {args.epochs} epochs x "
+        f"{steps_per_epoch} steps; augment {'shifts' + (' + flips' if flip else '') if aug else 'off'}",
+        file=sys.stderr,
+    )
+    return _Recipe(
+        model=model,
+        opt=opt,
+        lr=lr,
+        aug=aug,
+        flip=flip,
+        mask_ratio=train.mask_ratio if train else 0.15,  # BERT: mask as the backbone was pretrained
+        gen=torch.Generator().manual_seed(seed),
+        total_steps=steps_per_epoch * args.epochs,
+        forward=CompiledOrEager(model, "the fine-tuning forward", enabled=args.compile),
+    )
+
+
+def _train_epoch(
+    args: FinetuneConfig, r: _Recipe, data: PreparedData, rows: np.ndarray, epoch: int, out_of_time
+) -> float:
+    """One pass over `rows` in a seeded order (cut short when the budget runs out): the joint loss
+    L_CLF + gen_weight * L_GEN, clipped AdamW steps on the shared schedule. Returns the mean loss."""
+    from tqdm import tqdm
+
+    y_all, tokens, device = data.labels("train"), data.tokens("train"), args.device
+    causal = r.model.backbone.causal
+    perm = rows[torch.randperm(len(rows), generator=r.gen).numpy()]
+    losses = []
+    bar = tqdm(
+        range(0, len(perm), args.batch_size),
+        desc=f"epoch {epoch}",
+        unit="step",
+        leave=False,
+        disable=not args.progress,
+        mininterval=1.0,
+        file=sys.stderr,
+    )
+    for s in bar:
+        idx = np.sort(perm[s : s + args.batch_size])
+        x = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+        if r.aug is not None:
+            x = r.aug(x, r.gen)
+        y = torch.from_numpy(y_all[idx]).to(device)
+        mask = None if causal else bert_mask(tuple(x.shape), r.mask_ratio, r.gen).to(device)
+        for g in r.opt.param_groups:
+            g["lr"] = lr_at((r.step + 1) / r.total_steps, r.lr, 0.05)
+        logits, l_gen = r.forward(x.to(device), mask if args.gen_weight > 0 else None)
+        loss = F.cross_entropy(logits, y) + args.gen_weight * l_gen
+        r.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(r.model.parameters(), 1.0)
+        r.opt.step()
+        r.step += 1
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+        if out_of_time():
+            break  # the epoch is cut short; it is still validated and may be the best
+    bar.close()
+    return float(np.mean(losses))
+
+
 def _fit_one(
     args: FinetuneConfig, info: Run, backbone: IGPT, data: PreparedData, split: _Split, seed: int
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Train one classifier on `split` (early stopping on its validation rows) and score its best epoch on
     the test rows: (result, the best epoch's weights)."""
-    device, C = args.device, data.num_classes
-    y_all = data.labels("train")
+    r = _recipe(args, info, backbone, data, split, seed)
     tr, va, te = split.train, split.val, split.test
     y_va, tok_va = data.labels("val"), data.tokens("val")
-    torch.manual_seed(seed)
-    if args.init == "scratch":
-        backbone = IGPT(backbone.config)  # same shape, random weights (seeded above)
-    model = Classifier(backbone, C, args.pool, data.resolution, data.meta["order"]).to(device).train()
-    standardise_head(
-        model,
-        tokens_rows(data, tr[:10_000]),
-        y_all[np.sort(tr[:10_000])],
-        C,
-        device,
-        probe=args.head_init == "probe",
-    )
-    train = info.train_config
-    pre_lr = train.lr if train else 1e-3
-    mask_ratio = train.mask_ratio if train else 0.15  # BERT: mask as the backbone was pretrained
-    lr = args.lr or pre_lr / 10
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    flip = data.meta.get("dataset") not in NO_FLIP
-    aug = (
-        Augment(data.resolution, data.meta["order"], max(1, data.resolution // 8), flip)
-        if args.augment
-        else None
-    )
-    steps_per_epoch = math.ceil(len(tr) / args.batch_size)
-    total = steps_per_epoch * args.epochs
-    gen = torch.Generator().manual_seed(seed)
-    tokens = data.tokens("train")
-    print(
-        f"igpt finetune ({args.init} init, {args.pool} pool): {len(tr):,} training / {len(va):,} "
-        f"validation / {len(te):,} test images, {C} classes; "
-        f"lr {lr:g}, gen weight {args.gen_weight:g}, batch {args.batch_size}, up to {args.epochs} epochs x "
-        f"{steps_per_epoch} steps; augment {'shifts' + (' + flips' if flip else '') if aug else 'off'}",
-        file=sys.stderr,
-    )
-    initial_val = accuracy(model, tok_va[va], y_va[va], device) if len(va) else None
-    history, best, best_state, bad_epochs, step = [], (-1.0, -1), None, 0, 0
+
+    def val_accuracy() -> float:
+        return accuracy(r.model, tok_va[va], y_va[va], args.device) if len(va) else float("nan")
+
+    stop = EarlyStopping(args.patience)
+    initial_val = val_accuracy() if len(va) else None
     if initial_val is not None:  # epoch 0, the head's start, is a candidate too: training must beat it
-        best = (initial_val, 0)
-        best_state = snapshot(model)
+        stop.update(0, initial_val, r.model)
+    history = []
     t0 = time.perf_counter()
-    from tqdm import tqdm
 
     def out_of_time() -> bool:
         return bool(args.minutes) and time.perf_counter() - t0 > 60 * args.minutes
 
-    train_forward = CompiledOrEager(model, "the fine-tuning forward", enabled=args.compile)
     for epoch in range(1, args.epochs + 1):
-        perm = tr[torch.randperm(len(tr), generator=gen).numpy()]
-        losses = []
-        bar = tqdm(
-            range(0, len(perm), args.batch_size),
-            desc=f"epoch {epoch}",
-            unit="step",
-            leave=False,
-            disable=not args.progress,
-            mininterval=1.0,
-            file=sys.stderr,
-        )
-        for s in bar:
-            idx = np.sort(perm[s : s + args.batch_size])
-            x = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
-            if aug is not None:
-                x = aug(x, gen)
-            y = torch.from_numpy(y_all[idx]).to(device)
-            mask = None if backbone.causal else bert_mask(tuple(x.shape), mask_ratio, gen).to(device)
-            x = x.to(device)
-            for g in opt.param_groups:
-                g["lr"] = lr_at((step + 1) / total, lr, 0.05)
-            logits, l_gen = train_forward(x, mask if args.gen_weight > 0 else None)
-            loss = F.cross_entropy(logits, y) + args.gen_weight * l_gen
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
-            if out_of_time():
-                break  # the epoch is cut short; it is still validated and may be the best
-        bar.close()
-        val = accuracy(model, tok_va[va], y_va[va], device) if len(va) else float("nan")
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val})
+        loss = _train_epoch(args, r, data, tr, epoch, out_of_time)
+        val = val_accuracy()
+        history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": val})
         if args.progress:
-            print(f"epoch {epoch}: train loss {np.mean(losses):.4f}, val accuracy {val:.4f}", file=sys.stderr)
-        if not len(va) or val > best[0]:
-            best, bad_epochs = (val, epoch), 0
-            best_state = snapshot(model)
-        else:
-            bad_epochs += 1
-            if bad_epochs >= args.patience:
-                print(f"early stop: no validation gain for {args.patience} epochs", file=sys.stderr)
-                break
+            print(f"epoch {epoch}: train loss {loss:.4f}, val accuracy {val:.4f}", file=sys.stderr)
+        if stop.update(epoch, val, r.model, always=not len(va)):
+            print(f"early stop: no validation gain for {args.patience} epochs", file=sys.stderr)
+            break
         if out_of_time():
             print("stopping: --minutes budget reached", file=sys.stderr)
             break
-    model.load_state_dict(best_state)
-    test_acc = accuracy(model, data.tokens("test")[te], data.labels("test")[te], device)
+    stop.restore(r.model)
+    test_acc = accuracy(r.model, data.tokens("test")[te], data.labels("test")[te], args.device)
     result = {
         "test_accuracy": test_acc,
-        "best_epoch": best[1],
-        "best_val_accuracy": best[0] if len(va) else None,
+        "best_epoch": stop.best_epoch,
+        "best_val_accuracy": stop.best_score if len(va) else None,
         "initial_val_accuracy": initial_val,
         "history": history,
         "init": args.init,
@@ -457,7 +479,7 @@ def _fit_one(
         "labels_per_class": args.labels_per_class,
         "n_train": len(tr),
         "n_val": len(va),
-        **({"train_rows": [int(r) for r in np.sort(tr)]} if args.labels_per_class else {}),
+        **({"train_rows": [int(x) for x in np.sort(tr)]} if args.labels_per_class else {}),
         "n_test": len(te),
         "val_rows": (
             "the whole prepared validation split"
@@ -465,12 +487,12 @@ def _fit_one(
             else "a seeded class-balanced draw of at most labels_per_class images per class from the "
             "validation split"
         ),
-        "objective": backbone.config.objective,
-        "settings": asdict(args) | {"lr": lr, "flip": flip},
+        "objective": r.model.backbone.config.objective,
+        "settings": asdict(args) | {"lr": r.lr, "flip": r.flip},
         "seconds": round(time.perf_counter() - t0, 2),
         "pretrained_run": str(Path(args.run).resolve()),
     }
-    return result, best_state
+    return result, stop.state
 
 
 def _save(
@@ -499,7 +521,7 @@ def _save(
             palette=data.palette,
             finetune=finetune,
         )
-        write_json_atomic(tmp / "finetune.json", result)
+        Run.write_finetune_result(tmp, result)
 
 
 def load_classifier(run: str | Path, device: str = "cpu") -> Classifier:

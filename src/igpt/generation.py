@@ -282,7 +282,7 @@ def complete(
     if keep == T:
         out = rep
     elif model.causal:
-        out = model.generate(rep[:, :keep], T - keep, temperature, top_k, top_p, generator=gen)
+        out = generate(model, rep[:, :keep], T - keep, temperature, top_k, top_p, generator=gen)
     else:
         hidden = torch.zeros_like(rep, dtype=torch.bool)
         hidden[:, keep:] = True

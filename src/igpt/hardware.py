@@ -31,6 +31,8 @@ def cpu_has_amx() -> bool:
 # faster in bf16 than in fp32 (20.5k against 21.1k tokens/s; benchmarks/sweep.py), while an earlier
 # measurement had 8 x 256 run 1.45x faster: below this width the tiles do not pay for the casts.
 AMX_MIN_WIDTH = 256
+PRECISIONS = ("fp32", "bf16", "auto")
+"""What a `--precision` setting may say; auto is resolved by `auto_precision`."""
 
 
 def cpu_has_avx512_bf16() -> bool:

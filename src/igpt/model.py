@@ -214,8 +214,8 @@ class Block(nn.Module):
 
 class IGPT(nn.Module):
     """iGPT. `forward(tokens, mask)` returns `(logits, loss)`; `logits`, `features`,
-    `get_intermediate_layers` and `generate` are the public API. The one-token decode step and the samplers
-    live in `igpt.generation`."""
+    `get_intermediate_layers` are the public API. Sampling (`igpt.generation.generate`, with the one-token
+    decode step and its key/value cache) lives outside the model and only uses it."""
 
     def __init__(self, cfg: IGPTConfig):
         super().__init__()
@@ -355,19 +355,3 @@ class IGPT(nn.Module):
             for i, h in hs.items():
                 out[i].append(h.float().mean(1))
         return {i: torch.cat(v) for i, v in out.items()}
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prefix: torch.Tensor,
-        n_new: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Continue `prefix` (B, P) by `n_new` sampled tokens -> (B, P + n_new), AR runs only, with a
-        key/value cache (see `igpt.generation`). temperature 0 means greedy; top_k 0 or None is off."""
-        from .generation import generate
-
-        return generate(self, prefix, n_new, temperature, top_k, top_p, generator)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,184 +26,19 @@ import numpy as np
 from .budget import BudgetPlan, Workload, calibrate, predict, prepared_counts, share_out
 from .data import PreparedData
 from .errors import IgptError
+from .features import FeatureCache, grid_side
 from .files import write_json_atomic
 from .finetuning import finetune
 from .model import IGPTConfig
+from .plans import QuickstartOptions, QuickstartPlan, make_plan
 from .preparation import VAL_FRACTION, PrepareConfig, prepare_config, summary_lines
-from .probing import FeatureCache, ProbeConfig, grid_side, open_labelled_run, probe_and_save
+from .probe_setup import ProbeConfig, open_labelled_run
+from .probing import probe_and_save
 from .report import CLASSICAL_BASELINES, write_report
-from .runs import Run
+from .results import FinetuneResult, LowDataResult, PretrainSummary, ProbeResult
+from .runs import FULL_PROBE, LATEST_PROBE, Run, is_run, low_data_stem
 from .sampling import sample
 from .training import pretrain
-
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-@dataclass(frozen=True)
-class QuickstartPlan:
-    """The settings of one quickstart: data, model, budget and evaluation."""
-
-    dataset: str
-    """fashion-mnist, or digits when the Fashion-MNIST files are missing."""
-    resolution: int
-    """Square side the images are box-resized to; 14 trades detail for 4x shorter sequences than 28."""
-    clusters: int
-    """Grey levels of the palette."""
-    limit: int | None
-    """Images per split kept (None: all)."""
-    preset: str
-    """Model shape preset."""
-    minutes: float
-    """The whole job's wall-clock budget: pretraining gets what the other stages are predicted to leave."""
-    pretrain_minutes: float | None
-    """Pretraining's minutes, given outright (no budget sharing); None: shared out from `minutes`."""
-    min_pretrain_minutes: float
-    """The least pretraining worth running; a budget that leaves less is refused."""
-    batch_size: int
-    lr: float
-    optimizer: str
-    """adamw or muon (see `igpt.optim`)."""
-    schedule: str
-    """Learning-rate decay after warm-up: cosine, linear or wsd."""
-    shift: int
-    """Random translations of up to this many pixels during pretraining (0: none)."""
-    flip: bool
-    """Random horizontal flips during pretraining (Fashion-MNIST's classes survive them)."""
-    precision: str
-    """fp32, bf16, or auto (bf16 where the CPU has AMX, else fp32)."""
-    prefix_causal: bool
-    """AR with prefix-causal attention, features read bidirectionally."""
-    probe_precision: str
-    """The probes' feature pass: fp32, bf16, or auto (bf16 where the CPU has AMX)."""
-    pool: str
-    """Probe pooling: 'grid3' (means over a 3x3 grid) beat the paper's 'mean' at this scale (see README)."""
-    low_data: tuple[tuple[int, int], ...]
-    """(labels per class, seeds) pairs for the low-data probes."""
-    completions: tuple[int, int]
-    """(test images, samples per image) in the completion grid."""
-    keep_every: int
-    """Checkpoints kept every N steps, so `igpt probe RUN --checkpoints all` can
-    plot probe accuracy against validation loss over the run."""
-    finetune_minutes: float | None
-    """Fine-tune the pretrained model (joint loss, early-stopped on validation) for this many minutes after
-    the probes; None skips it."""
-    attentive: bool
-    """Also train the attentive probe on the best layer's token states (see `igpt.attentive`)."""
-    compile: bool
-    """torch.compile pretraining and the probes' feature pass (faster on CPU after some seconds of compiling;
-    see BENCHMARKS.md); each falls back to eager PyTorch, with a notice, where compiling fails."""
-
-    def pretrain_settings(self) -> dict[str, Any]:
-        """The plan's pretraining settings as `igpt.pretrain` keywords (all but the budget)."""
-        keys = ("preset", "batch_size", "lr", "optimizer", "schedule", "shift", "flip", "precision")
-        return {"prefix_causal": self.prefix_causal or None, **{k: getattr(self, k) for k in keys}}
-
-
-DEFAULT = QuickstartPlan(
-    dataset="fashion-mnist",
-    resolution=14,
-    clusters=16,
-    limit=None,
-    preset="tiny",
-    minutes=30.0,
-    pretrain_minutes=None,
-    min_pretrain_minutes=3.0,
-    batch_size=32,
-    lr=2e-3,
-    optimizer="muon",
-    schedule="wsd",
-    shift=0,
-    flip=False,
-    precision="auto",
-    prefix_causal=False,
-    probe_precision="auto",
-    pool="grid3",
-    low_data=((10, 5), (100, 3)),
-    completions=(8, 5),
-    keep_every=500,
-    finetune_minutes=None,
-    attentive=False,
-    compile=True,
-)
-SMOKE = QuickstartPlan(
-    dataset="fashion-mnist",
-    resolution=8,
-    clusters=8,
-    limit=2000,
-    preset="micro",
-    minutes=1.5,
-    pretrain_minutes=None,
-    min_pretrain_minutes=0.1,
-    batch_size=32,
-    lr=3e-3,
-    optimizer="adamw",
-    schedule="cosine",
-    shift=0,
-    flip=False,
-    precision="fp32",
-    prefix_causal=False,
-    probe_precision="fp32",
-    pool="grid",
-    low_data=((10, 2),),
-    completions=(3, 3),
-    keep_every=1000,
-    finetune_minutes=None,
-    attentive=False,
-    compile=False,
-)
-
-
-def make_plan(
-    smoke: bool = False,
-    minutes: float | None = None,
-    preset: str | None = None,
-    compile: bool | None = None,
-    resolution: int | None = None,
-    dataset: str | None = None,
-    data_dir: str | None = None,
-    finetune_minutes: float | None = None,
-    attentive: bool | None = None,
-    pretrain_minutes: float | None = None,
-) -> tuple[QuickstartPlan, str | None]:
-    """The plan from the defaults (or the smoke plan) and the options; with a notice when Fashion-MNIST is
-    missing and the digits stand in."""
-    base = SMOKE if smoke else DEFAULT
-    over: dict[str, Any] = {}
-    budgets = {"minutes": minutes, "pretrain_minutes": pretrain_minutes, "finetune_minutes": finetune_minutes}
-    for name, value in budgets.items():
-        if value is None:
-            continue
-        if not (math.isfinite(value) and value > 0):
-            raise IgptError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        over[name] = value
-    if attentive is not None:
-        over["attentive"] = attentive
-    if preset:
-        over["preset"] = preset
-    if compile is not None:
-        over["compile"] = compile
-    if resolution is not None:
-        if not 2 <= resolution <= 28:
-            raise IgptError(f"--resolution must be in [2, 28] for Fashion-MNIST, got {resolution}")
-        over["resolution"] = resolution
-    if dataset not in (None, "fashion-mnist", "digits"):
-        raise IgptError(f"--dataset must be fashion-mnist or digits, got '{dataset}'")
-    notice = None
-    dataset = dataset or base.dataset
-    if dataset == "fashion-mnist":
-        d = Path(data_dir) if data_dir else FASHION_DIR
-        if not any(d.glob("train-images*")):
-            if data_dir:
-                raise IgptError(f"no Fashion-MNIST IDX files in {d}")
-            dataset = "digits"
-            notice = (
-                f"Fashion-MNIST is not in {FASHION_DIR} (install it with `apt-get install "
-                "dataset-fashion-mnist`); using scikit-learn's 8x8 digits instead"
-            )
-    if dataset == "digits":
-        over.update(resolution=8, limit=None)
-    over["dataset"] = dataset
-    return QuickstartPlan(**{**asdict(base), **over}), notice
 
 
 class Stages:
@@ -242,196 +77,256 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def stage(n: int, title: str) -> None:
-    print(f"\n[{n}/7] {title}", flush=True)
+class Job:
+    """One quickstart in progress: the plan, the output directory, the stage record, and the model, data and
+    feature cache that the probe stages share (opened once, so the low-data probes index the full probe's
+    features instead of running the model again)."""
 
+    def __init__(self, plan: QuickstartPlan, opts: QuickstartOptions, st: Stages):
+        self.plan, self.opts, self.st = plan, opts, st
+        self.out = Path(opts.out)
+        self.data_dir, self.run_dir = self.out / "data", self.out / "run"
+        self.progress = opts.progress
+        self.pre_minutes = 0.0
+        self.baselines = CLASSICAL_BASELINES if plan.dataset == "fashion-mnist" else {}
 
-def quickstart(
-    out: str | Path = "runs/quickstart",
-    *,
-    minutes: float | None = None,
-    smoke: bool = False,
-    dataset: str | None = None,
-    data_dir: str | None = None,
-    preset: str | None = None,
-    resolution: int | None = None,
-    compile: bool | None = None,
-    finetune_minutes: float | None = None,
-    attentive: bool | None = None,
-    pretrain_minutes: float | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The whole pipeline into `out` within `minutes`: prepare, AR pretraining for what the later stages leave
-    of the budget (or for `pretrain_minutes`, given outright), a probe of every layer beside raw pixels,
-    low-data probes, completions and report.html. A second call with the same `out` skips finished stages
-    and resumes an interrupted pretraining. Returns quickstart.json's content."""
-    plan, notice = make_plan(
-        smoke,
-        minutes,
-        preset,
-        compile,
-        resolution,
-        dataset,
-        data_dir,
-        finetune_minutes,
-        attentive,
-        pretrain_minutes,
-    )
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise IgptError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "quickstart.json").is_file():
-        raise IgptError(f"{out} exists and was not made by igpt quickstart; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    if notice:
-        print(f"igpt: notice: {notice}", file=sys.stderr)
-    st = Stages(out, plan)
-    if notice:
-        st.state["notice"] = notice
-    data_dir_out, run_dir = out / "data", out / "run"
-    pre_minutes = plan_budget(plan, out, st)
+    @functools.cached_property
+    def probe_precision(self) -> str:
+        """The feature pass's precision, `auto` resolved for this machine."""
+        return ProbeConfig(run=str(self.run_dir), precision=self.plan.probe_precision).precision
 
-    stage(1, f"prepare {plan.dataset}: {plan.resolution}x{plan.resolution}, {plan.clusters} grey levels")
-    t = time.perf_counter()
-    source_dir = data_dir if plan.dataset != "digits" else None
-    meta = prepare_config(
-        PrepareConfig(
-            dataset=plan.dataset,
-            data_dir=source_dir,
-            resolution=plan.resolution,
-            clusters=plan.clusters,
-            limit=plan.limit,
-        ),
-        data_dir_out,
-    )
-    print("\n".join(summary_lines(meta, data_dir_out)))
-    st.finish("prepare", time.perf_counter() - t)
-
-    stage(2, f"AR pretraining, preset {plan.preset}, {pre_minutes:g} minutes")
-    run = Run.open(run_dir) if (run_dir / "run.json").is_file() else None
-    if run is not None and run.finished and run.train_config.minutes == pre_minutes:
-        print(f"already done ({run_dir}); skipped")
-    else:
-        t = time.perf_counter()
-        summary = pretrain(
-            data_dir_out,
-            run_dir,
-            minutes=pre_minutes,
-            **plan.pretrain_settings(),
-            eval_images=1000,
-            keep_every=plan.keep_every,
-            compile=plan.compile,
-            resume=run is not None,
-            progress=progress,
-        )
-        if not summary.get("finished", False):
-            raise IgptError("pretraining stopped before its budget; run the same command again to resume it")
-        st.finish("pretrain", time.perf_counter() - t)
-        st.reset_after("pretrain")
-
-    stage(3, f"linear probe of every layer ({plan.pool} pooling) beside raw pixels")
-    baselines = CLASSICAL_BASELINES if plan.dataset == "fashion-mnist" else {}
-    probe_precision = ProbeConfig(run=str(run_dir), precision=plan.probe_precision).precision  # auto resolved
-
-    @functools.cache
-    def evaluation() -> tuple:
-        """(model, data, every layer, feature cache), opened once and shared by both probe stages, so the
-        low-data probes index the full probe's features instead of running the model again."""
-        _, model, data = open_labelled_run(str(run_dir), None)
+    @functools.cached_property
+    def evaluation(self) -> tuple[Any, PreparedData, list[int], FeatureCache]:
+        """(model, data, every layer, feature cache) of the pretrained run."""
+        _, model, data = open_labelled_run(str(self.run_dir), None)
         layers = list(range(model.config.n_layer + 1))
         cache = FeatureCache(
             model,
             data,
             layers,
             batch_size=128,
-            pool=plan.pool,
+            pool=self.plan.pool,
             resolution=data.resolution,
             order=data.meta["order"],
             device="cpu",
-            quiet=not progress,
-            compile=plan.compile,
-            precision=probe_precision,
+            quiet=not self.progress,
+            compile=self.plan.compile,
+            precision=self.probe_precision,
         )
         return model, data, layers, cache
 
-    if st.done("probe") and (run_dir / "probe_full.json").is_file():
-        print("already done; skipped")
-    else:
+    def probe_config(self, **settings: Any) -> ProbeConfig:
+        """A probe of the run with the plan's pooling and progress."""
+        return ProbeConfig(run=str(self.run_dir), pool=self.plan.pool, progress=self.progress, **settings)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the quickstart: `run` does it (and records its seconds), unless `is_done` finds it done
+    by an earlier call; `wanted` leaves optional stages out."""
+
+    name: str
+    title: Callable[[Job], str]
+    is_done: Callable[[Job], bool]
+    run: Callable[[Job], None]
+    wanted: Callable[[Job], bool] = lambda job: True
+
+
+def _prepare(job: Job) -> None:
+    plan = job.plan
+    source = PrepareConfig(
+        dataset=plan.dataset,
+        data_dir=job.opts.data_dir if plan.dataset != "digits" else None,
+        resolution=plan.resolution,
+        clusters=plan.clusters,
+        limit=plan.limit,
+    )
+    meta = prepare_config(source, job.data_dir)
+    print("\n".join(summary_lines(meta, job.data_dir)))
+
+
+def _pretrain_done(job: Job) -> bool:
+    run = Run.open(job.run_dir) if is_run(job.run_dir) else None
+    return run is not None and run.finished and run.train_config.minutes == job.pre_minutes
+
+
+def _pretrain(job: Job) -> None:
+    plan = job.plan
+    summary = pretrain(
+        job.data_dir,
+        job.run_dir,
+        minutes=job.pre_minutes,
+        **plan.pretrain_settings(),
+        eval_images=1000,
+        keep_every=plan.keep_every,
+        compile=plan.compile,
+        resume=is_run(job.run_dir),
+        progress=job.progress,
+    )
+    if not PretrainSummary.from_json(summary).finished:
+        raise IgptError("pretraining stopped before its budget; run the same command again to resume it")
+    job.st.reset_after("pretrain")
+
+
+def _probe(job: Job) -> None:
+    model, data, layers, cache = job.evaluation
+    head = "attentive" if job.plan.attentive else "linear"
+    cfg = job.probe_config(head=head, compile=job.plan.compile, precision=job.probe_precision)
+    print(probe_line(probe_and_save(cfg, model, data, layers, cache, job.baselines)))
+
+
+def _low_data(job: Job) -> None:
+    model, data, layers, cache = job.evaluation
+    y = data.labels("train")
+    for n, k in job.plan.low_data:
+        if n > np.bincount(y[y >= 0]).min():
+            continue
+        cfg = job.probe_config(labels_per_class=n, seeds=k)
+        print(probe_line(probe_and_save(cfg, model, data, layers, cache, job.baselines)))
+
+
+def _completions(job: Job) -> None:
+    n_img, n_samp = job.plan.completions
+    images = pick_one_per_class(job.data_dir, n_img)
+    sample(job.run_dir, job.out / "completions.png", images=images, num=n_samp)
+
+
+def _finetuned(job: Job, name: str) -> bool:
+    d = job.out / name
+    return job.st.done(name) and is_run(d) and Run.open(d).finetune_result() is not None
+
+
+def _finetune(job: Job) -> None:
+    """The fine-tuning and its from-scratch control, each recorded as its own stage."""
+    for init, name in (("pretrained", "finetune"), ("scratch", "finetune_scratch")):
+        if _finetuned(job, name):
+            print(f"{init}: already done; skipped")
+            continue
         t = time.perf_counter()
-        model, data, layers, cache = evaluation()
-        head = "attentive" if plan.attentive else "linear"
-        cfg = ProbeConfig(
-            run=str(run_dir),
-            pool=plan.pool,
-            head=head,
-            compile=plan.compile,
-            precision=probe_precision,
-            progress=progress,
+        ft_dir = job.out / name
+        if ft_dir.exists():  # an interrupted fine-tuning starts again
+            shutil.rmtree(ft_dir)
+        ft = finetune(
+            job.run_dir,
+            ft_dir,
+            init=init,
+            minutes=job.plan.finetune_minutes,
+            epochs=20,
+            compile=job.plan.compile,
+            progress=job.progress,
         )
-        res = probe_and_save(cfg, model, data, layers, cache, baselines)
-        print(probe_line(res))
-        st.finish("probe", time.perf_counter() - t)
+        r = FinetuneResult.from_json(ft)
+        print(f"{init} init: test accuracy {r.test_accuracy:.4f} (epoch {r.best_epoch})")
+        job.st.finish(name, time.perf_counter() - t)
 
-    stage(4, "low-data probes: " + ", ".join(f"{n} labels per class x {k} subsets" for n, k in plan.low_data))
-    if st.done("low_data") and all(
-        (run_dir / f"probe_{n}_per_class.json").is_file() for n, _ in plan.low_data
-    ):
-        print("already done; skipped")
-    else:
-        t = time.perf_counter()
-        model, data, layers, cache = evaluation()
-        for n, k in plan.low_data:
-            if n > np.bincount(data.labels("train")[data.labels("train") >= 0]).min():
-                continue
-            cfg = ProbeConfig(
-                run=str(run_dir), pool=plan.pool, labels_per_class=n, seeds=k, progress=progress
+
+def _report(job: Job) -> None:
+    run = Run.open(job.run_dir)  # probe.json and probe.png stay the full probe's, the run's headline result
+    for suffix in (".json", ".png"):
+        shutil.copyfile(run.probe_file(FULL_PROBE, suffix), run.probe_file(LATEST_PROBE, suffix))
+    job.st.save()
+    write_report(job.out)
+
+
+def _low_data_title(job: Job) -> str:
+    return "low-data probes: " + ", ".join(
+        f"{n} labels per class x {k} subsets" for n, k in job.plan.low_data
+    )
+
+
+STAGES = (
+    Stage(
+        "prepare",
+        lambda j: (
+            f"prepare {j.plan.dataset}: {j.plan.resolution}x{j.plan.resolution}, {j.plan.clusters} grey "
+            "levels"
+        ),
+        lambda j: False,  # always run: an equal earlier prepare is reused in a moment
+        _prepare,
+    ),
+    Stage(
+        "pretrain",
+        lambda j: f"AR pretraining, preset {j.plan.preset}, {j.pre_minutes:g} minutes",
+        _pretrain_done,
+        _pretrain,
+    ),
+    Stage(
+        "probe",
+        lambda j: f"linear probe of every layer ({j.plan.pool} pooling) beside raw pixels",
+        lambda j: j.st.done("probe") and Run.open(j.run_dir).probe_file(FULL_PROBE).is_file(),
+        _probe,
+    ),
+    Stage(
+        "low_data",
+        _low_data_title,
+        lambda j: (
+            j.st.done("low_data")
+            and all(Run.open(j.run_dir).probe_file(low_data_stem(n)).is_file() for n, _ in j.plan.low_data)
+        ),
+        _low_data,
+    ),
+    Stage(
+        "completions",
+        lambda j: "completions: the top half of test images kept, the rest sampled",
+        lambda j: j.st.done("completions") and (j.out / "completions.png").is_file(),
+        _completions,
+    ),
+    Stage(
+        "finetune",
+        lambda j: (
+            f"fine-tuning: joint loss, {j.plan.finetune_minutes:g} minutes, early-stopped on validation; "
+            "then the same architecture and recipe from scratch (the control)"
+        ),
+        lambda j: _finetuned(j, "finetune") and _finetuned(j, "finetune_scratch"),
+        _finetune,
+        wanted=lambda j: bool(j.plan.finetune_minutes),
+    ),
+    Stage("report", lambda j: "report", lambda j: False, _report),
+)
+"""The quickstart's stages in order; quickstart.json records each one's seconds and whether it is done."""
+
+
+def run_stages(job: Job) -> None:
+    """Run every wanted stage that is not done yet, printing its number and title, timing it."""
+    for n, s in enumerate(STAGES, start=1):
+        if not s.wanted(job):
+            continue
+        print(f"\n[{n}/{len(STAGES)}] {s.title(job)}", flush=True)
+        if s.is_done(job):
+            print(
+                f"already done ({job.run_dir}); skipped" if s.name == "pretrain" else "already done; skipped"
             )
-            print(probe_line(probe_and_save(cfg, model, data, layers, cache, baselines)))
-        st.finish("low_data", time.perf_counter() - t)
-    # probe.json and probe.png stay the full probe's, the run's headline result
-    shutil.copyfile(run_dir / "probe_full.json", run_dir / "probe.json")
-    shutil.copyfile(run_dir / "probe_full.png", run_dir / "probe.png")
-
-    stage(5, "completions: the top half of test images kept, the rest sampled")
-    if st.done("completions") and (out / "completions.png").is_file():
-        print("already done; skipped")
-    else:
+            continue
         t = time.perf_counter()
-        n_img, n_samp = plan.completions
-        sample(run_dir, out / "completions.png", images=pick_one_per_class(data_dir_out, n_img), num=n_samp)
-        st.finish("completions", time.perf_counter() - t)
+        s.run(job)
+        if s.name != "finetune":  # the fine-tunings record their own two stages
+            job.st.finish(s.name, time.perf_counter() - t)
 
-    if plan.finetune_minutes:
-        stage(
-            6,
-            f"fine-tuning: joint loss, {plan.finetune_minutes:g} minutes, early-stopped on validation; then "
-            "the same architecture and recipe from scratch (the control)",
-        )
-        for init, name in (("pretrained", "finetune"), ("scratch", "finetune_scratch")):
-            ft_dir = out / name
-            if st.done(name) and (ft_dir / "finetune.json").is_file():
-                print(f"{init}: already done; skipped")
-                continue
-            t = time.perf_counter()
-            if ft_dir.exists():  # an interrupted fine-tuning starts again
-                shutil.rmtree(ft_dir)
-            ft = finetune(
-                run_dir,
-                ft_dir,
-                init=init,
-                minutes=plan.finetune_minutes,
-                epochs=20,
-                compile=plan.compile,
-                progress=progress,
-            )
-            print(f"{init} init: test accuracy {ft['test_accuracy']:.4f} (epoch {ft['best_epoch']})")
-            st.finish(name, time.perf_counter() - t)
 
-    stage(7, "report")
-    t = time.perf_counter()
-    st.save()
-    write_report(out)
-    st.finish("report", time.perf_counter() - t)
+def quickstart(out: str | Path | QuickstartOptions = "runs/quickstart", **settings: Any) -> dict[str, Any]:
+    """The whole pipeline into `out` within `minutes`: prepare, AR pretraining for what the later stages leave
+    of the budget (or for `pretrain_minutes`, given outright), a probe of every layer beside raw pixels,
+    low-data probes, completions and report.html (`STAGES`). Takes `QuickstartOptions`, or `out` and their
+    fields by name. A second call with the same `out` skips finished stages and resumes an interrupted
+    pretraining. Returns quickstart.json's content."""
+    if isinstance(out, QuickstartOptions):
+        opts = out
+    else:
+        opts = settings.build_config(QuickstartOptions, "quickstart", out=str(out), **settings)
+    plan, notice = make_plan(opts)
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise IgptError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "quickstart.json").is_file():
+        raise IgptError(f"{out} exists and was not made by igpt quickstart; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    st = Stages(out, plan)
+    if notice:
+        print(f"igpt: notice: {notice}", file=sys.stderr)
+        st.state["notice"] = notice
+    job = Job(plan, opts, st)
+    job.pre_minutes = plan_budget(plan, out, st)
+    run_stages(job)
     path = write_report(out)  # again, so that the page shows the report stage's own seconds
     total = sum(st.state["seconds"].values())
     print(
@@ -523,16 +418,18 @@ def budget_lines(state: dict[str, Any]) -> list[str]:
 def probe_line(res: dict[str, Any]) -> str:
     """One line that sums up a probe result: the best layer's accuracy beside raw pixels."""
     if "mean_accuracy" in res:  # low data: a user holds one subset, so each subset's own choice leads
+        low = LowDataResult.from_json(res)
         return (
-            f"{res['labels_per_class']} labels per class: accuracy {res['mean_accuracy']:.4f} (std "
-            f"{res['std_accuracy']:.4f}) with each subset's own choice; raw pixels "
-            f"{res['raw_pixel_accuracy']:.4f}; the choice shared by all subsets (layer {res['best_layer']}, "
-            f"{res.get('best_pool', res.get('pool'))} pooling) {res['best_accuracy']:.4f}"
+            f"{low.labels_per_class} labels per class: accuracy {low.mean_accuracy:.4f} (std "
+            f"{low.std_accuracy:.4f}) with each subset's own choice; raw pixels "
+            f"{low.raw_pixel_accuracy:.4f}; the choice shared by all subsets (layer {low.best_layer}, "
+            f"{low.best_pool or low.pool} pooling) {low.best_accuracy:.4f}"
         )
-    head = f", {res['head']} head" if res.get("head", "linear") != "linear" else ""
+    full = ProbeResult.from_json(res)
+    head = f", {full.head} head" if full.head != "linear" else ""
     return (
-        f"best layer {res['best_layer']}{head}: accuracy {res['best_accuracy']:.4f}; "
-        f"raw pixels {res['raw_pixel_accuracy']:.4f}"
+        f"best layer {full.best_layer}{head}: accuracy {full.best_accuracy:.4f}; "
+        f"raw pixels {full.raw_pixel_accuracy:.4f}"
     )
 
 

@@ -31,6 +31,7 @@ from .palette import (
     to_sequence,
     token_dtype,
 )
+from .settings import build_config, choice
 from .sources import SOURCES, Split, load_source, split_validation
 
 VAL_FRACTION = 5000 / 60000  # 5,000 of Fashion-MNIST's 60,000 training images
@@ -53,7 +54,7 @@ class PrepareConfig:
     """Square side after box resizing; None keeps the source's own (square) size."""
     clusters: int | None = None
     """Palette size K; None means 16 for grey images and 512 for colour."""
-    order: str = "raster"
+    order: str = choice("raster", ORDERS)
     """raster (row by row) or snake (every other row reversed)."""
     palette: str | None = None
     """Reuse this palette file (ours or OpenAI's kmeans_centers.npy) instead of fitting one."""
@@ -83,7 +84,7 @@ class PrepareConfig:
             raise IgptError(f"unknown dataset '{self.dataset}'; choose one of {known}")
         if self.resolution is not None and not 0 < self.resolution <= MAX_RESOLUTION:
             raise IgptError(
-                f"--resolution must be in [1, {MAX_RESOLUTION}] (an image side in pixels), got "
+                f"--resolution must be in [1, {MAX_RESOLUTION}] (a positive image side in pixels), got "
                 f"{self.resolution}"
             )
         if self.clusters is not None and self.clusters < 2:
@@ -110,40 +111,21 @@ def _log(msg: str) -> None:
 
 
 def prepare(
-    dataset: str,
+    dataset: str | PrepareConfig,
     out: str | Path,
     *,
-    data_dir: str | None = None,
-    resolution: int | None = None,
-    clusters: int | None = None,
-    order: str = "raster",
-    palette: str | None = None,
-    limit: int | None = None,
-    seed: int = 0,
-    test_fraction: float = 0.1,
-    val_fraction: float = VAL_FRACTION,
-    strict: bool = False,
-    workers: int | None = None,
     force: bool = False,
     progress: bool = True,
+    **settings: Any,
 ) -> dict[str, Any]:
-    """The prepare stage: read `dataset` (see `PrepareConfig` for every setting), box-resize it, fit or reuse
-    a palette, and write the token sets to `out`; returns meta.json's content. An existing directory prepared
-    with the same settings is reused; one with other settings is refused unless `force`."""
-    cfg = PrepareConfig(
-        dataset=dataset,
-        data_dir=data_dir,
-        resolution=resolution,
-        clusters=clusters,
-        order=order,
-        palette=palette,
-        limit=limit,
-        seed=seed,
-        test_fraction=test_fraction,
-        val_fraction=val_fraction,
-        strict=strict,
-        workers=workers,
-    )
+    """The prepare stage: read `dataset` (see `PrepareConfig` for every setting, given as the config or by
+    name), box-resize it, fit or reuse a palette, and write the token sets to `out`; returns meta.json's
+    content. An existing directory prepared with the same settings is reused; one with other settings is
+    refused unless `force`."""
+    if isinstance(dataset, PrepareConfig):
+        cfg = dataset
+    else:
+        cfg = build_config(PrepareConfig, "prepare", dataset=dataset, **settings)
     return prepare_config(cfg, out, force, progress)
 
 
@@ -151,9 +133,69 @@ def prepare_config(
     cfg: PrepareConfig, out: str | Path, force: bool = False, progress: bool = True
 ) -> dict[str, Any]:
     """`prepare` from a ready `PrepareConfig`. A folder and the downsampled ImageNet files are streamed in
-    chunks, in parallel and resumably (`igpt.streaming`); the other sources are small enough to read whole."""
+    chunks, in parallel and resumably (`igpt.streaming`); the other sources are small enough to read whole:
+    load and split, resize, fit (or reuse) the palette, quantize, write."""
     out = Path(out)
     settings = cfg.compared_settings()
+    reused = _reuse_or_refuse(out, settings, force)
+    if reused is not None:
+        return reused
+    if cfg.dataset in STREAMED:
+        from .streaming import prepare_streamed
+
+        return prepare_streamed(cfg, out, settings, force, progress)
+    t0 = time.perf_counter()
+    data, splits = _load_splits(cfg)
+    train, val, test = splits
+    h, w = train.images.shape[1:3]
+    resolution = cfg.resolution
+    if resolution is None:
+        if h != w:
+            raise IgptError(f"the images are {h}x{w}, not square; pass --resolution")
+        resolution = h
+    t_load = time.perf_counter()
+    x = [resize_images(sp.images, resolution) for sp in splits]
+    t_resize = time.perf_counter()
+    palette, x = _palette(cfg, x)
+    t_fit = time.perf_counter()
+    dtype = token_dtype(len(palette))
+    grids = [quantize(xs, palette) for xs in x]
+    tokens = [to_sequence(g, cfg.order).astype(dtype) for g in grids]
+    err = decode(grids[2], palette).astype(np.float64) - x[2].astype(np.float64)
+    rmse = float(np.sqrt(np.mean(err**2)))  # on the test split
+    t_quant = time.perf_counter()
+    labelled = np.concatenate([sp.labels for sp in splits])
+    meta = meta_record(
+        settings,
+        resolution=resolution,
+        palette=palette,
+        counts=tuple(len(t) for t in tokens),
+        class_names=data.class_names if (labelled >= 0).any() else [],
+        rmse=rmse,
+        source=data.source,
+        skipped=len(data.skipped),
+        palette_from="k-means fit on the training split",
+        seconds={
+            "load": round(t_load - t0, 3),
+            "resize": round(t_resize - t_load, 3),
+            "palette": round(t_fit - t_resize, 3),
+            "quantize": round(t_quant - t_fit, 3),
+        },
+        source_size=[int(h), int(w)],
+    )
+    with atomic_directory(out) as tmp:
+        for name, tok, sp in zip(("train", "val", "test"), tokens, splits, strict=True):
+            np.save(tmp / f"{name}_tokens.npy", tok)
+            np.save(tmp / f"{name}_labels.npy", sp.labels.astype(np.int64))
+        np.save(tmp / "palette.npy", palette.astype(np.float32))
+        write_json_atomic(tmp / "meta.json", meta)
+    meta["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+    return meta
+
+
+def _reuse_or_refuse(out: Path, settings: dict[str, Any], force: bool) -> dict[str, Any] | None:
+    """An earlier prepare's meta when `out` holds a set with these settings; None when `out` may be written
+    (empty, missing, or `force`); one line otherwise."""
     if (out / "meta.json").is_file():
         try:
             old = json.loads((out / "meta.json").read_text())
@@ -166,12 +208,12 @@ def prepare_config(
             raise IgptError(f"{out} holds a set prepared with other settings; pass --force to replace it")
     elif out.exists() and any(out.iterdir()) and not force:
         raise IgptError(f"{out} exists and is not empty; choose another --out or pass --force")
-    if cfg.dataset in STREAMED:
-        from .streaming import prepare_streamed
+    return None
 
-        return prepare_streamed(cfg, out, settings, force, progress)
 
-    t0 = time.perf_counter()
+def _load_splits(cfg: PrepareConfig) -> tuple[Any, tuple[Split, Split, Split]]:
+    """The source read whole, cut to `limit`, with the seeded class-stratified validation split held out of
+    its training images: (the source, (train, val, test))."""
     data = load_source(
         cfg.dataset,
         cfg.data_dir,
@@ -194,73 +236,23 @@ def prepare_config(
     val = Split(train.images[va_rows], train.labels[va_rows])
     train = Split(train.images[tr_rows], train.labels[tr_rows])
     labelled = train.labels[train.labels >= 0]
-    if len(labelled) and len(np.unique(labelled)) < len(
-        np.unique(np.concatenate([labelled, val.labels[val.labels >= 0]]))
-    ):
+    every = np.unique(np.concatenate([labelled, val.labels[val.labels >= 0]]))
+    if len(labelled) and len(np.unique(labelled)) < len(every):
         raise IgptError(f"--val-fraction {cfg.val_fraction} leaves a class without training images")
-    h, w = train.images.shape[1:3]
-    resolution = cfg.resolution
-    if resolution is None:
-        if h != w:
-            raise IgptError(f"the images are {h}x{w}, not square; pass --resolution")
-        resolution = h
-    t_load = time.perf_counter()
-    xtr = resize_images(train.images, resolution)
-    xva = resize_images(val.images, resolution)
-    xte = resize_images(test.images, resolution)
-    t_resize = time.perf_counter()
+    return data, (train, val, test)
 
+
+def _palette(cfg: PrepareConfig, x: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The palette given (the images brought to its channels) or k-means fitted on the training images
+    (x[0]); returns (palette, images)."""
     if cfg.palette:
         palette = load_palette(cfg.palette)
-        xtr, xte = to_channels(xtr, palette.shape[1]), to_channels(xte, palette.shape[1])
-        xva = to_channels(xva, palette.shape[1])
+        x = [to_channels(xs, palette.shape[1]) for xs in x]
         if cfg.clusters is not None and cfg.clusters != len(palette):
             raise IgptError(f"--clusters {cfg.clusters} does not match the palette's {len(palette)} colours")
-    else:
-        k = cfg.clusters or (16 if xtr.shape[3] == 1 else 512)
-        palette = fit_palette(xtr, k, seed=cfg.seed)
-    k = len(palette)
-    t_fit = time.perf_counter()
-    dtype = token_dtype(k)
-    tok_tr = to_sequence(quantize(xtr, palette), cfg.order).astype(dtype)
-    tok_va = to_sequence(quantize(xva, palette), cfg.order).astype(dtype)
-    grid_te = quantize(xte, palette)
-    tok_te = to_sequence(grid_te, cfg.order).astype(dtype)
-    rmse = float(
-        np.sqrt(np.mean((decode(grid_te, palette).astype(np.float64) - xte.astype(np.float64)) ** 2))
-    )
-    t_quant = time.perf_counter()
-
-    labelled = np.concatenate([train.labels, val.labels, test.labels])
-    meta = meta_record(
-        settings,
-        resolution=resolution,
-        palette=palette,
-        counts=(len(tok_tr), len(tok_va), len(tok_te)),
-        class_names=data.class_names if (labelled >= 0).any() else [],
-        rmse=rmse,
-        source=data.source,
-        skipped=len(data.skipped),
-        palette_from="k-means fit on the training split",
-        seconds={
-            "load": round(t_load - t0, 3),
-            "resize": round(t_resize - t_load, 3),
-            "palette": round(t_fit - t_resize, 3),
-            "quantize": round(t_quant - t_fit, 3),
-        },
-        source_size=[int(h), int(w)],
-    )
-    with atomic_directory(out) as tmp:
-        np.save(tmp / "train_tokens.npy", tok_tr)
-        np.save(tmp / "val_tokens.npy", tok_va)
-        np.save(tmp / "test_tokens.npy", tok_te)
-        np.save(tmp / "val_labels.npy", val.labels.astype(np.int64))
-        np.save(tmp / "train_labels.npy", train.labels.astype(np.int64))
-        np.save(tmp / "test_labels.npy", test.labels.astype(np.int64))
-        np.save(tmp / "palette.npy", palette.astype(np.float32))
-        write_json_atomic(tmp / "meta.json", meta)
-    meta["seconds"]["total"] = round(time.perf_counter() - t0, 3)
-    return meta
+        return palette, x
+    k = cfg.clusters or (16 if x[0].shape[3] == 1 else 512)
+    return fit_palette(x[0], k, seed=cfg.seed), x
 
 
 def summary_lines(meta: dict[str, Any], out: str | Path) -> list[str]:

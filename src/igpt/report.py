@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .files import write_text_atomic
-from .probing import save_figure
-from .runs import read_metrics
+from .probe_plots import save_figure
+from .results import FinetuneResult, LowDataResult, PretrainSummary, ProbeResult
+from .runs import FULL_PROBE, Run, is_run, read_json, read_metrics
 
 # Published scikit-learn results on Fashion-MNIST (28x28 pixels; the dataset's benchmark table), drawn as
 # reference lines beside our probes.
@@ -51,8 +52,48 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{h}</tr>{body}</table>"
 
 
-def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+@dataclass
+class Inputs:
+    """What the quickstart's stages left in OUT, read once: each section of the page draws on these."""
+
+    out: Path
+    run: Run | None
+    qs: dict[str, Any]
+    """quickstart.json: the plan, the stages' seconds, the budget (the quickstart's own record)."""
+    summ: PretrainSummary
+    full: ProbeResult | None
+    low: list[LowDataResult]
+    ft: FinetuneResult | None
+    """The fine-tuned run's result (None when not run)."""
+    scratch: FinetuneResult | None
+    """The from-scratch control's result (None when not run)."""
+
+    @classmethod
+    def read(cls, out: Path) -> Inputs:
+        run = Run.open(out / "run") if is_run(out / "run") else None
+
+        def finetuned(name: str) -> FinetuneResult | None:
+            return Run.open(out / name).finetuned() if is_run(out / name) else None
+
+        return cls(
+            out=out,
+            run=run,
+            qs=read_json(out / "quickstart.json") or {},
+            summ=(run.pretrain_summary() if run else None) or PretrainSummary(),
+            full=run.full_probe() if run else None,
+            low=run.low_data_probes() if run else [],
+            ft=finetuned("finetune"),
+            scratch=finetuned("finetune_scratch"),
+        )
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.run.info if self.run else {}
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The prepared set's meta.json as the run recorded it."""
+        return self.run.data_meta if self.run else {}
 
 
 def loss_curve(run: Path, out: Path) -> None:
@@ -81,175 +122,167 @@ def loss_curve(run: Path, out: Path) -> None:
 
 def write_report(out: Path) -> Path:
     """Assemble OUT/report.html from what the quickstart's stages left in OUT; returns its path."""
-    run = out / "run"
-    qs = _read(out / "quickstart.json")
-    info = _read(run / "run.json")
-    summ = _read(run / "summary.json")
-    full = _read(run / "probe_full.json")
-    ft = _read(out / "finetune" / "finetune.json")
-    scratch = _read(out / "finetune_scratch" / "finetune.json")
-    meta = _read(out / "data" / "meta.json")
-    plan = qs.get("plan", {})
-    model = info.get("model", {})
-    loss_curve(run, out / "loss.png")
-
+    x = Inputs.read(out)
+    if x.run is not None:
+        loss_curve(x.run.path, out / "loss.png")
+    meta = x.meta
     parts = [
         f"<h1>igpt quickstart: {html.escape(meta.get('dataset', '?'))}</h1>",
         f"<p class=muted>Generated {time.strftime('%Y-%m-%d %H:%M')} from {html.escape(str(out))}</p>",
     ]
-    if qs.get("notice"):
-        parts.append(f"<p class=notice>{html.escape(qs['notice'])}</p>")
-    raw = full.get("raw_pixel_accuracy")
-    best = full.get("linear_best_accuracy", full.get("best_accuracy"))
-    paper = full.get("paper_probe") or {}
-    pool = full.get("pool", "mean")
-    att = full.get("attentive")
+    if x.qs.get("notice"):
+        parts.append(f"<p class=notice>{html.escape(x.qs['notice'])}</p>")
+    for section in (headline, settings, probes, low_data, completions, timings):
+        parts.extend(section(x))
+    page = (
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>igpt quickstart report</title>"
+        f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+    )
+    path = out / "report.html"
+    write_text_atomic(path, page)
+    return path
+
+
+def _card(title: str, value: Any, note: str) -> tuple[str, str, str]:
+    return title, value if isinstance(value, str) else (f"{value:.4f}" if value is not None else "-"), note
+
+
+def headline(x: Inputs) -> list[str]:
+    """The cards: best probe, attentive and fine-tuned heads when run, the paper's probe, raw pixels, loss,
+    speed."""
+    full, summ, ft, scratch = x.full or ProbeResult(), x.summ, x.ft, x.scratch
+    paper, att = full.paper_probe or {}, full.attentive
+    nan = float("nan")
+    layer = "-" if full.best_layer is None else full.best_layer
     cards = [
-        (
-            f"best-layer probe ({pool} pooling, linear)",
-            f"{best:.4f}" if best is not None else "-",
-            f"layer {full.get('best_layer', '-')}, chosen on validation; test accuracy",
-        ),
-        *(
-            [
-                (
-                    "attentive probe",
-                    f"{att['test_accuracy']:.4f}",
-                    f"layer(s) {att['layers']}, epoch {att['best_epoch']} chosen on validation; test",
-                )
-            ]
-            if att
-            else []
-        ),
-        *(
-            [
-                (
-                    "fine-tuned",
-                    f"{ft['test_accuracy']:.4f}",
-                    f"joint loss, epoch {ft.get('best_epoch')} chosen on validation; test accuracy",
-                )
-            ]
-            if ft
-            else []
-        ),
-        *(
-            [
-                (
-                    "trained from scratch (control)",
-                    f"{scratch['test_accuracy']:.4f}",
-                    "same architecture, recipe, labels and minutes, random initial weights; test accuracy",
-                )
-            ]
-            if scratch
-            else []
-        ),
-        (
+        _card(
+            f"best-layer probe ({full.pool} pooling, linear)",
+            full.linear_best,
+            f"layer {layer}, chosen on validation; test accuracy",
+        )
+    ]
+    if att:
+        note = f"layer(s) {att['layers']}, epoch {att['best_epoch']} chosen on validation; test"
+        cards.append(_card("attentive probe", att["test_accuracy"], note))
+    if ft:
+        note = f"joint loss, epoch {ft.best_epoch} chosen on validation; test accuracy"
+        cards.append(_card("fine-tuned", ft.test_accuracy, note))
+    if scratch:
+        note = "same architecture, recipe, labels and minutes, random initial weights; test accuracy"
+        cards.append(_card("trained from scratch (control)", scratch.test_accuracy, note))
+    cards += [
+        _card(
             "the paper's probe (mean pooling, linear)",
-            f"{paper['best_accuracy']:.4f}" if "best_accuracy" in paper else "-",
+            paper.get("best_accuracy"),
             f"layer {paper.get('best_layer', '-')}, chosen on validation; test accuracy",
         ),
-        (
+        _card(
             "raw pixels, same probe",
-            f"{raw:.4f}" if raw is not None else "-",
-            f"{meta.get('resolution', 0) ** 2} pixels; features {full.get('feature_dim', '')}-d",
+            full.raw_pixel_accuracy,
+            f"{x.meta.get('resolution', 0) ** 2} pixels; features {full.feature_dim or ''}-d",
         ),
-        (
+        _card(
             "validation NLL",
-            f"{summ.get('val_nll', float('nan')):.4f}",
-            f"{summ.get('val_bits_per_token', float('nan')):.3f} bits per token; test NLL "
-            f"{summ.get('test_nll', float('nan')):.4f}",
+            f"{summ.val_nll if summ.val_nll is not None else nan:.4f}",
+            f"{summ.val_bits_per_token if summ.val_bits_per_token is not None else nan:.3f} bits per token; "
+            f"test NLL {summ.test_nll if summ.test_nll is not None else nan:.4f}",
         ),
-        ("training speed", f"{summ.get('tokens_per_second', 0):,.0f}", "tokens per second"),
+        _card("training speed", f"{summ.tokens_per_second:,.0f}", "tokens per second"),
     ]
-    parts.append(
+    return [
         "<div class=cards>"
         + "".join(
             f"<div class=card>{html.escape(a)}<b>{b}</b><span class=muted>{html.escape(c)}</span></div>"
             for a, b, c in cards
         )
         + "</div>"
-    )
+    ]
 
-    parts.append("<h2>Settings</h2>")
-    parts.append(
-        _table(
-            ["setting", "value"],
-            [
-                [
-                    "dataset",
-                    f"{meta.get('dataset')} ({meta.get('n_train', 0):,} train / "
-                    f"{meta.get('n_val', 0):,} validation / {meta.get('n_test', 0):,} test images)",
-                ],
-                [
-                    "pixels",
-                    f"{meta.get('resolution')}x{meta.get('resolution')}, {meta.get('clusters')} grey levels "
-                    f"(quantization RMSE {meta.get('quantization_rmse', float('nan')):.2f} on 0-255)",
-                ],
-                [
-                    "model",
-                    f"{model.get('n_layer')} layers x {model.get('n_embd')} wide, "
-                    f"{model.get('n_head')} heads, "
-                    f"{summ.get('params', 0):,} parameters, objective {model.get('objective')}",
-                ],
-                [
-                    "pretraining",
-                    f"{info.get('train', {}).get('minutes', plan.get('minutes')):g} min"
-                    + (f" (of the job's {plan.get('minutes'):g})" if qs.get("budget") else "")
-                    + f": {summ.get('steps', 0):,} steps of batch "
-                    f"{plan.get('batch_size')}, peak lr {plan.get('lr')}, "
-                    f"{summ.get('tokens_seen', 0):,} tokens "
-                    f"({summ.get('epochs', 0):.2f} epochs), "
-                    + (
-                        "through torch.compile"
-                        if summ.get("compiled", plan.get("compile"))
-                        else "eager PyTorch"
-                    ),
-                ],
-                ["probe", f"{full.get('classifier', '-')}; pooling: {full.get('pool', '-')}"],
-            ],
-        )
-    )
 
-    parts.append("<h2>Pretraining loss</h2>" + _img(out / "loss.png", "loss curve"))
+def settings(x: Inputs) -> list[str]:
+    """The settings table: data, pixels, model, pretraining budget and probe."""
+    meta, summ, plan = x.meta, x.summ, x.qs.get("plan", {})
+    model = x.run.model_config if x.run else None
+    train = x.info.get("train") or {}
+    pretraining = (
+        f"{train.get('minutes', plan.get('minutes')):g} min"
+        + (f" (of the job's {plan.get('minutes'):g})" if x.qs.get("budget") else "")
+        + f": {summ.steps:,} steps of batch {plan.get('batch_size')}, peak lr {plan.get('lr')}, "
+        f"{summ.tokens_seen:,} tokens ({summ.epochs:.2f} epochs), "
+        + ("through torch.compile" if summ.compiled else "eager PyTorch")
+    )
+    rows = [
+        [
+            "dataset",
+            f"{meta.get('dataset')} ({meta.get('n_train', 0):,} train / "
+            f"{meta.get('n_val', 0):,} validation / {meta.get('n_test', 0):,} test images)",
+        ],
+        [
+            "pixels",
+            f"{meta.get('resolution')}x{meta.get('resolution')}, {meta.get('clusters')} grey levels "
+            f"(quantization RMSE {meta.get('quantization_rmse', float('nan')):.2f} on 0-255)",
+        ],
+        [
+            "model",
+            f"{model.n_layer} layers x {model.n_embd} wide, {model.n_head} heads, "
+            f"{summ.params:,} parameters, objective {model.objective}"
+            if model
+            else "-",
+        ],
+        ["pretraining", pretraining],
+        ["probe", f"{x.full.classifier}; pooling: {x.full.pool}" if x.full else "-"],
+    ]
+    return ["<h2>Settings</h2>", _table(["setting", "value"], rows)]
+
+
+def probes(x: Inputs) -> list[str]:
+    """The loss curve, and the full probe's plot and per-layer table beside the baselines."""
+    full = x.full
+    parts = ["<h2>Pretraining loss</h2>" + _img(x.out / "loss.png", "loss curve")]
     parts.append("<h2>Linear probe, every layer</h2>")
-    parts.append(_img(run / "probe_full.png", "probe accuracy against layer"))
-    if full:
-        rows = [
-            [f"layer {k}", v, full["val_accuracy"].get(k, float("nan")), f"{full['lambda'].get(k, 0):g}"]
-            for k, v in full["layers"].items()
+    plot = x.run.probe_file(FULL_PROBE, ".png") if x.run else x.out / "missing.png"
+    parts.append(_img(plot, "probe accuracy against layer"))
+    if not full:
+        return parts
+    rows = [
+        [f"layer {k}", v, full.val_accuracy.get(k, float("nan")), f"{full.lambdas.get(k, 0):g}"]
+        for k, v in full.layers.items()
+    ]
+    rows.append(["raw pixels", full.raw_pixel_accuracy, float("nan"), ""])
+    if x.meta.get("dataset") == "fashion-mnist":
+        rows += [
+            [f"{k} on 28x28 pixels (published)", v, float("nan"), ""] for k, v in CLASSICAL_BASELINES.items()
         ]
-        rows.append(["raw pixels", full["raw_pixel_accuracy"], float("nan"), ""])
-        if meta.get("dataset") == "fashion-mnist":
-            rows += [
-                [f"{k} on 28x28 pixels (published)", v, float("nan"), ""]
-                for k, v in CLASSICAL_BASELINES.items()
-            ]
-        parts.append(_table(["features", "test accuracy", "validation accuracy", "L2"], rows))
+    parts.append(_table(["features", "test accuracy", "validation accuracy", "L2"], rows))
+    parts.append(
+        f"<p class=muted>{full.n_train:,} training and {full.n_test:,} test "
+        "images; the best layer is chosen on validation accuracy.</p>"
+    )
+    if full.chosen:
+        c = full.chosen
         parts.append(
-            f"<p class=muted>{full.get('n_train', 0):,} training and {full.get('n_test', 0):,} test "
-            "images; the best layer is chosen on validation accuracy.</p>"
+            f"<p>Of every probe run, the best on validation: <b>{html.escape(c['probe'])}</b>, "
+            f"validation {c['val_accuracy']:.4f}, test {c['test_accuracy']:.4f}.</p>"
         )
-        if full.get("chosen"):
-            c = full["chosen"]
-            parts.append(
-                f"<p>Of every probe run, the best on validation: <b>{html.escape(c['probe'])}</b>, "
-                f"validation {c['val_accuracy']:.4f}, test {c['test_accuracy']:.4f}.</p>"
-            )
+    return parts
 
-    low = sorted(run.glob("probe_*_per_class.json"), key=lambda p: int(p.name.split("_")[1]))
-    if low:
+
+def low_data(x: Inputs) -> list[str]:
+    """The low-data table: each subset's own choice first (what one user gets), the shared choice beside."""
+    parts: list[str] = []
+    if x.low:
         parts.append("<h2>Low-data probes</h2>")
         rows = []
-        for p in low:
-            r = _read(p)
+        for r in x.low:
+            best_std = r.best_std if r.best_std is not None else r.std_accuracy
             rows.append(
                 [
-                    r["labels_per_class"],
-                    r["seeds"],
-                    f"{r['mean_accuracy']:.4f} ± {r['std_accuracy']:.4f}",
-                    f"{r['raw_pixel_accuracy']:.4f} ± {r['raw_pixel_std']:.4f}",
-                    f"{r['best_accuracy']:.4f} ± {r.get('best_std', r['std_accuracy']):.4f}",
-                    f"{r.get('best_pool', r.get('pool'))} pooling, layer {r['best_layer']}",
+                    r.labels_per_class,
+                    r.seeds,
+                    f"{r.mean_accuracy:.4f} ± {r.std_accuracy:.4f}",
+                    f"{r.raw_pixel_accuracy:.4f} ± {r.raw_pixel_std:.4f}",
+                    f"{r.best_accuracy:.4f} ± {best_std:.4f}",
+                    f"{r.best_pool or r.pool} pooling, layer {r.best_layer}",
                 ]
             )
         head = ["labels per class", "subsets", "probe, each subset's own choice (what one user gets)"]
@@ -260,12 +293,26 @@ def write_report(out: Path) -> Path:
             "chosen by cross-validation inside the labelled subsets, never on test.</p>"
         )
 
+    return parts
+
+
+def completions(x: Inputs) -> list[str]:
+    """The completion grid."""
+    out = x.out
+    parts: list[str] = []
     parts.append(
         "<h2>Completions</h2><p>Each row: the original test image, the kept top half (hidden part "
         "hatched), then samples of the bottom half at temperature 1.</p>"
     )
     parts.append(_img(out / "completions.png", "completion grid"))
 
+    return parts
+
+
+def timings(x: Inputs) -> list[str]:
+    """Stage seconds against the budget's plan, the precision and its reason, throughput and memory."""
+    qs, summ, info = x.qs, x.summ, x.info
+    parts: list[str] = []
     parts.append("<h2>Timings</h2>")
     secs = qs.get("seconds", {})
     budget = qs.get("budget") or {}
@@ -287,19 +334,13 @@ def write_report(out: Path) -> Path:
     total = f"{sum(secs.values()):.1f}"
     rows.append(["total", f"{60 * budget['minutes']:.0f}" if budget else "-", total])
     parts.append(_table(["stage", "planned seconds", "seconds"], rows))
-    if summ.get("precision_reason") or info.get("train", {}).get("precision_reason"):
-        why = info.get("train", {}).get("precision_reason", "")
+    why = (info.get("train") or {}).get("precision_reason", "")
+    if why:
         parts.append(f"<p>Pretraining precision: {html.escape(why)}.</p>")
     parts.append(
-        f"<p>Training throughput {summ.get('tokens_per_second', 0):,.0f} tokens/s on "
-        f"{summ.get('device', 'cpu')} ({summ.get('precision', 'fp32')}); peak memory "
+        f"<p>Training throughput {summ.tokens_per_second:,.0f} tokens/s on "
+        f"{summ.device} ({summ.precision}); peak memory "
         f"{qs.get('peak_rss_mib', 0):,.0f} MiB.</p>"
     )
 
-    page = (
-        "<!doctype html><html lang=en><head><meta charset=utf-8><title>igpt quickstart report</title>"
-        f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
-    )
-    path = out / "report.html"
-    write_text_atomic(path, page)
-    return path
+    return parts

@@ -29,14 +29,52 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import __version__
-from .checkpoint import latest_readable, list_checkpoints, read_checkpoint
+from .checkpoint import CKPT_DIR, is_checkpoint, latest_readable, list_checkpoints, read_checkpoint
 from .config import TrainConfig
 from .errors import IgptError
 from .files import write_json_atomic
 from .model import IGPT, IGPTConfig
+from .results import FinetuneResult, LowDataResult, PretrainSummary, ProbeResult
 
 SCHEMA = 2
 KINDS = ("pretrained", "converted", "finetuned")
+
+# Every file of a run directory, named here only (checkpoint internals: `igpt.checkpoint`).
+RECORD = "run.json"
+"""The run's record (see the module's docstring)."""
+SUMMARY = "summary.json"
+"""A pretraining's summary: steps, losses, tokens/s, finished."""
+METRICS = "metrics.jsonl"
+"""A pretraining's rows: one JSON object per logged step."""
+FINETUNE = "finetune.json"
+"""A fine-tuned run's result."""
+LATEST_PROBE = "probe"
+"""probe.json/png: the latest probe (the quickstart keeps its full probe there)."""
+FULL_PROBE = "probe_full"
+"""probe_full.json/png: the full linear probe of every layer."""
+CHECKPOINTS_PROBE = "probe_checkpoints"
+"""probe_checkpoints.json/png: the best-layer probe of every kept checkpoint against its val_nll."""
+
+
+def low_data_stem(labels_per_class: int | str) -> str:
+    """probe_N_per_class: the low-data probe with N labels per class."""
+    return f"probe_{labels_per_class}_per_class"
+
+
+def is_run(path: str | Path) -> bool:
+    """True when `path` holds a run record."""
+    return (Path(path) / RECORD).is_file()
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`, or None when it is missing, damaged, not UTF-8 or not an object."""
+    try:
+        obj = json.loads(path.read_text()) if path.is_file() else None
+    except (ValueError, OSError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 _SHAPE_KEYS = ("preset", "objective", "n_layer", "n_embd", "n_head", "bias")
 
 
@@ -81,7 +119,7 @@ class Run:
     def open(cls, path: str | Path) -> Run:
         """Open a run directory (any kind, any schema); IgptError when it is not one."""
         path = Path(path)
-        p = path / "run.json"
+        p = path / RECORD
         if not p.is_file():
             raise IgptError(f"{path} is not an igpt run directory (no run.json)")
         try:
@@ -149,7 +187,7 @@ class Run:
 
     def save(self) -> None:
         """Write run.json (atomically)."""
-        write_json_atomic(self.path / "run.json", self.info)
+        write_json_atomic(self.path / RECORD, self.info)
 
     # ------------------------------------------------------------------------------------------ records
     @property
@@ -162,7 +200,7 @@ class Run:
         try:
             return IGPTConfig(**{k: v for k, v in self.info["model"].items() if k in known})
         except (TypeError, ValueError) as e:
-            raise IgptError(f"{self.path}/run.json records an impossible model ({e})") from None
+            raise IgptError(f"{self.path}/{RECORD} records an impossible model ({e})") from None
 
     @property
     def train_config(self) -> TrainConfig | None:
@@ -172,7 +210,7 @@ class Run:
         try:
             return TrainConfig(**t)
         except TypeError as e:
-            raise IgptError(f"{self.path}/run.json records unknown training settings ({e})") from None
+            raise IgptError(f"{self.path}/{RECORD} records unknown training settings ({e})") from None
 
     @property
     def preset(self) -> str | None:
@@ -211,12 +249,70 @@ class Run:
 
     def summary(self) -> dict[str, Any] | None:
         """summary.json of a pretrained run, or None."""
-        p = self.path / "summary.json"
-        try:
-            s = json.loads(p.read_text()) if p.is_file() else None
-        except (ValueError, OSError):  # damaged JSON or bytes that are not UTF-8
-            return None
-        return s if isinstance(s, dict) else None
+        return read_json(self.path / SUMMARY)
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        """Write summary.json (atomically) and return its path."""
+        write_json_atomic(self.path / SUMMARY, summary)
+        return self.path / SUMMARY
+
+    @property
+    def metrics_file(self) -> Path:
+        """metrics.jsonl, which pretraining appends a row to every `log_interval` steps."""
+        return self.path / METRICS
+
+    # ------------------------------------------------------------------------------------------ results
+    def probe_file(self, stem: str, suffix: str = ".json") -> Path:
+        """A probe's file: `stem` is LATEST_PROBE, FULL_PROBE, CHECKPOINTS_PROBE or `low_data_stem(N)`."""
+        return self.path / f"{stem}{suffix}"
+
+    def write_probe(self, stem: str, result: dict[str, Any], latest: bool = True) -> None:
+        """Write a probe's result as `stem`.json, and (with `latest`) as probe.json, the latest probe."""
+        write_json_atomic(self.probe_file(stem), result)
+        if latest and stem != LATEST_PROBE:
+            write_json_atomic(self.probe_file(LATEST_PROBE), result)
+
+    def probe_result(self, stem: str = LATEST_PROBE) -> dict[str, Any] | None:
+        """A probe's result (see `probe_file`), or None when it is missing or damaged."""
+        return read_json(self.probe_file(stem))
+
+    def pretrain_summary(self) -> PretrainSummary | None:
+        """summary.json, typed."""
+        s = self.summary()
+        return None if s is None else PretrainSummary.from_json(s)
+
+    def full_probe(self) -> ProbeResult | None:
+        """probe_full.json, typed."""
+        r = self.probe_result(FULL_PROBE)
+        return None if r is None else ProbeResult.from_json(r)
+
+    def low_data_probes(self) -> list[LowDataResult]:
+        """Every low-data probe, typed, fewest labels first."""
+        return [LowDataResult.from_json(r) for _, r in self.low_data_results()]
+
+    def finetuned(self) -> FinetuneResult | None:
+        """finetune.json, typed."""
+        r = self.finetune_result()
+        return None if r is None else FinetuneResult.from_json(r)
+
+    def low_data_results(self) -> list[tuple[int, dict[str, Any]]]:
+        """(labels per class, result) of every low-data probe in the run, fewest labels first."""
+        out = []
+        for p in self.path.glob(low_data_stem("*") + ".json"):
+            n = p.name.split("_")[1]
+            res = read_json(p)
+            if n.isdigit() and res is not None:
+                out.append((int(n), res))
+        return sorted(out, key=lambda t: t[0])
+
+    def finetune_result(self) -> dict[str, Any] | None:
+        """A fine-tuned run's finetune.json, or None."""
+        return read_json(self.path / FINETUNE)
+
+    @staticmethod
+    def write_finetune_result(directory: Path, result: dict[str, Any]) -> None:
+        """Write finetune.json into `directory` (a fine-tuned run being assembled)."""
+        write_json_atomic(Path(directory) / FINETUNE, result)
 
     @property
     def finished(self) -> bool:
@@ -242,10 +338,10 @@ class Run:
             }
         shapes = self.tensor_shapes()
         if checkpoint is not None:
-            path = self.path / "checkpoints" / checkpoint
+            path = self.path / CKPT_DIR / checkpoint
             if not path.is_dir():
                 path = Path(checkpoint)
-            if not (path / "state.json").is_file():
+            if not is_checkpoint(path):
                 raise IgptError(f"no checkpoint {checkpoint} in {self.path}")
             self.loaded_checkpoint = path.name
             return read_checkpoint(path, shapes)[0]
@@ -295,7 +391,7 @@ def load_run(run: str | Path, checkpoint: str | None = None) -> IGPT:
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
     """The rows of RUN/metrics.jsonl that read as rows (JSON objects with an integer step), in file order;
     damaged bytes and lines cut by a kill are skipped. Empty when the file is missing."""
-    p = Path(run) / "metrics.jsonl"
+    p = Path(run) / METRICS
     if not p.is_file():
         return []
     rows = []

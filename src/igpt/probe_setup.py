@@ -1,0 +1,184 @@
+"""What every probe shares: its settings (`ProbeConfig`), the run and labelled data it opens, the layers it
+names, and the feature pass's settings it derives."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .checks import check_device, check_seed
+from .data import PreparedData
+from .errors import IgptError
+from .features import POOLS
+from .hardware import PRECISIONS, auto_precision
+from .model import IGPT
+from .runs import LATEST_PROBE, Run
+from .settings import choice
+
+HEADS = ("linear", "attentive")
+
+
+@dataclass
+class ProbeConfig:
+    """Every setting of one probe of a run; `probe()` builds it from its keyword arguments."""
+
+    run: str
+    """The run directory to probe."""
+    layers: str = "all"
+    """all, best (the best layer of an earlier full probe) or comma-separated layer indices."""
+    labels_per_class: int | None = None
+    """Low-data mode: N labelled training images per class (Table 4's protocol)."""
+    seeds: int = 5
+    """Low-data mode: how many seeded subsets to average."""
+    mask_ensemble: int = 0
+    """BERT runs: also vote over M random 15% masks (Figure 4's protocol)."""
+    train_limit: int | None = None
+    """Use only the first N labelled training images."""
+    test_limit: int | None = None
+    """Use only the first N labelled test images."""
+    checkpoints: str = choice("latest", ("latest", "all"))
+    """latest, or all: every kept checkpoint probed at its best layer, against its val_nll."""
+    checkpoint: str | None = None
+    """Probe this checkpoint instead of the latest."""
+    pool: str = choice("mean", POOLS)
+    """mean over positions (the paper's), or means over a coarse grid: grid (2x2), grid3, grid4."""
+    concat: str | None = None
+    """Also probe these layers' features concatenated, e.g. "2,3,4"."""
+    head: str = choice("linear", HEADS)
+    """linear (the paper's), or attentive: learned queries cross-attending over token states, trained beside
+    the linear probes (see `igpt.attentive`); the reported best is then the attentive head's."""
+    attentive_layers: str = "best"
+    """Attentive head: best (the linear probe's best layer, chosen on validation) or i,j,... (their normed
+    states averaged)."""
+    attentive_epochs: int = 10
+    """Attentive head: most epochs (the epoch is chosen on validation, with early stopping)."""
+    data: str | None = None
+    """Another prepared directory (with the run's palette) to probe on; default the run's own."""
+    batch_size: int = 128
+    """Images per feature batch."""
+    device: str = "cpu"
+    """cpu or cuda."""
+    seed: int = 0
+    """Seed of the validation split, subsets and masks."""
+    compile: bool = False
+    """torch.compile the feature pass (eagerly if compiling fails)."""
+    precision: str = choice("fp32", PRECISIONS)
+    """The feature pass's precision: fp32, bf16 autocast, or auto (bf16 where the hardware has it: a CUDA
+    card with bf16, a CPU with AMX tiles)."""
+    progress: bool = True
+    """Progress bars and per-layer lines on stderr."""
+
+    def __post_init__(self) -> None:
+        if self.precision == "auto":
+            self.precision = auto_precision(self.device)[0]
+        if self.precision not in ("fp32", "bf16"):
+            raise IgptError(f"--precision must be fp32, bf16 or auto, got '{self.precision}'")
+        if self.mask_ensemble < 0:
+            raise IgptError("--mask-ensemble must be 0 or more")
+        for name in ("train_limit", "test_limit", "batch_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise IgptError(f"--{name.replace('_', '-')} must be positive")
+        if self.labels_per_class is not None and self.labels_per_class < 1:
+            raise IgptError(f"--labels-per-class must be at least 1, got {self.labels_per_class}")
+        if self.labels_per_class and (self.mask_ensemble or self.concat):
+            raise IgptError("--mask-ensemble and --concat apply to the full probe, not to --labels-per-class")
+        if self.seeds < 1:
+            raise IgptError("--seeds must be at least 1")
+        if self.head not in HEADS:
+            raise IgptError(f"--head must be one of {', '.join(HEADS)}, got '{self.head}'")
+        if self.head == "attentive" and (self.labels_per_class or self.checkpoints == "all"):
+            raise IgptError(
+                "--head attentive runs with the full probe; --labels-per-class and --checkpoints all use "
+                "linear heads"
+            )
+        if self.attentive_epochs < 1:
+            raise IgptError(f"--attentive-epochs must be at least 1, got {self.attentive_epochs}")
+        check_seed(self.seed)
+        if self.pool not in POOLS:
+            raise IgptError(f"--pool must be one of {', '.join(POOLS)}, got '{self.pool}'")
+        if self.checkpoints not in ("latest", "all"):
+            raise IgptError(f"--checkpoints must be latest or all, got '{self.checkpoints}'")
+        check_device(self.device)
+
+
+def open_labelled_run(
+    run: str, data_dir: str | None, checkpoint: str | None = None
+) -> tuple[Run, IGPT, PreparedData]:
+    """The run, its model and its (labelled) prepared data; clear errors for what is missing. Says so when the
+    run is unfinished, since its latest checkpoint is then what gets evaluated."""
+    r = Run.open(run)
+    data_dir = data_dir or r.data_dir
+    if not data_dir:
+        raise IgptError(f"{run} records no data directory (a converted model?); pass --data DIR")
+    data = PreparedData(data_dir)
+    if data.num_classes < 2 or (data.labels("train") < 0).all():
+        raise IgptError(f"{data_dir} has no labels, so there is nothing to probe; prepare a labelled dataset")
+    model = r.load_model(checkpoint)
+    cfg = model.config
+    if data.clusters != cfg.vocab_size or data.seq_len != cfg.n_positions:
+        raise IgptError(
+            f"{data_dir} ({data.clusters} clusters, {data.seq_len} tokens) does not match the model "
+            f"({cfg.vocab_size}, {cfg.n_positions})"
+        )
+    if (r.path / "palette.npy").is_file():
+        own = r.palette()
+        if own.shape != data.palette.shape or not np.allclose(own, data.palette, atol=0.5):
+            raise IgptError(
+                f"{data_dir} was prepared with another palette than the run's, so its tokens mean other "
+                "colours; prepare it with --palette RUN/palette.npy"
+            )
+    if not r.finished:
+        last = r.checkpoints()[-1].name if r.checkpoints() else "none"
+        print(
+            f"igpt: note: the run is unfinished; evaluating its latest checkpoint ({last})", file=sys.stderr
+        )
+    return r, model, data
+
+
+def labelled_rows(labels: np.ndarray, limit: int | None) -> np.ndarray:
+    rows = np.flatnonzero(labels >= 0)
+    return rows[:limit] if limit else rows
+
+
+def parse_layers(text: str, n_layer: int, run: Run) -> list[int]:
+    """The layers `--layers` names: all, best (of the run's latest probe) or i,j,..."""
+    if text == "all":
+        return list(range(n_layer + 1))
+    if text == "best":
+        p = run.probe_file(LATEST_PROBE)
+        if not p.is_file():
+            raise IgptError(
+                f"--layers best needs an earlier full probe ({p.name}); run `igpt probe RUN` first"
+            )
+        best = (run.probe_result(LATEST_PROBE) or {}).get("best_layer")  # None when damaged
+        if isinstance(best, bool) or not isinstance(best, int) or not 0 <= best <= n_layer:
+            raise IgptError(
+                f"{p} does not name a best layer of this model (damaged, or from another run); run "
+                "`igpt probe RUN` again"
+            )
+        return [best]
+    try:
+        layers = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise IgptError(f"--layers must be all, best or comma-separated integers, got '{text}'") from None
+    bad = [i for i in layers if not 0 <= i <= n_layer]
+    if bad or not layers:
+        raise IgptError(f"layers {bad or text} are out of range: this model has layers 0..{n_layer}")
+    return layers
+
+
+def feature_settings(cfg: ProbeConfig, data: PreparedData) -> dict[str, Any]:
+    """The feature pass's settings of a probe (batch, pooling, device, compile)."""
+    return dict(
+        batch_size=cfg.batch_size,
+        pool=cfg.pool,
+        resolution=data.resolution,
+        order=data.meta.get("order", "raster"),
+        device=cfg.device,
+        compile=cfg.compile,
+        precision=cfg.precision,
+    )

@@ -1,0 +1,68 @@
+"""Settings declared once: each stage's typed config dataclass is the single place a setting's name, type,
+default, allowed values (`choice`) and help text (the docstring under the field, `field_docs`) live. The
+command line derives its flags from these fields (see `igpt.cli`), and a stage's keyword form builds the
+same config (`build_config`), so a bad value gets the same one-line error from either."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from collections.abc import Iterable
+from functools import cache
+from typing import Any
+
+
+def choice(default: Any, choices: Iterable[str]) -> Any:
+    """A dataclass field whose value must be one of `choices` (the command line offers them in its help; the
+    config's own check refuses the others)."""
+    return dataclasses.field(default=default, metadata={"choices": tuple(choices)})
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (and of its bases), by field name."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def flag_name(field: str) -> str:
+    """The flag of a field: `batch_size` -> `--batch-size`."""
+    return "--" + field.replace("_", "-")
+
+
+def first_sentence(doc: str) -> str:
+    """The help line of a field: its docstring up to the first full stop that ends a sentence."""
+    for i, ch in enumerate(doc):
+        if (
+            ch == "."
+            and (i + 1 == len(doc) or doc[i + 1] == " ")
+            and not doc[max(0, i - 3) : i].endswith("e.g")
+        ):
+            return doc[:i]
+    return doc
+
+
+def build_config(cls: type, stage: str, **settings: Any) -> Any:
+    """`cls(**settings)` for a stage's keyword form, refusing names that are not fields of `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"{stage}() got unknown settings {unknown}; it takes {sorted(known)}")
+    return cls(**settings)
