@@ -158,3 +158,20 @@ def test_every_stage_is_a_top_level_call():
         "complete",
     ):
         assert callable(getattr(igpt, name)), name
+
+
+def test_every_stage_takes_its_config_or_its_fields_by_name(tmp_path):
+    """The keyword form builds the same config as the object form, and refuses what the config refuses."""
+    for call in (
+        lambda: igpt.quickstart(tmp_path / "q", minutes=-1),
+        lambda: igpt.quickstart(igpt.QuickstartOptions(out=str(tmp_path / "q"), minutes=-1)),
+    ):
+        with pytest.raises(igpt.IgptError, match="--minutes must be positive"):
+            call()
+    with pytest.raises(igpt.IgptError, match="--pool must be one of"):
+        igpt.probe(tmp_path / "r", pool="max")
+    with pytest.raises(TypeError, match="unknown settings"):
+        igpt.finetune(tmp_path / "r", out=tmp_path / "ft", learning_rate=1.0)
+    with pytest.raises(TypeError, match="unknown settings"):
+        igpt.pretrain(tmp_path / "d", tmp_path / "r", step=3)
+    assert not (tmp_path / "q").exists() and not (tmp_path / "ft").exists()

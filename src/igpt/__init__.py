@@ -35,7 +35,7 @@ _EXPORTS = {
     "load_run": "runs",
     "Run": "runs",
     "complete": "generation",
-    "generate": "generation",
+    "generate": "decoding",
     "load_classifier": "finetuning",
     "IGPT": "model",
     "IGPTConfig": "model",

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .decoding import generate
 from .errors import IgptError
 
 OBJECTIVES = ("ar", "bert")
@@ -153,7 +154,7 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 # One layer's key/value cache during generation: key and value buffers (B, nh, Tmax, hs) and the number of
-# positions already filled (see igpt.generation.KVCache).
+# positions already filled (see igpt.decoding.KVCache).
 KVSlot = tuple[torch.Tensor, torch.Tensor, int]
 
 
@@ -190,13 +191,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    act = staticmethod(quick_gelu)
+    """iGPT's activation, named here so the decode step (`igpt.decoding`) uses the model's own."""
+
     def __init__(self, cfg: IGPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(quick_gelu(self.c_fc(x)))
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -214,8 +218,8 @@ class Block(nn.Module):
 
 class IGPT(nn.Module):
     """iGPT. `forward(tokens, mask)` returns `(logits, loss)`; `logits`, `features`,
-    `get_intermediate_layers` are the public API. Sampling (`igpt.generation.generate`, with the one-token
-    decode step and its key/value cache) lives outside the model and only uses it."""
+    `get_intermediate_layers` and `generate` are the public API; the key/value cache, the one-token decode
+    step and the samplers live in `igpt.decoding`, which does not import the model."""
 
     def __init__(self, cfg: IGPTConfig):
         super().__init__()
@@ -355,3 +359,17 @@ class IGPT(nn.Module):
             for i, h in hs.items():
                 out[i].append(h.float().mean(1))
         return {i: torch.cat(v) for i, v in out.items()}
+
+    def generate(
+        self,
+        prefix: torch.Tensor,
+        n_new: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue `prefix` (B, P) by `n_new` sampled tokens -> (B, P + n_new), AR models only, with a
+        key/value cache (`igpt.decoding`, which does not import this module). temperature 0 is greedy;
+        top_k 0 or None is off."""
+        return generate(self, prefix, n_new, temperature, top_k, top_p, generator)

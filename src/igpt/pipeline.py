@@ -38,6 +38,7 @@ from .report import CLASSICAL_BASELINES, write_report
 from .results import FinetuneResult, LowDataResult, PretrainSummary, ProbeResult
 from .runs import FULL_PROBE, LATEST_PROBE, Run, is_run, low_data_stem
 from .sampling import sample
+from .settings import build_config
 from .training import pretrain
 
 
@@ -312,7 +313,7 @@ def quickstart(out: str | Path | QuickstartOptions = "runs/quickstart", **settin
     if isinstance(out, QuickstartOptions):
         opts = out
     else:
-        opts = settings.build_config(QuickstartOptions, "quickstart", out=str(out), **settings)
+        opts = build_config(QuickstartOptions, "quickstart", out=str(out), **settings)
     plan, notice = make_plan(opts)
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
