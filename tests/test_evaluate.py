@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from igpt.classifier import Augment, Classifier
 from igpt.cli import main
-from igpt.finetuning import Augment, Classifier
 from igpt.logistic import balanced_subset, probe_with_validation
 from igpt.model import IGPT, IGPTConfig
 from igpt.palette import from_sequence, to_sequence

@@ -13,7 +13,7 @@ from igpt.config import TrainConfig
 from igpt.engine import lr_at, random_shifts, shift_table
 from igpt.errors import IgptError
 from igpt.model import IGPT, IGPTConfig
-from igpt.optim import Optimizers, muon_owns
+from igpt.optim import Optimizers, muon_owns, newton_schulz
 from igpt.palette import from_sequence, to_sequence
 
 
@@ -56,6 +56,29 @@ def test_muon_steps_block_matrices_as_torch_muon_defines():
     }
     for k, v in opt.tensors().items():
         assert torch.equal(v, again.tensors()[k]), k
+
+
+def test_muon_with_fp32_newton_schulz_is_torchs_update_at_fp32():
+    """Where bf16 is slow, Newton-Schulz runs in fp32: the same iteration as torch's (bf16) one, so the
+    orthogonalised matrix and the step agree within bf16's rounding, and the state is torch's."""
+    g = torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
+    coeffs = (3.4445, -4.7750, 2.0315)
+    ours = newton_schulz(g, coeffs, 5, 1e-7)
+    theirs = torch.optim._muon._zeropower_via_newtonschulz(g, coeffs, 5, 1e-7).float()
+    assert ours.dtype == torch.float32 and ours.shape == g.shape
+    torch.testing.assert_close(ours, theirs, atol=3e-2, rtol=3e-2)
+    assert (ours - theirs).abs().max() > 0  # it did not run in bf16
+    model, ref = tiny_model(), tiny_model()
+    x = torch.randint(0, 8, (4, 16))
+    for m in (model, ref):
+        m(x)[1].backward()
+    fp32 = Optimizers(list(model.named_parameters()), "muon", 0.02, 0.1, 0.95, fused=False, ns_dtype="fp32")
+    bf16 = Optimizers(list(ref.named_parameters()), "muon", 0.02, 0.1, 0.95, fused=False)
+    fp32.step()
+    bf16.step()
+    for (n, a), b in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=0, msg=n)
+    assert fp32.tensors().keys() == bf16.tensors().keys()
 
 
 def test_schedules():

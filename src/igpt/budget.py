@@ -21,7 +21,7 @@ import torch
 from .data import PreparedData
 from .errors import IgptError
 from .features import extract_features
-from .logistic import LAMBDAS
+from .logistic import CV_FOLDS, CV_ITERS, LAMBDAS, REFIT_ITERS, SWEEP_ITERS, SWEEP_ROWS
 from .model import IGPT, IGPTConfig
 
 # Measured ratios, from the default quickstart on a 2-core AMD EPYC (Zen 3, AVX2) whose budget ran with all
@@ -39,9 +39,6 @@ REPORT_SECONDS = 10.0
 MARGIN = 1.1
 """Predictions are multiplied by this, and MARGIN_SECONDS added, before pretraining gets the rest."""
 MARGIN_SECONDS = 20.0
-
-# the probes' solver caps (logistic.probe_with_validation, logistic.cv_lambda, logistic.fit_logistic)
-SWEEP_ROWS, SWEEP_ITERS, REFIT_ITERS, CV_ITERS, CV_FOLDS = 20_000, 300, 150, 200, 5
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,12 @@ from .errors import IgptError
 from .sources import split_validation
 
 LAMBDAS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+SWEEP_ROWS = 20_000
+"""The lambda sweep fits on at most this many training rows (a seeded, class-stratified share)."""
+SWEEP_ITERS, REFIT_ITERS, CV_ITERS = 300, 150, 200
+"""L-BFGS iteration caps: the sweep, the refit on all rows at the chosen lambda, the cross-validation fits."""
+CV_FOLDS = 5
+"""Folds of the low-data probes' cross-validation (fewer when a class has fewer labels)."""
 
 
 @dataclass
@@ -63,7 +69,7 @@ def fit_logistic(
     num_classes: int,
     lam: float,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_iter: int = 150,
+    max_iter: int = REFIT_ITERS,
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
     device: str = "cpu",
 ) -> LinearProbe:
@@ -79,7 +85,7 @@ def fit_logistic_many(
     lams: list[float],
     weights: torch.Tensor | None = None,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_iter: int = 150,
+    max_iter: int = REFIT_ITERS,
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
     device: str = "cpu",
 ) -> list[LinearProbe]:
@@ -143,7 +149,7 @@ def probe_with_validation(
     seed: int = 0,
     lambdas: tuple[float, ...] = LAMBDAS,
     device: str = "cpu",
-    select_rows: int | None = 20000,
+    select_rows: int | None = SWEEP_ROWS,
 ) -> dict:
     """Choose lambda on the validation rows, refit on all training rows with it (warm-started from the
     chosen solution), and score the test rows, which choose nothing. The lambda sweep fits on at most
@@ -156,7 +162,7 @@ def probe_with_validation(
         tr = tr[keep]
     stats = (xtr[tr].double().mean(0), feature_std(xtr[tr].double()))
     probes = fit_logistic_many(
-        xtr[tr], ytr[tr], num_classes, list(lambdas), stats=stats, max_iter=300, device=device
+        xtr[tr], ytr[tr], num_classes, list(lambdas), stats=stats, max_iter=SWEEP_ITERS, device=device
     )
     val_acc = {p.lam: p.accuracy(xva, yva) for p in probes}
     best = max(lambdas, key=lambda k: (val_acc[k], k))  # ties go to the stronger regularisation
@@ -190,7 +196,7 @@ def cv_lambda(
         fold[idx] = np.arange(len(idx)) % folds
     lams = [lam for lam in LAMBDAS for _ in range(folds)]
     weights = torch.stack([torch.from_numpy(fold != f).float() for _ in LAMBDAS for f in range(folds)])
-    probes = fit_logistic_many(x, y, num_classes, lams, weights, max_iter=200, device=device)
+    probes = fit_logistic_many(x, y, num_classes, lams, weights, max_iter=CV_ITERS, device=device)
     scores = {}
     for j, lam in enumerate(LAMBDAS):
         accs = []

@@ -12,7 +12,7 @@ import torch
 from .data import PreparedData
 from .errors import IgptError
 from .features import FeatureCache, raw_pixels
-from .logistic import balanced_subset, cv_lambda, fit_logistic
+from .logistic import CV_FOLDS, balanced_subset, cv_lambda, fit_logistic
 from .model import IGPT
 from .probe_setup import ProbeConfig, feature_settings, labelled_rows
 
@@ -43,7 +43,7 @@ def low_data_probe(
     fte = {p: cache("test", te, "test features", mean=p != cfg.pool) for p in pools}
     rtr, rte = raw_pixels(data, "train", rows), raw_pixels(data, "test", te)
     pos = {r: k for k, r in enumerate(rows)}
-    folds = min(5, N)
+    folds = min(CV_FOLDS, N)
     if folds < 2:  # one label per class: no cross-validation; the choice is made on the validation split
         va = labelled_rows(data.labels("val"), None)
         yva = torch.from_numpy(data.labels("val")[va])
@@ -53,24 +53,25 @@ def low_data_probe(
     cv: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
     raw = []
     own_choice = []  # each subset's test accuracy at the pooling and layer its own CV chose
+
+    def fit(key: Any, k: np.ndarray, y: torch.Tensor, s: int) -> tuple[float, float]:
+        """(test accuracy, choice score) of one feature set on subset `s`: L2 by CV inside the subset, or,
+        with one label per class, a fixed L2 and the validation split's accuracy as the score."""
+        xtr, xte = (rtr[k], rte) if key == "raw" else (ftr[key[0]][key[1]][k], fte[key[0]][key[1]])
+        lam, score = cv_lambda(xtr, y, C, folds, cfg.seed + s, cfg.device) if folds >= 2 else (1e-2, 0.0)
+        probe = fit_logistic(xtr, y, C, lam, device=cfg.device)
+        if folds < 2 and key != "raw":
+            score = probe.accuracy(fva[key[0]][key[1]], yva)
+        return probe.accuracy(xte, yte), score
+
     for s, sub in enumerate(subsets):
         k = np.array([pos[r] for r in sub])
         y = torch.from_numpy(ytr_all[sub])
-        for key in [*keys, "raw"]:
-            xtr, xte = (rtr[k], rte) if key == "raw" else (ftr[key[0]][key[1]][k], fte[key[0]][key[1]])
-            if folds >= 2:
-                lam, score = cv_lambda(xtr, y, C, folds, cfg.seed + s, cfg.device)
-            else:
-                lam, score = 1e-2, 0.0
-            probe = fit_logistic(xtr, y, C, lam, device=cfg.device)
-            if folds < 2 and key != "raw":
-                score = probe.accuracy(fva[key[0]][key[1]], yva)
-            a = probe.accuracy(xte, yte)
-            if key == "raw":
-                raw.append(a)
-            else:
-                acc[key].append(a)
-                cv[key].append(score)
+        for key in keys:
+            a, score = fit(key, k, y, s)
+            acc[key].append(a)
+            cv[key].append(score)
+        raw.append(fit("raw", k, y, s)[0])
         pick = max(keys, key=lambda q: (cv[q][-1], q[0] == "mean", -q[1]))
         own_choice.append(acc[pick][-1])
     best_pool, best = max(keys, key=lambda q: (np.mean(cv[q]), q[0] == "mean", -q[1]))
@@ -95,12 +96,18 @@ def low_data_probe(
         "pool": cfg.pool,
         "pools_compared": pools,
         "head": "linear",
-        "classifier": "multinomial logistic regression, torch L-BFGS, "
-        + (
+        "classifier": _classifier(folds),
+    }
+
+
+def _classifier(folds: int) -> str:
+    """How the low-data probe fits and chooses, as recorded in its result."""
+    if folds < 2:
+        how = "L2 1e-2 (one label per class: no CV), pooling and layer chosen on the validation split"
+    else:
+        how = (
             f"L2 by {folds}-fold CV within each subset; pooling and layer chosen by that CV: "
             "best_accuracy at the choice with the best CV over all subsets, mean_accuracy/std_accuracy with "
             "each subset's own choice"
-            if folds >= 2
-            else "L2 1e-2 (one label per class: no CV), pooling and layer chosen on the validation split"
-        ),
-    }
+        )
+    return f"multinomial logistic regression, torch L-BFGS, {how}"

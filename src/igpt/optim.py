@@ -9,10 +9,56 @@ for hidden 2-D weights only, so embeddings, the output head, norm gains and bias
 from __future__ import annotations
 
 import torch
+from torch.optim._muon import _adjust_lr
 
 from .checkpoint import load_optimizer_tensors, optimizer_tensors
 from .config import OPTIMIZERS
 from .errors import IgptError
+
+
+class Muon(torch.optim.Muon):
+    """`torch.optim.Muon` with its Newton-Schulz iterations in `ns_dtype`: bf16 as torch runs them, or fp32,
+    on CPUs where bf16 matrix products are slow (see `hardware.muon_ns_dtype`). The update is otherwise
+    torch's, step for step: momentum, Nesterov, the quintic iteration, the AdamW-matched rate, decoupled
+    weight decay; the state (`momentum_buffer`) is the same, so checkpoints move between the two."""
+
+    def __init__(self, params, ns_dtype: str = "bf16", **kw) -> None:
+        super().__init__(params, **kw)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        if self.ns_dtype == "bf16":
+            return super().step(closure)
+        for group in self.param_groups:
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            bufs: list[torch.Tensor] = []
+            self._init_group(group, params, grads, bufs)
+            lr, momentum = group["lr"], group["momentum"]
+            for p, g, buf in zip(params, grads, bufs, strict=True):
+                buf.lerp_(g, 1 - momentum)
+                update = g.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+        return None
+
+
+def newton_schulz(
+    g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> torch.Tensor:
+    """torch's quintic Newton-Schulz orthogonalisation of a 2-D matrix, in fp32."""
+    a, b, c = coefficients
+    x = g.float()
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
 
 
 def muon_owns(name: str, p: torch.nn.Parameter) -> bool:
@@ -32,6 +78,7 @@ class Optimizers:
         weight_decay: float,
         beta2: float,
         fused: bool,
+        ns_dtype: str = "bf16",
     ):
         if kind not in OPTIMIZERS:
             raise IgptError(f"unknown optimizer '{kind}'; choose one of {', '.join(OPTIMIZERS)}")
@@ -50,8 +97,13 @@ class Optimizers:
             fused=fused,
         )
         self.muon = (
-            torch.optim.Muon(
-                to_muon, lr=lr, weight_decay=weight_decay, momentum=0.95, adjust_lr_fn="match_rms_adamw"
+            Muon(
+                to_muon,
+                ns_dtype=ns_dtype,
+                lr=lr,
+                weight_decay=weight_decay,
+                momentum=0.95,
+                adjust_lr_fn="match_rms_adamw",
             )
             if to_muon
             else None

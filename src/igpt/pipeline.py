@@ -30,7 +30,7 @@ from .features import FeatureCache, grid_side
 from .files import write_json_atomic
 from .finetuning import finetune
 from .model import IGPTConfig
-from .plans import QuickstartOptions, QuickstartPlan, make_plan
+from .plans import RECORD, QuickstartOptions, QuickstartPlan, make_plan
 from .preparation import VAL_FRACTION, PrepareConfig, prepare_config, summary_lines
 from .probe_setup import ProbeConfig, open_labelled_run
 from .probing import probe_and_save
@@ -46,7 +46,7 @@ class Stages:
     """The record of finished stages and their seconds in OUT/quickstart.json, summed over resumed runs."""
 
     def __init__(self, out: Path, plan: QuickstartPlan):
-        self.path = out / "quickstart.json"
+        self.path = out / RECORD
         self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.state["plan"] = asdict(plan)
         self.state.setdefault("seconds", {})
@@ -318,7 +318,7 @@ def quickstart(out: str | Path | QuickstartOptions = "runs/quickstart", **settin
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise IgptError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "quickstart.json").is_file():
+    if out.is_dir() and any(out.iterdir()) and not (out / RECORD).is_file():
         raise IgptError(f"{out} exists and was not made by igpt quickstart; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     st = Stages(out, plan)

@@ -14,6 +14,8 @@ from .errors import IgptError
 from .model import PRESETS
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+RECORD = "quickstart.json"
+"""The quickstart's own record in its directory: the plan, the stages done and their seconds, the budget."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_text_atomic
+from .plans import RECORD
 from .probe_plots import save_figure
 from .results import FinetuneResult, LowDataResult, PretrainSummary, ProbeResult
 from .runs import FULL_PROBE, Run, is_run, read_json, read_metrics
@@ -78,7 +79,7 @@ class Inputs:
         return cls(
             out=out,
             run=run,
-            qs=read_json(out / "quickstart.json") or {},
+            qs=read_json(out / RECORD) or {},
             summ=(run.pretrain_summary() if run else None) or PretrainSummary(),
             full=run.full_probe() if run else None,
             low=run.low_data_probes() if run else [],

@@ -36,7 +36,7 @@ import numpy as np
 
 from .data import meta_record
 from .errors import IgptError
-from .files import atomic_directory, atomic_file, disk_errors, write_json_atomic
+from .files import NpyWriter, atomic_directory, atomic_file, disk_errors, write_json_atomic
 from .sources import IMAGE_EXTENSIONS, list_folder, load_image, safe_name, split_validation
 
 CHUNK = 1024
@@ -383,8 +383,6 @@ def prepare_streamed(
 ) -> dict[str, Any]:
     """`igpt prepare folder` and the downsampled ImageNet sources, streamed and resumable (see the module's
     docstring); `settings` are the ones a resume compares. Returns meta.json's content."""
-    from .palette import decode, fit_palette, load_palette, quantize, to_sequence, token_dtype
-
     t0 = time.perf_counter()
     src = Path(os.path.expanduser(cfg.data_dir)) if cfg.data_dir else None
     if src is None:
@@ -416,34 +414,14 @@ def prepare_streamed(
     if len(tr_rows) == 0 or len(va_rows) == 0:
         raise IgptError(f"--val-fraction {cfg.val_fraction} leaves no training or no validation images")
 
-    n_sample = 0
-    if cfg.palette:
-        palette = load_palette(cfg.palette)
-        if cfg.clusters is not None and cfg.clusters != len(palette):
-            raise IgptError(f"--clusters {cfg.clusters} does not match the palette's {len(palette)} colours")
-    else:
-        n_sample = max(1, min(len(tr_rows), PALETTE_SAMPLE_PIXELS // (size * size)))
-        pick = np.sort(np.random.default_rng(cfg.seed).choice(tr_rows, n_sample, replace=False))
-        sample = _channels(gather(store, "train", tr_where[pick]), channels, colour_tr or colour_te)
-        palette = fit_palette(sample, cfg.clusters or (16 if channels == 1 else 512), seed=cfg.seed)
-        del sample
-    dtype = token_dtype(len(palette))
+    colour = colour_tr or colour_te
+    palette, n_sample = _streamed_palette(cfg, store, (tr_where, tr_rows), size, channels, colour)
     t_fit = time.perf_counter()
 
     labelled = bool((np.concatenate([tr_labels, te_labels]) >= 0).any())
-    sq_err = 0.0
     with atomic_directory(out) as tmp:
         parts = {"train": tr_where[tr_rows], "val": tr_where[va_rows], "test": te_where}
-        for name, where in parts.items():
-            split = "test" if name == "test" else "train"
-            with NpyWriter(tmp / f"{name}_tokens.npy", dtype, (len(where), size * size)) as toks:
-                for s in range(0, len(where), CHUNK):
-                    imgs = gather(store, split, where[s : s + CHUNK])
-                    imgs = _channels(imgs, palette.shape[1], channels == 3)
-                    grid = quantize(imgs, palette)
-                    toks.write(to_sequence(grid, cfg.order).astype(dtype))
-                    if name == "test":
-                        sq_err += float(((decode(grid, palette).astype(np.float64) - imgs) ** 2).sum())
+        sq_err = _write_tokens(tmp, store, parts, palette, size, channels, cfg.order)
         labels = {"train": tr_labels[tr_rows], "val": tr_labels[va_rows], "test": te_labels}
         for name, y in labels.items():
             np.save(tmp / f"{name}_labels.npy", y.astype(np.int64))
@@ -478,29 +456,49 @@ def prepare_streamed(
     return meta
 
 
-class NpyWriter:
-    """Writes an .npy file of a known shape row block by row block with plain file writes: unlike a memory
-    map, the written pages are not counted in this process's resident memory, which stays flat however many
-    rows the file gets."""
+def _streamed_palette(
+    cfg: Any, store: ChunkStore, train: tuple[np.ndarray, np.ndarray], size: int, channels: int, colour: bool
+) -> tuple[np.ndarray, int]:
+    """The palette given, or k-means fitted on a seeded sample of the training images (as many as
+    PALETTE_SAMPLE_PIXELS allows): (palette, images sampled)."""
+    from .palette import fit_palette, load_palette
 
-    def __init__(self, path: Path, dtype: Any, shape: tuple[int, ...]):
-        self.path, self.dtype, self.shape, self.rows = path, np.dtype(dtype), shape, 0
+    if cfg.palette:
+        palette = load_palette(cfg.palette)
+        if cfg.clusters is not None and cfg.clusters != len(palette):
+            raise IgptError(f"--clusters {cfg.clusters} does not match the palette's {len(palette)} colours")
+        return palette, 0
+    tr_where, tr_rows = train  # where each stored training image is, and the rows kept for training
+    n_sample = max(1, min(len(tr_rows), PALETTE_SAMPLE_PIXELS // (size * size)))
+    pick = np.sort(np.random.default_rng(cfg.seed).choice(tr_rows, n_sample, replace=False))
+    sample = _channels(gather(store, "train", tr_where[pick]), channels, colour)
+    return fit_palette(sample, cfg.clusters or (16 if channels == 1 else 512), seed=cfg.seed), n_sample
 
-    def __enter__(self) -> NpyWriter:
-        self.f = open(self.path, "wb")  # noqa: SIM115 - closed in __exit__
-        descr = np.lib.format.dtype_to_descr(self.dtype)
-        header = {"descr": descr, "fortran_order": False, "shape": self.shape}
-        np.lib.format.write_array_header_1_0(self.f, header)
-        return self
 
-    def write(self, block: np.ndarray) -> None:
-        self.f.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
-        self.rows += len(block)
+def _write_tokens(
+    tmp: Path,
+    store: ChunkStore,
+    parts: dict[str, np.ndarray],
+    palette: np.ndarray,
+    size: int,
+    channels: int,
+    order: str,
+) -> float:
+    """Quantize each split's stored images chunk by chunk into SPLIT_tokens.npy; returns the test split's
+    summed squared error against the palette (for the quantization RMSE)."""
+    from .palette import decode, quantize, to_sequence, token_dtype
 
-    def __exit__(self, *exc: object) -> None:
-        self.f.close()
-        if exc[0] is None and self.rows != self.shape[0]:
-            raise RuntimeError(f"{self.path}: wrote {self.rows} rows of {self.shape[0]}")
+    dtype, sq_err = token_dtype(len(palette)), 0.0
+    for name, where in parts.items():
+        split = "test" if name == "test" else "train"
+        with NpyWriter(tmp / f"{name}_tokens.npy", dtype, (len(where), size * size)) as toks:
+            for s in range(0, len(where), CHUNK):
+                imgs = _channels(gather(store, split, where[s : s + CHUNK]), palette.shape[1], channels == 3)
+                grid = quantize(imgs, palette)
+                toks.write(to_sequence(grid, order).astype(dtype))
+                if name == "test":
+                    sq_err += float(((decode(grid, palette).astype(np.float64) - imgs) ** 2).sum())
+    return sq_err
 
 
 def _channels(images: np.ndarray, channels: int, colour: bool) -> np.ndarray:

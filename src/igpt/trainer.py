@@ -30,7 +30,7 @@ from .distributed import Dist, check_batch_split
 from .engine import Batcher, StepRecipe, all_reduce, evaluate, lr_at, mirror_index, shift_table, train_step
 from .errors import IgptError
 from .files import write_text_atomic
-from .hardware import cpu_has_amx, cpu_has_avx512_bf16
+from .hardware import cpu_has_amx, cpu_has_avx512_bf16, muon_ns_dtype
 from .model import IGPT
 from .optim import Optimizers
 from .runs import Run, read_metrics
@@ -101,6 +101,7 @@ class Trainer:
             cfg.weight_decay,
             cfg.beta2,
             fused=env.device.startswith("cuda") and not (cfg.fsdp and env.world > 1),  # one kernel per step
+            ns_dtype=muon_ns_dtype(env.device),
         )
         self.opt_names = self.opt.adamw_names
         if resuming and self._opt_tensors:
@@ -392,13 +393,14 @@ class Trainer:
             ]
         )
         micro = c.batch_size // (env.world * c.grad_accum)
+        ns = f" (Newton-Schulz in {muon_ns_dtype(env.device)})" if c.optimizer == "muon" else ""
         parts = (f"{c.steps} steps" if c.steps else "", f"{c.minutes} min" if c.minutes else "")
         budget = " and ".join(s for s in parts if s)
         print(
             f"igpt pretrain: {self.mcfg.objective.upper()} {self.preset} ({self.model.num_params():,} "
             f"parameters), {T} tokens/image, {self.data.meta['n_train']:,} training images\n"
             f"  global batch {c.batch_size} = {env.world} process(es) x {c.grad_accum} accumulation x "
-            f"{micro} micro-batch; {c.batch_size * T:,} tokens/step\n  {c.optimizer}, peak lr {c.lr:g}, "
+            f"{micro} micro-batch; {c.batch_size * T:,} tokens/step\n  {c.optimizer}{ns}, peak lr {c.lr:g}, "
             f"warm-up {c.warmup:.0%} of {budget}, {SCHEDULE_WORDS[c.schedule].format(c.cooldown)}"
             f"{augment}\n  device {env.device} {c.precision}{why}"
             f"{' torch.compile' if c.compile else ''}; run {self.run}",
