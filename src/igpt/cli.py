@@ -117,9 +117,9 @@ def add_config_flags(
     return added
 
 
-def config_kwargs(args: argparse.Namespace, cls: type, *, skip: Iterable[str] = ()) -> dict[str, Any]:
+def config_kwargs(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The parsed values of `cls`'s fields (those present in `args`), as keyword arguments."""
-    names = {f.name for f in dataclasses.fields(cls)} - set(skip)
+    names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(args).items() if k in names}
 
 

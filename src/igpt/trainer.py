@@ -107,8 +107,20 @@ class Trainer:
         if resuming and self._opt_tensors:
             self._load_optimizer(self._opt_tensors)
         order = self.data.meta["order"]
-        self.flip_perm = mirror_index(self.data.resolution, order) if cfg.flip else None
-        self.shifts = shift_table(self.data.resolution, order, cfg.shift) if cfg.shift else None
+        self.recipe = StepRecipe(  # what every step of this run does the same way
+            rank=env.rank,
+            world=env.world,
+            grad_accum=cfg.grad_accum,
+            objective=mcfg.objective,
+            mask_ratio=cfg.mask_ratio,
+            seed=cfg.seed,
+            grad_clip=cfg.grad_clip,
+            device=env.device,
+            precision=cfg.precision,
+            flip_perm=mirror_index(self.data.resolution, order) if cfg.flip else None,
+            shifts=shift_table(self.data.resolution, order, cfg.shift) if cfg.shift else None,
+            prefix_causal=mcfg.prefix_causal,
+        )
         self.stop_requested = False  # agreed by every process (see _tick)
         self._stop_local = False  # this process received a stop signal
 
@@ -167,21 +179,7 @@ class Trainer:
     def _train_step(self, lr: float) -> tuple[float, float]:
         """One optimizer step through the wrapped model. If torch.compile fails (no C++ compiler, say), the
         notice is printed, the half-done gradients are dropped and the step is redone eagerly."""
-        c, env = self.cfg, self.env
-        recipe = StepRecipe(
-            rank=env.rank,
-            world=env.world,
-            grad_accum=c.grad_accum,
-            objective=self.mcfg.objective,
-            mask_ratio=c.mask_ratio,
-            seed=c.seed,
-            grad_clip=c.grad_clip,
-            device=env.device,
-            precision=c.precision,
-            flip_perm=self.flip_perm,
-            shifts=self.shifts,
-            prefix_causal=self.mcfg.prefix_causal,
-        )
+        env, recipe = self.env, self.recipe
         try:
             return train_step(self.wrapped, self.opt, self.batcher, self.step, lr, recipe)
         except compile_error_types() as e:
