@@ -31,6 +31,7 @@ from igpt.config import TrainConfig
 from igpt.errors import IgptError
 from igpt.features import FeatureCache
 from igpt.files import write_json_atomic, write_text_atomic
+from igpt.hardware import cpu_name
 from igpt.logistic import probe_with_validation
 from igpt.model import IGPTConfig
 from igpt.plans import DEFAULT, FASHION_DIR
@@ -144,13 +145,6 @@ def markdown(rows: list[dict[str, Any]], minutes: float, cpu: str) -> str:
             f"| {r['val_nll']:.4f} | {fmt(m)} | {fmt(g)} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.partition(':')[2].strip()}, {torch.get_num_threads()} threads"
-    return "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,11 @@ def test_grid_pooled_head_round_trips(micro_run, tmp_path):
         (["--minutes", "0"], "--minutes must be a positive number"),
         (["--seeds", "3"], "give --labels-per-class too"),
         (["--labels-per-class", "100000"], "exceeds"),
+        (["--layer", "0"], "--layer must be at least 1"),
+        (["--layer", "5"], "--layer 5 is not a block of this 2-layer model; choose 1..2"),
+        (["--layer-decay", "0"], "--layer-decay must be in (0, 1]"),
+        (["--layer-decay", "nan"], "--layer-decay must be in (0, 1]"),
+        (["--precision", "fp16"], "--precision must be fp32, bf16 or auto"),
     ],
 )
 def test_refusals_create_nothing(micro_run, tmp_path, capsys, extra, expect):
@@ -101,3 +106,99 @@ def test_the_heads_start_is_kept_when_training_only_hurts(micro_run, tmp_path):
     hist = [h["val_accuracy"] for h in res["history"]]
     assert max(hist) < res["initial_val_accuracy"]  # training hurt
     assert res["best_epoch"] == 0 and res["best_val_accuracy"] == res["initial_val_accuracy"]
+
+
+def test_truncated_backbone_reads_exactly_the_probes_layer(micro_run):
+    from igpt.classifier import truncate
+
+    model = igpt.load_run(micro_run).eval()
+    x = torch.randint(0, model.config.vocab_size, (3, model.config.n_positions))
+    cut = truncate(model, 1).eval()
+    assert cut.config.n_layer == 1 and len(cut.h) == 1
+    assert cut.num_params() < model.num_params()
+    with torch.no_grad():
+        torch.testing.assert_close(cut.final_states(x), model.get_intermediate_layers(x, [1])[1])
+    assert truncate(model, model.config.n_layer) is model
+    with pytest.raises(IgptError, match="choose 1..2"):
+        truncate(model, 3)
+
+
+def test_head_on_a_lower_layer_saves_the_cut_model(micro_run, tmp_path):
+    res = igpt.finetune(micro_run, out=tmp_path / "ft", layer=1, train_limit=64, precision="bf16", **QUICK)
+    assert res["layer"] == 1 and res["settings"]["precision"] == "bf16"
+    info = json.loads((tmp_path / "ft" / "run.json").read_text())
+    assert info["model"]["n_layer"] == 1 and info["finetune"]["blocks_dropped"] == 1
+    clf = load_classifier(tmp_path / "ft")
+    x = torch.randint(0, clf.backbone.config.vocab_size, (2, clf.backbone.config.n_positions))
+    assert len(clf.backbone.h) == 1 and clf(x)[0].shape == (2, 10)
+
+
+def test_layer_decay_scales_each_depth(micro_run):
+    from igpt.classifier import Classifier
+    from igpt.finetuning import _param_groups
+
+    clf = Classifier(igpt.load_run(micro_run), 10)
+    groups = _param_groups(clf, 0.5)
+    scale_of = {id(p): g["scale"] for g in groups for p in g["params"]}
+    named = dict(clf.named_parameters())
+    assert scale_of[id(named["head.weight"])] == 1.0
+    assert scale_of[id(named["backbone.h.1.attn.c_attn.weight"])] == 0.5  # L - 1 = 1 step below the top
+    assert scale_of[id(named["backbone.h.0.attn.c_attn.weight"])] == 0.25
+    assert scale_of[id(named["backbone.wte.weight"])] == 0.125
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_schedule_follows_the_clock_when_the_budget_ends_first():
+    from igpt.finetuning import _Recipe
+
+    none = dict.fromkeys(("model", "opt", "lr", "aug", "flip", "mask_ratio", "gen", "forward"))
+    r = _Recipe(**none, total_steps=10_000, budget_seconds=100.0, precision="fp32", precision_reason="")
+    r.started -= 50.0  # half the budget gone after one step of ten thousand
+    assert r.progress() == pytest.approx(0.5, abs=0.01)
+    r.budget_seconds = None
+    assert r.progress() == pytest.approx(1 / 10_000)
+
+
+def test_validation_only_reads_no_test_image_and_saves_nothing(micro_run, tmp_path, monkeypatch):
+    from igpt.finetuning import FinetuneConfig, validation_only
+
+    read = PreparedData.tokens
+
+    def tokens(self, split):
+        assert split != "test", "the sweep read the test split"
+        return read(self, split)
+
+    monkeypatch.setattr(PreparedData, "tokens", tokens)
+    cfg = FinetuneConfig(str(micro_run), str(tmp_path / "never"), epochs=1, progress=False, train_limit=64)
+    (res,) = validation_only(cfg)
+    assert res["test_accuracy"] is None and res["n_test"] == 0
+    assert 0 <= res["best_val_accuracy"] <= 1
+    assert not (tmp_path / "never").exists()
+
+
+def test_finetune_sweep_writes_a_validation_table(micro_run, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune_sweep.py"
+    spec = importlib.util.spec_from_file_location("finetune_sweep", path)
+    fs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fs)
+    out = tmp_path / "sw"
+    argv = [
+        "--run",
+        str(micro_run),
+        "--out",
+        str(out),
+        "--minutes",
+        "0.05",
+        "--variants",
+        "base,scratch",
+        "--no-compile",
+    ]
+    assert fs.main(argv) == 0
+    rows = json.loads((out / "finetune_sweep_0.05min.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["base", "scratch"]
+    assert all(0 <= r["val_accuracy"] <= 1 and "test_accuracy" not in r for r in rows)
+    assert "validation figures only" in (out / "finetune_sweep_0.05min.md").read_text()
+    assert fs.main([*argv[:4], "--variants", "nope"]) == 2

@@ -9,6 +9,8 @@ import pytest
 from igpt import budget, pipeline, plans
 from igpt.budget import Speeds
 from igpt.cli import main
+from igpt.data import PreparedData
+from igpt.logistic import balanced_subset
 
 ARGS = ["--smoke", "--dataset", "digits", "--pretrain-minutes", "0.1", "--no-progress"]
 
@@ -98,6 +100,32 @@ def test_finetune_minutes_adds_a_fine_tuning_stage_to_the_report(qs, capsys):
     page = (qs / "report.html").read_text()
     assert "fine-tuned" in page and f"{ft['test_accuracy']:.4f}" in page
     assert "from scratch (control)" in page and f"{scratch['test_accuracy']:.4f}" in page
+
+
+def test_low_data_fine_tunings_join_the_low_data_table(qs, capsys):
+    main(["quickstart", "--out", str(qs), *ARGS, "--finetune-minutes", "0.05", "--finetune-low-data"])
+    printed = capsys.readouterr().out
+    assert "pretrained init, 10 labels per class: test accuracy" in printed
+    state = json.loads((qs / "quickstart.json").read_text())
+    assert {"finetune_10_per_class", "finetune_scratch_10_per_class"} <= set(state["done"])
+    low = {}
+    for name in ("finetune_10_per_class", "finetune_scratch_10_per_class"):
+        low[name] = json.loads((qs / name / "finetune.json").read_text())
+        assert len(low[name]["accuracies"]) == 2  # the smoke plan's two subsets
+        assert all(s["n_train"] == 100 and s["n_val"] <= 100 for s in low[name]["subsets"])
+    ft = low["finetune_10_per_class"]
+    y = PreparedData(qs / "data").labels("train")  # the low-data probes' subsets: balanced_subset(seed + s)
+    assert [s["train_rows"] for s in ft["subsets"]] == [balanced_subset(y, 10, s).tolist() for s in (0, 1)]
+    page = (qs / "report.html").read_text()
+    assert "fine-tuned (same subsets)" in page
+    assert f"{ft['mean_accuracy']:.4f} ± {ft['std_accuracy']:.4f}" in page
+
+
+def test_low_data_fine_tuning_needs_its_minutes(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--out", str(tmp_path / "q"), *ARGS, "--finetune-low-data"])
+    assert "give --finetune-minutes too" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
     with pytest.raises(SystemExit):
         main(["quickstart", "--out", str(qs), *ARGS, "--finetune-minutes", "-1"])
     assert "--finetune-minutes must be positive" in capsys.readouterr().err

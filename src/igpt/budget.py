@@ -70,6 +70,7 @@ class Workload:
     completions: tuple[int, int]
     compile: bool
     finetune_minutes: float | None = None
+    finetune_low_data: bool = False
     attentive: bool = False
 
 
@@ -135,6 +136,9 @@ def predict(w: Workload, s: Speeds) -> dict[str, float]:
         # two fine-tunings (pretrained and the control), each with its budget plus its evaluation passes
         evals = (min(w.n_train, 10_000) + 4 * w.n_val + w.n_test) * s.feature_seconds_per_image
         out["finetune"] = 2 * (60 * w.finetune_minutes + evals)
+        if w.finetune_low_data:  # per setting: its subsets share the minutes; each scores the test split
+            per_subset = (2 * 10 * w.num_classes + w.n_test) * s.feature_seconds_per_image
+            out["finetune"] += sum(2 * (60 * w.finetune_minutes + k * per_subset) for _, k in w.low_data)
     if w.attentive:
         out["attentive"] = 3 * n_all * s.feature_seconds_per_image + 60
     return out

@@ -4,16 +4,39 @@ trains with, and accuracy."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .engine import mirror_index, random_flips
+from .engine import autocast, mirror_index, random_flips
+from .errors import IgptError
 from .features import extract_features, grid_side, pool_states
 from .logistic import feature_std, fit_logistic
 from .model import IGPT
 from .palette import order_index
+
+
+def truncate(backbone: IGPT, layer: int) -> IGPT:
+    """The backbone cut at `layer` (1..n_layer): its first `layer` blocks, with block `layer`'s input norm as
+    the final norm, so that `final_states` of the result are exactly the probe's features of that layer
+    (`get_intermediate_layers`) and the blocks above, which a head on this layer would not read, cost
+    nothing. The output head is kept, so the generative loss still has a head (now read from `layer`)."""
+    L = backbone.config.n_layer
+    if not 1 <= layer <= L:
+        raise IgptError(f"--layer {layer} is not a block of this {L}-layer model; choose 1..{L}")
+    if layer == L:
+        return backbone
+    cfg = dataclasses.replace(backbone.config, n_layer=layer)
+    with torch.device("meta"):
+        cut = IGPT(cfg)
+    state = {k: v for k, v in backbone.state_dict().items() if not k.startswith(("h.", "ln_f."))}
+    state |= {f"h.{i}.{k}": v for i in range(layer) for k, v in backbone.h[i].state_dict().items()}
+    state["ln_f.weight"] = backbone.h[layer].ln_1.weight.detach()
+    cut.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+    return cut
 
 
 class Classifier(nn.Module):
@@ -117,13 +140,22 @@ def standardise_head(
 
 @torch.no_grad()
 def accuracy(
-    model: Classifier, tokens: np.ndarray, labels: np.ndarray, device: str, batch: int = 128
+    model: Classifier,
+    tokens: np.ndarray,
+    labels: np.ndarray,
+    device: str,
+    precision: str = "fp32",
+    batch: int = 128,
 ) -> float:
+    """Share of `tokens` whose predicted class is `labels`, in eval mode (under bf16 autocast with
+    `precision` bf16)."""
     model.eval()
     correct = 0
     for s in range(0, len(tokens), batch):
         x = torch.from_numpy(np.asarray(tokens[s : s + batch], dtype=np.int64)).to(device)
-        pred = model(x)[0].argmax(-1).cpu().numpy()
+        with autocast(device, precision):
+            logits = model(x)[0]
+        pred = logits.argmax(-1).cpu().numpy()
         correct += int((pred == labels[s : s + batch]).sum())
     model.train()
     return correct / max(1, len(tokens))

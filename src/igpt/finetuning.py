@@ -7,6 +7,7 @@ low-data probes' subsets) and reports their mean and std."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -20,15 +21,16 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .checks import check_device, check_seed
-from .classifier import Augment, Classifier, accuracy, standardise_head
+from .classifier import Augment, Classifier, accuracy, standardise_head, truncate
 from .compiling import CompiledOrEager
 from .data import PreparedData
-from .engine import NO_FLIP, EarlyStopping, bert_mask, lr_at
+from .engine import NO_FLIP, EarlyStopping, autocast, bert_mask, lr_at
 from .errors import IgptError
 from .features import POOLS, check_pool
 from .files import atomic_directory
+from .hardware import PRECISIONS, auto_precision
 from .logistic import balanced_subset, check_trainable
-from .model import IGPT
+from .model import IGPT, IGPTConfig
 from .probe_setup import labelled_rows, open_labelled_run
 from .runs import Run
 from .settings import build_config, choice
@@ -58,6 +60,9 @@ class FinetuneConfig:
     """Peak learning rate; default the pretraining's lr / 10."""
     gen_weight: float = 1.0
     """Weight of L_GEN (the run's own generative loss) beside L_CLF."""
+    layer_decay: float = 1.0
+    """Layer-wise rate decay: block i of L trains at lr x layer_decay^(L - i), the embeddings at
+    lr x layer_decay^(L + 1); the head and the final norm at lr (1: one rate for all)."""
     labels_per_class: int | None = None
     """Fine-tune on N labelled images per class (the low-data regime); early stopping then uses a seeded
     class-balanced draw of at most N images per class from the validation split, as a user with N labels per
@@ -71,6 +76,9 @@ class FinetuneConfig:
     pool: str = choice("mean", HEAD_POOLS)
     """The head's input: mean (the paper's mean over positions of the final normed states), or a coarse
     spatial grid of means: grid (2x2) or grid3 (3x3)."""
+    layer: int | None = None
+    """Put the head on this block's output (1..n_layer, normed as the probe reads it) and drop the blocks
+    above it: faster, and the probe's best layer is often below the top; default the final layer."""
     augment: bool = True
     """Random shifts, and flips where the data suits them (see `engine.mirror_index`)."""
     head_init: str = choice("probe", ("probe", "zero"))
@@ -91,6 +99,9 @@ class FinetuneConfig:
     """Seed of the subsets, the order, augmentation, masks and (with init scratch) the weights."""
     compile: bool = False
     """torch.compile the training forward (eagerly if compiling fails)."""
+    precision: str = choice("auto", PRECISIONS)
+    """fp32, bf16 autocast, or auto: bf16 where this machine runs it faster (CUDA, AMX, AVX512_BF16 where a
+    start-up measurement says so; never on AVX2-only CPUs), for training and evaluation alike."""
     progress: bool = True
     """Progress bars and per-epoch lines on stderr."""
 
@@ -101,8 +112,12 @@ class FinetuneConfig:
             raise IgptError("--lr must be positive")
         if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
             raise IgptError(f"--minutes must be a positive number, got {self.minutes}")
+        if not (math.isfinite(self.layer_decay) and 0 < self.layer_decay <= 1):
+            raise IgptError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
         if not (math.isfinite(self.gen_weight) and self.gen_weight >= 0):
             raise IgptError("--gen-weight must be 0 or more")
+        if self.layer is not None and self.layer < 1:
+            raise IgptError(f"--layer must be at least 1 (a block's output), got {self.layer}")
         if self.labels_per_class is not None and self.labels_per_class < 1:
             raise IgptError(f"--labels-per-class must be at least 1, got {self.labels_per_class}")
         if self.seeds < 1:
@@ -114,6 +129,8 @@ class FinetuneConfig:
         if self.pool not in HEAD_POOLS:
             raise IgptError(f"unknown --pool '{self.pool}'; choose one of {', '.join(HEAD_POOLS)}")
         check_seed(self.seed)
+        if self.precision not in PRECISIONS:
+            raise IgptError(f"--precision must be fp32, bf16 or auto, got '{self.precision}'")
         if self.head_init not in ("probe", "zero"):
             raise IgptError(f"--head-init must be probe or zero, got '{self.head_init}'")
         for name in ("train_limit", "test_limit"):
@@ -152,7 +169,7 @@ class _Split:
     test: np.ndarray
 
 
-def _subsets(args: FinetuneConfig, data: PreparedData) -> list[_Split]:
+def _subsets(args: FinetuneConfig, data: PreparedData, test: bool = True) -> list[_Split]:
     """The training/validation rows of each fine-tuning: all labelled images, or with `labels_per_class` N
     one split per seed: N training images per class (`balanced_subset` with seed + s, the low-data probes'
     subsets) and a seeded class-balanced draw of min(N, rarest validation class) images per class from the
@@ -161,7 +178,7 @@ def _subsets(args: FinetuneConfig, data: PreparedData) -> list[_Split]:
     y_all = data.labels("train")
     rows = labelled_rows(y_all, args.train_limit)
     va_all = labelled_rows(data.labels("val"), None)
-    te = labelled_rows(data.labels("test"), args.test_limit)
+    te = labelled_rows(data.labels("test"), args.test_limit) if test else np.zeros(0, dtype=np.int64)
     N = args.labels_per_class
     if not N:
         check_trainable(y_all[rows], f"--train-limit {args.train_limit}")
@@ -179,7 +196,22 @@ def _subsets(args: FinetuneConfig, data: PreparedData) -> list[_Split]:
     return out
 
 
-def _finetune(args: FinetuneConfig) -> dict[str, Any]:
+def validation_only(args: FinetuneConfig) -> list[dict[str, Any]]:
+    """Fine-tune as `finetune` would but read no test image and save nothing: one result per subset, with
+    `best_val_accuracy` and the history. This is how recipes are compared (benchmarks/finetune_sweep.py):
+    a choice made on test would leak it."""
+    info, backbone, data = _open(args)
+    out = []
+    for s, split in enumerate(_subsets(args, data, test=False)):
+        if s > 0 and args.init == "pretrained":
+            backbone = info.load_model()
+        res, _ = _fit_one(args, info, backbone, data, split, args.seed + s)
+        out.append(res)
+    return out
+
+
+def _open(args: FinetuneConfig) -> tuple[Run, IGPT, PreparedData]:
+    """The run to fine-tune, its backbone and data, with the checks that need them."""
     info, backbone, data = open_labelled_run(args.run, args.data)
     if args.init == "scratch" and info.kind == "finetuned":
         raise IgptError(
@@ -187,6 +219,15 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
             "run it came from, so both share the architecture and the data"
         )
     check_pool(args.pool, data.resolution)
+    L = backbone.config.n_layer
+    if args.layer is not None and args.layer > L:
+        raise IgptError(f"--layer {args.layer} is not a block of this {L}-layer model; choose 1..{L}")
+    return info, backbone, data
+
+
+def _finetune(args: FinetuneConfig) -> dict[str, Any]:
+    info, backbone, data = _open(args)
+    L = backbone.config.n_layer
     splits = _subsets(args, data)
     results, states = [], []
     for s, split in enumerate(splits):
@@ -211,7 +252,8 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
             "saved_subset": 0,
             "seconds": round(sum(r["seconds"] for r in results), 2),
         }
-    _save(Path(args.out), states[0], info, data.num_classes, data, result, args.pool)
+    shape = dataclasses.replace(backbone.config, n_layer=args.layer or L)  # the blocks the head reads
+    _save(Path(args.out), states[0], info, shape, data.num_classes, data, result, args.pool)
     return result
 
 
@@ -229,7 +271,19 @@ class _Recipe:
     gen: torch.Generator
     total_steps: int
     forward: CompiledOrEager
+    budget_seconds: float | None
+    precision: str
+    precision_reason: str
+    started: float = dataclasses.field(default_factory=time.perf_counter)
     step: int = 0
+
+    def progress(self) -> float:
+        """How far through the schedule the next step is: by steps, or by the clock where a time budget
+        would end the run first (as pretraining does), so the rate decays within the budget."""
+        p = (self.step + 1) / self.total_steps
+        if self.budget_seconds:
+            p = max(p, (time.perf_counter() - self.started) / self.budget_seconds)
+        return p
 
 
 def _recipe(
@@ -239,6 +293,8 @@ def _recipe(
     started from a probe of the features, and the recipe around it; prints the start-up line."""
     C = data.num_classes
     torch.manual_seed(seed)
+    if args.layer is not None:
+        backbone = truncate(backbone, args.layer)
     if args.init == "scratch":
         backbone = IGPT(backbone.config)  # same shape, random weights (seeded above)
     model = Classifier(backbone, C, args.pool, data.resolution, data.meta["order"]).to(args.device).train()
@@ -249,16 +305,24 @@ def _recipe(
     )
     train = info.train_config
     lr = args.lr or (train.lr if train else 1e-3) / 10
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        _param_groups(model, args.layer_decay), lr=lr, betas=(0.9, 0.95), weight_decay=0.0
+    )
     flip = data.meta.get("dataset") not in NO_FLIP
     R, order = data.resolution, data.meta["order"]
     aug = Augment(R, order, max(1, R // 8), flip) if args.augment else None
     steps_per_epoch = math.ceil(len(split.train) / args.batch_size)
+    precision, why = args.precision, ""
+    if precision == "auto":
+        precision, why = auto_precision(args.device, model.backbone.config.n_embd)
     print(
-        f"igpt finetune ({args.init} init, {args.pool} pool): {len(split.train):,} training / "
+        f"igpt finetune ({args.init} init, {args.pool} pool of layer {model.backbone.config.n_layer}): "
+        f"{len(split.train):,} training / "
         f"{len(split.val):,} validation / {len(split.test):,} test images, {C} classes; "
-        f"lr {lr:g}, gen weight {args.gen_weight:g}, batch {args.batch_size}, up to {args.epochs} epochs x "
-        f"{steps_per_epoch} steps; augment {'shifts' + (' + flips' if flip else '') if aug else 'off'}",
+        f"lr {lr:g}{f' (layer decay {args.layer_decay:g})' if args.layer_decay < 1 else ''}, "
+        f"gen weight {args.gen_weight:g}, batch {args.batch_size}, up to {args.epochs} epochs x "
+        f"{steps_per_epoch} steps; augment {'shifts' + (' + flips' if flip else '') if aug else 'off'}; "
+        f"{precision}{f' ({why})' if why else ''}",
         file=sys.stderr,
     )
     return _Recipe(
@@ -271,7 +335,27 @@ def _recipe(
         gen=torch.Generator().manual_seed(seed),
         total_steps=steps_per_epoch * args.epochs,
         forward=CompiledOrEager(model, "the fine-tuning forward", enabled=args.compile),
+        budget_seconds=60 * args.minutes if args.minutes else None,
+        precision=precision,
+        precision_reason=why,
     )
+
+
+def _param_groups(model: Classifier, decay: float) -> list[dict[str, Any]]:
+    """AdamW groups with a rate `scale`: decay^(L - i) for block i, decay^(L + 1) for the embeddings
+    (and BERT's mask token), 1 for the final norm, the output head and the classifier head."""
+    L = model.backbone.config.n_layer
+    scales: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if name.startswith("backbone.h."):
+            depth = int(name.split(".")[2])
+            s = decay ** (L - depth)
+        elif name.startswith(("backbone.wte", "backbone.wpe", "backbone.mask_token")):
+            s = decay ** (L + 1)
+        else:
+            s = 1.0
+        scales.setdefault(s, []).append(p)
+    return [{"params": ps, "scale": s} for s, ps in scales.items()]
 
 
 def _train_epoch(
@@ -302,9 +386,10 @@ def _train_epoch(
         y = torch.from_numpy(y_all[idx]).to(device)
         mask = None if causal else bert_mask(tuple(x.shape), r.mask_ratio, r.gen).to(device)
         for g in r.opt.param_groups:
-            g["lr"] = lr_at((r.step + 1) / r.total_steps, r.lr, 0.05)
-        logits, l_gen = r.forward(x.to(device), mask if args.gen_weight > 0 else None)
-        loss = F.cross_entropy(logits, y) + args.gen_weight * l_gen
+            g["lr"] = lr_at(r.progress(), r.lr, 0.05) * g["scale"]
+        with autocast(device, r.precision):
+            logits, l_gen = r.forward(x.to(device), mask if args.gen_weight > 0 else None)
+        loss = F.cross_entropy(logits.float(), y) + args.gen_weight * l_gen.float()
         r.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(r.model.parameters(), 1.0)
@@ -328,9 +413,10 @@ def _fit_one(
     y_va, tok_va = data.labels("val"), data.tokens("val")
 
     def val_accuracy() -> float:
-        return accuracy(r.model, tok_va[va], y_va[va], args.device) if len(va) else float("nan")
+        return accuracy(r.model, tok_va[va], y_va[va], args.device, r.precision) if len(va) else float("nan")
 
     stop = EarlyStopping(args.patience)
+    r.started = time.perf_counter()  # the schedule's clock starts with the budget's
     initial_val = val_accuracy() if len(va) else None
     if initial_val is not None:  # epoch 0, the head's start, is a candidate too: training must beat it
         stop.update(0, initial_val, r.model)
@@ -353,7 +439,11 @@ def _fit_one(
             print("stopping: --minutes budget reached", file=sys.stderr)
             break
     stop.restore(r.model)
-    test_acc = accuracy(r.model, data.tokens("test")[te], data.labels("test")[te], args.device)
+    test_acc = (
+        accuracy(r.model, data.tokens("test")[te], data.labels("test")[te], args.device, r.precision)
+        if len(te)
+        else None
+    )
     result = {
         "test_accuracy": test_acc,
         "best_epoch": stop.best_epoch,
@@ -362,6 +452,7 @@ def _fit_one(
         "history": history,
         "init": args.init,
         "pool": args.pool,
+        "layer": r.model.backbone.config.n_layer,
         "labels_per_class": args.labels_per_class,
         "n_train": len(tr),
         "n_val": len(va),
@@ -374,7 +465,8 @@ def _fit_one(
             "validation split"
         ),
         "objective": r.model.backbone.config.objective,
-        "settings": asdict(args) | {"lr": r.lr, "flip": r.flip},
+        "settings": asdict(args)
+        | {"lr": r.lr, "flip": r.flip, "precision": r.precision, "precision_reason": r.precision_reason},
         "seconds": round(time.perf_counter() - t0, 2),
         "pretrained_run": str(Path(args.run).resolve()),
     }
@@ -382,7 +474,14 @@ def _fit_one(
 
 
 def _save(
-    out: Path, state: dict, pretrained: Run, num_classes: int, data: PreparedData, result: dict, pool: str
+    out: Path,
+    state: dict,
+    pretrained: Run,
+    shape: IGPTConfig,
+    num_classes: int,
+    data: PreparedData,
+    result: dict,
+    pool: str,
 ) -> None:
     """FTRUN: model.safetensors (backbone.*, head.* and the feature statistics), run.json (a "finetuned"
     run: the backbone's shape, the classes, the head) and finetune.json; written in a temporary directory and
@@ -396,11 +495,13 @@ def _save(
             "head": f"linear, on the standardised {pool} pool of the final normed states",
             "pool": pool,
             "init": result["init"],
+            "layer": shape.n_layer,
+            "blocks_dropped": pretrained.model_config.n_layer - shape.n_layer,
         }
         Run.create(
             tmp,
             "finetuned",
-            pretrained.model_config,
+            shape,
             preset=pretrained.preset,
             data_dir=str(data.dir),
             data_meta=data.meta,

@@ -6,6 +6,7 @@ measurement decide."""
 from __future__ import annotations
 
 import functools
+import platform
 import time
 from pathlib import Path
 
@@ -20,6 +21,20 @@ def cpu_flags() -> set[str]:
         if line.startswith("flags"):
             return set(line.partition(":")[2].split())
     return set()
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the threads torch uses, for the tables benchmarks write ("AMD EPYC, 2
+    threads"): every speed figure is named with its machine."""
+    import torch
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.partition(':')[2].strip()}, {torch.get_num_threads()} threads"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'unknown CPU'}, {torch.get_num_threads()} threads"
 
 
 def cpu_has_amx() -> bool:

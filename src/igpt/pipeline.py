@@ -30,7 +30,7 @@ from .features import FeatureCache, grid_side
 from .files import write_json_atomic
 from .finetuning import finetune
 from .model import IGPTConfig
-from .plans import RECORD, QuickstartOptions, QuickstartPlan, make_plan
+from .plans import RECORD, QuickstartOptions, QuickstartPlan, finetune_name, make_plan
 from .preparation import VAL_FRACTION, PrepareConfig, prepare_config, summary_lines
 from .probe_setup import ProbeConfig, open_labelled_run
 from .probing import probe_and_save
@@ -63,9 +63,11 @@ class Stages:
 
     def reset_after(self, name: str) -> None:
         """Forget the stages after `name` (the model changed, so its evaluations are stale)."""
-        order = ["prepare", "pretrain", "probe", "low_data", "completions", "finetune", "finetune_scratch"]
-        later = order[order.index(name) + 1 :]
-        self.state["done"] = [s for s in self.state["done"] if s not in later]
+        order = ["prepare", "pretrain", "probe", "low_data", "completions"]
+        later = order[order.index(name) + 1 :]  # and every fine-tuning
+        self.state["done"] = [
+            s for s in self.state["done"] if s not in later and not s.startswith("finetune")
+        ]
         self.save()
 
     def save(self) -> None:
@@ -197,27 +199,41 @@ def _finetuned(job: Job, name: str) -> bool:
     return job.st.done(name) and is_run(d) and Run.open(d).finetune_result() is not None
 
 
+def _finetunings(job: Job) -> list[tuple[str, int | None, int]]:
+    """(init, labels per class, subsets) of every fine-tuning the plan asks for, the control after each."""
+    settings: list[tuple[int | None, int]] = [(None, 1)]
+    if job.plan.finetune_low_data:
+        settings += list(job.plan.low_data)
+    return [(init, n, k) for n, k in settings for init in ("pretrained", "scratch")]
+
+
 def _finetune(job: Job) -> None:
-    """The fine-tuning and its from-scratch control, each recorded as its own stage."""
-    for init, name in (("pretrained", "finetune"), ("scratch", "finetune_scratch")):
+    """The fine-tunings and their from-scratch controls, each recorded as its own stage. With N labels per
+    class the K subsets share the minutes and train longer in epochs, with more patience (an epoch of N x
+    classes images is a few steps)."""
+    for init, n, k in _finetunings(job):
+        name = finetune_name(init, n)
         if _finetuned(job, name):
-            print(f"{init}: already done; skipped")
+            print(f"{name}: already done; skipped")
             continue
         t = time.perf_counter()
         ft_dir = job.out / name
         if ft_dir.exists():  # an interrupted fine-tuning starts again
             shutil.rmtree(ft_dir)
+        low = {"labels_per_class": n, "seeds": k, "epochs": 1000, "patience": 10} if n else {"epochs": 20}
         ft = finetune(
             job.run_dir,
             ft_dir,
             init=init,
-            minutes=job.plan.finetune_minutes,
-            epochs=20,
+            minutes=job.plan.finetune_minutes / k,
             compile=job.plan.compile,
             progress=job.progress,
+            **low,
         )
         r = FinetuneResult.from_json(ft)
-        print(f"{init} init: test accuracy {r.test_accuracy:.4f} (epoch {r.best_epoch})")
+        spread = f" ± {r.std_accuracy:.4f} over {k} subsets" if n else f" (epoch {r.best_epoch})"
+        who = f", {n} labels per class" if n else ""
+        print(f"{init} init{who}: test accuracy {r.test_accuracy:.4f}{spread}")
         job.st.finish(name, time.perf_counter() - t)
 
 
@@ -277,8 +293,9 @@ STAGES = (
         lambda j: (
             f"fine-tuning: joint loss, {j.plan.finetune_minutes:g} minutes, early-stopped on validation; "
             "then the same architecture and recipe from scratch (the control)"
+            + (", for all labels and each low-data setting" if j.plan.finetune_low_data else "")
         ),
-        lambda j: _finetuned(j, "finetune") and _finetuned(j, "finetune_scratch"),
+        lambda j: all(_finetuned(j, finetune_name(init, n)) for init, n, _ in _finetunings(j)),
         _finetune,
         wanted=lambda j: bool(j.plan.finetune_minutes),
     ),
@@ -362,6 +379,7 @@ def _workload(plan: QuickstartPlan, out: Path) -> Workload:
         completions=plan.completions,
         compile=plan.compile,
         finetune_minutes=plan.finetune_minutes,
+        finetune_low_data=plan.finetune_low_data,
         attentive=plan.attentive,
     )
 

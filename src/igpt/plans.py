@@ -18,6 +18,13 @@ RECORD = "quickstart.json"
 """The quickstart's own record in its directory: the plan, the stages done and their seconds, the budget."""
 
 
+def finetune_name(init: str, labels_per_class: int | None = None) -> str:
+    """The quickstart's directory (and stage) name of one fine-tuning: finetune, finetune_scratch, and with
+    N labels per class finetune_N_per_class, finetune_scratch_N_per_class."""
+    base = "finetune" if init == "pretrained" else "finetune_scratch"
+    return f"{base}_{labels_per_class}_per_class" if labels_per_class else base
+
+
 @dataclass(frozen=True)
 class QuickstartPlan:
     """The settings of one quickstart: data, model, budget and evaluation."""
@@ -66,6 +73,9 @@ class QuickstartPlan:
     finetune_minutes: float | None
     """Fine-tune the pretrained model (joint loss, early-stopped on validation) for this many minutes after
     the probes; None skips it."""
+    finetune_low_data: bool
+    """With `finetune_minutes`: also fine-tune, and train from scratch, on every low-data setting's subsets
+    (the low-data probes' own), each subset for finetune_minutes / subsets."""
     attentive: bool
     """Also train the attentive probe on the best layer's token states (see `igpt.attentive`)."""
     compile: bool
@@ -101,6 +111,7 @@ DEFAULT = QuickstartPlan(
     completions=(8, 5),
     keep_every=500,
     finetune_minutes=None,
+    finetune_low_data=False,
     attentive=False,
     compile=True,
 )
@@ -129,6 +140,7 @@ SMOKE = QuickstartPlan(
     completions=(3, 3),
     keep_every=1000,
     finetune_minutes=None,
+    finetune_low_data=False,
     attentive=False,
     compile=False,
 )
@@ -158,6 +170,9 @@ class QuickstartOptions:
     """Image side, 2 to 28 (default 14)."""
     finetune_minutes: float | None = None
     """Also fine-tune the model for this many minutes, then the from-scratch control (default off)."""
+    finetune_low_data: bool | None = None
+    """With --finetune-minutes M: also fine-tune and train from scratch on the low-data probes' subsets,
+    M / subsets minutes per subset, for the low-data table (off by default: 2 x M minutes per setting)."""
     attentive: bool | None = None
     """Also train the attentive probe on the best layer (default off)."""
     compile: bool | None = None
@@ -170,6 +185,10 @@ class QuickstartOptions:
         for name, value in {**budgets, "finetune_minutes": self.finetune_minutes}.items():
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise IgptError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.finetune_low_data and not self.finetune_minutes:
+            raise IgptError(
+                "--finetune-low-data fine-tunes for --finetune-minutes; give --finetune-minutes too"
+            )
         if self.resolution is not None and not 2 <= self.resolution <= 28:
             raise IgptError(f"--resolution must be in [2, 28] for Fashion-MNIST, got {self.resolution}")
         if self.dataset not in (None, "fashion-mnist", "digits"):
@@ -186,6 +205,7 @@ def make_plan(opts: QuickstartOptions) -> tuple[QuickstartPlan, str | None]:
         "minutes",
         "pretrain_minutes",
         "finetune_minutes",
+        "finetune_low_data",
         "attentive",
         "preset",
         "compile",

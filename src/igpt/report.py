@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_text_atomic
-from .plans import RECORD
+from .plans import RECORD, finetune_name
 from .probe_plots import save_figure
 from .results import FinetuneResult, LowDataResult, PretrainSummary, ProbeResult
 from .runs import FULL_PROBE, Run, is_run, read_json, read_metrics
@@ -68,6 +68,8 @@ class Inputs:
     """The fine-tuned run's result (None when not run)."""
     scratch: FinetuneResult | None
     """The from-scratch control's result (None when not run)."""
+    low_ft: dict[int, tuple[FinetuneResult | None, FinetuneResult | None]]
+    """Labels per class -> (fine-tuned, from scratch) on the low-data subsets, where run."""
 
     @classmethod
     def read(cls, out: Path) -> Inputs:
@@ -85,6 +87,13 @@ class Inputs:
             low=run.low_data_probes() if run else [],
             ft=finetuned("finetune"),
             scratch=finetuned("finetune_scratch"),
+            low_ft={
+                r.labels_per_class: (
+                    finetuned(finetune_name("pretrained", r.labels_per_class)),
+                    finetuned(finetune_name("scratch", r.labels_per_class)),
+                )
+                for r in (run.low_data_probes() if run else [])
+            },
         )
 
     @property
@@ -274,27 +283,43 @@ def low_data(x: Inputs) -> list[str]:
     if x.low:
         parts.append("<h2>Low-data probes</h2>")
         rows = []
+        tuned = any(a or b for a, b in x.low_ft.values())
         for r in x.low:
             best_std = r.best_std if r.best_std is not None else r.std_accuracy
-            rows.append(
-                [
-                    r.labels_per_class,
-                    r.seeds,
-                    f"{r.mean_accuracy:.4f} ± {r.std_accuracy:.4f}",
-                    f"{r.raw_pixel_accuracy:.4f} ± {r.raw_pixel_std:.4f}",
-                    f"{r.best_accuracy:.4f} ± {best_std:.4f}",
-                    f"{r.best_pool or r.pool} pooling, layer {r.best_layer}",
-                ]
-            )
+            row = [
+                r.labels_per_class,
+                r.seeds,
+                f"{r.mean_accuracy:.4f} ± {r.std_accuracy:.4f}",
+                f"{r.raw_pixel_accuracy:.4f} ± {r.raw_pixel_std:.4f}",
+                f"{r.best_accuracy:.4f} ± {best_std:.4f}",
+                f"{r.best_pool or r.pool} pooling, layer {r.best_layer}",
+            ]
+            if tuned:
+                row += [_mean_std(f) for f in x.low_ft.get(r.labels_per_class, (None, None))]
+            rows.append(row)
         head = ["labels per class", "subsets", "probe, each subset's own choice (what one user gets)"]
         shared = ["raw pixels", "probe at the choice shared by all subsets", "that choice (CV over all)"]
-        parts.append(_table([*head, *shared], rows))
+        ft_head = ["fine-tuned (same subsets)", "from scratch (same subsets)"] if tuned else []
+        parts.append(_table([*head, *shared, *ft_head], rows))
         parts.append(
             "<p class=muted>Mean ± std of test accuracy over the subsets; pooling, layer and L2 strength are "
-            "chosen by cross-validation inside the labelled subsets, never on test.</p>"
+            "chosen by cross-validation inside the labelled subsets, never on test."
+            + (
+                " Fine-tuning early-stops on a seeded draw of at most N validation images per class, the "
+                "labels such a user would hold."
+                if tuned
+                else ""
+            )
+            + "</p>"
         )
 
     return parts
+
+
+def _mean_std(r: FinetuneResult | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r.test_accuracy:.4f}" + (f" ± {r.std_accuracy:.4f}" if r.std_accuracy is not None else "")
 
 
 def completions(x: Inputs) -> list[str]:
