@@ -34,6 +34,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "grid3": {"pool": "grid3"},
     "layer3": {"layer": 3},
     "layer3-grid3": {"layer": 3, "pool": "grid3"},
+    "layer3-grid3-gen0": {"layer": 3, "pool": "grid3", "gen_weight": 0.0},
+    "layer3-grid3-lr5e-5": {"layer": 3, "pool": "grid3", "lr": 5e-5},
+    "layer3-grid3-gen0-lr5e-5": {"layer": 3, "pool": "grid3", "gen_weight": 0.0, "lr": 5e-5},
+    "layer3-grid3-no-augment": {"layer": 3, "pool": "grid3", "augment": False},
+    "layer3-grid3-no-augment-lr5e-4": {"layer": 3, "pool": "grid3", "augment": False, "lr": 5e-4},
     "lr5e-5": {"lr": 5e-5},
     "lr5e-4": {"lr": 5e-4},
     "gen0.25": {"gen_weight": 0.25},
@@ -44,6 +49,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "scratch": {"init": "scratch"},
     "scratch-lr2e-3": {"init": "scratch", "lr": 2e-3},
     "scratch-lr5e-4": {"init": "scratch", "lr": 5e-4},
+    # the control for the layer-3, grid3, unaugmented recipe: the same 3 blocks from random weights
+    "scratch-layer3-grid3-no-augment": {"init": "scratch", "layer": 3, "pool": "grid3", "augment": False},
+    "scratch-layer3-grid3-no-augment-lr2e-3": {
+        "init": "scratch",
+        "layer": 3,
+        "pool": "grid3",
+        "augment": False,
+        "lr": 2e-3,
+    },
 }
 
 
@@ -71,14 +85,17 @@ def markdown(rows: list[dict[str, Any]], minutes: float, labels: int | None, cpu
         f"Fine-tuning sweep: {minutes:g} min per variant (per subset), {who}; "
         f"validation figures only ({cpu}).",
         "",
-        "| variant | settings | validation accuracy | start (the head's probe) | epochs run | seconds |",
-        "|---|---|---|---|---|---|",
+        "| variant | settings | best validation accuracy | the head's probe start | after the last epoch "
+        "| steps | seconds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "igpt finetune's defaults"
         acc = f"{r['val_accuracy']:.4f}" + (f" ± {r['val_std']:.4f}" if r["subsets"] > 1 else "")
+        last = np.mean([h[-1]["val_accuracy"] for h in r["history"]])
+        steps = f"{r['steps']:.0f}" if r.get("steps") is not None else "-"
         lines.append(
-            f"| {r['variant']} | {s} | {acc} | {r['initial_val_accuracy']:.4f} | {r['epochs']:.2f} "
+            f"| {r['variant']} | {s} | {acc} | {r['initial_val_accuracy']:.4f} | {last:.4f} | {steps} "
             f"| {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -97,6 +114,7 @@ def row(name: str, minutes: float, labels: int | None, results: list[dict[str, A
         "val_accuracies": vals,
         "initial_val_accuracy": float(np.mean([r["initial_val_accuracy"] for r in results])),
         "epochs": float(np.mean([len(r["history"]) for r in results])),
+        "steps": float(np.mean([r["steps"] for r in results])),
         "best_epochs": [r["best_epoch"] for r in results],
         "history": [r["history"] for r in results],
         "seconds": round(secs, 1),

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import igpt
+from igpt.classifier import HEAD_LAMBDAS
 from igpt.cli import main
 from igpt.data import PreparedData
 from igpt.errors import IgptError
@@ -172,6 +173,7 @@ def test_validation_only_reads_no_test_image_and_saves_nothing(micro_run, tmp_pa
     cfg = FinetuneConfig(str(micro_run), str(tmp_path / "never"), epochs=1, progress=False, train_limit=64)
     (res,) = validation_only(cfg)
     assert res["test_accuracy"] is None and res["n_test"] == 0
+    assert res["head_lambda"] in HEAD_LAMBDAS  # the head's probe start chose its strength on validation
     assert 0 <= res["best_val_accuracy"] <= 1
     assert not (tmp_path / "never").exists()
 

@@ -97,6 +97,11 @@ def test_finetune_minutes_adds_a_fine_tuning_stage_to_the_report(qs, capsys):
     scratch = json.loads((qs / "finetune_scratch" / "finetune.json").read_text())
     assert ft["best_epoch"] >= 0 and ft["n_val"] > 0
     assert (ft["init"], scratch["init"]) == ("pretrained", "scratch")
+    # the recipe: the head on the full probe's chosen layer and pooling, no augmentation, for both
+    probe = json.loads((qs / "run" / "probe_full.json").read_text())
+    for r in (ft, scratch):
+        assert r["layer"] == max(1, probe["best_layer"]) and r["pool"] == probe["pool"]
+        assert r["settings"]["augment"] is False
     page = (qs / "report.html").read_text()
     assert "fine-tuned" in page and f"{ft['test_accuracy']:.4f}" in page
     assert "from scratch (control)" in page and f"{scratch['test_accuracy']:.4f}" in page
@@ -114,6 +119,8 @@ def test_low_data_fine_tunings_join_the_low_data_table(qs, capsys):
         assert len(low[name]["accuracies"]) == 2  # the smoke plan's two subsets
         assert all(s["n_train"] == 100 and s["n_val"] <= 100 for s in low[name]["subsets"])
     ft = low["finetune_10_per_class"]
+    low_probe = json.loads((qs / "run" / "probe_10_per_class.json").read_text())
+    assert ft["layer"] == max(1, low_probe["best_layer"]) and ft["pool"] == low_probe["best_pool"]
     y = PreparedData(qs / "data").labels("train")  # the low-data probes' subsets: balanced_subset(seed + s)
     assert [s["train_rows"] for s in ft["subsets"]] == [balanced_subset(y, 10, s).tolist() for s in (0, 1)]
     page = (qs / "report.html").read_text()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .engine import autocast, mirror_index, random_flips
 from .errors import IgptError
 from .features import extract_features, grid_side, pool_states
-from .logistic import feature_std, fit_logistic
+from .logistic import feature_std, fit_logistic, fit_logistic_many
 from .model import IGPT
 from .palette import order_index
 
@@ -106,36 +106,48 @@ class Augment:
         return g.gather(1, idx)[:, self.raster_to_seq]
 
 
+HEAD_LAMBDAS = (1e-1, 1e-2, 1e-3, 1e-4)
+"""L2 strengths the head's probe start chooses from on the validation rows (1e-2 without any)."""
+
+
 def standardise_head(
-    model: Classifier, tokens: np.ndarray, labels: np.ndarray, C: int, device: str, probe: bool
-) -> None:
+    model: Classifier,
+    tokens: np.ndarray,
+    labels: np.ndarray,
+    C: int,
+    device: str,
+    probe: bool,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+) -> float | None:
     """Set the head's feature statistics from up to 10,000 training rows and, with `probe`, start the head
-    at a linear probe of those standardised features (linear probe, then fine-tune) instead of at zero."""
+    at a linear probe of those standardised features (linear probe, then fine-tune) instead of at zero. With
+    `val` (tokens, labels: the rows that early stopping reads) the probe's L2 strength is the one of
+    HEAD_LAMBDAS that scores best there; returns it (None without a probe)."""
     n = model.backbone.config.n_layer
-    x = extract_features(
-        model.backbone,
-        tokens,
-        [n],
-        device=device,
-        pool=model.pool,
-        resolution=model.resolution or None,
-        order=model.order,
-    )[n]
+
+    def feats(t: np.ndarray) -> torch.Tensor:
+        kw = {"pool": model.pool, "resolution": model.resolution or None, "order": model.order}
+        return extract_features(model.backbone, t, [n], device=device, **kw)[n]
+
+    x = feats(tokens)
     model.feat_mean.copy_(x.mean(0))
     model.feat_std.copy_(feature_std(x))
-    if probe:
-        p = fit_logistic(
-            x,
-            torch.from_numpy(labels),
-            C,
-            1e-2,
-            stats=(model.feat_mean.cpu(), model.feat_std.cpu()),
-            device=device,
-        )
-        with torch.no_grad():
-            model.head.weight.copy_(p.weight.T)
-            model.head.bias.copy_(p.bias)
+    if not probe:
+        model.train()
+        return None
+    stats = (model.feat_mean.cpu(), model.feat_std.cpu())
+    y = torch.from_numpy(labels)
+    if val is not None and len(val[1]):
+        xva, yva = feats(val[0]), torch.from_numpy(np.asarray(val[1]))
+        fits = fit_logistic_many(x, y, C, list(HEAD_LAMBDAS), stats=stats, device=device)
+        p = max(fits, key=lambda f: (f.accuracy(xva, yva), f.lam))  # ties: the stronger regularisation
+    else:
+        p = fit_logistic(x, y, C, 1e-2, stats=stats, device=device)
+    with torch.no_grad():
+        model.head.weight.copy_(p.weight.T)
+        model.head.bias.copy_(p.bias)
     model.train()
+    return p.lam
 
 
 @torch.no_grad()

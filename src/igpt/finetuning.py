@@ -82,7 +82,8 @@ class FinetuneConfig:
     augment: bool = True
     """Random shifts, and flips where the data suits them (see `engine.mirror_index`)."""
     head_init: str = choice("probe", ("probe", "zero"))
-    """probe (start the head at a linear probe of the features) or zero."""
+    """probe (start the head at a linear probe of the features, its L2 strength chosen on the validation rows
+    early stopping reads) or zero."""
     batch_size: int = 32
     """Images per step."""
     patience: int = 2
@@ -274,6 +275,7 @@ class _Recipe:
     budget_seconds: float | None
     precision: str
     precision_reason: str
+    head_lambda: float | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter)
     step: int = 0
 
@@ -300,8 +302,15 @@ def _recipe(
     model = Classifier(backbone, C, args.pool, data.resolution, data.meta["order"]).to(args.device).train()
     head_rows = split.train[:10_000]
     labels = data.labels("train")[np.sort(head_rows)]
-    standardise_head(
-        model, tokens_rows(data, head_rows), labels, C, args.device, probe=args.head_init == "probe"
+    va = np.sort(split.val)
+    head_lambda = standardise_head(
+        model,
+        tokens_rows(data, head_rows),
+        labels,
+        C,
+        args.device,
+        probe=args.head_init == "probe",
+        val=(np.asarray(data.tokens("val")[va], dtype=np.int64), data.labels("val")[va]),
     )
     train = info.train_config
     lr = args.lr or (train.lr if train else 1e-3) / 10
@@ -338,6 +347,7 @@ def _recipe(
         budget_seconds=60 * args.minutes if args.minutes else None,
         precision=precision,
         precision_reason=why,
+        head_lambda=head_lambda,
     )
 
 
@@ -447,8 +457,10 @@ def _fit_one(
     result = {
         "test_accuracy": test_acc,
         "best_epoch": stop.best_epoch,
+        "steps": r.step,
         "best_val_accuracy": stop.best_score if len(va) else None,
         "initial_val_accuracy": initial_val,
+        "head_lambda": r.head_lambda,
         "history": history,
         "init": args.init,
         "pool": args.pool,

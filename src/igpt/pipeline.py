@@ -28,7 +28,7 @@ from .data import PreparedData
 from .errors import IgptError
 from .features import FeatureCache, grid_side
 from .files import write_json_atomic
-from .finetuning import finetune
+from .finetuning import HEAD_POOLS, finetune
 from .model import IGPTConfig
 from .plans import RECORD, QuickstartOptions, QuickstartPlan, finetune_name, make_plan
 from .preparation import VAL_FRACTION, PrepareConfig, prepare_config, summary_lines
@@ -207,10 +207,33 @@ def _finetunings(job: Job) -> list[tuple[str, int | None, int]]:
     return [(init, n, k) for n, k in settings for init in ("pretrained", "scratch")]
 
 
+def _finetune_head(job: Job, labels_per_class: int | None) -> dict[str, Any]:
+    """The head's layer and pooling for one fine-tuning, as the probes chose them: with all labels the full
+    probe's (on the validation split), with N labels per class the low-data probe's choice shared by the
+    subsets (cross-validated inside them), so a low-data fine-tuning reads no label beyond its own. Layer 0
+    (the embeddings) becomes 1: fine-tuning needs a block."""
+    run = Run.open(job.run_dir)
+    layer, pool = None, "mean"
+    if labels_per_class is None:
+        full = run.full_probe()
+        if full is not None:
+            layer, pool = full.best_layer, full.pool
+    else:
+        low = {r.labels_per_class: r for r in run.low_data_probes()}.get(labels_per_class)
+        if low is not None:
+            layer, pool = low.best_layer, low.best_pool or low.pool
+    return {
+        "layer": None if layer is None else max(1, layer),
+        "pool": pool if pool in HEAD_POOLS else "mean",
+    }
+
+
 def _finetune(job: Job) -> None:
-    """The fine-tunings and their from-scratch controls, each recorded as its own stage. With N labels per
-    class the K subsets share the minutes and train longer in epochs, with more patience (an epoch of N x
-    classes images is a few steps)."""
+    """The fine-tunings and their from-scratch controls, each recorded as its own stage, with the recipe
+    chosen on validation (benchmarks/finetune_sweep.py; README): the head on the probes' chosen layer and
+    pooling, the blocks above it dropped, no augmentation. With N labels per class the K subsets share the
+    minutes and train longer in epochs, with more patience (an epoch of N x classes images is a few
+    steps)."""
     for init, n, k in _finetunings(job):
         name = finetune_name(init, n)
         if _finetuned(job, name):
@@ -220,15 +243,17 @@ def _finetune(job: Job) -> None:
         ft_dir = job.out / name
         if ft_dir.exists():  # an interrupted fine-tuning starts again
             shutil.rmtree(ft_dir)
-        low = {"labels_per_class": n, "seeds": k, "epochs": 1000, "patience": 10} if n else {"epochs": 20}
+        # a subset's few hundred steps would not repay compiling its model
+        low = {"labels_per_class": n, "seeds": k, "epochs": 1000, "patience": 10, "compile": False}
         ft = finetune(
             job.run_dir,
             ft_dir,
             init=init,
             minutes=job.plan.finetune_minutes / k,
-            compile=job.plan.compile,
+            augment=False,
+            **_finetune_head(job, n),
+            **(low if n else {"epochs": 20, "compile": job.plan.compile}),
             progress=job.progress,
-            **low,
         )
         r = FinetuneResult.from_json(ft)
         spread = f" ± {r.std_accuracy:.4f} over {k} subsets" if n else f" (epoch {r.best_epoch})"
