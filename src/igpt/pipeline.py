@@ -316,8 +316,9 @@ STAGES = (
     Stage(
         "finetune",
         lambda j: (
-            f"fine-tuning: joint loss, {j.plan.finetune_minutes:g} minutes, early-stopped on validation; "
-            "then the same architecture and recipe from scratch (the control)"
+            f"fine-tuning: joint loss, {j.plan.finetune_minutes:g} minutes, the head on the probe's chosen "
+            "layer and pooling, early-stopped on validation; then the same architecture and recipe from "
+            "scratch (the control)"
             + (", for all labels and each low-data setting" if j.plan.finetune_low_data else "")
         ),
         lambda j: all(_finetuned(j, finetune_name(init, n)) for init, n, _ in _finetunings(j)),
