@@ -19,14 +19,19 @@ from .model import IGPT
 from .palette import order_index
 
 
+def check_layer(layer: int, n_layer: int) -> None:
+    """Refuse a head layer that is not a block of an `n_layer`-block model, in one line."""
+    if not 1 <= layer <= n_layer:
+        raise IgptError(f"--layer {layer} is not a block of this {n_layer}-layer model; choose 1..{n_layer}")
+
+
 def truncate(backbone: IGPT, layer: int) -> IGPT:
     """The backbone cut at `layer` (1..n_layer): its first `layer` blocks, with block `layer`'s input norm as
     the final norm, so that `final_states` of the result are exactly the probe's features of that layer
     (`get_intermediate_layers`) and the blocks above, which a head on this layer would not read, cost
     nothing. The output head is kept, so the generative loss still has a head (now read from `layer`)."""
     L = backbone.config.n_layer
-    if not 1 <= layer <= L:
-        raise IgptError(f"--layer {layer} is not a block of this {L}-layer model; choose 1..{L}")
+    check_layer(layer, L)
     if layer == L:
         return backbone
     cfg = dataclasses.replace(backbone.config, n_layer=layer)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .checks import check_device, check_seed
-from .classifier import Augment, Classifier, accuracy, standardise_head, truncate
+from .classifier import Augment, Classifier, accuracy, check_layer, standardise_head, truncate
 from .compiling import CompiledOrEager
 from .data import PreparedData
 from .engine import NO_FLIP, EarlyStopping, autocast, bert_mask, lr_at
@@ -202,12 +202,21 @@ def validation_only(args: FinetuneConfig) -> list[dict[str, Any]]:
     `best_val_accuracy` and the history. This is how recipes are compared (benchmarks/finetune_sweep.py):
     a choice made on test would leak it."""
     info, backbone, data = _open(args)
+    return [res for res, _ in _fit_subsets(args, info, backbone, data, _subsets(args, data, test=False))]
+
+
+def _fit_subsets(
+    args: FinetuneConfig, info: Run, backbone: IGPT, data: PreparedData, splits: list[_Split]
+) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+    """`_fit_one` on each split in turn, each from the run's weights (scratch makes its own), seeded
+    seed + s: (result, best weights) per split."""
     out = []
-    for s, split in enumerate(_subsets(args, data, test=False)):
+    for s, split in enumerate(splits):
+        if len(splits) > 1:
+            print(f"igpt finetune: subset {s + 1}/{len(splits)}", file=sys.stderr)
         if s > 0 and args.init == "pretrained":
-            backbone = info.load_model()
-        res, _ = _fit_one(args, info, backbone, data, split, args.seed + s)
-        out.append(res)
+            backbone = info.load_model()  # every subset starts from the same weights
+        out.append(_fit_one(args, info, backbone, data, split, args.seed + s))
     return out
 
 
@@ -220,25 +229,16 @@ def _open(args: FinetuneConfig) -> tuple[Run, IGPT, PreparedData]:
             "run it came from, so both share the architecture and the data"
         )
     check_pool(args.pool, data.resolution)
-    L = backbone.config.n_layer
-    if args.layer is not None and args.layer > L:
-        raise IgptError(f"--layer {args.layer} is not a block of this {L}-layer model; choose 1..{L}")
+    if args.layer is not None:
+        check_layer(args.layer, backbone.config.n_layer)
     return info, backbone, data
 
 
 def _finetune(args: FinetuneConfig) -> dict[str, Any]:
     info, backbone, data = _open(args)
     L = backbone.config.n_layer
-    splits = _subsets(args, data)
-    results, states = [], []
-    for s, split in enumerate(splits):
-        if len(splits) > 1:
-            print(f"igpt finetune: subset {s + 1}/{len(splits)}", file=sys.stderr)
-        if s > 0 and args.init == "pretrained":
-            backbone = info.load_model()  # every subset starts from the same weights (scratch makes its own)
-        res, state = _fit_one(args, info, backbone, data, split, args.seed + s)
-        results.append(res)
-        states.append(state)
+    fits = _fit_subsets(args, info, backbone, data, _subsets(args, data))
+    results = [res for res, _ in fits]
     result = results[0]
     if len(results) > 1:
         accs = [r["test_accuracy"] for r in results]
@@ -254,7 +254,7 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
             "seconds": round(sum(r["seconds"] for r in results), 2),
         }
     shape = dataclasses.replace(backbone.config, n_layer=args.layer or L)  # the blocks the head reads
-    _save(Path(args.out), states[0], info, shape, data.num_classes, data, result, args.pool)
+    _save(Path(args.out), fits[0][1], info, shape, data.num_classes, data, result, args.pool)
     return result
 
 
@@ -287,6 +287,10 @@ class _Recipe:
             p = max(p, (time.perf_counter() - self.started) / self.budget_seconds)
         return p
 
+    def out_of_time(self) -> bool:
+        """Whether the time budget, counted on the schedule's clock, is spent."""
+        return bool(self.budget_seconds) and time.perf_counter() - self.started > self.budget_seconds
+
 
 def _recipe(
     args: FinetuneConfig, info: Run, backbone: IGPT, data: PreparedData, split: _Split, seed: int
@@ -302,15 +306,11 @@ def _recipe(
     model = Classifier(backbone, C, args.pool, data.resolution, data.meta["order"]).to(args.device).train()
     head_rows = split.train[:10_000]
     labels = data.labels("train")[np.sort(head_rows)]
-    va = np.sort(split.val)
+    probe = args.head_init == "probe"
+    va = np.sort(split.val)  # the probe start chooses its L2 strength on the rows early stopping reads
+    val = (np.asarray(data.tokens("val")[va], dtype=np.int64), data.labels("val")[va]) if probe else None
     head_lambda = standardise_head(
-        model,
-        tokens_rows(data, head_rows),
-        labels,
-        C,
-        args.device,
-        probe=args.head_init == "probe",
-        val=(np.asarray(data.tokens("val")[va], dtype=np.int64), data.labels("val")[va]),
+        model, tokens_rows(data, head_rows), labels, C, args.device, probe=probe, val=val
     )
     train = info.train_config
     lr = args.lr or (train.lr if train else 1e-3) / 10
@@ -368,9 +368,7 @@ def _param_groups(model: Classifier, decay: float) -> list[dict[str, Any]]:
     return [{"params": ps, "scale": s} for s, ps in scales.items()]
 
 
-def _train_epoch(
-    args: FinetuneConfig, r: _Recipe, data: PreparedData, rows: np.ndarray, epoch: int, out_of_time
-) -> float:
+def _train_epoch(args: FinetuneConfig, r: _Recipe, data: PreparedData, rows: np.ndarray, epoch: int) -> float:
     """One pass over `rows` in a seeded order (cut short when the budget runs out): the joint loss
     L_CLF + gen_weight * L_GEN, clipped AdamW steps on the shared schedule. Returns the mean loss."""
     from tqdm import tqdm
@@ -407,7 +405,7 @@ def _train_epoch(
         r.step += 1
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
-        if out_of_time():
+        if r.out_of_time():
             break  # the epoch is cut short; it is still validated and may be the best
     bar.close()
     return float(np.mean(losses))
@@ -426,18 +424,14 @@ def _fit_one(
         return accuracy(r.model, tok_va[va], y_va[va], args.device, r.precision) if len(va) else float("nan")
 
     stop = EarlyStopping(args.patience)
-    r.started = time.perf_counter()  # the schedule's clock starts with the budget's
     initial_val = val_accuracy() if len(va) else None
     if initial_val is not None:  # epoch 0, the head's start, is a candidate too: training must beat it
         stop.update(0, initial_val, r.model)
     history = []
-    t0 = time.perf_counter()
-
-    def out_of_time() -> bool:
-        return bool(args.minutes) and time.perf_counter() - t0 > 60 * args.minutes
+    r.started = t0 = time.perf_counter()  # the budget and the schedule's clock start with training
 
     for epoch in range(1, args.epochs + 1):
-        loss = _train_epoch(args, r, data, tr, epoch, out_of_time)
+        loss = _train_epoch(args, r, data, tr, epoch)
         val = val_accuracy()
         history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": val})
         if args.progress:
@@ -445,7 +439,7 @@ def _fit_one(
         if stop.update(epoch, val, r.model, always=not len(va)):
             print(f"early stop: no validation gain for {args.patience} epochs", file=sys.stderr)
             break
-        if out_of_time():
+        if r.out_of_time():
             print("stopping: --minutes budget reached", file=sys.stderr)
             break
     stop.restore(r.model)
