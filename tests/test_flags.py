@@ -96,3 +96,16 @@ def test_wrong_type_names_flag_and_type_in_one_line(argv, flag, kind, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("igpt: error: ")
     assert flag in err and kind in err
+
+
+@pytest.mark.parametrize("command", sorted({c for c, *_ in COMMANDS} | {"convert"}))
+def test_every_command_prints_its_help(command, capsys):
+    """The help is the first thing a user asks for: a docstring with a bare "%" (argparse formats help text
+    with %) once made `igpt probe --help` a traceback."""
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args([command, "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: igpt {command}")
+    if command == "probe":
+        assert "15% masks" in out

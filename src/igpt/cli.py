@@ -90,7 +90,7 @@ def add_config_flags(
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
-        doc = first_sentence(docs.get(f.name, ""))
+        doc = first_sentence(docs.get(f.name, "")).replace("%", "%%")  # argparse %-formats help text
         kw: dict[str, Any] = {}
         if "choices" in f.metadata:  # shown, and checked by the config (so the refusal is the config's line)
             kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
