@@ -15,18 +15,16 @@ the same budget and labels is skipped, so an interrupted sweep goes on where it 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sweep_table import SweepTable  # benchmarks/, beside this script
 
 from igpt.errors import IgptError
-from igpt.files import write_json_atomic, write_text_atomic
 from igpt.finetuning import FinetuneConfig, validation_only
-from igpt.hardware import cpu_name
 
 # Each variant is `igpt finetune`'s defaults with the named settings changed.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -150,30 +148,19 @@ def main(argv: list[str] | None = None) -> int:
             for n in names
         }
         low = f"_{args.labels_per_class}pc" if args.labels_per_class else ""
-        table = out / f"finetune_sweep_{args.minutes:g}min{low}.json"
-        rows = json.loads(table.read_text())["rows"] if table.is_file() else []
-        cpu = cpu_name()
+        table = SweepTable(
+            out / f"finetune_sweep_{args.minutes:g}min{low}.json",
+            args.minutes,
+            lambda rows, cpu: markdown(rows, args.minutes, args.labels_per_class, cpu),
+        )
         for n in names:
-            if any(r["variant"] == n for r in rows):
-                print(f"{n}: done earlier; skipped")
+            if table.done(n):
                 continue
             print(f"\n== {n}: {VARIANTS[n] or 'igpt finetune defaults'}, {args.minutes:g} min", flush=True)
             t = time.perf_counter()
-            rows.append(
-                row(
-                    n,
-                    args.minutes,
-                    args.labels_per_class,
-                    validation_only(configs[n]),
-                    time.perf_counter() - t,
-                )
-            )
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "history"}), flush=True)
-            write_json_atomic(table, {"cpu": cpu, "minutes": args.minutes, "rows": rows})
-            write_text_atomic(
-                table.with_suffix(".md"), markdown(rows, args.minutes, args.labels_per_class, cpu)
-            )
-        print(markdown(rows, args.minutes, args.labels_per_class, cpu))
+            results = validation_only(configs[n])
+            table.add(row(n, args.minutes, args.labels_per_class, results, time.perf_counter() - t))
+        print(table.text())
     except IgptError as e:
         print(f"finetune_sweep: error: {e}", file=sys.stderr)
         return 2

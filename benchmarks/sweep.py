@@ -17,7 +17,6 @@ interrupted sweep goes on where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,13 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from sweep_table import SweepTable  # benchmarks/, beside this script
 
 import igpt
 from igpt.config import TrainConfig
 from igpt.errors import IgptError
 from igpt.features import FeatureCache
-from igpt.files import write_json_atomic, write_text_atomic
-from igpt.hardware import cpu_name
 from igpt.logistic import probe_with_validation
 from igpt.model import IGPTConfig
 from igpt.plans import DEFAULT, FASHION_DIR
@@ -176,13 +174,14 @@ def main(argv: list[str] | None = None) -> int:
                 resolution=DEFAULT.resolution,
                 clusters=DEFAULT.clusters,
             )
-        table = out / f"sweep_{args.minutes:g}min.json"  # one table per budget
-        rows = json.loads(table.read_text())["rows"] if table.is_file() else []
-        rows = [r for r in rows if r["minutes"] == args.minutes]  # other budgets are other tables
-        cpu = cpu_name()
+        # one table per budget
+        table = SweepTable(
+            out / f"sweep_{args.minutes:g}min.json",
+            args.minutes,
+            lambda rows, cpu: markdown(rows, args.minutes, cpu),
+        )
         for n in names:
-            if any(r["variant"] == n for r in rows):
-                print(f"{n}: done earlier; skipped")
+            if table.done(n):
                 continue
             run = out / "runs" / n
             settings = {**base_settings(), **VARIANTS[n]}
@@ -214,11 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                 "pretrain_seconds": round(t_probe - t, 1),
                 "probe_seconds": round(time.perf_counter() - t_probe, 1),
             }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            write_json_atomic(table, {"cpu": cpu, "minutes": args.minutes, "rows": rows})
-            write_text_atomic(table.with_suffix(".md"), markdown(rows, args.minutes, cpu))
-        print(markdown(rows, args.minutes, cpu))
+            table.add(row)
+        print(table.text())
     except IgptError as e:
         print(f"sweep: error: {e}", file=sys.stderr)
         return 2

@@ -193,13 +193,27 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
 
 
-@pytest.fixture
-def sweep():
-    """benchmarks/sweep.py as a module, loaded from its path (the benchmarks are not a package)."""
+def benchmark_module(name: str):
+    """benchmarks/<name>.py as a module, loaded from its path (the benchmarks are not a package; their own
+    imports of each other, such as sweep_table, resolve as they do when run as scripts)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep.py"
-    spec = importlib.util.spec_from_file_location("sweep", path)
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def sweep():
+    """benchmarks/sweep.py as a module."""
+    return benchmark_module("sweep")
+
+
+@pytest.fixture
+def finetune_sweep():
+    """benchmarks/finetune_sweep.py as a module."""
+    return benchmark_module("finetune_sweep")

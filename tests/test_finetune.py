@@ -178,14 +178,8 @@ def test_validation_only_reads_no_test_image_and_saves_nothing(micro_run, tmp_pa
     assert not (tmp_path / "never").exists()
 
 
-def test_finetune_sweep_writes_a_validation_table(micro_run, tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune_sweep.py"
-    spec = importlib.util.spec_from_file_location("finetune_sweep", path)
-    fs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fs)
+def test_finetune_sweep_writes_a_validation_table(micro_run, tmp_path, finetune_sweep):
+    fs = finetune_sweep
     out = tmp_path / "sw"
     argv = [
         "--run",
@@ -203,4 +197,6 @@ def test_finetune_sweep_writes_a_validation_table(micro_run, tmp_path):
     assert [r["variant"] for r in rows] == ["base", "scratch"]
     assert all(0 <= r["val_accuracy"] <= 1 and "test_accuracy" not in r for r in rows)
     assert "validation figures only" in (out / "finetune_sweep_0.05min.md").read_text()
+    assert fs.main(argv) == 0  # run again: both rows are read back and skipped, not run twice
+    assert json.loads((out / "finetune_sweep_0.05min.json").read_text())["rows"] == rows
     assert fs.main([*argv[:4], "--variants", "nope"]) == 2

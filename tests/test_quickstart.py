@@ -102,6 +102,7 @@ def test_finetune_minutes_adds_a_fine_tuning_stage_to_the_report(qs, capsys):
     for r in (ft, scratch):
         assert r["layer"] == max(1, probe["best_layer"]) and r["pool"] == probe["pool"]
         assert r["settings"]["augment"] is False
+        assert r["settings"]["lr"] == plans.FINETUNE_LR[r["init"]]  # each arm at its best rate on validation
     page = (qs / "report.html").read_text()
     assert "fine-tuned" in page and f"{ft['test_accuracy']:.4f}" in page
     assert "from scratch (control)" in page and f"{scratch['test_accuracy']:.4f}" in page
