@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda rows, cpu: markdown(rows, args.minutes, args.labels_per_class, cpu),
         )
         for n in names:
-            if table.done(n):
+            if table.skip(n):
                 continue
             print(f"\n== {n}: {VARIANTS[n] or 'igpt finetune defaults'}, {args.minutes:g} min", flush=True)
             t = time.perf_counter()

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda rows, cpu: markdown(rows, args.minutes, cpu),
         )
         for n in names:
-            if table.done(n):
+            if table.skip(n):
                 continue
             run = out / "runs" / n
             settings = {**base_settings(), **VARIANTS[n]}

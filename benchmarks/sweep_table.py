@@ -25,8 +25,8 @@ class SweepTable:
         self.rows: list[dict[str, Any]] = [r for r in rows if r.get("minutes") == minutes]
         self.cpu = cpu_name()
 
-    def done(self, variant: str) -> bool:
-        """Whether `variant` has its row already (and says so: it is skipped)."""
+    def skip(self, variant: str) -> bool:
+        """Whether to skip `variant` because its row is here already; prints that it is skipped."""
         if any(r["variant"] == variant for r in self.rows):
             print(f"{variant}: done earlier; skipped")
             return True

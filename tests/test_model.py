@@ -63,6 +63,37 @@ def test_ar_causality():
             assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :])
 
 
+@pytest.mark.parametrize("pattern", ["causal", "bidirectional", "mask"])
+def test_matmul_attention_matches_the_fused_kernel(pattern, monkeypatch):
+    """Training in bf16 on CPU takes attention's plain-product path; its output and gradients match
+    scaled_dot_product_attention's (the fused path, forced by a zero length limit) for every pattern."""
+    import igpt.model as M
+
+    T = 12
+    torch.manual_seed(1)
+    q0, k0, v0 = (torch.randn(2, 3, T, 8) for _ in range(3))
+    prefix = torch.arange(T) < 5
+    causal = {
+        "causal": True,
+        "bidirectional": False,
+        "mask": (torch.arange(T)[:, None] >= torch.arange(T)) | (prefix[:, None] & prefix[None, :]),
+    }[pattern]
+    g = torch.randn(2, 3, T, 8)
+
+    def run(max_t):
+        monkeypatch.setattr(M, "MATMUL_ATTENTION_MAX_T", max_t)
+        q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in (q0, k0, v0))
+        y = M.attention(q, k, v, causal)
+        (y.float() * g).sum().backward()
+        return [t.float() for t in (y, q.grad, k.grad, v.grad)]
+
+    fused, matmul = run(0), run(256)
+    for a, b in zip(fused, matmul, strict=True):
+        torch.testing.assert_close(b, a, atol=3e-2, rtol=3e-2)
+    if pattern == "causal":  # the first query sees only the first key: its output is v's first row
+        torch.testing.assert_close(matmul[0][:, :, 0], v0[:, :, 0].to(torch.bfloat16).float())
+
+
 def test_ar_loss_is_next_token_cross_entropy():
     m = tiny()
     x = torch.randint(0, 11, (2, 20))

@@ -153,6 +153,40 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(1.702 * x) * (1 / 1.702)
 
 
+MATMUL_ATTENTION_MAX_T = 256
+"""The longest sequence whose training attention on CPU in bf16 runs as plain matrix products (see
+`attention`)."""
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool | torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention of (B, nh, T, hs) queries, keys and values -> (B, nh, T, hs); `causal` is
+    a bool (is_causal) or a (T, T) boolean mask (True: may attend).
+
+    Through `F.scaled_dot_product_attention`, except in one measured case: training on CPU in bf16 with short
+    sequences (T <= MATMUL_ATTENTION_MAX_T, with gradients), where the (T, T) scores are small and the same
+    softmax(q k^T / sqrt(hs)) v as two batched products (the softmax in fp32) trains faster than the CPU's
+    fused kernel, whose backward pass dominated the step: a `tiny` step at T = 196, batch 32, compiled, went
+    from 392-430 ms to 258-332 ms on a 2-core AMD EPYC with AVX512_BF16 (benchmarks/bench_attention.py). In
+    fp32, at T = 784 and without gradients (the feature pass, generation) the fused kernel was as fast or
+    faster, so it keeps those."""
+    T, S = q.shape[-2], k.shape[-2]  # causal masks align at the top left, as the fused kernel's do
+    if not (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and q.requires_grad
+        and S <= MATMUL_ATTENTION_MAX_T
+    ):
+        if isinstance(causal, torch.Tensor):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal)  # (B, nh, T, hs)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, nh, T, hs)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, S)
+    if isinstance(causal, torch.Tensor):
+        att = att.masked_fill(~causal, float("-inf"))
+    elif causal:
+        att = att.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(att.float(), dim=-1).to(v.dtype) @ v  # (B, nh, T, hs)
+
+
 # One layer's key/value cache during generation: key and value buffers (B, nh, Tmax, hs) and the number of
 # positions already filled (see igpt.decoding.KVCache).
 KVSlot = tuple[torch.Tensor, torch.Tensor, int]
@@ -182,10 +216,7 @@ class Attention(nn.Module):
             k, v = k_buf[:, :, : p + T], v_buf[:, :, : p + T]  # (B, nh, p+T, hs)
             # a chunk that starts at 0 is causal within itself; a single new token sees every cached key
             causal = causal and p == 0 and T > 1
-        if isinstance(causal, torch.Tensor):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)  # (B, nh, T, hs)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, nh, T, hs)
+        y = attention(q, k, v, causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 

@@ -318,8 +318,8 @@ STAGES = (
         "finetune",
         lambda j: (
             f"fine-tuning: joint loss, {j.plan.finetune_minutes:g} minutes, the head on the probe's chosen "
-            "layer and pooling, early-stopped on validation; then the same architecture and recipe from "
-            "scratch (the control)"
+            "layer and pooling, early-stopped on validation; then the same architecture from scratch "
+            "(the control: same recipe, labels and budget, at its own best rate)"
             + (", for all labels and each low-data setting" if j.plan.finetune_low_data else "")
         ),
         lambda j: all(_finetuned(j, finetune_name(init, n)) for init, n, _ in _finetunings(j)),
