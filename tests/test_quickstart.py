@@ -3,6 +3,7 @@ a self-contained report, resuming without redoing finished stages, and the Fashi
 
 import json
 import re
+import time
 
 import pytest
 
@@ -191,6 +192,16 @@ def test_calibration_measures_this_machine():
 
     s = budget.calibrate(IGPTConfig.from_preset("micro", vocab_size=8, n_positions=16), "fp32", 64, images=32)
     assert s.feature_seconds_per_image > 0 and s.fit_flops_per_second > 1e6 and s.calibration_seconds < 30
+
+
+def test_calibration_keeps_the_fastest_round(monkeypatch):
+    """One slow moment (a timed round at 0.3 s) must not set the predicted feature speed."""
+    from igpt.model import IGPTConfig
+
+    delays = iter([0.0, 0.3, 0.02, 0.3])  # the warm-up batch, then three timed rounds
+    monkeypatch.setattr(budget, "extract_features", lambda *a, **k: time.sleep(next(delays)))
+    s = budget.calibrate(IGPTConfig.from_preset("micro", vocab_size=8, n_positions=16), "fp32", 64, images=32)
+    assert 0.02 / 32 <= s.feature_seconds_per_image < 0.1 / 32
 
 
 def test_low_data_summary_leads_with_each_subsets_own_choice(qs):
