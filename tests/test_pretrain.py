@@ -207,3 +207,29 @@ def test_bad_input(digits, tmp_path):
         assert r.returncode != 0 and expect in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "r3").exists() and not (tmp_path / "r4" / "run.json").exists()
+
+
+def test_a_minutes_budget_is_replanned_once_without_a_jump_in_the_rate(digits, tmp_path):
+    """`replan` is asked once, halfway through a wsd minutes budget, and its minutes are taken: the rate stays
+    at its peak past the old budget's cool-down (no jump), and run.json records the new budget."""
+    asked = []
+
+    def replan(elapsed: float, least: float, most: float) -> float:
+        asked.append((elapsed, least, most))
+        return 0.08  # from 3 s to 4.8 s
+
+    run = tmp_path / "run"
+    settings = dict(preset="micro", batch_size=16, lr=1e-3, eval_images=64, log_interval=2, progress=False)
+    s = igpt.pretrain(digits, run, minutes=0.05, schedule="wsd", replan=replan, **settings)
+    assert len(asked) == 1
+    elapsed, least, most = asked[0]
+    assert 1.5 <= elapsed < 2.4 and least == pytest.approx(elapsed / 60 / 0.8)
+    assert most == pytest.approx(elapsed / 60 / 0.05)
+    assert json.loads((run / "run.json").read_text())["train"]["minutes"] == 0.08
+    assert s["finished"] and s["elapsed_seconds"] >= 0.08 * 60
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    flat = [r["lr"] for r in rows if "lr" in r and 2.6 <= r["elapsed"] <= 3.6]  # old cool-down, new flat
+    assert flat and all(lr == pytest.approx(1e-3) for lr in flat), flat
+    # other schedules (whose rate depends on the budget throughout) and step budgets are not re-planned
+    igpt.pretrain(digits, tmp_path / "cos", minutes=0.02, schedule="cosine", replan=replan, **settings)
+    assert len(asked) == 1

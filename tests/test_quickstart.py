@@ -211,3 +211,38 @@ def test_low_data_summary_leads_with_each_subsets_own_choice(qs):
     assert f"shared by all subsets (layer {low['best_layer']}" in line
     page = (qs / "report.html").read_text()
     assert page.index("each subset&#x27;s own choice") < page.index("shared by all subsets")
+
+
+def test_budget_is_replanned_once_with_the_faster_timing(monkeypatch, tmp_path, capsys):
+    """Halfway through pretraining the machine is timed again: after a slow first timing pretraining gets
+    what a fast one would have given it; the re-plan is recorded (a rerun keeps it, and is not asked
+    again); a slower second timing takes nothing away; the schedule's flat stretch bounds the minutes."""
+    slow = Speeds(FAST.feature_seconds_per_image * 2, FAST.fit_flops_per_second / 2, 0.5)
+    plan, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=30))
+
+    def started(name: str, first: Speeds) -> pipeline.Job:
+        (tmp_path / name).mkdir()
+        monkeypatch.setattr(pipeline, "calibrate", lambda *a: first)
+        st = pipeline.Stages(tmp_path / name, plan)
+        job = pipeline.Job(plan, pipeline.QuickstartOptions(out=str(tmp_path / name)), st)
+        job.pre_minutes = pipeline.plan_budget(plan, tmp_path / name, st)
+        return job
+
+    fast_plan = started("fast", FAST).pre_minutes
+    job = started("slow", slow)
+    first = job.pre_minutes
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a: FAST)
+    new = pipeline.replan_budget(job, 60 * first / 2, first / 2 / 0.8, first / 2 / 0.05)
+    assert new == pytest.approx(fast_plan, abs=0.01) and new > first + 1
+    b = job.st.state["budget"]
+    assert b["pretrain_minutes"] == new == job.pre_minutes and b["replanned"]["from_minutes"] == first
+    assert f"pretraining {first:g} -> {new:g} min" in capsys.readouterr().out
+    assert pipeline.replan_budget(job, 60 * first / 2, 0, 100) is None  # once only, also after a resume
+    assert pipeline.plan_budget(plan, job.out, job.st) == new  # a rerun resumes with the new minutes
+
+    job = started("fast2", FAST)
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a: slow)
+    assert pipeline.replan_budget(job, 300, 1, 100) == job.pre_minutes == fast_plan
+    job = started("bounded", slow)
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a: FAST)
+    assert pipeline.replan_budget(job, 300, 1, first + 0.5) == first + 0.5

@@ -5,7 +5,8 @@ The prediction times two primitives here (a few seconds): the probes' feature pa
 shape with random weights (speed does not depend on the weights), and the matrix products that the probes'
 L-BFGS fits are made of, at the planned feature width. Each stage's cost is then counted in those units from
 the known sizes (images, layers, feature widths, subsets, the solver's iteration caps) and scaled by factors
-measured on full default quickstarts (see FEATURE_FACTOR and FIT_FACTOR)."""
+measured on full default quickstarts (see FEATURE_FACTOR and FIT_FACTOR). The quickstart times the machine
+again halfway through pretraining and re-plans with the faster of both timings (`pipeline.replan_budget`)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,15 @@ class Speeds:
     calibration_seconds: float
     """How long measuring took."""
 
+    def faster(self, other: Speeds) -> Speeds:
+        """The faster of two calibrations, primitive by primitive (a slow moment only ever slows a timing
+        down, so the fastest seen is the best estimate of what this machine does); their seconds summed."""
+        return Speeds(
+            min(self.feature_seconds_per_image, other.feature_seconds_per_image),
+            max(self.fit_flops_per_second, other.fit_flops_per_second),
+            self.calibration_seconds + other.calibration_seconds,
+        )
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -79,7 +89,13 @@ def calibrate(
 ) -> Speeds:
     """Time the feature pass (eager, after a warm-up batch) and a fit's product pair on this machine, each
     the fastest of `rounds` timings: on a shared machine one slow moment would otherwise be scaled up to
-    whole stages, and the minutes it over-predicts are taken from pretraining."""
+    whole stages, and the minutes it over-predicts are taken from pretraining. The global random state is
+    left as it was (a re-plan calibrates in the middle of a pretraining)."""
+    with torch.random.fork_rng(devices=[]):
+        return _calibrate(cfg, precision, feature_dim, images, rounds)
+
+
+def _calibrate(cfg: IGPTConfig, precision: str, feature_dim: int, images: int, rounds: int) -> Speeds:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model = IGPT(cfg).eval()

@@ -2,7 +2,8 @@
 
 Stages: prepare -> AR pretraining -> a linear probe of every layer -> low-data probes -> a completion grid
 -> `report.html`, all within `--minutes` (the whole job's budget): before pretraining, the later stages'
-time is predicted on this machine (`igpt.budget`), and pretraining gets the rest. Each finished stage
+time is predicted on this machine (`igpt.budget`), and pretraining gets the rest (re-planned once, halfway
+through pretraining, with a second timing: `replan_budget`). Each finished stage
 leaves its output in `--out`, and a second run with the same `--out` skips what is done (an interrupted
 pretraining resumes from its last checkpoint). The defaults were chosen by measured sweeps on 2-core CPUs
 (see README).
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .budget import BudgetPlan, Workload, calibrate, predict, prepared_counts, share_out
+from .budget import BudgetPlan, Speeds, Workload, calibrate, predict, prepared_counts, share_out
 from .data import PreparedData
 from .errors import IgptError
 from .features import FeatureCache, grid_side
@@ -165,6 +166,7 @@ def _pretrain(job: Job) -> None:
         compile=plan.compile,
         resume=is_run(job.run_dir),
         progress=job.progress,
+        replan=functools.partial(replan_budget, job) if "budget" in job.st.state else None,
     )
     if not PretrainSummary.from_json(summary).finished:
         raise IgptError("pretraining stopped before its budget; run the same command again to resume it")
@@ -411,6 +413,29 @@ def _workload(plan: QuickstartPlan, out: Path) -> Workload:
     )
 
 
+def _share(
+    plan: QuickstartPlan, out: Path, spent: float, floor: Speeds | None = None
+) -> tuple[BudgetPlan | float, dict[str, float]]:
+    """Time this machine (`calibrate`), predict the later stages and share out the budget (`share_out`).
+    Returns a plan or the least budget in minutes that works here, and the prediction (seconds per stage).
+    `spent`: seconds of the budget used outside pretraining; the timing adds its own, except in a re-plan
+    (`floor`: the first timing, of which the faster is kept), which runs inside pretraining's minutes."""
+    w = _workload(plan, out)
+    cfg = IGPTConfig.from_preset(plan.preset, vocab_size=plan.clusters, n_positions=plan.resolution**2)
+    precision = ProbeConfig(run=str(out), precision=plan.probe_precision).precision
+    speeds = calibrate(cfg, precision, w.n_embd * w.pool_cells)
+    if floor is None:
+        spent += speeds.calibration_seconds
+    else:
+        speeds = speeds.faster(floor)
+    predicted = predict(w, speeds)
+    return share_out(plan.minutes, spent, predicted, speeds, plan.min_pretrain_minutes), predicted
+
+
+def _plan_words(shared: BudgetPlan) -> str:
+    return ", ".join(f"{k} {v / 60:.1f}" for k, v in shared.predicted.items())
+
+
 def plan_budget(plan: QuickstartPlan, out: Path, st: Stages) -> float:
     """Pretraining's minutes: given outright, kept from an earlier call with the same budget (so a rerun
     resumes instead of replanning), or shared out from the budget after timing this machine (a few seconds).
@@ -421,14 +446,7 @@ def plan_budget(plan: QuickstartPlan, out: Path, st: Stages) -> float:
     old = st.state.get("budget")
     if old and old.get("minutes") == plan.minutes and old.get("pretrain_minutes"):
         return float(old["pretrain_minutes"])
-    t = time.perf_counter()
-    w = _workload(plan, out)
-    cfg = IGPTConfig.from_preset(plan.preset, vocab_size=plan.clusters, n_positions=plan.resolution**2)
-    precision = ProbeConfig(run=str(out), precision=plan.probe_precision).precision
-    speeds = calibrate(cfg, precision, w.n_embd * w.pool_cells)
-    predicted = predict(w, speeds)
-    spent = st.state["seconds"].get("prepare", 2.0) + (time.perf_counter() - t)
-    shared = share_out(plan.minutes, spent, predicted, speeds, plan.min_pretrain_minutes)
+    shared, predicted = _share(plan, out, st.state["seconds"].get("prepare", 2.0))
     if not isinstance(shared, BudgetPlan):
         raise IgptError(
             f"--minutes {plan.minutes:g} leaves no time for pretraining on this machine: the other stages "
@@ -439,11 +457,37 @@ def plan_budget(plan: QuickstartPlan, out: Path, st: Stages) -> float:
     st.save()
     print(
         f"budget {plan.minutes:g} min: pretraining {shared.pretrain_minutes:g} min; then predicted "
-        + ", ".join(f"{k} {v / 60:.1f}" for k, v in shared.predicted.items())
-        + f" min (timed here in {speeds.calibration_seconds:.1f} s)",
+        f"{_plan_words(shared)} min (timed here in {shared.speeds['calibration_seconds']:.1f} s)",
         flush=True,
     )
     return shared.pretrain_minutes
+
+
+def replan_budget(job: Job, elapsed: float, least: float, most: float) -> float | None:
+    """Pretraining's new minutes, asked once halfway through it (`Trainer._maybe_replan`): the machine is
+    timed again and the faster of both timings predicts the later stages, so one slow moment at the first
+    timing no longer costs pretraining minutes for good. Kept within [least, most] (the schedule's flat
+    stretch) and recorded in the budget (`replanned`), so a resumed job neither re-plans again nor
+    disagrees with the run about its minutes."""
+    b = job.st.state.get("budget")
+    if not b or "replanned" in b:
+        return None
+    shared, _ = _share(job.plan, job.out, b["spent_before"], Speeds(**b["speeds"]))
+    new = shared.pretrain_minutes if isinstance(shared, BudgetPlan) else least
+    new = round(min(max(new, least), most), 2)
+    b["replanned"] = {"at_minutes": round(elapsed / 60, 2), "from_minutes": b["pretrain_minutes"]}
+    b["pretrain_minutes"] = new
+    if isinstance(shared, BudgetPlan):
+        b.update(predicted=shared.predicted, speeds=shared.speeds)
+    job.pre_minutes = new
+    job.st.save()
+    print(
+        f"budget re-planned after {elapsed / 60:.1f} min of pretraining: pretraining "
+        f"{b['replanned']['from_minutes']:g} -> {new:g} min"
+        + (f"; then predicted {_plan_words(shared)} min" if isinstance(shared, BudgetPlan) else ""),
+        flush=True,
+    )
+    return new
 
 
 def budget_lines(state: dict[str, Any]) -> list[str]:

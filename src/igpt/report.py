@@ -345,10 +345,19 @@ def timings(x: Inputs) -> list[str]:
     planned = dict(budget.get("predicted", {}))
     if budget:
         planned["pretrain"] = 60 * budget["pretrain_minutes"]
+        again = budget.get("replanned")
         parts.append(
             f"<p>Budget {budget['minutes']:g} minutes for the whole job: the stages after pretraining were "
             "predicted on this machine before pretraining started (margin included), and pretraining got "
-            "the rest.</p>"
+            "the rest."
+            + (
+                f" After {again['at_minutes']:g} minutes of pretraining the machine was timed again, and "
+                f"pretraining's share went from {again['from_minutes']:g} to {budget['pretrain_minutes']:g} "
+                "minutes."
+                if again
+                else ""
+            )
+            + "</p>"
         )
 
     def plan_of(stage: str) -> str:

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,12 @@ SCHEDULE_WORDS = {
 }
 """How the start-up line describes each learning-rate schedule after warm-up."""
 
+REPLAN_AT = 0.5
+"""Share of a minutes budget after which `Trainer.replan` is asked, once, for the budget's new minutes."""
+
+Replan = Callable[[float, float, float], "float | None"]
+"""(elapsed seconds, least minutes, most minutes) -> the budget's new minutes, or None to keep it."""
+
 
 @dataclass
 class _Meter:
@@ -61,8 +68,17 @@ class _Meter:
 class Trainer:
     """The pretraining loop of one process."""
 
-    def __init__(self, cfg: TrainConfig, run: Run, env: Dist, resuming: bool, progress: bool = True):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run: Run,
+        env: Dist,
+        resuming: bool,
+        progress: bool = True,
+        replan: Replan | None = None,
+    ):
         self.cfg, self.run, self.env, self.record = cfg, run.path, env, run
+        self.replan, self._replanned = replan, False
         self.progress = progress and env.main
         self.data = PreparedData(cfg.data)
         self.mcfg = mcfg = run.model_config
@@ -287,6 +303,29 @@ class Trainer:
             return True
         return bool(self.cfg.minutes and self.elapsed() >= 60 * self.cfg.minutes)
 
+    def _maybe_replan(self) -> None:
+        """Once, after REPLAN_AT of a minutes budget on the wsd schedule: ask `replan` for new minutes and
+        take them. The new budget is kept inside the schedule's flat stretch (past warm-up, before the
+        cool-down), where the learning rate does not depend on the budget, so the change makes no jump. The
+        quickstart uses this to re-time its later stages mid-run. One process only (torchrun runs skip it)."""
+        c = self.cfg
+        if self.replan is None or self._replanned or self.env.world > 1:
+            return
+        if not c.minutes or c.steps or c.schedule != "wsd" or self.elapsed() < REPLAN_AT * 60 * c.minutes:
+            return
+        self._replanned = True
+        now = self.elapsed() / 60
+        lo = now / (1 - c.cooldown)
+        hi = now / c.warmup if c.warmup > 0 else math.inf
+        new = self.replan(60 * now, lo, hi)
+        if new is None:
+            return
+        new = round(min(max(new, lo), hi), 2)
+        if new != c.minutes:
+            c.minutes = new
+            self.record.info["train"] = c.to_dict()
+            self.record.save()
+
     def _on_stop(self, signum, frame) -> None:
         """SIGINT or SIGTERM (torchrun forwards its own as SIGTERM): finish the step, then every process
         saves and stops together (see `_tick`). A second signal aborts."""
@@ -353,6 +392,7 @@ class Trainer:
             while not self.done():
                 loss, lr = self._step(m)
                 self._show(bar, m, loss, lr)
+                self._maybe_replan()
                 if self.step % self.cfg.eval_interval == 0 or self.done() or self.stop_requested:
                     self._validate_and_save(m, loss, bar is None)
                 if self.stop_requested:

@@ -21,7 +21,7 @@ from .distributed import Dist, RunLock, check_batch_split
 from .errors import IgptError
 from .model import IGPTConfig
 from .runs import Run, is_run
-from .trainer import Trainer
+from .trainer import Replan, Trainer
 
 # settings a resume may change: the budget and its bookkeeping, and whether the step is compiled
 BUDGET_KEYS = (
@@ -73,6 +73,7 @@ def pretrain(
     model: ModelChoice | None = None,
     resume: bool = False,
     progress: bool = True,
+    replan: Replan | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Pretrain a model on the prepared set `data` into the run directory `out` and return its summary
@@ -80,7 +81,9 @@ def pretrain(
     `config`/`model` objects or by name (`igpt.pretrain(data, out, preset="small", minutes=5)`); a setting
     not given takes its default (the `tiny` preset, AR) or, with `resume`, the run's own. `resume` continues
     the run in `out`; only the budget (steps, minutes, checkpointing, compile) may change, and the model must
-    match. Under torchrun every process calls this; only rank 0 writes."""
+    match. `replan`, for a minutes budget on the wsd schedule in one process, is asked once, halfway, for the
+    budget's new minutes (`Trainer._maybe_replan`; the quickstart re-times its later stages there). Under
+    torchrun every process calls this; only rank 0 writes."""
     if out is None:
         raise IgptError("pretrain needs out, the run directory to create or resume")
     given = given_settings(data, config, model, settings)
@@ -135,7 +138,7 @@ def pretrain(
         if isinstance(msg[0], str):
             raise IgptError(msg[0])
         cfg, info, resuming = msg[0]
-        return Trainer(cfg, Run(out, info), env, resuming, progress=progress).fit()
+        return Trainer(cfg, Run(out, info), env, resuming, progress=progress, replan=replan).fit()
     finally:
         if lock:
             lock.release()
