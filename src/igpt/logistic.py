@@ -21,8 +21,13 @@ from .sources import split_validation
 LAMBDAS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 SWEEP_ROWS = 20_000
 """The lambda sweep fits on at most this many training rows (a seeded, class-stratified share)."""
-SWEEP_ITERS, REFIT_ITERS, CV_ITERS = 300, 150, 200
-"""L-BFGS iteration caps: the sweep, the refit on all rows at the chosen lambda, the cross-validation fits."""
+SWEEP_ITERS, REFIT_ITERS, CV_ITERS = 150, 150, 100
+"""L-BFGS iteration caps: the sweep, the refit on all rows at the chosen lambda, the cross-validation fits.
+Halved from 300 and 200 on validation evidence (2-core AMD EPYC with AVX512_BF16, layer-3 3x3-grid features
+of a default quickstart model): the sweep chose the same lambda (1e-3) and the refit scored 0.8944 on
+validation against 0.8940, in 35 s instead of 49; the low-data cross-validation scores were level (mean
+0.684 against 0.688 at 10 labels per class over 5 subsets, 0.828 against 0.826 at 100 over 3) in half the
+time. The seconds saved go to pretraining through the quickstart's budget."""
 CV_FOLDS = 5
 """Folds of the low-data probes' cross-validation (fewer when a class has fewer labels)."""
 
