@@ -81,6 +81,8 @@ def test_grid_pooled_head_round_trips(micro_run, tmp_path):
         (["--layer", "5"], "--layer 5 is not a block of this 2-layer model; choose 1..2"),
         (["--layer-decay", "0"], "--layer-decay must be in (0, 1]"),
         (["--layer-decay", "nan"], "--layer-decay must be in (0, 1]"),
+        (["--optimizer", "sgd"], "choose one of adamw, muon"),
+        (["--optimizer", "muon", "--layer-decay", "0.7"], "--layer-decay applies to adamw"),
         (["--precision", "fp16"], "--precision must be fp32, bf16 or auto"),
     ],
 )
@@ -147,6 +149,30 @@ def test_layer_decay_scales_each_depth(micro_run):
     assert scale_of[id(named["backbone.h.0.attn.c_attn.weight"])] == 0.25
     assert scale_of[id(named["backbone.wte.weight"])] == 0.125
     assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_muon_fine_tuning_steps_the_blocks_matrices_with_muon(micro_run, tmp_path):
+    """`optimizer="muon"`: Muon owns exactly the blocks' 2-D weights, AdamW the rest (head included), every
+    group at scale 1; the run trains, moves the backbone, and records its optimizer."""
+    from igpt.classifier import Classifier
+    from igpt.finetuning import FinetuneConfig, _optimizer
+
+    clf = Classifier(igpt.load_run(micro_run), 10)
+    opt = _optimizer(clf, FinetuneConfig(run=str(micro_run), out="x", optimizer="muon"), 1e-3)
+    muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    named = dict(clf.named_parameters())
+    want = {id(p) for n, p in named.items() if n.startswith("backbone.h.") and p.dim() == 2}
+    assert muon == want and id(named["head.weight"]) not in muon
+    assert all(g["scale"] == 1.0 for g in opt.param_groups)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(named)
+    w = named["backbone.h.0.mlp.c_fc.weight"]
+    before = w.detach().clone()
+    _, l_gen = clf(torch.randint(0, 8, (4, 64)))  # the head starts at zero: L_GEN reaches the blocks
+    l_gen.backward()
+    opt.step()
+    assert float((w - before).abs().max()) > 1e-5  # Muon moved the block's matrix
+    res = igpt.finetune(micro_run, out=tmp_path / "m", optimizer="muon", lr=1e-3, train_limit=64, **QUICK)
+    assert res["optimizer"] == "muon" and res["steps"] > 0
 
 
 def test_schedule_follows_the_clock_when_the_budget_ends_first():

@@ -23,14 +23,16 @@ from safetensors.torch import save_file
 from .checks import check_device, check_seed
 from .classifier import Augment, Classifier, accuracy, check_layer, standardise_head, truncate
 from .compiling import CompiledOrEager
+from .config import OPTIMIZERS
 from .data import PreparedData
 from .engine import NO_FLIP, EarlyStopping, autocast, bert_mask, lr_at
 from .errors import IgptError
 from .features import POOLS, check_pool
 from .files import atomic_directory
-from .hardware import PRECISIONS, auto_precision
+from .hardware import PRECISIONS, auto_precision, muon_ns_dtype
 from .logistic import balanced_subset, check_trainable
 from .model import IGPT, IGPTConfig
+from .optim import Optimizers
 from .probe_setup import labelled_rows, open_labelled_run
 from .runs import Run
 from .settings import build_config, choice
@@ -63,6 +65,10 @@ class FinetuneConfig:
     layer_decay: float = 1.0
     """Layer-wise rate decay: block i of L trains at lr x layer_decay^(L - i), the embeddings at
     lr x layer_decay^(L + 1); the head and the final norm at lr (1: one rate for all)."""
+    optimizer: str = choice("adamw", OPTIMIZERS)
+    """adamw, or muon: Muon for the blocks' matrices (its updates scaled to AdamW's size, so the same lr
+    means the same step size) and AdamW for the rest, as pretraining's `--optimizer muon`; one rate for all
+    (no layer decay)."""
     labels_per_class: int | None = None
     """Fine-tune on N labelled images per class (the low-data regime); early stopping then uses a seeded
     class-balanced draw of at most N images per class from the validation split, as a user with N labels per
@@ -115,6 +121,10 @@ class FinetuneConfig:
             raise IgptError(f"--minutes must be a positive number, got {self.minutes}")
         if not (math.isfinite(self.layer_decay) and 0 < self.layer_decay <= 1):
             raise IgptError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if self.optimizer not in OPTIMIZERS:
+            raise IgptError(f"unknown --optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "muon" and self.layer_decay < 1:
+            raise IgptError("--layer-decay applies to adamw; --optimizer muon trains every layer at one rate")
         if not (math.isfinite(self.gen_weight) and self.gen_weight >= 0):
             raise IgptError("--gen-weight must be 0 or more")
         if self.layer is not None and self.layer < 1:
@@ -264,7 +274,7 @@ class _Recipe:
     generator that orders batches and draws masks, and the (possibly compiled) forward."""
 
     model: Classifier
-    opt: torch.optim.Optimizer
+    opt: torch.optim.Optimizer | Optimizers
     lr: float
     aug: Augment | None
     flip: bool
@@ -314,9 +324,7 @@ def _recipe(
     )
     train = info.train_config
     lr = args.lr or (train.lr if train else 1e-3) / 10
-    opt = torch.optim.AdamW(
-        _param_groups(model, args.layer_decay), lr=lr, betas=(0.9, 0.95), weight_decay=0.0
-    )
+    opt = _optimizer(model, args, lr)
     flip = data.meta.get("dataset") not in NO_FLIP
     R, order = data.resolution, data.meta["order"]
     aug = Augment(R, order, max(1, R // 8), flip) if args.augment else None
@@ -328,7 +336,8 @@ def _recipe(
         f"igpt finetune ({args.init} init, {args.pool} pool of layer {model.backbone.config.n_layer}): "
         f"{len(split.train):,} training / "
         f"{len(split.val):,} validation / {len(split.test):,} test images, {C} classes; "
-        f"lr {lr:g}{f' (layer decay {args.layer_decay:g})' if args.layer_decay < 1 else ''}, "
+        f"{args.optimizer}, lr {lr:g}"
+        f"{f' (layer decay {args.layer_decay:g})' if args.layer_decay < 1 else ''}, "
         f"gen weight {args.gen_weight:g}, batch {args.batch_size}, up to {args.epochs} epochs x "
         f"{steps_per_epoch} steps; augment {'shifts' + (' + flips' if flip else '') if aug else 'off'}; "
         f"{precision}{f' ({why})' if why else ''}",
@@ -351,6 +360,20 @@ def _recipe(
     )
 
 
+def _optimizer(model: Classifier, args: FinetuneConfig, lr: float) -> torch.optim.Optimizer | Optimizers:
+    """AdamW over the layer-decay groups, or Muon for the blocks' matrices beside AdamW for the rest (no
+    weight decay either way); every group carries the `scale` the schedule multiplies its rate by."""
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(
+            _param_groups(model, args.layer_decay), lr=lr, betas=(0.9, 0.95), weight_decay=0.0
+        )
+    named = [(n.removeprefix("backbone."), p) for n, p in model.named_parameters()]
+    opt = Optimizers(named, "muon", lr, 0.0, 0.95, fused=False, ns_dtype=muon_ns_dtype(args.device))
+    for g in opt.param_groups:
+        g["scale"] = 1.0
+    return opt
+
+
 def _param_groups(model: Classifier, decay: float) -> list[dict[str, Any]]:
     """AdamW groups with a rate `scale`: decay^(L - i) for block i, decay^(L + 1) for the embeddings
     (and BERT's mask token), 1 for the final norm, the output head and the classifier head."""
@@ -370,7 +393,7 @@ def _param_groups(model: Classifier, decay: float) -> list[dict[str, Any]]:
 
 def _train_epoch(args: FinetuneConfig, r: _Recipe, data: PreparedData, rows: np.ndarray, epoch: int) -> float:
     """One pass over `rows` in a seeded order (cut short when the budget runs out): the joint loss
-    L_CLF + gen_weight * L_GEN, clipped AdamW steps on the shared schedule. Returns the mean loss."""
+    L_CLF + gen_weight * L_GEN, clipped optimizer steps on the shared schedule. Returns the mean loss."""
     from tqdm import tqdm
 
     y_all, tokens, device = data.labels("train"), data.tokens("train"), args.device
@@ -457,6 +480,7 @@ def _fit_one(
         "head_lambda": r.head_lambda,
         "history": history,
         "init": args.init,
+        "optimizer": args.optimizer,
         "pool": args.pool,
         "layer": r.model.backbone.config.n_layer,
         "labels_per_class": args.labels_per_class,
