@@ -232,4 +232,7 @@ def test_a_minutes_budget_is_replanned_once_without_a_jump_in_the_rate(digits, t
     assert flat and all(lr == pytest.approx(1e-3) for lr in flat), flat
     # other schedules (whose rate depends on the budget throughout) and step budgets are not re-planned
     igpt.pretrain(digits, tmp_path / "cos", minutes=0.02, schedule="cosine", replan=replan, **settings)
+    # nor a cool-down that starts before the asking point
+    late = dict(schedule="wsd", cooldown=0.6)
+    igpt.pretrain(digits, tmp_path / "cd", minutes=0.02, replan=replan, **late, **settings)
     assert len(asked) == 1

@@ -311,7 +311,9 @@ class Trainer:
         c = self.cfg
         if self.replan is None or self._replanned or self.env.world > 1:
             return
-        if not c.minutes or c.steps or c.schedule != "wsd" or self.elapsed() < REPLAN_AT * 60 * c.minutes:
+        if not c.minutes or c.steps or c.schedule != "wsd" or not c.warmup <= REPLAN_AT <= 1 - c.cooldown:
+            return  # no flat stretch at the asking point: a new budget would move the rate
+        if self.elapsed() < REPLAN_AT * 60 * c.minutes:
             return
         self._replanned = True
         now = self.elapsed() / 60
