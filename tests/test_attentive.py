@@ -63,7 +63,7 @@ def test_attentive_probe_end_to_end_and_blind_to_the_test_split(micro_run, tmp_p
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"head": "mlp"}, "--head must be one of linear, attentive"),
+        ({"head": "mlp"}, "unknown --head 'mlp'; choose one of linear, attentive"),
         ({"head": "attentive", "labels_per_class": 10}, "--head attentive runs with the full probe"),
         ({"head": "attentive", "attentive_epochs": 0}, "--attentive-epochs"),
     ],

@@ -10,6 +10,7 @@ import pytest
 
 from igpt.cli import build_parser
 from igpt.config import ModelChoice, TrainConfig
+from igpt.errors import IgptError
 from igpt.finetuning import FinetuneConfig
 from igpt.plans import QuickstartOptions
 from igpt.preparation import PrepareConfig
@@ -109,3 +110,36 @@ def test_every_command_prints_its_help(command, capsys):
     assert out.startswith(f"usage: igpt {command}")
     if command == "probe":
         assert "15% masks" in out
+
+
+def _with_required(cls: type, **given):
+    """`cls` built from its defaults, each required field given a plain placeholder."""
+    placeholders = {"run": "r", "out": "o", "dataset": "digits", "data": "d"}
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            given.setdefault(f.name, placeholders[f.name])
+    return cls(**given)
+
+
+CHOICE_FIELDS = [
+    (cls, f.name, f.metadata["choices"])
+    for cls in dict.fromkeys(c for _, c, *_ in COMMANDS)
+    for f in dataclasses.fields(cls)
+    if "choices" in f.metadata
+]
+
+
+@pytest.mark.parametrize("cls,name,choices", CHOICE_FIELDS, ids=lambda x: getattr(x, "__name__", str(x)))
+def test_every_choice_is_refused_in_the_same_words_and_its_values_accepted(cls, name, choices):
+    """Every config checks its `choice` fields through one helper, so a value outside them reads the same
+    in every command, and every value it offers builds."""
+    with pytest.raises(IgptError) as e:
+        _with_required(cls, **{name: "nope"})
+    assert str(e.value) == f"unknown {flag_name(name)} 'nope'; choose one of {', '.join(choices)}"
+    for value in choices:
+        if (cls, name, value) not in UNBUILDABLE:
+            assert getattr(_with_required(cls, **{name: value}), name) in (value, "fp32", "bf16")
+
+
+# values that are valid choices but need more than the defaults around them to build on this machine
+UNBUILDABLE = {(TrainConfig, "device", "cuda"), (ProbeConfig, "device", "cuda")}

@@ -200,7 +200,7 @@ def test_precision_auto_follows_the_hardware_and_the_width(monkeypatch, digits, 
         ({"shift": -1}, "--shift"),
         ({"schedule": "wsd", "warmup": 0.5, "cooldown": 0.6}, "--cooldown"),
         ({"optimizer": "muon", "fsdp": True}, "does not run with --fsdp"),
-        ({"precision": "fp8"}, "--precision must be fp32, bf16 or auto"),
+        ({"precision": "fp8"}, "unknown --precision 'fp8'; choose one of fp32, bf16, auto"),
         ({"precision": "auto", "schedule": "cosine", "seed": -1}, "--seed"),
     ],
 )

@@ -140,7 +140,7 @@ def test_palette_reuse_including_openai_format(npz_path, tmp_path):
         (["digits", "--clusters", "1"], "at least 2"),
         (["digits", "--clusters", "100000"], "distinct colours"),
         (["digits", "--resolution", "0"], "positive"),
-        (["digits", "--order", "spiral"], "raster or snake"),
+        (["digits", "--order", "spiral"], "unknown --order 'spiral'; choose one of raster, snake"),
         (["imagenet"], "unknown dataset"),
     ],
 )

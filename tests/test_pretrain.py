@@ -199,7 +199,7 @@ def test_bad_input(digits, tmp_path):
             "preset 'micro' -> 'small'",
         ),
         (["--data", tmp_path / "nope", "--out", tmp_path / "r2"], "not a prepared directory"),
-        (["--data", digits, "--out", tmp_path / "r3", "--preset", "huge"], "unknown preset"),
+        (["--data", digits, "--out", tmp_path / "r3", "--preset", "huge"], "unknown --preset 'huge'"),
         (["--data", digits, "--out", tmp_path / "r4", "--batch-size", "100000"], "larger than"),
     ]
     for args, expect in cases:

@@ -12,7 +12,7 @@ from .checks import check_seed
 from .errors import IgptError
 from .hardware import PRECISIONS, auto_precision
 from .model import OBJECTIVES, PRESETS
-from .settings import choice
+from .settings import check_choices, choice
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "linear", "wsd")
@@ -39,10 +39,7 @@ class ModelChoice:
     """AR, prefix-causal: a random prefix attends both ways, and features are read bidirectionally."""
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise IgptError(f"unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}")
-        if self.objective not in OBJECTIVES:
-            raise IgptError(f"--objective must be one of {', '.join(OBJECTIVES)}, got '{self.objective}'")
+        check_choices(self)
         # the shape itself (positive sizes, heads dividing the width) is IGPTConfig's to check
 
 
@@ -112,6 +109,7 @@ class TrainConfig:
     """Also keep every checkpoint whose step is a multiple of this (0: none)."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.steps is not None and self.steps <= 0:
             raise IgptError(f"--steps must be positive, got {self.steps}")
         if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
@@ -131,10 +129,6 @@ class TrainConfig:
         check_seed(self.seed)
         if self.keep_every < 0 or any(s <= 0 for s in self.keep_steps):
             raise IgptError("--keep-every must be 0 or positive, and --keep-steps positive steps")
-        if self.optimizer not in OPTIMIZERS:
-            raise IgptError(f"unknown --optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise IgptError(f"unknown --schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
         if not 0 < self.cooldown <= 1 or self.warmup + (self.cooldown if self.schedule == "wsd" else 0) > 1:
             raise IgptError(f"--cooldown must be in (0, 1] and leave room for --warmup, got {self.cooldown}")
         if self.shift < 0:
@@ -145,10 +139,6 @@ class TrainConfig:
             raise IgptError(f"--warmup must be in [0, 1), got {self.warmup}")
         if not 0 < self.mask_ratio < 1:
             raise IgptError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.device not in ("cpu", "cuda"):
-            raise IgptError(f"--device must be cpu or cuda, got '{self.device}'")
-        if self.precision not in PRECISIONS:
-            raise IgptError(f"--precision must be fp32, bf16 or auto, got '{self.precision}'")
         if min(self.eval_interval, self.eval_images, self.log_interval) <= 0:
             raise IgptError("--eval-interval, --eval-images and --log-interval must be positive")
 

@@ -35,7 +35,7 @@ from .model import IGPT, IGPTConfig
 from .optim import Optimizers
 from .probe_setup import labelled_rows, open_labelled_run
 from .runs import Run
-from .settings import build_config, choice
+from .settings import build_config, check_choices, choice
 
 INITS = ("pretrained", "scratch")
 HEAD_POOLS = tuple(p for p in POOLS if p in ("mean", "grid", "grid3"))
@@ -113,6 +113,7 @@ class FinetuneConfig:
     """Progress bars and per-epoch lines on stderr."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise IgptError("--epochs, --batch-size and --patience must be at least 1")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -121,8 +122,6 @@ class FinetuneConfig:
             raise IgptError(f"--minutes must be a positive number, got {self.minutes}")
         if not (math.isfinite(self.layer_decay) and 0 < self.layer_decay <= 1):
             raise IgptError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
-        if self.optimizer not in OPTIMIZERS:
-            raise IgptError(f"unknown --optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
         if self.optimizer == "muon" and self.layer_decay < 1:
             raise IgptError("--layer-decay applies to adamw; --optimizer muon trains every layer at one rate")
         if not (math.isfinite(self.gen_weight) and self.gen_weight >= 0):
@@ -135,15 +134,7 @@ class FinetuneConfig:
             raise IgptError(f"--seeds must be at least 1, got {self.seeds}")
         if self.seeds > 1 and self.labels_per_class is None:
             raise IgptError("--seeds K draws K subsets of --labels-per-class N; give --labels-per-class too")
-        if self.init not in INITS:
-            raise IgptError(f"unknown --init '{self.init}'; choose one of {', '.join(INITS)}")
-        if self.pool not in HEAD_POOLS:
-            raise IgptError(f"unknown --pool '{self.pool}'; choose one of {', '.join(HEAD_POOLS)}")
         check_seed(self.seed)
-        if self.precision not in PRECISIONS:
-            raise IgptError(f"--precision must be fp32, bf16 or auto, got '{self.precision}'")
-        if self.head_init not in ("probe", "zero"):
-            raise IgptError(f"--head-init must be probe or zero, got '{self.head_init}'")
         for name in ("train_limit", "test_limit"):
             v = getattr(self, name)
             if v is not None and v < 1:

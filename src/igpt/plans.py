@@ -170,7 +170,7 @@ class QuickstartOptions:
     """fashion-mnist (default), or scikit-learn's 8x8 digits."""
     data_dir: str | None = None
     """Where the Fashion-MNIST IDX files are (default /usr/share/datasets/fashion-mnist)."""
-    preset: str | None = None
+    preset: str | None = settings.choice(None, PRESETS)
     """Model shape (default tiny)."""
     resolution: int | None = None
     """Image side, 2 to 28 (default 14)."""
@@ -187,6 +187,7 @@ class QuickstartOptions:
     """Progress bars."""
 
     def __post_init__(self) -> None:
+        settings.check_choices(self)
         budgets = {"minutes": self.minutes, "pretrain_minutes": self.pretrain_minutes}
         for name, value in {**budgets, "finetune_minutes": self.finetune_minutes}.items():
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -197,10 +198,6 @@ class QuickstartOptions:
             )
         if self.resolution is not None and not 2 <= self.resolution <= 28:
             raise IgptError(f"--resolution must be in [2, 28] for Fashion-MNIST, got {self.resolution}")
-        if self.dataset not in (None, "fashion-mnist", "digits"):
-            raise IgptError(f"--dataset must be fashion-mnist or digits, got '{self.dataset}'")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise IgptError(f"unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}")
 
 
 def make_plan(opts: QuickstartOptions) -> tuple[QuickstartPlan, str | None]:

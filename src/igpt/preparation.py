@@ -31,7 +31,7 @@ from .palette import (
     to_sequence,
     token_dtype,
 )
-from .settings import build_config, choice
+from .settings import build_config, check_choices, choice
 from .sources import SOURCES, Split, load_source, split_validation
 
 VAL_FRACTION = 5000 / 60000  # 5,000 of Fashion-MNIST's 60,000 training images
@@ -79,6 +79,7 @@ class PrepareConfig:
         return {k: v for k, v in asdict(self).items() if k != "workers"}
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.dataset not in (*SOURCES, *IMAGENET_SOURCES):
             known = ", ".join((*SOURCES, *IMAGENET_SOURCES))
             raise IgptError(f"unknown dataset '{self.dataset}'; choose one of {known}")
@@ -89,8 +90,6 @@ class PrepareConfig:
             )
         if self.clusters is not None and self.clusters < 2:
             raise IgptError(f"--clusters must be at least 2, got {self.clusters}")
-        if self.order not in ORDERS:
-            raise IgptError(f"--order must be raster or snake, got '{self.order}'")
         if self.limit is not None and self.limit <= 0:
             raise IgptError(f"--limit must be positive, got {self.limit}")
         if not 0.0 < self.test_fraction < 1.0:

@@ -16,7 +16,7 @@ from .features import POOLS
 from .hardware import PRECISIONS, auto_precision
 from .model import IGPT
 from .runs import LATEST_PROBE, Run
-from .settings import choice
+from .settings import check_choices, choice
 
 HEADS = ("linear", "attentive")
 
@@ -72,10 +72,9 @@ class ProbeConfig:
     """Progress bars and per-layer lines on stderr."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.precision == "auto":
             self.precision = auto_precision(self.device)[0]
-        if self.precision not in ("fp32", "bf16"):
-            raise IgptError(f"--precision must be fp32, bf16 or auto, got '{self.precision}'")
         if self.mask_ensemble < 0:
             raise IgptError("--mask-ensemble must be 0 or more")
         for name in ("train_limit", "test_limit", "batch_size"):
@@ -88,8 +87,6 @@ class ProbeConfig:
             raise IgptError("--mask-ensemble and --concat apply to the full probe, not to --labels-per-class")
         if self.seeds < 1:
             raise IgptError("--seeds must be at least 1")
-        if self.head not in HEADS:
-            raise IgptError(f"--head must be one of {', '.join(HEADS)}, got '{self.head}'")
         if self.head == "attentive" and (self.labels_per_class or self.checkpoints == "all"):
             raise IgptError(
                 "--head attentive runs with the full probe; --labels-per-class and --checkpoints all use "
@@ -98,10 +95,6 @@ class ProbeConfig:
         if self.attentive_epochs < 1:
             raise IgptError(f"--attentive-epochs must be at least 1, got {self.attentive_epochs}")
         check_seed(self.seed)
-        if self.pool not in POOLS:
-            raise IgptError(f"--pool must be one of {', '.join(POOLS)}, got '{self.pool}'")
-        if self.checkpoints not in ("latest", "all"):
-            raise IgptError(f"--checkpoints must be latest or all, got '{self.checkpoints}'")
         check_device(self.device)
 
 

@@ -175,10 +175,13 @@ def headline(x: Inputs) -> list[str]:
         note = f"layer(s) {att['layers']}, epoch {att['best_epoch']} chosen on validation; test"
         cards.append(_card("attentive probe", att["test_accuracy"], note))
     if ft:
-        note = f"joint loss, epoch {ft.best_epoch} chosen on validation; test accuracy"
+        note = f"joint loss{ft.recipe()}, epoch {ft.best_epoch} chosen on validation; test accuracy"
         cards.append(_card("fine-tuned", ft.test_accuracy, note))
     if scratch:
-        note = "same architecture, recipe, labels and minutes, random initial weights; test accuracy"
+        note = (
+            f"same architecture, head, labels and minutes from random weights, at its own best "
+            f"rate{scratch.recipe()}; test accuracy"
+        )
         cards.append(_card("trained from scratch (control)", scratch.test_accuracy, note))
     cards += [
         _card(

@@ -138,3 +138,12 @@ class FinetuneResult(Result):
     std_accuracy: float | None = None
     accuracies: list[float] | None = None
     best_epochs: list[int] | None = None
+    settings: dict[str, Any] | None = None
+    """The FinetuneConfig it ran with (optimizer, lr, head, minutes, ...)."""
+
+    def recipe(self) -> str:
+        """Its optimizer and peak rate in words, e.g. " (muon, lr 0.0005)"; empty when not recorded."""
+        s = self.settings or {}
+        if not isinstance(s.get("lr"), int | float):
+            return ""
+        return f" ({s.get('optimizer', 'adamw')}, lr {s['lr']:g})"

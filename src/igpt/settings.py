@@ -13,11 +13,25 @@ from collections.abc import Iterable
 from functools import cache
 from typing import Any
 
+from .errors import IgptError
+
 
 def choice(default: Any, choices: Iterable[str]) -> Any:
     """A dataclass field whose value must be one of `choices` (the command line offers them in its help; the
     config's own check refuses the others)."""
     return dataclasses.field(default=default, metadata={"choices": tuple(choices)})
+
+
+def check_choices(config: Any) -> None:
+    """Refuse, in one line, the first field of a config dataclass whose value is not among its `choice`s
+    (None stays allowed where the default is None): the one check every stage's `__post_init__` runs, so the
+    allowed values and the error's wording live in one place."""
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices is None or value in choices or (value is None and f.default is None):
+            continue
+        raise IgptError(f"unknown {flag_name(f.name)} '{value}'; choose one of {', '.join(choices)}")
 
 
 @cache
