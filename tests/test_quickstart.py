@@ -103,7 +103,8 @@ def test_finetune_minutes_adds_a_fine_tuning_stage_to_the_report(qs, capsys):
     for r in (ft, scratch):
         assert r["layer"] == max(1, probe["best_layer"]) and r["pool"] == probe["pool"]
         assert r["settings"]["augment"] is False
-        assert r["settings"]["lr"] == plans.FINETUNE_LR[r["init"]]  # each arm at its best rate on validation
+        # one recipe for both arms, each at its best on validation
+        assert {k: r["settings"][k] for k in plans.FINETUNE_RECIPE} == plans.FINETUNE_RECIPE
     page = (qs / "report.html").read_text()
     assert "fine-tuned" in page and f"{ft['test_accuracy']:.4f}" in page
     assert "from scratch (control)" in page and f"{scratch['test_accuracy']:.4f}" in page
@@ -120,6 +121,7 @@ def test_low_data_fine_tunings_join_the_low_data_table(qs, capsys):
         low[name] = json.loads((qs / name / "finetune.json").read_text())
         assert len(low[name]["accuracies"]) == 2  # the smoke plan's two subsets
         assert all(s["n_train"] == 100 and s["n_val"] <= 100 for s in low[name]["subsets"])
+        assert {k: low[name]["settings"][k] for k in plans.FINETUNE_RECIPE} == plans.FINETUNE_RECIPE
     ft = low["finetune_10_per_class"]
     low_probe = json.loads((qs / "run" / "probe_10_per_class.json").read_text())
     assert ft["layer"] == max(1, low_probe["best_layer"]) and ft["pool"] == low_probe["best_pool"]

@@ -31,7 +31,7 @@ from .features import FeatureCache, grid_side
 from .files import write_json_atomic
 from .finetuning import HEAD_POOLS, finetune
 from .model import IGPTConfig
-from .plans import FINETUNE_LR, RECORD, QuickstartOptions, QuickstartPlan, finetune_name, make_plan
+from .plans import FINETUNE_RECIPE, RECORD, QuickstartOptions, QuickstartPlan, finetune_name, make_plan
 from .preparation import VAL_FRACTION, PrepareConfig, prepare_config, summary_lines
 from .probe_setup import ProbeConfig, open_labelled_run
 from .probing import probe_and_save
@@ -233,8 +233,8 @@ def _finetune_head(job: Job, labels_per_class: int | None) -> dict[str, Any]:
 def _finetune(job: Job) -> None:
     """The fine-tunings and their from-scratch controls, each recorded as its own stage, with the recipe
     chosen on validation (benchmarks/finetune_sweep.py; README): the head on the probes' chosen layer and
-    pooling, the blocks above it dropped, no augmentation, and with all labels each arm's best rate
-    (`plans.FINETUNE_LR`). With N labels per class the K subsets share the
+    pooling, the blocks above it dropped, no augmentation, Muon at one rate for both arms
+    (`plans.FINETUNE_RECIPE`). With N labels per class the K subsets share the
     minutes and train longer in epochs, with more patience (an epoch of N x classes images is a few
     steps)."""
     for init, n, k in _finetunings(job):
@@ -254,8 +254,9 @@ def _finetune(job: Job) -> None:
             init=init,
             minutes=job.plan.finetune_minutes / k,
             augment=False,
+            **FINETUNE_RECIPE,
             **_finetune_head(job, n),
-            **(low if n else {"epochs": 20, "compile": job.plan.compile, "lr": FINETUNE_LR[init]}),
+            **(low if n else {"epochs": 20, "compile": job.plan.compile}),
             progress=job.progress,
         )
         r = FinetuneResult.from_json(ft)
