@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from igpt.checkpoint import list_checkpoints
 from igpt.data import PreparedData
 from igpt.engine import evaluate
+from igpt.errors import IgptError
 from igpt.runs import Run
 
 
@@ -25,12 +26,16 @@ def main() -> None:
     ap.add_argument("run", help="a pretrained run directory with kept checkpoints (--keep-every)")
     ap.add_argument("--last", type=int, default=3, help="average up to this many of the last checkpoints")
     args = ap.parse_args()
-    run = Run.open(args.run)
+    try:
+        run = Run.open(args.run)
+    except IgptError as e:
+        raise SystemExit(f"bench_checkpoint_average: {e}") from None
     model = run.load_model()
     if run.data_dir is None:
         raise SystemExit(f"{args.run}: no prepared data recorded (a converted model has no validation split)")
     data = PreparedData(run.data_dir)
-    mask_ratio = float((run.info.get("train") or {}).get("mask_ratio", 0.15))
+    train = run.train_config
+    mask_ratio = train.mask_ratio if train is not None else 0.15  # BERT: as the run was pretrained
     val = data.tokens("val")
     kept = list_checkpoints(args.run)
     if len(kept) < 2:
