@@ -9,7 +9,7 @@ import torch
 
 from igpt.classifier import Augment, Classifier
 from igpt.cli import main
-from igpt.logistic import balanced_subset, probe_with_validation
+from igpt.logistic import balanced_subset, fit_logistic_many, probe_with_validation
 from igpt.model import IGPT, IGPTConfig
 from igpt.palette import from_sequence, to_sequence
 from igpt.preparation import PrepareConfig
@@ -74,6 +74,30 @@ def test_low_data_probe(runs):
     assert p["labels_per_class"] == 5 and p["seeds"] == 2
     assert 0 <= p["mean_accuracy"] <= 1 and p["std_accuracy"] >= 0 and "raw_pixel_accuracy" in p
     assert (runs / "ar" / "probe_5_per_class.json").is_file()
+    # the fine 7x7 grid is weighed beside the probe's pooling by default, and its rows are 49 cells wide
+    assert p["pools_compared"] == ["mean", "grid7"] and set(p["layers_by_pool"]) == {"mean", "grid7"}
+    assert p["best_pool"] in ("mean", "grid7")
+    main(["probe", str(runs / "ar"), "--labels-per-class", "5", "--seeds", "1", "--low-data-pool", "none"])
+    assert json.loads((runs / "ar" / "probe.json").read_text())["pools_compared"] == ["mean"]
+
+
+def test_wide_fits_in_the_rows_span_match_the_full_fit():
+    """More features than rows: the fit in the span of the rows is the same regression (every problem of a
+    cross-validation batch too), and a warm start carries over."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(5).repeat_interleave(8)
+    x = torch.randn(40, 300, generator=g) + 0.5 * torch.randn(5, 300, generator=g)[y]
+    weights = (torch.rand(3, 40, generator=g) > 0.25).float()
+    fast = fit_logistic_many(x, y, 5, [1.0, 1e-1, 1e-2], weights, max_iter=500)
+    full = fit_logistic_many(x, y, 5, [1.0, 1e-1, 1e-2], weights, max_iter=500, span=False)
+    for a, b in zip(fast, full, strict=True):
+        assert a.weight.shape == b.weight.shape == (300, 5)
+        assert torch.allclose(a.weight, b.weight, atol=1e-2 * float(b.weight.abs().max()))
+        assert torch.allclose(a.bias, b.bias, atol=5e-3)
+        assert torch.equal(a.predict(x), b.predict(x))
+    every = fit_logistic_many(x, y, 5, [1e-1], max_iter=500, span=False)[0]  # all rows, one problem
+    warm = fit_logistic_many(x, y, 5, [1e-1], init=(every.weight, every.bias), max_iter=3)[0]
+    assert torch.allclose(warm.weight, every.weight, atol=1e-2 * float(every.weight.abs().max()))
 
 
 def test_bert_mask_ensemble(runs):
@@ -200,6 +224,9 @@ def test_grid_pooling_averages_each_cell_in_raster_order():
     assert torch.allclose(two[0], g[:2, :2].mean((0, 1))) and torch.allclose(two[3], g[2:, 2:].mean((0, 1)))
     four = pool_states(h, "grid4", R)
     assert four.shape == (1, 16 * d)
+    h7 = torch.randn(2, 14 * 14, d)
+    seven = pool_states(h7, "grid7", 14).view(2, 49, d)  # 2x2 cells of a 14x14 image
+    assert torch.allclose(seven[:, 8], h7.view(2, 14, 14, d)[:, 2:4, 2:4].mean((1, 2)), atol=1e-6)
     with pytest.raises(ValueError):
         pool_states(h, "grid4", 3)
 

@@ -11,6 +11,7 @@ from igpt import budget, pipeline, plans
 from igpt.budget import Speeds
 from igpt.cli import main
 from igpt.data import PreparedData
+from igpt.finetuning import HEAD_POOLS
 from igpt.logistic import balanced_subset
 
 ARGS = ["--smoke", "--dataset", "digits", "--pretrain-minutes", "0.1", "--no-progress"]
@@ -124,7 +125,9 @@ def test_low_data_fine_tunings_join_the_low_data_table(qs, capsys):
         assert {k: low[name]["settings"][k] for k in plans.FINETUNE_RECIPE} == plans.FINETUNE_RECIPE
     ft = low["finetune_10_per_class"]
     low_probe = json.loads((qs / "run" / "probe_10_per_class.json").read_text())
-    assert ft["layer"] == max(1, low_probe["best_layer"]) and ft["pool"] == low_probe["best_pool"]
+    # the head takes the probe's choice; a pooling no head has (the fine 7x7 grid) falls back to --pool's
+    pool = low_probe["best_pool"] if low_probe["best_pool"] in HEAD_POOLS else low_probe["pool"]
+    assert ft["layer"] == max(1, low_probe["best_layer"]) and ft["pool"] == pool
     y = PreparedData(qs / "data").labels("train")  # the low-data probes' subsets: balanced_subset(seed + s)
     assert [s["train_rows"] for s in ft["subsets"]] == [balanced_subset(y, 10, s).tolist() for s in (0, 1)]
     page = (qs / "report.html").read_text()

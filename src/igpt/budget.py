@@ -22,7 +22,7 @@ import torch
 from .data import PreparedData
 from .errors import IgptError
 from .features import extract_features
-from .logistic import CV_FOLDS, CV_ITERS, LAMBDAS, REFIT_ITERS, SWEEP_ITERS, SWEEP_ROWS
+from .logistic import CV_FOLDS, CV_ITERS, CV_LAMBDAS, LAMBDAS, REFIT_ITERS, SWEEP_ITERS, SWEEP_ROWS
 from .model import IGPT, IGPTConfig
 
 # Measured ratios, from the default quickstart on a 2-core AMD EPYC (Zen 3, AVX2) whose budget ran with all
@@ -86,6 +86,9 @@ class Workload:
     compile: bool
     finetune_minutes: float | None = None
     finetune_low_data: bool = False
+    low_data_cells: int = 0
+    """Grid cells of the low-data probes' further pooling (0: none); it takes a feature pass of its own over
+    the test split and the subsets' rows."""
     attentive: bool = False
 
 
@@ -143,19 +146,25 @@ def predict(w: Workload, s: Speeds) -> dict[str, float]:
 
     dims = [grid_dim] + ([d] if w.pool_cells > 1 else [])  # the asked-for pooling and the paper's mean
     fits = sum(L1 * probe_fits(k) for k in dims) + probe_fits(raw_dim)
-    low = 0.0
+    low, low_pass = 0.0, 0.0
+    low_dims = dims + ([d * w.low_data_cells] if w.low_data_cells else [])
+    if w.low_data_cells and w.low_data:
+        # the further pooling's own pass: the test split once, then each setting's subsets
+        low_images = w.n_test + sum(per_class * C * subsets for per_class, subsets in w.low_data)
+        low_pass = low_images * s.feature_seconds_per_image * FEATURE_FACTOR
     for per_class, subsets in w.low_data:
         rows = per_class * C
         folds = min(CV_FOLDS, per_class)
-        cv_cols = C * len(LAMBDAS) * folds if folds >= 2 else 0
-        for k in [*([kk for kk in dims for _ in range(L1)]), raw_dim]:
+        cv_cols = C * len(CV_LAMBDAS) * folds if folds >= 2 else 0
+        for k in [*([kk for kk in low_dims for _ in range(L1)]), raw_dim]:
+            k = min(k, rows)  # wider features are fitted in the span of the rows (`fit_logistic_many`)
             low += subsets * (_fit_flops(rows, k, cv_cols, CV_ITERS) + _fit_flops(rows, k, C, REFIT_ITERS))
     n_img, n_samp = w.completions
     # sampling the bottom half token by token costs about as much as T/2 feature passes of the batch
     completions = n_img * n_samp * (w.resolution**2 / 2) * s.feature_seconds_per_image / 8 + 5
     out = {
         "probe": features + fits * FIT_FACTOR / s.fit_flops_per_second,
-        "low_data": low * LOW_DATA_FACTOR / s.fit_flops_per_second,
+        "low_data": low_pass + low * LOW_DATA_FACTOR / s.fit_flops_per_second,
         "completions": completions,
         "report": REPORT_SECONDS,
     }

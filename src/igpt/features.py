@@ -56,11 +56,11 @@ def layer_batches(
         yield s, n, {i: h[:n] for i, h in hs.items()}
 
 
-POOLS = ("mean", "grid", "grid3", "grid4")
+POOLS = ("mean", "grid", "grid3", "grid4", "grid7")
 
 
 def grid_side(pool: str) -> int:
-    """Cells along each side of a pooling: 1 for mean, 2 for grid, 3 for grid3, 4 for grid4. A pooled
+    """Cells along each side of a pooling: 1 for mean, 2 for grid, 3 for grid3 (and so on). A pooled
     feature is grid_side(pool)**2 times the width of the states."""
     if pool not in POOLS:
         raise ValueError(f"unknown pooling '{pool}'")
@@ -69,9 +69,9 @@ def grid_side(pool: str) -> int:
 
 def pool_states(h: torch.Tensor, pool: str, resolution: int | None, order: str = "raster") -> torch.Tensor:
     """(B, T, d) -> (B, d) with "mean" (the paper's feature), or a coarse spatial grid of means concatenated
-    in raster order: "grid" 2 x 2 -> (B, 4d), "grid3" 3 x 3 -> (B, 9d), "grid4" 4 x 4 -> (B, 16d). Sequence
-    positions are put back in image order first (`order`: raster or snake), so every cell holds the pixels of
-    its region; cells split the side as evenly as it allows."""
+    in raster order: "grid" 2 x 2 -> (B, 4d), "grid3" 3 x 3 -> (B, 9d), "grid4" -> (B, 16d), "grid7" ->
+    (B, 49d). Sequence positions are put back in image order first (`order`: raster or snake), so every cell
+    holds the pixels of its region; cells split the side as evenly as it allows."""
     n = grid_side(pool)
     if n == 1:
         return h.mean(1)
@@ -143,6 +143,18 @@ class FeatureCache:
     def __init__(self, model: IGPT, data: PreparedData, layers: list[int], quiet: bool = False, **kw: Any):
         self.model, self.data, self.layers, self.kw, self.quiet = model, data, layers, kw, quiet
         self.store: dict[str, tuple[np.ndarray, dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
+        self.siblings: dict[str, FeatureCache] = {}
+
+    def sibling(self, pool: str) -> FeatureCache:
+        """The cache of the same model and pass settings with another pooling (this one for its own): made
+        once and kept, so that every probe asking for that pooling (the low-data probes' fine grid, say)
+        shares its features instead of running the model again."""
+        if pool == self.kw.get("pool", "mean"):
+            return self
+        if pool not in self.siblings:
+            kw = {**self.kw, "pool": pool}
+            self.siblings[pool] = FeatureCache(self.model, self.data, self.layers, self.quiet, **kw)
+        return self.siblings[pool]
 
     def __call__(
         self, split: str, rows: np.ndarray, label: str, mean: bool = False
@@ -154,6 +166,8 @@ class FeatureCache:
             pos = np.minimum(np.searchsorted(have, rows), len(have) - 1)
             if len(have) and (have[pos] == rows).all():
                 chosen = means if mean and means else feats
+                if len(rows) == len(have):  # the very rows stored: no copy (wide features are large)
+                    return dict(chosen)
                 return {i: f[torch.from_numpy(pos)] for i, f in chosen.items()}
         means: dict[int, torch.Tensor] = {}
         feats = extract_features(

@@ -11,7 +11,7 @@ import torch
 
 from .data import PreparedData
 from .errors import IgptError
-from .features import FeatureCache, raw_pixels
+from .features import FeatureCache, grid_side, raw_pixels
 from .logistic import CV_FOLDS, balanced_subset, cv_lambda, fit_logistic
 from .model import IGPT
 from .probe_setup import ProbeConfig, feature_settings, labelled_rows
@@ -36,18 +36,26 @@ def low_data_probe(
     yte = torch.from_numpy(data.labels("test")[te])
     kw = feature_settings(cfg, data)
     cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
-    # the pooling is chosen per regime, on each subset's own cross-validation: the asked-for pooling and the
-    # paper's mean (computed in the same pass); wide grid features can overfit a few labels per class
-    pools = [cfg.pool] + (["mean"] if cfg.pool != "mean" else [])
-    ftr = {p: cache("train", rows, "train features", mean=p != cfg.pool) for p in pools}
-    fte = {p: cache("test", te, "test features", mean=p != cfg.pool) for p in pools}
+    # the pooling is chosen per regime, on each subset's own cross-validation: the asked-for pooling, the
+    # paper's mean (computed in the same pass) and the further low-data pooling (its own pass, shared by
+    # every low-data probe through the cache's sibling) where the images have room for its grid
+    pools = list(dict.fromkeys([cfg.pool, "mean", cfg.low_data_pool]))
+    pools = [p for p in pools if p != "none" and grid_side(p) <= data.resolution]
+
+    def features(split: str, r: np.ndarray, label: str, p: str) -> dict[int, torch.Tensor]:
+        if p in (cfg.pool, "mean"):
+            return cache(split, r, label, mean=p != cfg.pool)
+        return cache.sibling(p)(split, r, f"{label} ({p})")
+
+    ftr = {p: features("train", rows, "train features", p) for p in pools}
+    fte = {p: features("test", te, "test features", p) for p in pools}
     rtr, rte = raw_pixels(data, "train", rows), raw_pixels(data, "test", te)
     pos = {r: k for k, r in enumerate(rows)}
     folds = min(CV_FOLDS, N)
     if folds < 2:  # one label per class: no cross-validation; the choice is made on the validation split
         va = labelled_rows(data.labels("val"), None)
         yva = torch.from_numpy(data.labels("val")[va])
-        fva = {p: cache("val", va, "validation features", mean=p != cfg.pool) for p in pools}
+        fva = {p: features("val", va, "validation features", p) for p in pools}
     keys = [(p, i) for p in pools for i in layers]
     acc: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
     cv: dict[tuple[str, int], list[float]] = {k: [] for k in keys}

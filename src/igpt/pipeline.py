@@ -33,7 +33,7 @@ from .finetuning import HEAD_POOLS, finetune
 from .model import IGPTConfig
 from .plans import FINETUNE_RECIPE, RECORD, QuickstartOptions, QuickstartPlan, finetune_name, make_plan
 from .preparation import VAL_FRACTION, PrepareConfig, prepare_config, summary_lines
-from .probe_setup import ProbeConfig, open_labelled_run
+from .probe_setup import LOW_DATA_POOL, ProbeConfig, open_labelled_run
 from .probing import probe_and_save
 from .report import CLASSICAL_BASELINES, write_report
 from .results import FinetuneResult, LowDataResult, PretrainSummary, ProbeResult
@@ -224,6 +224,8 @@ def _finetune_head(job: Job, labels_per_class: int | None) -> dict[str, Any]:
         low = {r.labels_per_class: r for r in run.low_data_probes()}.get(labels_per_class)
         if low is not None:
             layer, pool = low.best_layer, low.best_pool or low.pool
+            if pool not in HEAD_POOLS:  # the low-data probes' fine grid: the head takes the probe's pooling
+                pool = low.pool
     return {
         "layer": None if layer is None else max(1, layer),
         "pool": pool if pool in HEAD_POOLS else "mean",
@@ -405,6 +407,7 @@ def _workload(plan: QuickstartPlan, out: Path) -> Workload:
         n_layer=cfg.n_layer,
         n_embd=cfg.n_embd,
         pool_cells=grid_side(plan.pool) ** 2,
+        low_data_cells=grid_side(LOW_DATA_POOL) ** 2 if grid_side(LOW_DATA_POOL) <= plan.resolution else 0,
         low_data=plan.low_data,
         completions=plan.completions,
         compile=plan.compile,
