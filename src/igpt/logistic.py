@@ -153,7 +153,8 @@ def fit_logistic_many(
         return loss
 
     opt.step(closure)
-    w = w.detach() if basis is None else basis @ w.detach()  # back to one weight per feature
+    if basis is not None:
+        w = basis @ w  # back to one weight per feature
     return [
         LinearProbe(mean, std, w[:, p * C : (p + 1) * C].clone(), b[p * C : (p + 1) * C].clone(), lams[p])
         for p in range(P)

@@ -17,6 +17,13 @@ from .model import IGPT
 from .probe_setup import ProbeConfig, feature_settings, labelled_rows
 
 
+def compared_pools(pool: str, low_data_pool: str, resolution: int) -> list[str]:
+    """The poolings a low-data probe weighs: the asked-for `pool`, the paper's mean (from the same pass) and
+    `low_data_pool` ("none" for none) where the images have room for its grid, each once."""
+    pools = dict.fromkeys([pool, "mean", low_data_pool])
+    return [p for p in pools if p != "none" and grid_side(p) <= resolution]
+
+
 def low_data_probe(
     cfg: ProbeConfig, model: IGPT, data: PreparedData, layers: list[int], cache: FeatureCache | None = None
 ) -> dict[str, Any]:
@@ -36,11 +43,9 @@ def low_data_probe(
     yte = torch.from_numpy(data.labels("test")[te])
     kw = feature_settings(cfg, data)
     cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
-    # the pooling is chosen per regime, on each subset's own cross-validation: the asked-for pooling, the
-    # paper's mean (computed in the same pass) and the further low-data pooling (its own pass, shared by
-    # every low-data probe through the cache's sibling) where the images have room for its grid
-    pools = list(dict.fromkeys([cfg.pool, "mean", cfg.low_data_pool]))
-    pools = [p for p in pools if p != "none" and grid_side(p) <= data.resolution]
+    # the pooling is chosen per regime, on each subset's own cross-validation; the further low-data pooling
+    # takes its own pass, shared by every low-data probe through the cache's sibling
+    pools = compared_pools(cfg.pool, cfg.low_data_pool, data.resolution)
 
     def features(split: str, r: np.ndarray, label: str, p: str) -> dict[int, torch.Tensor]:
         if p in (cfg.pool, "mean"):

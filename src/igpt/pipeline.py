@@ -30,6 +30,7 @@ from .errors import IgptError
 from .features import FeatureCache, grid_side
 from .files import write_json_atomic
 from .finetuning import HEAD_POOLS, finetune
+from .low_data import compared_pools
 from .model import IGPTConfig
 from .plans import FINETUNE_RECIPE, RECORD, QuickstartOptions, QuickstartPlan, finetune_name, make_plan
 from .preparation import VAL_FRACTION, PrepareConfig, prepare_config, summary_lines
@@ -215,20 +216,18 @@ def _finetune_head(job: Job, labels_per_class: int | None) -> dict[str, Any]:
     subsets (cross-validated inside them), so a low-data fine-tuning reads no label beyond its own. Layer 0
     (the embeddings) becomes 1: fine-tuning needs a block."""
     run = Run.open(job.run_dir)
-    layer, pool = None, "mean"
+    layer, pools = None, []  # the probe's choices, best first; the first pooling a head has is taken
     if labels_per_class is None:
         full = run.full_probe()
         if full is not None:
-            layer, pool = full.best_layer, full.pool
+            layer, pools = full.best_layer, [full.pool]
     else:
         low = {r.labels_per_class: r for r in run.low_data_probes()}.get(labels_per_class)
-        if low is not None:
-            layer, pool = low.best_layer, low.best_pool or low.pool
-            if pool not in HEAD_POOLS:  # the low-data probes' fine grid: the head takes the probe's pooling
-                pool = low.pool
+        if low is not None:  # its best pooling, else (the fine grid, which no head has) --pool's
+            layer, pools = low.best_layer, [low.best_pool or low.pool, low.pool]
     return {
         "layer": None if layer is None else max(1, layer),
-        "pool": pool if pool in HEAD_POOLS else "mean",
+        "pool": next(p for p in [*pools, "mean"] if p in HEAD_POOLS),
     }
 
 
@@ -401,13 +400,15 @@ def _workload(plan: QuickstartPlan, out: Path) -> Workload:
         n_va = round(n_tr * VAL_FRACTION)
         counts = (n_tr - n_va, n_va, n_te, 10)
     cfg = IGPTConfig.from_preset(plan.preset)
+    low_pools = compared_pools(plan.pool, LOW_DATA_POOL, plan.resolution)
+    further = [p for p in low_pools if p not in (plan.pool, "mean")]  # the pools with a pass of their own
     return Workload(
         *counts,
         resolution=plan.resolution,
         n_layer=cfg.n_layer,
         n_embd=cfg.n_embd,
         pool_cells=grid_side(plan.pool) ** 2,
-        low_data_cells=grid_side(LOW_DATA_POOL) ** 2 if grid_side(LOW_DATA_POOL) <= plan.resolution else 0,
+        low_data_cells=sum(grid_side(p) ** 2 for p in further),
         low_data=plan.low_data,
         completions=plan.completions,
         compile=plan.compile,
