@@ -79,7 +79,7 @@ def test_low_data_chooses_pooling_per_regime_on_the_subsets_own_cv(micro_run, tm
     kw = dict(pool="grid", labels_per_class=5, seeds=3, layers="1,2", progress=False)
     a = igpt.probe(micro_run, data=str(data), **kw)
     b = igpt.probe(micro_run, data=str(shuffled), **kw)
-    # --pool, the paper's mean (same pass) and the fine 7x7 grid (--low-data-pool's default, its own pass)
+    # --pool, the paper's mean (same pass) and the fine 7x7 grid (--fine-pool's default, its own pass)
     assert a["pools_compared"] == ["grid", "mean", "grid7"] and a["best_pool"] in ("grid", "mean", "grid7")
     assert set(a["layers_by_pool"]) == set(a["pools_compared"])
     assert a["layers"] == a["layers_by_pool"]["grid"]

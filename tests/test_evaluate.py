@@ -9,7 +9,14 @@ import torch
 
 from igpt.classifier import Augment, Classifier
 from igpt.cli import main
-from igpt.logistic import balanced_subset, fit_logistic_many, probe_with_validation
+from igpt.logistic import (
+    LAMBDAS,
+    balanced_subset,
+    column_stats,
+    feature_std,
+    fit_logistic_many,
+    probe_with_validation,
+)
 from igpt.model import IGPT, IGPTConfig
 from igpt.palette import from_sequence, to_sequence
 from igpt.preparation import PrepareConfig
@@ -77,7 +84,7 @@ def test_low_data_probe(runs):
     # the fine 7x7 grid is weighed beside the probe's pooling by default, and its rows are 49 cells wide
     assert p["pools_compared"] == ["mean", "grid7"] and set(p["layers_by_pool"]) == {"mean", "grid7"}
     assert p["best_pool"] in ("mean", "grid7")
-    main(["probe", str(runs / "ar"), "--labels-per-class", "5", "--seeds", "1", "--low-data-pool", "none"])
+    main(["probe", str(runs / "ar"), "--labels-per-class", "5", "--seeds", "1", "--fine-pool", "none"])
     assert json.loads((runs / "ar" / "probe.json").read_text())["pools_compared"] == ["mean"]
 
 
@@ -296,3 +303,56 @@ def test_the_papers_probe_is_reported_beside_another_pooling(runs):
     main(["probe", str(runs / "ar"), "--layers", "1,2", "--train-limit", "400"])
     same = json.loads((runs / "ar" / "probe.json").read_text())
     assert same["paper_probe"]["layers"] == same["layers"]  # mean pooling is the paper's probe itself
+
+
+def test_the_finer_grid_is_fitted_at_the_layer_chosen_on_validation(runs):
+    main(["probe", str(runs / "ar"), "--pool", "grid", "--train-limit", "400"])
+    p = json.loads((runs / "ar" / "probe.json").read_text())
+    f = p["fine_probe"]
+    assert f["pool"] == "grid7" and f["layer"] == p["best_layer"] and f["feature_dim"] == 49 * 32
+    assert 0 <= f["test_accuracy"] <= 1 and f["lambda"] in LAMBDAS
+    # the best on validation of every probe run, the finer grid among them
+    vals = [*p["val_accuracy"].values(), *p["paper_probe"]["val_accuracy"].values(), f["val_accuracy"]]
+    assert p["chosen"]["val_accuracy"] == max(vals)
+    main(["probe", str(runs / "ar"), "--pool", "grid", "--train-limit", "400", "--fine-pool", "none"])
+    assert "fine_probe" not in json.loads((runs / "ar" / "probe.json").read_text())
+
+
+def test_feature_cache_computes_missing_rows_only_and_asked_poolings_in_the_same_pass(runs, monkeypatch):
+    from igpt import features
+    from igpt.data import PreparedData
+    from igpt.runs import Run
+
+    run = Run.open(runs / "ar")
+    model, data = run.load_model(), PreparedData(runs / "data")
+    real, calls = features.extract_pooled, []
+
+    def counted(m, tokens, wants, **kw):
+        calls.append((len(tokens), sorted(wants)))
+        return real(m, tokens, wants, **kw)
+
+    monkeypatch.setattr(features, "extract_pooled", counted)
+    monkeypatch.setattr(features, "WIDE_FEATURES", 1000)  # the 7x7 grid (1,568 here) is held in bfloat16
+    cache = features.FeatureCache(model, data, [0, 1, 2], quiet=True, pool="grid", resolution=8)
+    rows = np.arange(100)
+    cache("train", rows[::2], "", also={"grid7": [1]})
+    assert calls == [(50, ["grid", "grid7", "mean"])]
+    both = cache("train", rows, "")  # only the odd rows are computed, and merged in order
+    assert calls[1][0] == 50
+    direct = real(model, data.tokens("train")[rows], {"grid": [0, 1, 2], "grid7": [1]}, resolution=8)
+    for i in (0, 1, 2):
+        torch.testing.assert_close(both[i], direct["grid"][i], atol=1e-5, rtol=1e-4)
+    fine = cache.sibling("grid7")("train", rows[::2], "", layers=[1])  # held since the first pass
+    assert len(calls) == 2 and fine[1].dtype == torch.bfloat16 and fine[1].shape == (50, 49 * 32)
+    torch.testing.assert_close(fine[1].float(), direct["grid7"][1][::2].bfloat16().float())
+    cache.drop("train", "grid7")
+    cache.sibling("grid7")("train", rows[::2], "", layers=[1])
+    assert len(calls) == 3
+
+
+def test_column_stats_match_a_float64_copys_in_chunks():
+    x = torch.randn(1000, 40) * 3 + 5
+    mean, std = column_stats(x, chunk=77)
+    torch.testing.assert_close(mean, x.double().mean(0))
+    torch.testing.assert_close(std, feature_std(x.double()))
+    assert column_stats(x[:1])[1].eq(1).all()  # one row: no spread, standardising leaves it as is

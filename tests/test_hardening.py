@@ -345,7 +345,7 @@ def test_out_of_memory_message_names_no_missing_option(monkeypatch, capsys, micr
     def oom(*a, **k):
         raise MemoryError
 
-    monkeypatch.setattr(features, "extract_features", oom)
+    monkeypatch.setattr(features, "extract_pooled", oom)
     with pytest.raises(SystemExit):
         main(["probe", str(micro_run)])
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -86,9 +86,10 @@ class Workload:
     compile: bool
     finetune_minutes: float | None = None
     finetune_low_data: bool = False
-    low_data_cells: int = 0
-    """Grid cells of the low-data probes' further pooling (0: none); it takes a feature pass of its own over
-    the test split and the subsets' rows."""
+    fine_cells: int = 0
+    """Grid cells of the probes' further pooling (`--fine-pool`; 0: none). The full probe fits it at the
+    layer it chose, from its own pass (where it also pools the test split at every layer); the low-data
+    probes fit it at every layer, after a pass of their own over the subsets' rows."""
     attentive: bool = False
 
 
@@ -146,11 +147,13 @@ def predict(w: Workload, s: Speeds) -> dict[str, float]:
 
     dims = [grid_dim] + ([d] if w.pool_cells > 1 else [])  # the asked-for pooling and the paper's mean
     fits = sum(L1 * probe_fits(k) for k in dims) + probe_fits(raw_dim)
+    if w.fine_cells:  # the further pooling at the chosen layer
+        fits += probe_fits(d * w.fine_cells)
     low, low_pass = 0.0, 0.0
-    low_dims = dims + ([d * w.low_data_cells] if w.low_data_cells else [])
-    if w.low_data_cells and w.low_data:
-        # the further pooling's own pass: the test split once, then each setting's subsets
-        low_images = w.n_test + sum(per_class * C * subsets for per_class, subsets in w.low_data)
+    low_dims = dims + ([d * w.fine_cells] if w.fine_cells else [])
+    if w.fine_cells and w.low_data:
+        # the further pooling's own pass over each setting's subsets (the test split's came with the probe)
+        low_images = sum(per_class * C * subsets for per_class, subsets in w.low_data)
         low_pass = low_images * s.feature_seconds_per_image * FEATURE_FACTOR
     for per_class, subsets in w.low_data:
         rows = per_class * C

@@ -5,6 +5,7 @@ running the model again. Also the raw-pixel baseline's features."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +58,9 @@ def layer_batches(
 
 
 POOLS = ("mean", "grid", "grid3", "grid4", "grid7")
+WIDE_FEATURES = 4096
+"""Pooled features wider than this (the 7x7 grid's 49 cells of a 128-wide model: 6,272) are held in bfloat16,
+which halves the largest caches; the fits standardise them in float32."""
 
 
 def grid_side(pool: str) -> int:
@@ -97,33 +101,38 @@ def check_pool(pool: str, resolution: int) -> None:
         )
 
 
-def extract_features(
+def extract_pooled(
     model: IGPT,
     tokens: np.ndarray,
-    layers: list[int],
+    wants: dict[str, list[int]],
     batch_size: int = 128,
-    pool: str = "mean",
     resolution: int | None = None,
     order: str = "raster",
-    mean_out: dict[int, torch.Tensor] | None = None,
     **pass_settings: Any,
-) -> dict[int, torch.Tensor]:
-    """Pooled normed hidden states of the chosen layers for every row of `tokens` (N, T), pooled by
-    `pool_states` as each batch comes out of `layer_batches` (whose settings `pass_settings` are: device,
-    compile, precision, progress, mask_ratio, seed). With `mean_out` (a dict to fill), the same pass also
-    yields the paper's mean-pooled features of every layer there. Pooling runs in float32."""
-    out: dict[int, torch.Tensor] = {}  # filled in place: no second copy of wide features at the end
+) -> dict[str, dict[int, torch.Tensor]]:
+    """{pooling: {layer: features}} of every row of `tokens` (N, T) from one pass of `layer_batches` (whose
+    settings `pass_settings` are: device, compile, precision, progress, mask_ratio, seed): each pooling of
+    `wants` for its own layers. Pooling runs in float32; features wider than WIDE_FEATURES are kept in
+    bfloat16."""
+    layers = sorted({i for ls in wants.values() for i in ls})
+    out: dict[str, dict[int, torch.Tensor]] = {p: {} for p in wants}  # filled in place: no second copy
     for s, n, hs in layer_batches(model, tokens, layers, batch_size, **pass_settings):
-        for i, h in hs.items():
-            f = pool_states(h.float(), pool, resolution, order).cpu()
-            if i not in out:
-                out[i] = torch.empty(len(tokens), f.shape[1], dtype=torch.float32)
-            out[i][s : s + n] = f
-            if mean_out is not None:
-                if i not in mean_out:
-                    mean_out[i] = torch.empty(len(tokens), h.shape[-1], dtype=torch.float32)
-                mean_out[i][s : s + n] = h.float().mean(1).cpu()
+        for p, ls in wants.items():
+            for i in ls:
+                f = pool_states(hs[i].float(), p, resolution, order).cpu()
+                if i not in out[p]:
+                    dtype = torch.bfloat16 if f.shape[1] > WIDE_FEATURES else torch.float32
+                    out[p][i] = torch.empty(len(tokens), f.shape[1], dtype=dtype)
+                out[p][i][s : s + n] = f
     return out
+
+
+def extract_features(
+    model: IGPT, tokens: np.ndarray, layers: list[int], pool: str = "mean", **settings: Any
+) -> dict[int, torch.Tensor]:
+    """Pooled normed hidden states of the chosen layers for every row of `tokens` (N, T): `extract_pooled`
+    with one pooling (its other `settings`: batch_size, resolution, order and the pass's)."""
+    return extract_pooled(model, tokens, {pool: layers}, **settings)[pool]
 
 
 def raw_pixels(data: PreparedData, split: str, rows: np.ndarray) -> torch.Tensor:
@@ -137,46 +146,87 @@ def raw_pixels(data: PreparedData, split: str, rows: np.ndarray) -> torch.Tensor
 
 
 class FeatureCache:
-    """Pooled features of the chosen layers, keyed by split: a request for rows already computed (a low-data
-    subset after the full probe, say) is answered by indexing instead of another forward pass."""
+    """Pooled features of a model's layers, held per (split, pooling, layer) with the sorted rows computed:
+    a request for rows held (a low-data subset after the full probe, say) is answered by indexing; for rows
+    missing, one forward pass over them computes every pooling asked for at once and merges it into what is
+    held. `sibling` views the same store with another default pooling."""
 
     def __init__(self, model: IGPT, data: PreparedData, layers: list[int], quiet: bool = False, **kw: Any):
-        self.model, self.data, self.layers, self.kw, self.quiet = model, data, layers, kw, quiet
-        self.store: dict[str, tuple[np.ndarray, dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
-        self.siblings: dict[str, FeatureCache] = {}
+        self.model, self.data, self.layers, self.quiet = model, data, layers, quiet
+        self.pool: str = kw.pop("pool", "mean")
+        self.kw = kw
+        self.store: dict[tuple[str, str, int], tuple[np.ndarray, torch.Tensor]] = {}
 
     def sibling(self, pool: str) -> FeatureCache:
-        """The cache of the same model and pass settings with another pooling (this one for its own): made
-        once and kept, so that every probe asking for that pooling (the low-data probes' fine grid, say)
-        shares its features instead of running the model again."""
-        if pool == self.kw.get("pool", "mean"):
-            return self
-        if pool not in self.siblings:
-            kw = {**self.kw, "pool": pool}
-            self.siblings[pool] = FeatureCache(self.model, self.data, self.layers, self.quiet, **kw)
-        return self.siblings[pool]
+        """This cache with `pool` as its default pooling, sharing its store (every feature computed)."""
+        view = copy.copy(self)
+        view.pool = pool
+        return view
+
+    def drop(self, split: str, pool: str, keep: list[int] | None = None) -> None:
+        """Forget `split`'s features at `pool` (but the layers in `keep`): wide features are large."""
+        for key in [k for k in self.store if k[:2] == (split, pool) and k[2] not in (keep or [])]:
+            del self.store[key]
 
     def __call__(
-        self, split: str, rows: np.ndarray, label: str, mean: bool = False
+        self,
+        split: str,
+        rows: np.ndarray,
+        label: str,
+        mean: bool = False,
+        also: dict[str, list[int]] | None = None,
+        layers: list[int] | None = None,
     ) -> dict[int, torch.Tensor]:
-        """Features of the sorted `rows` of `split`; with `mean`, the paper's mean-pooled ones (computed in
-        the same pass when the cache's pooling is another)."""
-        if split in self.store:
-            have, feats, means = self.store[split]
-            pos = np.minimum(np.searchsorted(have, rows), len(have) - 1)
-            if len(have) and (have[pos] == rows).all():
-                chosen = means if mean and means else feats
-                if len(rows) == len(have):  # the very rows stored: no copy (wide features are large)
-                    return dict(chosen)
-                return {i: f[torch.from_numpy(pos)] for i, f in chosen.items()}
-        means: dict[int, torch.Tensor] = {}
-        feats = extract_features(
-            self.model,
-            self.data.tokens(split)[rows],
-            self.layers,
-            progress=None if self.quiet else label,
-            mean_out=means if self.kw.get("pool", "mean") != "mean" else None,
-            **self.kw,
+        """Features of the sorted `rows` of `split` at the default pooling (with `mean`, the paper's mean
+        pooling), of every layer or of `layers`. A pass that computes missing rows also yields the poolings
+        and layers of `also` (asked for later through `sibling`), and the mean of every layer (the paper's
+        probe asks for it)."""
+        pool = "mean" if mean else self.pool
+        layers = list(self.layers if layers is None else layers)
+        wants = {pool: layers}
+        for p, ls in (also or {}).items():
+            wants[p] = sorted(set(wants.get(p, [])) | set(ls))
+        missing = np.unique(
+            np.concatenate(
+                [np.setdiff1d(rows, self._held(split, p, i)) for p, ls in wants.items() for i in ls]
+            )
         )
-        self.store[split] = (rows, feats, means)
-        return means if mean and means else feats
+        if len(missing):
+            wants["mean"] = sorted(set(wants.get("mean", [])) | set(self.layers))
+            new = extract_pooled(
+                self.model,
+                self.data.tokens(split)[missing],
+                wants,
+                progress=None if self.quiet or not label else label,
+                **self.kw,
+            )
+            for p, by_layer in new.items():
+                for i, f in by_layer.items():
+                    self._merge((split, p, i), missing, f)
+        return {i: self._rows((split, pool, i), rows) for i in layers}
+
+    def _held(self, split: str, pool: str, layer: int) -> np.ndarray:
+        entry = self.store.get((split, pool, layer))
+        return entry[0] if entry is not None else np.empty(0, dtype=np.int64)
+
+    def _merge(self, key: tuple[str, str, int], rows: np.ndarray, f: torch.Tensor) -> None:
+        """Add the rows of `f` (computed for sorted `rows`) that `key` lacks, keeping its rows sorted."""
+        if key not in self.store:
+            self.store[key] = (rows, f)
+            return
+        have, held = self.store[key]
+        add = np.flatnonzero(~np.isin(rows, have))
+        if not len(add):
+            return
+        all_rows = np.concatenate([have, rows[add]])
+        order = np.argsort(all_rows, kind="stable")
+        self.store[key] = (
+            all_rows[order],
+            torch.cat([held, f[torch.from_numpy(add)]])[torch.from_numpy(order)],
+        )
+
+    def _rows(self, key: tuple[str, str, int], rows: np.ndarray) -> torch.Tensor:
+        have, f = self.store[key]
+        if len(rows) == len(have):  # the very rows held: no copy (wide features are large)
+            return f
+        return f[torch.from_numpy(np.searchsorted(have, rows))]

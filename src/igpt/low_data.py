@@ -17,10 +17,10 @@ from .model import IGPT
 from .probe_setup import ProbeConfig, feature_settings, labelled_rows
 
 
-def compared_pools(pool: str, low_data_pool: str, resolution: int) -> list[str]:
+def compared_pools(pool: str, fine_pool: str, resolution: int) -> list[str]:
     """The poolings a low-data probe weighs: the asked-for `pool`, the paper's mean (from the same pass) and
-    `low_data_pool` ("none" for none) where the images have room for its grid, each once."""
-    pools = dict.fromkeys([pool, "mean", low_data_pool])
+    `fine_pool` ("none" for none) where the images have room for its grid, each once."""
+    pools = dict.fromkeys([pool, "mean", fine_pool])
     return [p for p in pools if p != "none" and grid_side(p) <= resolution]
 
 
@@ -45,7 +45,7 @@ def low_data_probe(
     cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
     # the pooling is chosen per regime, on each subset's own cross-validation; the further low-data pooling
     # takes its own pass, shared by every low-data probe through the cache's sibling
-    pools = compared_pools(cfg.pool, cfg.low_data_pool, data.resolution)
+    pools = compared_pools(cfg.pool, cfg.fine_pool, data.resolution)
 
     def features(split: str, r: np.ndarray, label: str, p: str) -> dict[int, torch.Tensor]:
         if p in (cfg.pool, "mean"):

@@ -34,7 +34,7 @@ from .low_data import compared_pools
 from .model import IGPTConfig
 from .plans import FINETUNE_RECIPE, RECORD, QuickstartOptions, QuickstartPlan, finetune_name, make_plan
 from .preparation import VAL_FRACTION, PrepareConfig, prepare_config, summary_lines
-from .probe_setup import LOW_DATA_POOL, ProbeConfig, open_labelled_run
+from .probe_setup import FINE_POOL, ProbeConfig, open_labelled_run
 from .probing import probe_and_save
 from .report import CLASSICAL_BASELINES, write_report
 from .results import FinetuneResult, LowDataResult, PretrainSummary, ProbeResult
@@ -400,7 +400,7 @@ def _workload(plan: QuickstartPlan, out: Path) -> Workload:
         n_va = round(n_tr * VAL_FRACTION)
         counts = (n_tr - n_va, n_va, n_te, 10)
     cfg = IGPTConfig.from_preset(plan.preset)
-    low_pools = compared_pools(plan.pool, LOW_DATA_POOL, plan.resolution)
+    low_pools = compared_pools(plan.pool, FINE_POOL, plan.resolution)
     further = [p for p in low_pools if p not in (plan.pool, "mean")]  # the pools with a pass of their own
     return Workload(
         *counts,
@@ -408,7 +408,7 @@ def _workload(plan: QuickstartPlan, out: Path) -> Workload:
         n_layer=cfg.n_layer,
         n_embd=cfg.n_embd,
         pool_cells=grid_side(plan.pool) ** 2,
-        low_data_cells=sum(grid_side(p) ** 2 for p in further),
+        fine_cells=sum(grid_side(p) ** 2 for p in further),
         low_data=plan.low_data,
         completions=plan.completions,
         compile=plan.compile,
@@ -522,10 +522,14 @@ def probe_line(res: dict[str, Any]) -> str:
         )
     full = ProbeResult.from_json(res)
     head = f", {full.head} head" if full.head != "linear" else ""
-    return (
+    line = (
         f"best layer {full.best_layer}{head}: accuracy {full.best_accuracy:.4f}; "
         f"raw pixels {full.raw_pixel_accuracy:.4f}"
     )
+    if full.chosen:
+        c = full.chosen
+        line += f"; the best on validation of every probe run ({c['probe']}) {c['test_accuracy']:.4f}"
+    return line
 
 
 def pick_one_per_class(data_dir: Path, n: int) -> list[int]:

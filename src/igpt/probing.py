@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,17 @@ import torch
 from .checkpoint import read_state
 from .data import PreparedData
 from .errors import IgptError
-from .features import FeatureCache, check_pool, extract_features, raw_pixels
+from .features import FeatureCache, check_pool, extract_features, grid_side, raw_pixels
 from .files import atomic_file
 from .logistic import (
     LAMBDAS,
+    Sweep,
     check_trainable,
     fit_logistic,
     probe_with_validation,
+    refit,
+    sweep_lambda,
+    sweep_rows,
 )
 from .low_data import low_data_probe
 from .model import IGPT
@@ -134,11 +138,35 @@ def full_probe(
     t0 = time.perf_counter()
     kw = feature_settings(cfg, data)
     cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
-    ftr, fte = cache("train", L.tr, "train features"), cache("test", L.te, "test features")
-    fva = cache("val", L.va, "validation features")
+    fine = fine_pool(cfg, data.resolution)
+    # first the rows that choose: validation and the training rows the lambda sweeps fit on, with the fine
+    # grid of every layer, since the layer it is fitted on is chosen from these rows' sweeps
+    sw = sweep_rows(L.ytr.numpy(), cfg.seed)
+    also = {fine: layers} if fine else None
+    fva = cache("val", L.va, "validation features", also=also)
+    fsw = cache("train", L.tr[sw], "train features (the sweep's rows)", also=also)
     t_feat = time.perf_counter() - t0
-    res = _fit_layers(cfg, layers, (ftr, fva, fte), L, C)
-    best = max(layers, key=lambda i: (res["val_accuracy"][str(i)], -i))  # chosen on validation, not test
+    sweeps = {i: sweep_lambda(fsw[i], L.ytr[sw], fva[i], L.yva, C, device=cfg.device) for i in layers}
+    best = max(layers, key=lambda i: (sweeps[i].best, -i))  # chosen on validation, not test
+    fine_sweep = None
+    if fine:
+        ffine = cache.sibling(fine)
+        x = (ffine("train", L.tr[sw], "", layers=[best])[best], ffine("val", L.va, "", layers=[best])[best])
+        fine_sweep = sweep_lambda(x[0], L.ytr[sw], x[1], L.yva, C, device=cfg.device)
+        del x
+        cache.drop("train", fine, keep=[best])
+    del fsw  # the sweep rows' features: the merge below holds every training row anew
+    # then every training row and the test rows (the fine grid: the chosen layer, and every layer of the
+    # test rows, which a low-data probe sharing this cache reads next)
+    t1 = time.perf_counter()
+    ftr = cache("train", L.tr, "train features", also={fine: [best]} if fine else None)
+    fte = cache("test", L.te, "test features", also=also)
+    t_feat += time.perf_counter() - t1
+    res = _refit_layers(cfg, sweeps, (ftr, fte), L, C)
+    if fine:
+        res["fine_probe"] = _fine_probe(cfg, cache.sibling(fine), best, fine_sweep, L, C)
+        cache.drop("train", fine)
+        cache.drop("val", fine)
     res["paper_probe"] = _paper_probe(
         cfg, cache, layers, (L.tr, L.va, L.te), (L.ytr, L.yva, L.yte), C, res, best
     )
@@ -176,25 +204,53 @@ def full_probe(
     return res
 
 
-def _fit_layers(cfg: ProbeConfig, layers: list[int], feats: tuple, L: Labelled, C: int) -> dict[str, Any]:
-    """A linear probe per layer: test and validation accuracy and the lambda chosen on validation."""
-    ftr, fva, fte = feats
+def fine_pool(cfg: ProbeConfig, resolution: int) -> str | None:
+    """The further pooling the full probe fits at its chosen layer: `--fine-pool`, unless it is none, the
+    asked-for pooling itself, or a grid finer than the images."""
+    p = cfg.fine_pool
+    return None if p in ("none", cfg.pool) or grid_side(p) > resolution else p
+
+
+def _refit_layers(
+    cfg: ProbeConfig, sweeps: dict[int, Sweep], feats: tuple, L: Labelled, C: int
+) -> dict[str, Any]:
+    """Each layer's probe refitted on all training rows at the strength its sweep chose on validation, and
+    scored on test: test and validation accuracy and the lambda, by layer."""
+    ftr, fte = feats
     res: dict[str, Any] = {"layers": {}, "val_accuracy": {}, "lambda": {}}
-    for i in layers:
-        r = probe_with_validation(ftr[i], L.ytr, fva[i], L.yva, fte[i], L.yte, C, cfg.seed, device=cfg.device)
+    for i, sweep in sweeps.items():
+        test = refit(ftr[i], L.ytr, C, sweep, cfg.device).accuracy(fte[i], L.yte)
         k = str(i)
-        res["layers"][k], res["val_accuracy"][k], res["lambda"][k] = (
-            r["test_accuracy"],
-            r["val_accuracy"],
-            r["lambda"],
-        )
+        res["layers"][k], res["val_accuracy"][k], res["lambda"][k] = test, sweep.best, sweep.probe.lam
         if cfg.progress:
             print(
-                f"  layer {i}: test {r['test_accuracy']:.4f} "
-                f"(val {r['val_accuracy']:.4f}, lambda {r['lambda']:g})",
+                f"  layer {i}: test {test:.4f} (val {sweep.best:.4f}, lambda {sweep.probe.lam:g})",
                 file=sys.stderr,
             )
     return res
+
+
+def _fine_probe(
+    cfg: ProbeConfig, cache: FeatureCache, layer: int, sweep: Sweep, L: Labelled, C: int
+) -> dict[str, Any]:
+    """The finer pooling's probe at the chosen layer: its own lambda sweep (given), refitted on all training
+    rows, scored on test."""
+    probe = refit(cache("train", L.tr, "", layers=[layer])[layer], L.ytr, C, sweep, cfg.device)
+    test = probe.accuracy(cache("test", L.te, "", layers=[layer])[layer], L.yte)
+    if cfg.progress:
+        print(
+            f"  layer {layer}, {cache.pool} pooling: test {test:.4f} (val {sweep.best:.4f}, "
+            f"lambda {sweep.probe.lam:g})",
+            file=sys.stderr,
+        )
+    return {
+        "pool": cache.pool,
+        "layer": layer,
+        "test_accuracy": test,
+        "val_accuracy": sweep.best,
+        "lambda": sweep.probe.lam,
+        "feature_dim": int(probe.weight.shape[0]),
+    }
 
 
 def _raw_probe(cfg: ProbeConfig, data: PreparedData, L: Labelled, C: int) -> dict[str, Any]:
@@ -291,6 +347,11 @@ def _chosen(res: dict[str, Any]) -> dict[str, Any]:
         (f"linear, mean pooling, layer {k}", v, pp["layers"][k])
         for k, v in (pp.get("val_accuracy") or {}).items()
     ]
+    if "fine_probe" in res:
+        f = res["fine_probe"]
+        cands.append(
+            (f"linear, {f['pool']} pooling, layer {f['layer']}", f["val_accuracy"], f["test_accuracy"])
+        )
     if "concat" in res:
         c = res["concat"]
         cands.append(
@@ -388,7 +449,8 @@ def checkpoints_probe(cfg: ProbeConfig, data: PreparedData, layers: list[int]) -
             print(f"igpt: warning: {e}; skipped", file=sys.stderr)
             continue
         print(f"checkpoint {path.name} (val_nll {state['val_nll']:.4f})", file=sys.stderr)
-        r = full_probe(cfg, model, data, layers, raw_cache=raw_cache)
+        # the best layer's accuracy at --pool is the figure; no further pooling per checkpoint
+        r = full_probe(replace(cfg, fine_pool="none"), model, data, layers, raw_cache=raw_cache)
         rows.append(
             {
                 "checkpoint": path.name,

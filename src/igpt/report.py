@@ -171,6 +171,10 @@ def headline(x: Inputs) -> list[str]:
             f"layer {layer}, chosen on validation; test accuracy",
         )
     ]
+    if full.fine_probe:
+        f = full.fine_probe
+        note = f"layer {f['layer']} (the best layer above), {f['feature_dim']}-d features; test accuracy"
+        cards.append(_card(f"finer-grid probe ({f['pool']} pooling, linear)", f["test_accuracy"], note))
     if att:
         note = f"layer(s) {att['layers']}, epoch {att['best_epoch']} chosen on validation; test"
         cards.append(_card("attentive probe", att["test_accuracy"], note))
@@ -261,6 +265,16 @@ def probes(x: Inputs) -> list[str]:
         [f"layer {k}", v, full.val_accuracy.get(k, float("nan")), f"{full.lambdas.get(k, 0):g}"]
         for k, v in full.layers.items()
     ]
+    if full.fine_probe:
+        f = full.fine_probe
+        rows.append(
+            [
+                f"layer {f['layer']}, {f['pool']} pooling",
+                f["test_accuracy"],
+                f["val_accuracy"],
+                f"{f['lambda']:g}",
+            ]
+        )
     rows.append(["raw pixels", full.raw_pixel_accuracy, float("nan"), ""])
     if x.meta.get("dataset") == "fashion-mnist":
         rows += [

@@ -99,6 +99,9 @@ class ProbeResult(Result):
     paper_probe: dict[str, Any] | None = None
     """The paper's mean-pooled probe beside the asked-for pooling: best_layer, best_accuracy, layers."""
     attentive: dict[str, Any] | None = None
+    fine_probe: dict[str, Any] | None = None
+    """The further pooling (`--fine-pool`) at the chosen layer: pool, layer, test_accuracy, val_accuracy,
+    lambda, feature_dim."""
     chosen: dict[str, Any] | None = None
     """The best of every probe run, chosen on validation: probe, val_accuracy, test_accuracy."""
 
