@@ -10,7 +10,7 @@ import torch
 from igpt.classifier import Augment, Classifier
 from igpt.cli import main
 from igpt.logistic import (
-    LAMBDAS,
+    FINE_LAMBDAS,
     balanced_subset,
     column_stats,
     feature_std,
@@ -86,6 +86,24 @@ def test_low_data_probe(runs):
     assert p["best_pool"] in ("mean", "grid7")
     main(["probe", str(runs / "ar"), "--labels-per-class", "5", "--seeds", "1", "--fine-pool", "none"])
     assert json.loads((runs / "ar" / "probe.json").read_text())["pools_compared"] == ["mean"]
+
+
+def test_each_subsets_own_choice_averages_its_top_choices(runs, monkeypatch):
+    from igpt import low_data
+
+    args = ["probe", str(runs / "ar"), "--labels-per-class", "5", "--seeds", "2", "--layers", "1,2"]
+    main(args)
+    p = json.loads((runs / "ar" / "probe.json").read_text())
+    assert p["ensemble_top"] == 5 and 0 <= p["single_choice_accuracy"] <= 1
+    monkeypatch.setattr(low_data, "ENSEMBLE_TOP", 1)  # the top one alone is the single best choice
+    main(args)
+    one = json.loads((runs / "ar" / "probe.json").read_text())
+    assert one["mean_accuracy"] == one["single_choice_accuracy"] == p["single_choice_accuracy"]
+    assert one["std_accuracy"] == one["single_choice_std"]
+    monkeypatch.undo()
+    main(["probe", str(runs / "ar"), "--labels-per-class", "11", "--seeds", "1", "--layers", "1,2"])
+    many = json.loads((runs / "ar" / "probe.json").read_text())  # more labels: the single best alone
+    assert many["ensemble_top"] == 1 and many["mean_accuracy"] == many["single_choice_accuracy"]
 
 
 def test_wide_fits_in_the_rows_span_match_the_full_fit():
@@ -310,7 +328,7 @@ def test_the_finer_grid_is_fitted_at_the_layer_chosen_on_validation(runs):
     p = json.loads((runs / "ar" / "probe.json").read_text())
     f = p["fine_probe"]
     assert f["pool"] == "grid7" and f["layer"] == p["best_layer"] and f["feature_dim"] == 49 * 32
-    assert 0 <= f["test_accuracy"] <= 1 and f["lambda"] in LAMBDAS
+    assert 0 <= f["test_accuracy"] <= 1 and f["lambda"] in FINE_LAMBDAS
     # the best on validation of every probe run, the finer grid among them
     vals = [*p["val_accuracy"].values(), *p["paper_probe"]["val_accuracy"].values(), f["val_accuracy"]]
     assert p["chosen"]["val_accuracy"] == max(vals)

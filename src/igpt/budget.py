@@ -22,7 +22,17 @@ import torch
 from .data import PreparedData
 from .errors import IgptError
 from .features import extract_features
-from .logistic import CV_FOLDS, CV_ITERS, CV_LAMBDAS, LAMBDAS, REFIT_ITERS, SWEEP_ITERS, SWEEP_ROWS
+from .logistic import (
+    CV_FOLDS,
+    CV_ITERS,
+    CV_LAMBDAS,
+    FINE_LAMBDAS,
+    FINE_REFIT_ITERS,
+    LAMBDAS,
+    REFIT_ITERS,
+    SWEEP_ITERS,
+    SWEEP_ROWS,
+)
 from .model import IGPT, IGPTConfig
 
 # Measured ratios, from the default quickstart on a 2-core AMD EPYC (Zen 3, AVX2) whose budget ran with all
@@ -35,8 +45,12 @@ from .model import IGPT, IGPTConfig
 # 199 s against 184 predicted, its low-data probes 111 s against 83 (the refits and overheads did not halve
 # with the caps), and its feature pass 210 s against 178, after a calibration that happened to run fast
 # (0.0035 s per image, against 0.0043 in an earlier run whose pass took 173 s).
-FEATURE_FACTOR = 0.7
-FIT_FACTOR = 3.0
+# Raised again when the full probe gained the 7x7 grid at its chosen layer (the pass in two parts, pooling
+# that grid at every layer for the choosing rows), from a clean-clone quickstart on the same CPU kind that
+# ended at 30.6 minutes with 0.7 and 3.0: its pass took 270 s against 233 predicted, its fits 412 s against
+# 325 (the wide grid's refit, ten columns over 6,272 features, runs below the calibrated rate).
+FEATURE_FACTOR = 0.8
+FIT_FACTOR = 3.8
 LOW_DATA_FACTOR = 4.0
 COMPILE_SECONDS = 30.0
 """Compiling the feature pass (the first compiled batch), where --compile is on."""
@@ -147,8 +161,10 @@ def predict(w: Workload, s: Speeds) -> dict[str, float]:
 
     dims = [grid_dim] + ([d] if w.pool_cells > 1 else [])  # the asked-for pooling and the paper's mean
     fits = sum(L1 * probe_fits(k) for k in dims) + probe_fits(raw_dim)
-    if w.fine_cells:  # the further pooling at the chosen layer
-        fits += probe_fits(d * w.fine_cells)
+    if w.fine_cells:  # the further pooling at the chosen layer: fewer strengths, a shorter refit
+        k = d * w.fine_cells
+        fits += _fit_flops(min(SWEEP_ROWS, w.n_train), k, C * len(FINE_LAMBDAS), SWEEP_ITERS)
+        fits += _fit_flops(w.n_train, k, C, FINE_REFIT_ITERS)
     low, low_pass = 0.0, 0.0
     low_dims = dims + ([d * w.fine_cells] if w.fine_cells else [])
     if w.fine_cells and w.low_data:

@@ -299,7 +299,9 @@ STAGES = (
     ),
     Stage(
         "probe",
-        lambda j: f"linear probe of every layer ({j.plan.pool} pooling) beside raw pixels",
+        lambda j: (
+            f"linear probe of every layer ({j.plan.pool} pooling{_fine_note(j.plan)}) beside raw pixels"
+        ),
         lambda j: j.st.done("probe") and Run.open(j.run_dir).probe_file(FULL_PROBE).is_file(),
         _probe,
     ),
@@ -386,6 +388,12 @@ def quickstart(out: str | Path | QuickstartOptions = "runs/quickstart", **settin
     for line in budget_lines(st.state):
         print(line)
     return st.state
+
+
+def _fine_note(plan: QuickstartPlan) -> str:
+    """What the probe stage's line says of the finer grid fitted at the chosen layer, if one is."""
+    fine = [p for p in compared_pools(plan.pool, FINE_POOL, plan.resolution) if p not in (plan.pool, "mean")]
+    return f"; {fine[0]} at the layer chosen" if fine else ""
 
 
 def _workload(plan: QuickstartPlan, out: Path) -> Workload:
@@ -516,7 +524,8 @@ def probe_line(res: dict[str, Any]) -> str:
         low = LowDataResult.from_json(res)
         return (
             f"{low.labels_per_class} labels per class: accuracy {low.mean_accuracy:.4f} (std "
-            f"{low.std_accuracy:.4f}) with each subset's own choice; raw pixels "
+            f"{low.std_accuracy:.4f}) with each subset's own choice (its top {low.ensemble_top or 1} "
+            "averaged); raw pixels "
             f"{low.raw_pixel_accuracy:.4f}; the choice shared by all subsets (layer {low.best_layer}, "
             f"{low.best_pool or low.pool} pooling) {low.best_accuracy:.4f}"
         )

@@ -22,6 +22,8 @@ from .errors import IgptError
 from .features import FeatureCache, check_pool, extract_features, grid_side, raw_pixels
 from .files import atomic_file
 from .logistic import (
+    FINE_LAMBDAS,
+    FINE_REFIT_ITERS,
     LAMBDAS,
     Sweep,
     check_trainable,
@@ -152,7 +154,7 @@ def full_probe(
     if fine:
         ffine = cache.sibling(fine)
         x = (ffine("train", L.tr[sw], "", layers=[best])[best], ffine("val", L.va, "", layers=[best])[best])
-        fine_sweep = sweep_lambda(x[0], L.ytr[sw], x[1], L.yva, C, device=cfg.device)
+        fine_sweep = sweep_lambda(x[0], L.ytr[sw], x[1], L.yva, C, FINE_LAMBDAS, cfg.device)
         del x
         cache.drop("train", fine, keep=[best])
     del fsw  # the sweep rows' features: the merge below holds every training row anew
@@ -233,9 +235,10 @@ def _refit_layers(
 def _fine_probe(
     cfg: ProbeConfig, cache: FeatureCache, layer: int, sweep: Sweep, L: Labelled, C: int
 ) -> dict[str, Any]:
-    """The finer pooling's probe at the chosen layer: its own lambda sweep (given), refitted on all training
-    rows, scored on test."""
-    probe = refit(cache("train", L.tr, "", layers=[layer])[layer], L.ytr, C, sweep, cfg.device)
+    """The finer pooling's probe at the chosen layer: its own lambda sweep (given; `FINE_LAMBDAS`), refitted
+    on all training rows (`FINE_REFIT_ITERS`), scored on test."""
+    x = cache("train", L.tr, "", layers=[layer])[layer]
+    probe = refit(x, L.ytr, C, sweep, cfg.device, FINE_REFIT_ITERS)
     test = probe.accuracy(cache("test", L.te, "", layers=[layer])[layer], L.yte)
     if cfg.progress:
         print(
