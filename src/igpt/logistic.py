@@ -134,9 +134,8 @@ def fit_logistic_many(
     y = y.to(device)
     mean, std = stats if stats is not None else column_stats(x)
     mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
-    xs = (
-        x.to(device, torch.float32, copy=True).sub_(mean).div_(std)
-    )  # one float32 copy, standardised in place
+    # one float32 copy, standardised in place
+    xs = x.to(device, torch.float32, copy=True).sub_(mean).div_(std)
     basis = None
     if span and xs.shape[1] > xs.shape[0]:
         basis = torch.linalg.qr(xs.T).Q  # (d, n): orthonormal columns spanning the rows

@@ -33,6 +33,13 @@ def compared_pools(pool: str, fine_pool: str, resolution: int) -> list[str]:
     return [p for p in pools if p != "none" and grid_side(p) <= resolution]
 
 
+def further_pool(pool: str, fine_pool: str, resolution: int) -> str | None:
+    """The pooling `fine_pool` adds beyond `pool` and the mean (None: none, or a grid finer than the images):
+    the one the full probe fits at its chosen layer and the low-data probes weigh at every layer."""
+    rest = [p for p in compared_pools(pool, fine_pool, resolution) if p not in (pool, "mean")]
+    return rest[0] if rest else None
+
+
 def low_data_probe(
     cfg: ProbeConfig, model: IGPT, data: PreparedData, layers: list[int], cache: FeatureCache | None = None
 ) -> dict[str, Any]:
@@ -52,24 +59,22 @@ def low_data_probe(
     yte = torch.from_numpy(data.labels("test")[te])
     kw = feature_settings(cfg, data)
     cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
-    # the pooling is chosen per regime, on each subset's own cross-validation; the further low-data pooling
-    # takes its own pass, shared by every low-data probe through the cache's sibling
+    # the pooling is chosen per regime, on each subset's own cross-validation; every pooling compared comes
+    # from one pass over the rows the cache lacks (none where a full probe sharing the cache read them)
     pools = compared_pools(cfg.pool, cfg.fine_pool, data.resolution)
 
-    def features(split: str, r: np.ndarray, label: str, p: str) -> dict[int, torch.Tensor]:
-        if p in (cfg.pool, "mean"):
-            return cache(split, r, label, mean=p != cfg.pool)
-        return cache.sibling(p)(split, r, f"{label} ({p})")
+    def features(split: str, r: np.ndarray, label: str) -> dict[str, dict[int, torch.Tensor]]:
+        cache(split, r, label, also={p: layers for p in pools}, layers=layers)
+        return {p: cache.sibling(p)(split, r, "", layers=layers) for p in pools}
 
-    ftr = {p: features("train", rows, "train features", p) for p in pools}
-    fte = {p: features("test", te, "test features", p) for p in pools}
+    ftr, fte = features("train", rows, "train features"), features("test", te, "test features")
     rtr, rte = raw_pixels(data, "train", rows), raw_pixels(data, "test", te)
     pos = {r: k for k, r in enumerate(rows)}
     folds = min(CV_FOLDS, N)
     if folds < 2:  # one label per class: no cross-validation; the choice is made on the validation split
         va = labelled_rows(data.labels("val"), None)
         yva = torch.from_numpy(data.labels("val")[va])
-        fva = {p: features("val", va, "validation features", p) for p in pools}
+        fva = features("val", va, "validation features")
     keys = [(p, i) for p in pools for i in layers]
     acc: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
     cv: dict[tuple[str, int], list[float]] = {k: [] for k in keys}

@@ -30,7 +30,7 @@ from .errors import IgptError
 from .features import FeatureCache, grid_side
 from .files import write_json_atomic
 from .finetuning import HEAD_POOLS, finetune
-from .low_data import compared_pools
+from .low_data import further_pool
 from .model import IGPTConfig
 from .plans import FINETUNE_RECIPE, RECORD, QuickstartOptions, QuickstartPlan, finetune_name, make_plan
 from .preparation import VAL_FRACTION, PrepareConfig, prepare_config, summary_lines
@@ -392,8 +392,8 @@ def quickstart(out: str | Path | QuickstartOptions = "runs/quickstart", **settin
 
 def _fine_note(plan: QuickstartPlan) -> str:
     """What the probe stage's line says of the finer grid fitted at the chosen layer, if one is."""
-    fine = [p for p in compared_pools(plan.pool, FINE_POOL, plan.resolution) if p not in (plan.pool, "mean")]
-    return f"; {fine[0]} at the layer chosen" if fine else ""
+    fine = further_pool(plan.pool, FINE_POOL, plan.resolution)
+    return f"; {fine} at the layer chosen" if fine else ""
 
 
 def _workload(plan: QuickstartPlan, out: Path) -> Workload:
@@ -408,15 +408,14 @@ def _workload(plan: QuickstartPlan, out: Path) -> Workload:
         n_va = round(n_tr * VAL_FRACTION)
         counts = (n_tr - n_va, n_va, n_te, 10)
     cfg = IGPTConfig.from_preset(plan.preset)
-    low_pools = compared_pools(plan.pool, FINE_POOL, plan.resolution)
-    further = [p for p in low_pools if p not in (plan.pool, "mean")]  # the pools with a pass of their own
+    fine = further_pool(plan.pool, FINE_POOL, plan.resolution)
     return Workload(
         *counts,
         resolution=plan.resolution,
         n_layer=cfg.n_layer,
         n_embd=cfg.n_embd,
         pool_cells=grid_side(plan.pool) ** 2,
-        fine_cells=sum(grid_side(p) ** 2 for p in further),
+        fine_cells=grid_side(fine) ** 2 if fine else 0,
         low_data=plan.low_data,
         completions=plan.completions,
         compile=plan.compile,

@@ -19,7 +19,7 @@ import torch
 from .checkpoint import read_state
 from .data import PreparedData
 from .errors import IgptError
-from .features import FeatureCache, check_pool, extract_features, grid_side, raw_pixels
+from .features import FeatureCache, check_pool, extract_features, raw_pixels
 from .files import atomic_file
 from .logistic import (
     FINE_LAMBDAS,
@@ -33,7 +33,7 @@ from .logistic import (
     sweep_lambda,
     sweep_rows,
 )
-from .low_data import low_data_probe
+from .low_data import further_pool, low_data_probe
 from .model import IGPT
 from .probe_plots import plot_checkpoints, plot_layers
 from .probe_setup import ProbeConfig, feature_settings, labelled_rows, open_labelled_run, parse_layers
@@ -140,7 +140,7 @@ def full_probe(
     t0 = time.perf_counter()
     kw = feature_settings(cfg, data)
     cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
-    fine = fine_pool(cfg, data.resolution)
+    fine = further_pool(cfg.pool, cfg.fine_pool, data.resolution)
     # first the rows that choose: validation and the training rows the lambda sweeps fit on, with the fine
     # grid of every layer, since the layer it is fitted on is chosen from these rows' sweeps
     sw = sweep_rows(L.ytr.numpy(), cfg.seed)
@@ -204,13 +204,6 @@ def full_probe(
         )
     res["chosen"] = _chosen(res)
     return res
-
-
-def fine_pool(cfg: ProbeConfig, resolution: int) -> str | None:
-    """The further pooling the full probe fits at its chosen layer: `--fine-pool`, unless it is none, the
-    asked-for pooling itself, or a grid finer than the images."""
-    p = cfg.fine_pool
-    return None if p in ("none", cfg.pool) or grid_side(p) > resolution else p
 
 
 def _refit_layers(
