@@ -374,3 +374,32 @@ def test_column_stats_match_a_float64_copys_in_chunks():
     torch.testing.assert_close(mean, x.double().mean(0))
     torch.testing.assert_close(std, feature_std(x.double()))
     assert column_stats(x[:1])[1].eq(1).all()  # one row: no spread, standardising leaves it as is
+
+
+def test_a_probe_whose_features_would_not_fit_in_memory_is_refused_before_any_pass(runs, monkeypatch, capsys):
+    import igpt.probing as probing
+
+    run = runs / "ar"
+    before = sorted(p.name for p in run.iterdir())
+    from igpt.data import PreparedData
+    from igpt.runs import Run
+
+    d = Run.open(run).load_model().config.n_embd
+    m = PreparedData(runs / "data").meta
+    n_train, other = int(m["n_train"]), int(m["n_val"]) + int(m["n_test"])
+    # memory for 500 training images' features but not for all of them
+    avail = int(probing.probe_bytes(600, other, 3, d, "grid3", "grid7") / 0.8)
+    monkeypatch.setattr(probing, "available_memory", lambda: avail)
+    passes = []
+    monkeypatch.setattr(probing.FeatureCache, "__call__", lambda *a, **k: passes.append(1))
+    with pytest.raises(SystemExit):
+        main(["probe", str(run), "--pool", "grid3"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "GiB" in err, err
+    assert "pass --train-limit 500 or --fine-pool none" in err and not passes
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing written
+    assert probing.probe_bytes(n_train, other, 3, d, "grid3", "grid7") > 0.8 * avail
+    # the figure named is the peak estimate: the 7x7 grid's share grows with the images, as the cache does
+    assert probing.probe_bytes(n_train, other, 3, d, "grid3", None) < probing.probe_bytes(
+        n_train, other, 3, d, "grid3", "grid7"
+    )

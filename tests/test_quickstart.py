@@ -251,3 +251,16 @@ def test_budget_is_replanned_once_with_the_faster_timing(monkeypatch, tmp_path, 
     job = started("bounded", slow)
     monkeypatch.setattr(pipeline, "calibrate", lambda *a: FAST)
     assert pipeline.replan_budget(job, 300, 1, first + 0.5) == first + 0.5
+
+
+def test_a_quickstart_whose_probe_would_not_fit_in_memory_is_refused_before_pretraining(
+    monkeypatch, tmp_path, capsys
+):
+    import igpt.probing as probing
+
+    monkeypatch.setattr(probing, "available_memory", lambda: 1 << 16)  # 64 KiB available
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--out", str(tmp_path / "q"), *ARGS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "GiB available; free some memory, or pass a smaller --resolution or --preset" in err[-1], err
+    assert not (tmp_path / "q" / "run").exists()

@@ -13,7 +13,6 @@ whose states would not fit is refused before anything is computed.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from typing import Any
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from .engine import EarlyStopping, lr_at
 from .errors import IgptError
 from .features import layer_batches
+from .hardware import available_memory
 from .model import IGPT
 
 
@@ -73,12 +73,8 @@ def check_states_fit(n_images: int, seq_len: int, d: int, share: float = 0.5, n_
     """Refuse an attentive probe whose cached states would take more than `share` of the memory available
     now, with the size and what to pass instead: the `--train-limit` that fits beside the `n_fixed`
     images (validation and test) that are cached whatever the limit."""
-    need = states_bytes(n_images, seq_len, d)
-    try:
-        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > share * avail:
+    need, avail = states_bytes(n_images, seq_len, d), available_memory()
+    if avail is not None and need > share * avail:
         per_image = states_bytes(1, seq_len, d)
         fits = int(share * avail / per_image)
         raise IgptError(

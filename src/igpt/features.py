@@ -63,6 +63,11 @@ WIDE_FEATURES = 4096
 which halves the largest caches; the fits standardise them in float32."""
 
 
+def held_bytes(rows: int, width: int) -> int:
+    """Bytes a FeatureCache holds for `rows` pooled features of `width` (bfloat16 past WIDE_FEATURES)."""
+    return rows * width * (2 if width > WIDE_FEATURES else 4)
+
+
 def grid_side(pool: str) -> int:
     """Cells along each side of a pooling: 1 for mean, 2 for grid, 3 for grid3 (and so on). A pooled
     feature is grid_side(pool)**2 times the width of the states."""

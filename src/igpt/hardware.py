@@ -6,6 +6,7 @@ measurement decide."""
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import time
 from pathlib import Path
@@ -35,6 +36,16 @@ def cpu_name() -> str:
     except OSError:
         pass
     return f"{platform.processor() or 'unknown CPU'}, {torch.get_num_threads()} threads"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (None where the system does not say): what the probes' caches are
+    checked against before they are filled, so that a large dataset gets one line instead of exhausting
+    memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def cpu_has_amx() -> bool:

@@ -35,7 +35,7 @@ from .model import IGPTConfig
 from .plans import FINETUNE_RECIPE, RECORD, QuickstartOptions, QuickstartPlan, finetune_name, make_plan
 from .preparation import VAL_FRACTION, PrepareConfig, prepare_config, summary_lines
 from .probe_setup import FINE_POOL, ProbeConfig, open_labelled_run
-from .probing import probe_and_save
+from .probing import check_features_fit, probe_and_save
 from .report import CLASSICAL_BASELINES, write_report
 from .results import FinetuneResult, LowDataResult, PretrainSummary, ProbeResult
 from .runs import FULL_PROBE, LATEST_PROBE, Run, is_run, low_data_stem
@@ -452,6 +452,10 @@ def plan_budget(plan: QuickstartPlan, out: Path, st: Stages) -> float:
     """Pretraining's minutes: given outright, kept from an earlier call with the same budget (so a rerun
     resumes instead of replanning), or shared out from the budget after timing this machine (a few seconds).
     A budget too small for the stages here is refused in one line naming the least one that works."""
+    w = _workload(plan, out)  # refused before pretraining where the probe's features would not fit in memory
+    fine = further_pool(plan.pool, FINE_POOL, plan.resolution)
+    advice = "free some memory, or pass a smaller --resolution or --preset"
+    check_features_fit(w.n_train, w.n_val + w.n_test, w.n_layer + 1, w.n_embd, plan.pool, fine, advice=advice)
     if plan.pretrain_minutes is not None:
         st.state.pop("budget", None)
         return plan.pretrain_minutes

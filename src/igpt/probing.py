@@ -19,12 +19,14 @@ import torch
 from .checkpoint import read_state
 from .data import PreparedData
 from .errors import IgptError
-from .features import FeatureCache, check_pool, extract_features, raw_pixels
+from .features import FeatureCache, check_pool, extract_features, grid_side, held_bytes, raw_pixels
 from .files import atomic_file
+from .hardware import available_memory
 from .logistic import (
     FINE_LAMBDAS,
     FINE_REFIT_ITERS,
     LAMBDAS,
+    SWEEP_ROWS,
     Sweep,
     check_trainable,
     fit_logistic,
@@ -139,8 +141,9 @@ def full_probe(
     C, L = data.num_classes, Labelled.of(cfg, data)
     t0 = time.perf_counter()
     kw = feature_settings(cfg, data)
-    cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
     fine = further_pool(cfg.pool, cfg.fine_pool, data.resolution)
+    check_features_fit(len(L.tr), len(L.va) + len(L.te), len(layers), model.config.n_embd, cfg.pool, fine)
+    cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
     # first the rows that choose: validation and the training rows the lambda sweeps fit on, with the fine
     # grid of every layer, since the layer it is fitted on is chosen from these rows' sweeps
     sw = sweep_rows(L.ytr.numpy(), cfg.seed)
@@ -204,6 +207,54 @@ def full_probe(
         )
     res["chosen"] = _chosen(res)
     return res
+
+
+def probe_bytes(n_train: int, n_other: int, layers: int, d: int, pool: str, fine: str | None) -> int:
+    """Bytes the full probe's features come to at their peak, an upper estimate: `pool` and the mean at every
+    layer for `n_train` training and `n_other` validation and test images; with `fine`, that grid at every
+    layer for the validation, test and sweep rows and at one layer for every training row; and the fit's
+    float32 standardised copy of the widest training features."""
+    width = grid_side(pool) ** 2 * d
+    rows = n_train + n_other
+    need = layers * (held_bytes(rows, width) + (held_bytes(rows, d) if pool != "mean" else 0))
+    if fine:
+        fw = grid_side(fine) ** 2 * d
+        need += layers * held_bytes(n_other + min(SWEEP_ROWS, n_train), fw) + held_bytes(n_train, fw)
+        width = fw
+    return need + 4 * n_train * width
+
+
+def check_features_fit(
+    n_train: int,
+    other: int,
+    layers: int,
+    d: int,
+    pool: str,
+    fine: str | None,
+    share: float = 0.8,
+    advice: str | None = None,
+) -> None:
+    """Refuse a full probe whose features (`probe_bytes`, an upper estimate of their peak) would take more
+    than `share` of the memory available now, before any is computed: one line with the size and the
+    `--train-limit` that fits (or, where the validation and test images alone are too many, what to drop).
+    `other`: the validation and test images; `advice`, where given, replaces the probe's flags in that line
+    (the quickstart has other ones)."""
+    avail = available_memory()
+    need = probe_bytes(n_train, other, layers, d, pool, fine)
+    if avail is None or need <= share * avail:
+        return
+    fits = 0
+    for n in (10**k for k in range(7, 1, -1)):  # the largest round --train-limit that fits
+        for m in (5, 2, 1):
+            if m * n < n_train and probe_bytes(m * n, other, layers, d, pool, fine) <= share * avail:
+                fits = max(fits, m * n)
+    instead = f"pass --train-limit {fits:,}" if fits else "pass a coarser --pool or --test-limit"
+    instead = advice or instead + (" or --fine-pool none" if fine else "")
+    raise IgptError(
+        f"the probe would hold pooled features of {n_train + other:,} images at {layers} layers "
+        f"({pool}{' and ' + fine if fine else ''}), about {need / 2**30:.1f} GiB, more than {share:.0%} of "
+        f"the {avail / 2**30:.1f} GiB available; {instead}"
+    )
 
 
 def _refit_layers(
