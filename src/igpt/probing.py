@@ -209,6 +209,12 @@ def full_probe(
     return res
 
 
+FEATURES_SHARE = 0.9
+"""The share of the memory available that the full probe's features may take (`check_features_fit`). Their
+estimate is an upper one (5.6 GiB for the default quickstart, whose whole process peaked at 5.45 GB), so a
+laptop with about 6.3 GB free still runs the quickstart."""
+
+
 def probe_bytes(n_train: int, n_other: int, layers: int, d: int, pool: str, fine: str | None) -> int:
     """Bytes the full probe's features come to at their peak, an upper estimate: `pool` and the mean at every
     layer for `n_train` training and `n_other` validation and test images; with `fine`, that grid at every
@@ -231,7 +237,7 @@ def check_features_fit(
     d: int,
     pool: str,
     fine: str | None,
-    share: float = 0.8,
+    share: float = FEATURES_SHARE,
     advice: str | None = None,
 ) -> None:
     """Refuse a full probe whose features (`probe_bytes`, an upper estimate of their peak) would take more
