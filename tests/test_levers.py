@@ -232,3 +232,13 @@ def test_sweep_refuses_unknown_variants_and_budgets_it_cannot_meet(digits, tmp_p
     sweep.check_variants(list(sweep.VARIANTS), 1.0, None, digits)  # every shipped variant validates
     assert sweep.main(["--out", str(tmp_path / "s"), "--variants", "nope", "--data-dir", "/nonexistent"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_available_memory_counts_the_page_cache_the_kernel_gives_back():
+    from igpt.hardware import available_memory, meminfo_available
+
+    text = "MemTotal:       24683664 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n"
+    assert meminfo_available(text) == 20000000 * 1024  # not MemFree
+    assert meminfo_available("MemTotal: 5 kB\n") is None  # an older kernel: the caller falls back
+    got = available_memory()
+    assert got is None or got > 0

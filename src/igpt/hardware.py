@@ -41,11 +41,29 @@ def cpu_name() -> str:
 def available_memory() -> int | None:
     """Bytes of memory available now (None where the system does not say): what the probes' caches are
     checked against before they are filled, so that a large dataset gets one line instead of exhausting
-    memory."""
+    memory. Linux's MemAvailable counts the page cache the kernel would give back (the prepared tokens and
+    checkpoints a quickstart has just written fill it); free pages alone (sysconf's, the fallback elsewhere)
+    would refuse jobs that fit."""
+    try:
+        found = meminfo_available(Path("/proc/meminfo").read_text())
+    except OSError:
+        found = None
+    if found is not None:
+        return found
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def meminfo_available(text: str) -> int | None:
+    """Bytes of the `MemAvailable:` line of /proc/meminfo's `text` (None where it has none)."""
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                return int(parts[1]) * (1024 if parts[2:3] == ["kB"] else 1)
+    return None
 
 
 def cpu_has_amx() -> bool:
