@@ -390,9 +390,15 @@ def quickstart(out: str | Path | QuickstartOptions = "runs/quickstart", **settin
     return st.state
 
 
+def _fine(plan: QuickstartPlan) -> str | None:
+    """The finer grid the quickstart's probes add (`--fine-pool`'s default), None where the images are too
+    small for it."""
+    return further_pool(plan.pool, FINE_POOL, plan.resolution)
+
+
 def _fine_note(plan: QuickstartPlan) -> str:
     """What the probe stage's line says of the finer grid fitted at the chosen layer, if one is."""
-    fine = further_pool(plan.pool, FINE_POOL, plan.resolution)
+    fine = _fine(plan)
     return f"; {fine} at the layer chosen" if fine else ""
 
 
@@ -408,7 +414,7 @@ def _workload(plan: QuickstartPlan, out: Path) -> Workload:
         n_va = round(n_tr * VAL_FRACTION)
         counts = (n_tr - n_va, n_va, n_te, 10)
     cfg = IGPTConfig.from_preset(plan.preset)
-    fine = further_pool(plan.pool, FINE_POOL, plan.resolution)
+    fine = _fine(plan)
     return Workload(
         *counts,
         resolution=plan.resolution,
@@ -453,9 +459,10 @@ def plan_budget(plan: QuickstartPlan, out: Path, st: Stages) -> float:
     resumes instead of replanning), or shared out from the budget after timing this machine (a few seconds).
     A budget too small for the stages here is refused in one line naming the least one that works."""
     w = _workload(plan, out)  # refused before pretraining where the probe's features would not fit in memory
-    fine = further_pool(plan.pool, FINE_POOL, plan.resolution)
     advice = "free some memory, or pass a smaller --resolution or --preset"
-    check_features_fit(w.n_train, w.n_val + w.n_test, w.n_layer + 1, w.n_embd, plan.pool, fine, advice=advice)
+    check_features_fit(
+        w.n_train, w.n_val + w.n_test, w.n_layer + 1, w.n_embd, plan.pool, _fine(plan), advice=advice
+    )
     if plan.pretrain_minutes is not None:
         st.state.pop("budget", None)
         return plan.pretrain_minutes
