@@ -9,6 +9,7 @@ import torch
 
 from igpt.classifier import Augment, Classifier
 from igpt.cli import main
+from igpt.errors import IgptError
 from igpt.logistic import (
     FINE_LAMBDAS,
     balanced_subset,
@@ -123,6 +124,23 @@ def test_wide_fits_in_the_rows_span_match_the_full_fit():
     every = fit_logistic_many(x, y, 5, [1e-1], max_iter=500, span=False)[0]  # all rows, one problem
     warm = fit_logistic_many(x, y, 5, [1e-1], init=(every.weight, every.bias), max_iter=3)[0]
     assert torch.allclose(warm.weight, every.weight, atol=1e-2 * float(every.weight.abs().max()))
+
+
+def test_fits_with_bf16_products_reach_the_fp32_solution():
+    """bf16 products round the standardised features and each product's outputs, not the optimisation: a
+    well-posed regression (tall and wide, the latter in the rows' span) ends at about the fp32 weights."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(150)
+    x = torch.randn(600, 64, generator=g) + torch.randn(4, 64, generator=g)[y]
+    for rows in (slice(None), slice(0, 600, 20)):  # 600 x 64, and 30 x 64 (fitted in the rows' span)
+        ref = fit_logistic_many(x[rows], y[rows], 4, [1e-1, 1e-2], max_iter=300)
+        fast = fit_logistic_many(x[rows], y[rows], 4, [1e-1, 1e-2], max_iter=300, precision="bf16")
+        for a, b in zip(fast, ref, strict=True):
+            assert a.weight.dtype == torch.float32 and a.weight.shape == b.weight.shape
+            assert float((a.weight - b.weight).norm() / b.weight.norm()) < 0.06  # 0.5-3% measured
+            assert (a.predict(x) == b.predict(x)).float().mean() > 0.99
+    with pytest.raises(IgptError, match="unknown fit precision"):
+        fit_logistic_many(x, y, 4, [1e-2], precision="fp16")
 
 
 def test_bert_mask_ensemble(runs):

@@ -4,6 +4,7 @@ a self-contained report, resuming without redoing finished stages, and the Fashi
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -197,6 +198,20 @@ def test_calibration_measures_this_machine():
 
     s = budget.calibrate(IGPTConfig.from_preset("micro", vocab_size=8, n_positions=16), "fp32", 64, images=32)
     assert s.feature_seconds_per_image > 0 and s.fit_flops_per_second > 1e6 and s.calibration_seconds < 30
+    assert s.fp32_fit_flops_per_second is None and s.low_data_rate == s.fit_flops_per_second
+
+
+def test_low_data_fits_are_predicted_at_the_fp32_rate_they_run_at():
+    """With bf16 probes the full probe's fits run in bf16 and the low-data probes' in fp32: each stage's
+    prediction follows its own rate (both are timed when the precisions differ)."""
+    plan, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=30))
+    w = pipeline._workload(plan, Path("nowhere"))
+    bf16 = Speeds(
+        FAST.feature_seconds_per_image, FAST.fit_flops_per_second * 3, 0.5, FAST.fit_flops_per_second
+    )
+    a, b = budget.predict(w, FAST), budget.predict(w, bf16)
+    assert b["low_data"] == pytest.approx(a["low_data"]) and b["probe"] < a["probe"]
+    assert bf16.faster(FAST).fp32_fit_flops_per_second == FAST.fit_flops_per_second
 
 
 def test_calibration_keeps_the_fastest_round(monkeypatch):

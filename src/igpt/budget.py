@@ -28,6 +28,7 @@ from .logistic import (
     CV_LAMBDAS,
     FINE_LAMBDAS,
     FINE_REFIT_ITERS,
+    FIT_DTYPES,
     LAMBDAS,
     REFIT_ITERS,
     SWEEP_ITERS,
@@ -49,6 +50,9 @@ from .model import IGPT, IGPTConfig
 # that grid at every layer for the choosing rows), from a clean-clone quickstart on the same CPU kind that
 # ended at 30.6 minutes with 0.7 and 3.0: its pass took 270 s against 233 predicted, its fits 412 s against
 # 325 (the wide grid's refit, ten columns over 6,272 features, runs below the calibrated rate).
+# The full probe's fits now run their products in the probes' precision (bf16 where it is faster here), and
+# the calibration times them so. On the AVX512_BF16 EPYC, fitting a default model's layer-3 features, the
+# fits took 3.1x the time of their products at bf16's rate and 2.95x at fp32's, so the factor is kept.
 FEATURE_FACTOR = 0.8
 FIT_FACTOR = 3.8
 LOW_DATA_FACTOR = 4.0
@@ -68,17 +72,28 @@ class Speeds:
     feature_seconds_per_image: float
     """The eager feature pass of every layer at the planned shape and precision, per image."""
     fit_flops_per_second: float
-    """Rate of the fits' matrix products (features (N, D) against P*C columns, both directions)."""
+    """Rate of the full probe's fits' matrix products (features (N, D) against P*C columns, both
+    directions), in the probes' precision (`logistic.FIT_DTYPES`)."""
     calibration_seconds: float
     """How long measuring took."""
+    fp32_fit_flops_per_second: float | None = None
+    """The same products in fp32, which the low-data probes' fits run in; None where the probes' precision
+    is fp32 (the rate above is then theirs)."""
+
+    @property
+    def low_data_rate(self) -> float:
+        """The products' rate that the low-data probes' fits run at."""
+        return self.fp32_fit_flops_per_second or self.fit_flops_per_second
 
     def faster(self, other: Speeds) -> Speeds:
         """The faster of two calibrations, primitive by primitive (a slow moment only ever slows a timing
         down, so the fastest seen is the best estimate of what this machine does); their seconds summed."""
+        fp32 = [s.fp32_fit_flops_per_second for s in (self, other) if s.fp32_fit_flops_per_second]
         return Speeds(
             min(self.feature_seconds_per_image, other.feature_seconds_per_image),
             max(self.fit_flops_per_second, other.fit_flops_per_second),
             self.calibration_seconds + other.calibration_seconds,
+            max(fp32) if fp32 else None,
         )
 
 
@@ -110,10 +125,10 @@ class Workload:
 def calibrate(
     cfg: IGPTConfig, precision: str, feature_dim: int, images: int = 128, rounds: int = 3
 ) -> Speeds:
-    """Time the feature pass (eager, after a warm-up batch) and a fit's product pair on this machine, each
-    the fastest of `rounds` timings: on a shared machine one slow moment would otherwise be scaled up to
-    whole stages, and the minutes it over-predicts are taken from pretraining. The global random state is
-    left as it was (a re-plan calibrates in the middle of a pretraining)."""
+    """Time the feature pass (eager, after a warm-up batch) and a fit's product pair on this machine, both in
+    the probes' `precision`, each the fastest of `rounds` timings: on a shared machine one slow moment would
+    otherwise be scaled up to whole stages, and the minutes it over-predicts are taken from pretraining. The
+    global random state is left as it was (a re-plan calibrates in the middle of a pretraining)."""
     with torch.random.fork_rng(devices=[]):
         return _calibrate(cfg, precision, feature_dim, images, rounds)
 
@@ -130,16 +145,22 @@ def _calibrate(cfg: IGPTConfig, precision: str, feature_dim: int, images: int, r
         t = time.perf_counter()
         extract_features(model, tokens, layers, batch_size=128, precision=precision)
         per_image = min(per_image, (time.perf_counter() - t) / images)
+    rate = _product_rate(feature_dim, FIT_DTYPES[precision], rounds)
+    fp32 = _product_rate(feature_dim, torch.float32, rounds) if precision != "fp32" else None
+    return Speeds(per_image, rate, time.perf_counter() - t0, fp32)
+
+
+def _product_rate(feature_dim: int, dt: torch.dtype, rounds: int) -> float:
+    """FLOP/s of a fit's product pair in `dt` (the fastest of `rounds`), done as `fit_logistic_many` does."""
     n, cols = 4096, 10 * len(LAMBDAS)
-    x, w = torch.randn(n, feature_dim), torch.randn(feature_dim, cols)
+    x, w = torch.randn(n, feature_dim).to(dt), torch.randn(feature_dim, cols)
     best = math.inf
     for _ in range(rounds):
         t = time.perf_counter()
-        g = x @ w
-        (g.T @ x).T.contiguous()
+        g = (x @ w.to(dt)).float()
+        (g.to(dt).T @ x).T.float().contiguous()
         best = min(best, time.perf_counter() - t)
-    rate = 4 * n * feature_dim * cols / max(best, 1e-9)
-    return Speeds(per_image, rate, time.perf_counter() - t0)
+    return 4 * n * feature_dim * cols / max(best, 1e-9)
 
 
 def _fit_flops(rows: int, dim: int, cols: int, iters: int) -> float:
@@ -183,7 +204,7 @@ def predict(w: Workload, s: Speeds) -> dict[str, float]:
     completions = n_img * n_samp * (w.resolution**2 / 2) * s.feature_seconds_per_image / 8 + 5
     out = {
         "probe": features + fits * FIT_FACTOR / s.fit_flops_per_second,
-        "low_data": low_pass + low * LOW_DATA_FACTOR / s.fit_flops_per_second,
+        "low_data": low_pass + low * LOW_DATA_FACTOR / s.low_data_rate,
         "completions": completions,
         "report": REPORT_SECONDS,
     }

@@ -97,7 +97,7 @@ class Job:
 
     @functools.cached_property
     def probe_precision(self) -> str:
-        """The feature pass's precision, `auto` resolved for this machine."""
+        """The probes' precision (feature pass and fits), `auto` resolved for this machine."""
         return ProbeConfig(run=str(self.run_dir), precision=self.plan.probe_precision).precision
 
     @functools.cached_property
@@ -187,7 +187,7 @@ def _low_data(job: Job) -> None:
     for n, k in job.plan.low_data:
         if n > np.bincount(y[y >= 0]).min():
             continue
-        cfg = job.probe_config(labels_per_class=n, seeds=k)
+        cfg = job.probe_config(labels_per_class=n, seeds=k, precision=job.probe_precision)
         print(probe_line(probe_and_save(cfg, model, data, layers, cache, job.baselines)))
 
 

@@ -85,6 +85,7 @@ def probe_and_save(
     res.update(
         objective=model.config.objective,
         checkpoint=checkpoint_used or cfg.checkpoint or "latest",
+        precision=cfg.precision,  # of the feature pass (and the full probe's fits; see ProbeConfig)
         seconds_total=round(time.perf_counter() - t0, 2),
     )
     run.write_probe(name, res)
@@ -151,13 +152,16 @@ def full_probe(
     fva = cache("val", L.va, "validation features", also=also)
     fsw = cache("train", L.tr[sw], "train features (the sweep's rows)", also=also)
     t_feat = time.perf_counter() - t0
-    sweeps = {i: sweep_lambda(fsw[i], L.ytr[sw], fva[i], L.yva, C, device=cfg.device) for i in layers}
+    sweeps = {
+        i: sweep_lambda(fsw[i], L.ytr[sw], fva[i], L.yva, C, device=cfg.device, precision=cfg.precision)
+        for i in layers
+    }
     best = max(layers, key=lambda i: (sweeps[i].best, -i))  # chosen on validation, not test
     fine_sweep = None
     if fine:
         ffine = cache.sibling(fine)
         x = (ffine("train", L.tr[sw], "", layers=[best])[best], ffine("val", L.va, "", layers=[best])[best])
-        fine_sweep = sweep_lambda(x[0], L.ytr[sw], x[1], L.yva, C, FINE_LAMBDAS, cfg.device)
+        fine_sweep = sweep_lambda(x[0], L.ytr[sw], x[1], L.yva, C, FINE_LAMBDAS, cfg.device, cfg.precision)
         del x
         cache.drop("train", fine, keep=[best])
     del fsw  # the sweep rows' features: the merge below holds every training row anew
@@ -271,7 +275,7 @@ def _refit_layers(
     ftr, fte = feats
     res: dict[str, Any] = {"layers": {}, "val_accuracy": {}, "lambda": {}}
     for i, sweep in sweeps.items():
-        test = refit(ftr[i], L.ytr, C, sweep, cfg.device).accuracy(fte[i], L.yte)
+        test = refit(ftr[i], L.ytr, C, sweep, cfg.device, precision=cfg.precision).accuracy(fte[i], L.yte)
         k = str(i)
         res["layers"][k], res["val_accuracy"][k], res["lambda"][k] = test, sweep.best, sweep.probe.lam
         if cfg.progress:
@@ -288,7 +292,7 @@ def _fine_probe(
     """The finer pooling's probe at the chosen layer: its own lambda sweep (given; `FINE_LAMBDAS`), refitted
     on all training rows (`FINE_REFIT_ITERS`), scored on test."""
     x = cache("train", L.tr, "", layers=[layer])[layer]
-    probe = refit(x, L.ytr, C, sweep, cfg.device, FINE_REFIT_ITERS)
+    probe = refit(x, L.ytr, C, sweep, cfg.device, FINE_REFIT_ITERS, cfg.precision)
     test = probe.accuracy(cache("test", L.te, "", layers=[layer])[layer], L.yte)
     if cfg.progress:
         print(
@@ -310,7 +314,16 @@ def _raw_probe(cfg: ProbeConfig, data: PreparedData, L: Labelled, C: int) -> dic
     """The same probe on the decoded pixels: the baseline every layer is judged against."""
     pixels = {k: raw_pixels(data, k, r) for k, r in (("train", L.tr), ("val", L.va), ("test", L.te))}
     return probe_with_validation(
-        pixels["train"], L.ytr, pixels["val"], L.yva, pixels["test"], L.yte, C, cfg.seed, device=cfg.device
+        pixels["train"],
+        L.ytr,
+        pixels["val"],
+        L.yva,
+        pixels["test"],
+        L.yte,
+        C,
+        cfg.seed,
+        device=cfg.device,
+        precision=cfg.precision,
     )
 
 
@@ -322,7 +335,9 @@ def _concat_probe(cfg: ProbeConfig, model: IGPT, feats: tuple, L: Labelled, C: i
     if missing:
         raise IgptError(f"--concat layers {missing} must also be among --layers")
     x = [torch.cat([f[i] for i in cat], 1) for f in (ftr, fva, fte)]
-    r = probe_with_validation(x[0], L.ytr, x[1], L.yva, x[2], L.yte, C, cfg.seed, device=cfg.device)
+    r = probe_with_validation(
+        x[0], L.ytr, x[1], L.yva, x[2], L.yte, C, cfg.seed, device=cfg.device, precision=cfg.precision
+    )
     return {"layers": cat, "test_accuracy": r["test_accuracy"], "val_accuracy": r["val_accuracy"]}
 
 
@@ -381,7 +396,9 @@ def _paper_probe(
     )
     acc, val, lam = {}, {}, {}
     for i in layers:
-        r = probe_with_validation(ftr[i], ytr, fva[i], yva, fte[i], yte, C, cfg.seed, device=cfg.device)
+        r = probe_with_validation(
+            ftr[i], ytr, fva[i], yva, fte[i], yte, C, cfg.seed, device=cfg.device, precision=cfg.precision
+        )
         acc[str(i)], val[str(i)], lam[str(i)] = r["test_accuracy"], r["val_accuracy"], r["lambda"]
     pb = max(layers, key=lambda i: (val[str(i)], -i))
     out.update(layers=acc, val_accuracy=val, **{"lambda": lam}, best_layer=pb, best_accuracy=acc[str(pb)])
@@ -464,7 +481,9 @@ def mask_ensemble(
             **kw,
         )
         for i in layers:
-            p = fit_logistic(ftr[i], ytr, data.num_classes, lambdas[i], device=kw["device"])
+            p = fit_logistic(
+                ftr[i], ytr, data.num_classes, lambdas[i], device=kw["device"], precision=cfg.precision
+            )
             prob = torch.softmax(p.logits(fte[i]).float(), -1).cpu()
             votes[i].append(prob)
             single[i].append(float((prob.argmax(-1) == yte).float().mean()))
