@@ -1,8 +1,13 @@
-"""The linear probe's cost against its quality: how the lambda sweep's rows and L-BFGS iterations trade the
-fits' seconds for validation accuracy, on a trained run's real features (test accuracy printed beside, never
-used to choose). Prints one table; the features are cached in --cache so variants can be added cheaply.
+"""The linear probe's cost against its quality: how the lambda sweep's rows, L-BFGS iterations and the
+products' precision trade the fits' seconds for validation accuracy, on a trained run's real features (test
+accuracy printed beside, never used to choose). Prints one table; the features are cached in --cache so
+variants can be added cheaply.
 
     .venv/bin/python benchmarks/bench_probe_fits.py runs/quickstart/run --layers 3,4 --cache /tmp/feats.pt
+    .venv/bin/python benchmarks/bench_probe_fits.py runs/quickstart/run --layers 2,3,4 --pool grid3 \
+        --variants "fp32,bf16 products"
+    .venv/bin/python benchmarks/bench_probe_fits.py runs/quickstart/run --layers 3 --pool grid7 \
+        --variants "fp32,bf16 products"
 """
 
 from __future__ import annotations
@@ -15,25 +20,45 @@ import numpy as np
 import torch
 
 from igpt.features import FeatureCache
-from igpt.logistic import LAMBDAS, feature_std, fit_logistic, fit_logistic_many
+from igpt.logistic import (
+    FINE_LAMBDAS,
+    FINE_REFIT_ITERS,
+    LAMBDAS,
+    REFIT_ITERS,
+    SWEEP_ITERS,
+    feature_std,
+    fit_logistic,
+    fit_logistic_many,
+)
 from igpt.probe_setup import labelled_rows, open_labelled_run
 from igpt.sources import split_validation
 
-VARIANTS = {  # name: (sweep rows, sweep iterations, refit iterations)
-    "20k rows x 300 it (default)": (20_000, 300, 150),
-    "10k rows x 300 it": (10_000, 300, 150),
-    "20k rows x 150 it": (20_000, 150, 150),
-    "10k rows x 150 it": (10_000, 150, 150),
-    "5k rows x 300 it": (5_000, 300, 150),
+VARIANTS = {  # name: (sweep rows, sweep iterations, refit iterations, precision of the products)
+    "fp32": (20_000, SWEEP_ITERS, REFIT_ITERS, "fp32"),
+    "bf16 products": (20_000, SWEEP_ITERS, REFIT_ITERS, "bf16"),
+    "10k rows": (10_000, SWEEP_ITERS, REFIT_ITERS, "fp32"),
+    "5k rows": (5_000, SWEEP_ITERS, REFIT_ITERS, "fp32"),
+    "300 sweep iterations": (20_000, 300, REFIT_ITERS, "fp32"),
 }
+"""With --pool grid7 (the fine grid), the refit iterations are FINE_REFIT_ITERS and the strengths
+FINE_LAMBDAS, as the full probe fits it."""
 
 
-def features(run: str, layers: list[int], pool: str, cache: Path | None) -> dict:
+def features(run: str, layers: list[int], pool: str, cache: Path | None, precision: str) -> dict:
     """{pool name: {split: {layer: (N, D)}}, labels} for the run's labelled rows, from the cache if there."""
     if cache and cache.is_file():
         return torch.load(cache)
     _, model, data = open_labelled_run(run, None)
-    fc = FeatureCache(model, data, layers, pool=pool, resolution=data.resolution, order=data.meta["order"])
+    fc = FeatureCache(
+        model,
+        data,
+        layers,
+        pool=pool,
+        resolution=data.resolution,
+        order=data.meta["order"],
+        compile=True,
+        precision=precision,
+    )
     out: dict = {"labels": {}, pool: {}, "mean": {}}
     for split in ("train", "val", "test"):
         rows = labelled_rows(data.labels(split), None)
@@ -45,19 +70,25 @@ def features(run: str, layers: list[int], pool: str, cache: Path | None) -> dict
     return out
 
 
-def sweep(xtr, ytr, xva, yva, xte, yte, rows: int, iters: int, refit: int) -> tuple[float, ...]:
+def sweep(xtr, ytr, xva, yva, xte, yte, variant: tuple, fine: bool) -> tuple[float, ...]:
     """The probe's protocol with these settings: (seconds, chosen lambda, refit val accuracy, test acc)."""
+    rows, iters, refit, precision = variant
+    lams = FINE_LAMBDAS if fine else LAMBDAS
+    refit = FINE_REFIT_ITERS if fine else refit
     t = time.perf_counter()
     tr = np.arange(len(ytr))
     if len(tr) > rows:
         keep, _ = split_validation(ytr.numpy(), 1 - rows / len(tr), 1)
         tr = tr[keep]
     stats = (xtr[tr].double().mean(0), feature_std(xtr[tr].double()))
-    probes = fit_logistic_many(xtr[tr], ytr[tr], 10, list(LAMBDAS), stats=stats, max_iter=iters)
+    probes = fit_logistic_many(
+        xtr[tr], ytr[tr], 10, list(lams), stats=stats, max_iter=iters, precision=precision
+    )
     val = {p.lam: p.accuracy(xva, yva) for p in probes}
-    best = max(LAMBDAS, key=lambda k: (val[k], k))
-    chosen = probes[list(LAMBDAS).index(best)]
-    probe = fit_logistic(xtr, ytr, 10, best, init=(chosen.weight, chosen.bias), max_iter=refit)
+    best = max(lams, key=lambda k: (val[k], k))
+    chosen = probes[list(lams).index(best)]
+    init = (chosen.weight, chosen.bias)
+    probe = fit_logistic(xtr, ytr, 10, best, init=init, max_iter=refit, precision=precision)
     return time.perf_counter() - t, best, probe.accuracy(xva, yva), probe.accuracy(xte, yte)
 
 
@@ -67,17 +98,25 @@ def main() -> None:
     ap.add_argument("--layers", default="3,4")
     ap.add_argument("--pool", default="grid3")
     ap.add_argument("--cache", type=Path)
+    ap.add_argument(
+        "--feature-precision", default="bf16", choices=("fp32", "bf16"), help="as the quickstart's"
+    )
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
     a = ap.parse_args()
     layers = [int(x) for x in a.layers.split(",")]
-    f = features(a.run, layers, a.pool, a.cache)
+    names = [n.strip() for n in a.variants.split(",")]
+    if unknown := [n for n in names if n not in VARIANTS]:
+        raise SystemExit(f"bench_probe_fits: unknown variants {unknown}; choose from {list(VARIANTS)}")
+    f = features(a.run, layers, a.pool, a.cache, a.feature_precision)
     y = f["labels"]
     print(f"{'features':<14} {'variant':<30} {'seconds':>8} {'lambda':>8} {'val acc':>8} {'test acc':>8}")
     for pool in (a.pool, "mean"):
         for i in layers:
             x = {s: f[pool][s][i] for s in ("train", "val", "test")}
-            for name, (rows, iters, refit) in VARIANTS.items():
+            for name in names:
+                fine = pool == "grid7"
                 secs, lam, va, te = sweep(
-                    x["train"], y["train"], x["val"], y["val"], x["test"], y["test"], rows, iters, refit
+                    x["train"], y["train"], x["val"], y["val"], x["test"], y["test"], VARIANTS[name], fine
                 )
                 print(f"{pool} L{i:<8} {name:<30} {secs:>8.1f} {lam:>8g} {va:>8.4f} {te:>8.4f}", flush=True)
 

@@ -211,6 +211,12 @@ def test_low_data_fits_are_predicted_at_the_fp32_rate_they_run_at():
     )
     a, b = budget.predict(w, FAST), budget.predict(w, bf16)
     assert b["low_data"] == pytest.approx(a["low_data"]) and b["probe"] < a["probe"]
+    # products 10x faster in bf16 (AMX) are predicted to speed the fits up no more than MAX_BF16_FIT_GAIN
+    amx = Speeds(
+        FAST.feature_seconds_per_image, FAST.fit_flops_per_second * 10, 0.5, FAST.fit_flops_per_second
+    )
+    assert amx.probe_rate == budget.MAX_BF16_FIT_GAIN * FAST.fit_flops_per_second
+    assert budget.predict(w, amx)["probe"] == pytest.approx(b["probe"])
     assert bf16.faster(FAST).fp32_fit_flops_per_second == FAST.fit_flops_per_second
 
 

@@ -56,6 +56,11 @@ from .model import IGPT, IGPTConfig
 FEATURE_FACTOR = 0.8
 FIT_FACTOR = 3.8
 LOW_DATA_FACTOR = 4.0
+MAX_BF16_FIT_GAIN = 3.0
+"""bf16 products speed a fit up by at most this, whatever the products alone gain: the softmaxes, line
+searches and L-BFGS's updates stay fp32. Measured 2.7x overall on the AVX512_BF16 EPYC, where the products
+alone ran 2.9x (274 against 95 GFLOP/s in one calibration); on an AMX CPU, where bf16 products may run 6x
+fp32's, the prediction assumes no more than this."""
 COMPILE_SECONDS = 30.0
 """Compiling the feature pass (the first compiled batch), where --compile is on."""
 REPORT_SECONDS = 10.0
@@ -84,6 +89,12 @@ class Speeds:
     def low_data_rate(self) -> float:
         """The products' rate that the low-data probes' fits run at."""
         return self.fp32_fit_flops_per_second or self.fit_flops_per_second
+
+    @property
+    def probe_rate(self) -> float:
+        """The products' rate the full probe's fits are predicted at: their own, but at most
+        MAX_BF16_FIT_GAIN times fp32's, since the rest of a fit does not speed up with them."""
+        return min(self.fit_flops_per_second, MAX_BF16_FIT_GAIN * self.low_data_rate)
 
     def faster(self, other: Speeds) -> Speeds:
         """The faster of two calibrations, primitive by primitive (a slow moment only ever slows a timing
@@ -203,7 +214,7 @@ def predict(w: Workload, s: Speeds) -> dict[str, float]:
     # sampling the bottom half token by token costs about as much as T/2 feature passes of the batch
     completions = n_img * n_samp * (w.resolution**2 / 2) * s.feature_seconds_per_image / 8 + 5
     out = {
-        "probe": features + fits * FIT_FACTOR / s.fit_flops_per_second,
+        "probe": features + fits * FIT_FACTOR / s.probe_rate,
         "low_data": low_pass + low * LOW_DATA_FACTOR / s.low_data_rate,
         "completions": completions,
         "report": REPORT_SECONDS,
