@@ -11,6 +11,7 @@ from igpt.classifier import Augment, Classifier
 from igpt.cli import main
 from igpt.errors import IgptError
 from igpt.logistic import (
+    FINE_CANDIDATES,
     FINE_LAMBDAS,
     balanced_subset,
     column_stats,
@@ -345,7 +346,12 @@ def test_the_finer_grid_is_fitted_at_the_layer_chosen_on_validation(runs):
     main(["probe", str(runs / "ar"), "--pool", "grid", "--train-limit", "400"])
     p = json.loads((runs / "ar" / "probe.json").read_text())
     f = p["fine_probe"]
-    assert f["pool"] == "grid7" and f["layer"] == p["best_layer"] and f["feature_dim"] == 49 * 32
+    # swept at the FINE_CANDIDATES layers the coarse grid ranks highest on validation, fitted at the best of
+    # its own sweeps there
+    coarse = sorted(p["val_accuracy"], key=lambda k: (-p["val_accuracy"][k], int(k)))[:FINE_CANDIDATES]
+    assert sorted(f["val_by_layer"]) == sorted(coarse) and str(f["layer"]) in coarse
+    assert f["val_accuracy"] == max(f["val_by_layer"].values()) == f["val_by_layer"][str(f["layer"])]
+    assert f["pool"] == "grid7" and f["feature_dim"] == 49 * 32
     assert 0 <= f["test_accuracy"] <= 1 and f["lambda"] in FINE_LAMBDAS
     # the best on validation of every probe run, the finer grid among them
     vals = [*p["val_accuracy"].values(), *p["paper_probe"]["val_accuracy"].values(), f["val_accuracy"]]

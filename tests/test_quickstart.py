@@ -46,6 +46,7 @@ def test_report_is_self_contained_and_shows_the_numbers(qs):
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 3
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from the network
     assert "Low-data probes" in page and "tokens/s" in page
+    assert f"Probe precision: {full['precision']} for the feature pass" in page
 
 
 def test_second_run_resumes_instead_of_redoing(qs, capsys):

@@ -26,6 +26,7 @@ from .logistic import (
     CV_FOLDS,
     CV_ITERS,
     CV_LAMBDAS,
+    FINE_CANDIDATES,
     FINE_LAMBDAS,
     FINE_REFIT_ITERS,
     FIT_DTYPES,
@@ -137,9 +138,10 @@ def calibrate(
     cfg: IGPTConfig, precision: str, feature_dim: int, images: int = 128, rounds: int = 3
 ) -> Speeds:
     """Time the feature pass (eager, after a warm-up batch) and a fit's product pair on this machine, both in
-    the probes' `precision`, each the fastest of `rounds` timings: on a shared machine one slow moment would
-    otherwise be scaled up to whole stages, and the minutes it over-predicts are taken from pretraining. The
-    global random state is left as it was (a re-plan calibrates in the middle of a pretraining)."""
+    the probes' `precision` (the products in fp32 too where that differs: the low-data probes fit in fp32),
+    each the fastest of `rounds` timings: on a shared machine one slow moment would otherwise be scaled up to
+    whole stages, and the minutes it over-predicts are taken from pretraining. The global random state is
+    left as it was (a re-plan calibrates in the middle of a pretraining)."""
     with torch.random.fork_rng(devices=[]):
         return _calibrate(cfg, precision, feature_dim, images, rounds)
 
@@ -195,7 +197,9 @@ def predict(w: Workload, s: Speeds) -> dict[str, float]:
     fits = sum(L1 * probe_fits(k) for k in dims) + probe_fits(raw_dim)
     if w.fine_cells:  # the further pooling at the chosen layer: fewer strengths, a shorter refit
         k = d * w.fine_cells
-        fits += _fit_flops(min(SWEEP_ROWS, w.n_train), k, C * len(FINE_LAMBDAS), SWEEP_ITERS)
+        fits += FINE_CANDIDATES * _fit_flops(
+            min(SWEEP_ROWS, w.n_train), k, C * len(FINE_LAMBDAS), SWEEP_ITERS
+        )
         fits += _fit_flops(w.n_train, k, C, FINE_REFIT_ITERS)
     low, low_pass = 0.0, 0.0
     low_dims = dims + ([d * w.fine_cells] if w.fine_cells else [])

@@ -23,6 +23,7 @@ from .features import FeatureCache, check_pool, extract_features, grid_side, hel
 from .files import atomic_file
 from .hardware import available_memory
 from .logistic import (
+    FINE_CANDIDATES,
     FINE_LAMBDAS,
     FINE_REFIT_ITERS,
     LAMBDAS,
@@ -157,23 +158,30 @@ def full_probe(
         for i in layers
     }
     best = max(layers, key=lambda i: (sweeps[i].best, -i))  # chosen on validation, not test
-    fine_sweep = None
-    if fine:
+    fine_sweep, fine_layer = None, best
+    if fine:  # swept at the layers the coarse sweeps rank highest, fitted at the best of its own sweeps
         ffine = cache.sibling(fine)
-        x = (ffine("train", L.tr[sw], "", layers=[best])[best], ffine("val", L.va, "", layers=[best])[best])
-        fine_sweep = sweep_lambda(x[0], L.ytr[sw], x[1], L.yva, C, FINE_LAMBDAS, cfg.device, cfg.precision)
-        del x
-        cache.drop("train", fine, keep=[best])
+        fine_sweeps = {}
+        for i in sorted(layers, key=lambda i: (-sweeps[i].best, i))[:FINE_CANDIDATES]:
+            x = (ffine("train", L.tr[sw], "", layers=[i])[i], ffine("val", L.va, "", layers=[i])[i])
+            fine_sweeps[i] = sweep_lambda(
+                x[0], L.ytr[sw], x[1], L.yva, C, FINE_LAMBDAS, cfg.device, cfg.precision
+            )
+            del x
+        fine_layer = max(fine_sweeps, key=lambda i: (fine_sweeps[i].best, -i))
+        fine_sweep = fine_sweeps[fine_layer]
+        cache.drop("train", fine, keep=[fine_layer])
     del fsw  # the sweep rows' features: the merge below holds every training row anew
     # then every training row and the test rows (the fine grid: the chosen layer, and every layer of the
     # test rows, which a low-data probe sharing this cache reads next)
     t1 = time.perf_counter()
-    ftr = cache("train", L.tr, "train features", also={fine: [best]} if fine else None)
+    ftr = cache("train", L.tr, "train features", also={fine: [fine_layer]} if fine else None)
     fte = cache("test", L.te, "test features", also=also)
     t_feat += time.perf_counter() - t1
     res = _refit_layers(cfg, sweeps, (ftr, fte), L, C)
     if fine:
-        res["fine_probe"] = _fine_probe(cfg, cache.sibling(fine), best, fine_sweep, L, C)
+        res["fine_probe"] = _fine_probe(cfg, cache.sibling(fine), fine_layer, fine_sweep, L, C)
+        res["fine_probe"]["val_by_layer"] = {str(i): s.best for i, s in fine_sweeps.items()}
         cache.drop("train", fine)
         cache.drop("val", fine)
     res["paper_probe"] = _paper_probe(

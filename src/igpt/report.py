@@ -389,6 +389,11 @@ def timings(x: Inputs) -> list[str]:
     why = (info.get("train") or {}).get("precision_reason", "")
     if why:
         parts.append(f"<p>Pretraining precision: {html.escape(why)}.</p>")
+    if x.full is not None and x.full.precision:
+        parts.append(
+            f"<p>Probe precision: {html.escape(x.full.precision)} for the feature pass and the full "
+            "probe's fits (the low-data probes fit in fp32).</p>"
+        )
     parts.append(
         f"<p>Training throughput {summ.tokens_per_second:,.0f} tokens/s on "
         f"{summ.device} ({summ.precision}); peak memory "

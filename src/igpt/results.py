@@ -104,6 +104,8 @@ class ProbeResult(Result):
     lambda, feature_dim."""
     chosen: dict[str, Any] | None = None
     """The best of every probe run, chosen on validation: probe, val_accuracy, test_accuracy."""
+    precision: str | None = None
+    """The feature pass's and the fits' precision (fp32 or bf16; None: written before it was recorded)."""
 
     @property
     def linear_best(self) -> float | None:
