@@ -323,13 +323,7 @@ def balanced_subset(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
 
 
 def cv_lambda(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    num_classes: int,
-    folds: int,
-    seed: int,
-    device: str = "cpu",
-    precision: str = "fp32",
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, folds: int, seed: int, device: str = "cpu"
 ) -> tuple[float, float]:
     """(lambda, its mean accuracy) with the best mean k-fold accuracy (class-balanced folds), for low-data
     probes where no separate validation split can be spared."""
@@ -341,9 +335,7 @@ def cv_lambda(
         fold[idx] = np.arange(len(idx)) % folds
     lams = [lam for lam in CV_LAMBDAS for _ in range(folds)]
     weights = torch.stack([torch.from_numpy(fold != f).float() for _ in CV_LAMBDAS for f in range(folds)])
-    probes = fit_logistic_many(
-        x, y, num_classes, lams, weights, max_iter=CV_ITERS, device=device, precision=precision
-    )
+    probes = fit_logistic_many(x, y, num_classes, lams, weights, max_iter=CV_ITERS, device=device)
     scores = {}
     for j, lam in enumerate(CV_LAMBDAS):
         accs = []
