@@ -11,10 +11,12 @@ from igpt.classifier import Augment, Classifier
 from igpt.cli import main
 from igpt.errors import IgptError
 from igpt.logistic import (
+    CV_LAMBDAS,
     FINE_CANDIDATES,
     FINE_LAMBDAS,
     balanced_subset,
     column_stats,
+    cv_lambda,
     feature_std,
     fit_logistic_many,
     probe_with_validation,
@@ -90,22 +92,30 @@ def test_low_data_probe(runs):
     assert json.loads((runs / "ar" / "probe.json").read_text())["pools_compared"] == ["mean"]
 
 
-def test_each_subsets_own_choice_averages_its_top_choices(runs, monkeypatch):
-    from igpt import low_data
-
-    args = ["probe", str(runs / "ar"), "--labels-per-class", "5", "--seeds", "2", "--layers", "1,2"]
+def test_each_subset_chooses_a_layer_of_the_finest_pooling_by_its_cv_log_loss(runs):
+    """With one subset its own choice is the shared one: the layer of the finest pooling compared whose
+    cross-validated log-loss is lowest; its test accuracy is that layer's."""
+    args = ["probe", str(runs / "ar"), "--labels-per-class", "5", "--seeds", "1", "--layers", "1,2"]
     main(args)
     p = json.loads((runs / "ar" / "probe.json").read_text())
-    assert p["ensemble_top"] == 5 and 0 <= p["single_choice_accuracy"] <= 1
-    monkeypatch.setattr(low_data, "ENSEMBLE_TOP", 1)  # the top one alone is the single best choice
-    main(args)
-    one = json.loads((runs / "ar" / "probe.json").read_text())
-    assert one["mean_accuracy"] == one["single_choice_accuracy"] == p["single_choice_accuracy"]
-    assert one["std_accuracy"] == one["single_choice_std"]
-    monkeypatch.undo()
-    main(["probe", str(runs / "ar"), "--labels-per-class", "11", "--seeds", "1", "--layers", "1,2"])
-    many = json.loads((runs / "ar" / "probe.json").read_text())  # more labels: the single best alone
-    assert many["ensemble_top"] == 1 and many["mean_accuracy"] == many["single_choice_accuracy"]
+    assert p["pools_compared"] == ["mean", "grid7"] and p["choice_pool"] == p["best_pool"] == "grid7"
+    losses = p["cv_log_loss_by_pool"]["grid7"]
+    assert p["best_layer"] == int(min(losses, key=lambda i: (losses[i], int(i))))
+    assert p["mean_accuracy"] == p["best_accuracy"] == p["layers_by_pool"]["grid7"][str(p["best_layer"])]
+    assert all(v > 0 for pool in p["cv_log_loss_by_pool"].values() for v in pool.values())
+
+
+def test_cv_chooses_the_strength_by_held_out_log_loss():
+    """Separable classes: a weak strength wins on held-out log-loss (each fold is fitted without its rows),
+    and its accuracy is reported beside; on pure noise a strong one wins, near chance's log-loss."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(10)
+    x = 3 * torch.nn.functional.one_hot(y, 4).float() @ torch.randn(4, 20, generator=g)
+    x += 0.5 * torch.randn(40, 20, generator=g)
+    s = cv_lambda(x, y, 4, 5, 0)
+    assert s.accuracy == 1.0 and s.log_loss < 0.1 and s.lam < 1e-2
+    noise = cv_lambda(torch.randn(40, 20, generator=g), y, 4, 5, 0)
+    assert noise.lam >= 1.0 and noise.lam in CV_LAMBDAS and noise.log_loss > 0.95 * np.log(4)
 
 
 def test_wide_fits_in_the_rows_span_match_the_full_fit():
@@ -290,7 +300,9 @@ def test_grid_pooling_puts_snake_ordered_states_back_in_place():
 def test_one_label_per_class_chooses_the_layer_on_validation(runs, capsys):
     main(["probe", str(runs / "ar"), "--labels-per-class", "1", "--seeds", "2"])
     p = json.loads((runs / "ar" / "probe.json").read_text())
-    assert "layer chosen on the validation split" in p["classifier"]
+    assert "lowest log-loss on the validation split" in p["classifier"]
+    losses = p["cv_log_loss_by_pool"][p["choice_pool"]]  # here the validation split's log-loss per layer
+    assert p["best_layer"] == int(min(losses, key=lambda i: (losses[i], int(i))))
     with pytest.raises(SystemExit):
         main(["probe", str(runs / "ar"), "--labels-per-class", "5", "--concat", "1,2"])
     assert "apply to the full probe" in capsys.readouterr().err

@@ -78,6 +78,10 @@ class LinearProbe:
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((self.predict(x).cpu() == y.cpu()).float().mean())
 
+    def log_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Mean cross entropy of the true classes (nats): a smoother score than accuracy on few rows."""
+        return float(F.cross_entropy(self.logits(x).cpu(), y.cpu()))
+
 
 def feature_std(x: torch.Tensor) -> torch.Tensor:
     """Per-feature standard deviation for standardising, at least 1e-6; 1 where it is undefined (one row)."""
@@ -322,11 +326,28 @@ def balanced_subset(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(out))
 
 
+@dataclass(frozen=True)
+class CVScore:
+    """A cross-validation's outcome at its chosen L2 strength: the mean over the held-out folds of the
+    accuracy and of the log-loss (cross entropy of the true class, nats)."""
+
+    lam: float
+    accuracy: float
+    log_loss: float
+
+
 def cv_lambda(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, folds: int, seed: int, device: str = "cpu"
-) -> tuple[float, float]:
-    """(lambda, its mean accuracy) with the best mean k-fold accuracy (class-balanced folds), for low-data
-    probes where no separate validation split can be spared."""
+) -> CVScore:
+    """The L2 strength with the lowest mean held-out log-loss over k class-balanced folds (ties go to the
+    stronger), for low-data probes where no separate validation split can be spared.
+
+    The log-loss chooses, not the accuracy: with 10 labels per class a fold holds 20 rows, so its accuracy
+    moves in steps of 5 points and ties are common (they fell to the strongest L2), where the log-loss ranks
+    smoothly. On the validation split (2-core AMD EPYC with AVX512_BF16; 4,630- and 3,374-step default
+    quickstart models; 10 subsets of 10 labels per class), each subset's single best choice of L2, pooling and
+    layer by log-loss scored 0.7446 / 0.7411 against accuracy's 0.7384 / 0.7408, and raw pixels 0.7046
+    against 0.6907; with 100 labels per class (5 subsets) 0.8376 against 0.8340, raw pixels level."""
     rng = np.random.default_rng(seed)
     yn = y.numpy()
     fold = np.empty(len(yn), dtype=np.int64)
@@ -338,10 +359,10 @@ def cv_lambda(
     probes = fit_logistic_many(x, y, num_classes, lams, weights, max_iter=CV_ITERS, device=device)
     scores = {}
     for j, lam in enumerate(CV_LAMBDAS):
-        accs = []
+        accs, losses = [], []
         for f in range(folds):
             va = np.flatnonzero(fold == f)
             accs.append(probes[j * folds + f].accuracy(x[va], y[va]))
-        scores[lam] = float(np.mean(accs))
-    best = max(scores, key=lambda k: (scores[k], k))
-    return best, scores[best]
+            losses.append(probes[j * folds + f].log_loss(x[va], y[va]))
+        scores[lam] = CVScore(lam, float(np.mean(accs)), float(np.mean(losses)))
+    return min(scores.values(), key=lambda s: (s.log_loss, -s.lam))

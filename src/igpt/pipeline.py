@@ -534,9 +534,7 @@ def probe_line(res: dict[str, Any]) -> str:
         low = LowDataResult.from_json(res)
         return (
             f"{low.labels_per_class} labels per class: accuracy {low.mean_accuracy:.4f} (std "
-            f"{low.std_accuracy:.4f}) with each subset's own choice"
-            + (f" (its top {low.ensemble_top} averaged)" if (low.ensemble_top or 1) > 1 else "")
-            + "; raw pixels "
+            f"{low.std_accuracy:.4f}) with each subset's own choice; raw pixels "
             f"{low.raw_pixel_accuracy:.4f}; the choice shared by all subsets (layer {low.best_layer}, "
             f"{low.best_pool or low.pool} pooling) {low.best_accuracy:.4f}"
         )

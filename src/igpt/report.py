@@ -319,8 +319,9 @@ def low_data(x: Inputs) -> list[str]:
         ft_head = ["fine-tuned (same subsets)", "from scratch (same subsets)"] if tuned else []
         parts.append(_table([*head, *shared, *ft_head], rows))
         parts.append(
-            "<p class=muted>Mean ± std of test accuracy over the subsets; pooling, layer and L2 strength are "
-            "chosen by cross-validation inside the labelled subsets, never on test."
+            "<p class=muted>Mean ± std of test accuracy over the subsets; the layer (of the finest pooling "
+            "compared) and the L2 strength are chosen by cross-validation's log-loss inside the labelled "
+            "subsets, never on test."
             + (
                 " Fine-tuning early-stops on a seeded draw of at most N validation images per class, the "
                 "labels such a user would hold."

@@ -120,13 +120,9 @@ class LowDataResult(Result):
     labels_per_class: int = 0
     seeds: int = 0
     mean_accuracy: float = 0.0
-    """Mean test accuracy with each subset's own choice of pooling and layer (what one user gets): the
-    test probabilities of its cross-validation's top `ensemble_top` choices averaged."""
+    """Mean test accuracy with each subset's own choice of layer (what one user gets), by its own
+    cross-validation."""
     std_accuracy: float = 0.0
-    ensemble_top: int | None = None
-    """How many of each subset's top choices `mean_accuracy` averages (absent in older results: 1)."""
-    single_choice_accuracy: float | None = None
-    """Mean test accuracy with each subset's single best choice."""
     best_accuracy: float = 0.0
     """Mean test accuracy at the choice shared by all subsets (CV over them all)."""
     best_std: float | None = None
