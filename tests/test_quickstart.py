@@ -4,6 +4,7 @@ a self-contained report, resuming without redoing finished stages, and the Fashi
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -152,7 +153,7 @@ FAST = Speeds(feature_seconds_per_image=1e-3, fit_flops_per_second=2e11, calibra
 
 def test_budget_shares_out_the_minutes_and_a_rerun_keeps_the_plan(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a: calls.append(a) or FAST)
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: calls.append(a) or FAST)
     plan, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=30))
     st = pipeline.Stages(tmp_path, plan)
     minutes = pipeline.plan_budget(plan, tmp_path, st)
@@ -163,7 +164,7 @@ def test_budget_shares_out_the_minutes_and_a_rerun_keeps_the_plan(monkeypatch, t
     assert minutes == b["pretrain_minutes"] == pytest.approx(want, abs=0.01) and 3 < minutes < 30
     # a slower machine leaves pretraining less of the same budget
     slow = Speeds(FAST.feature_seconds_per_image * 2, FAST.fit_flops_per_second / 2, 0.5)
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a: slow)
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: slow)
     assert pipeline.plan_budget(plan, tmp_path, st) == minutes  # same budget: the plan is kept, not remade
     plan60, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=60))
 
@@ -172,7 +173,7 @@ def test_budget_shares_out_the_minutes_and_a_rerun_keeps_the_plan(monkeypatch, t
         return pipeline.plan_budget(p, tmp_path / name, pipeline.Stages(tmp_path / name, p))
 
     slow60 = fresh("slow", plan60)
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a: FAST)
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: FAST)
     fast60 = fresh("fast", plan60)
     assert fast60 == pytest.approx(minutes + 30, abs=0.05) and slow60 < fast60 - 2
     # fine-tuning's minutes come out of the budget too (pretrained and the control)
@@ -181,7 +182,7 @@ def test_budget_shares_out_the_minutes_and_a_rerun_keeps_the_plan(monkeypatch, t
 
 
 def test_budget_too_small_is_refused_with_the_least_that_works(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a: FAST)
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: FAST)
     with pytest.raises(SystemExit):
         main(["quickstart", "--out", str(tmp_path / "q"), "--minutes", "2"])
     err = capsys.readouterr().err.strip()
@@ -197,9 +198,32 @@ def test_budget_too_small_is_refused_with_the_least_that_works(monkeypatch, tmp_
 def test_calibration_measures_this_machine():
     from igpt.model import IGPTConfig
 
-    s = budget.calibrate(IGPTConfig.from_preset("micro", vocab_size=8, n_positions=16), "fp32", 64, images=32)
+    cfg = IGPTConfig.from_preset("micro", vocab_size=8, n_positions=16)
+    s = budget.calibrate(cfg, "fp32", 64, images=32, shapes=[(40, 30), (40, 40)], num_classes=4)
     assert s.feature_seconds_per_image > 0 and s.fit_flops_per_second > 1e6 and s.calibration_seconds < 30
     assert s.fp32_fit_flops_per_second is None and s.low_data_rate == s.fit_flops_per_second
+    assert set(s.cv_fit_seconds) == {"40,30", "40,40"} and all(0 < v < 10 for v in s.cv_fit_seconds.values())
+
+
+def test_low_data_stage_is_predicted_from_its_timed_cross_validation_fits():
+    """Each low-data fit is predicted from the timing of its own shape (rows, width capped at the rows):
+    every (pooling, layer) and raw pixels, per subset, times CV_FIT_FACTOR; shapes not timed fall back to
+    the product rate; the faster of two calibrations keeps each shape's faster timing."""
+    plan, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=30))
+    w = pipeline._workload(plan, Path("nowhere"))
+    shapes = budget.cv_shapes(w)
+    assert shapes == [(100, 100), (1000, 128), (1000, 196), (1000, 1000)]  # tiny: widths 128, 1,152, 6,272
+    one = replace(FAST, cv_fit_seconds={f"{r},{k}": 1.0 for r, k in shapes})
+    two = replace(FAST, cv_fit_seconds={f"{r},{k}": 2.0 for r, k in shapes})
+    fits = sum(subsets * (3 * (w.n_layer + 1) + 1) for _, subsets in w.low_data)  # 3 poolings and raw
+    gap = budget.predict(w, two)["low_data"] - budget.predict(w, one)["low_data"]
+    assert gap == pytest.approx(fits * budget.CV_FIT_FACTOR)
+    # the 1,000-row fits are the 100-label setting's; timing them slower raises only their share
+    slow_big = replace(one, cv_fit_seconds={**one.cv_fit_seconds, "1000,1000": 3.0})
+    gap = budget.predict(w, slow_big)["low_data"] - budget.predict(w, one)["low_data"]
+    assert gap == pytest.approx(3 * 2 * (w.n_layer + 1) * 2.0 * budget.CV_FIT_FACTOR)  # grid3, grid7
+    assert budget.predict(w, FAST)["low_data"] > 0  # none timed: the product rate's estimate
+    assert slow_big.faster(two).cv_fit_seconds == {**one.cv_fit_seconds, "1000,1000": 2.0}
 
 
 def test_low_data_fits_are_predicted_at_the_fp32_rate_they_run_at():
@@ -249,7 +273,7 @@ def test_budget_is_replanned_once_with_the_faster_timing(monkeypatch, tmp_path, 
 
     def started(name: str, first: Speeds) -> pipeline.Job:
         (tmp_path / name).mkdir()
-        monkeypatch.setattr(pipeline, "calibrate", lambda *a: first)
+        monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: first)
         st = pipeline.Stages(tmp_path / name, plan)
         job = pipeline.Job(plan, pipeline.QuickstartOptions(out=str(tmp_path / name)), st)
         job.pre_minutes = pipeline.plan_budget(plan, tmp_path / name, st)
@@ -258,7 +282,7 @@ def test_budget_is_replanned_once_with_the_faster_timing(monkeypatch, tmp_path, 
     fast_plan = started("fast", FAST).pre_minutes
     job = started("slow", slow)
     first = job.pre_minutes
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a: FAST)
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: FAST)
     new = pipeline.replan_budget(job, 60 * first / 2, first / 2 / 0.8, first / 2 / 0.05)
     assert new == pytest.approx(fast_plan, abs=0.01) and new > first + 1
     b = job.st.state["budget"]
@@ -268,10 +292,10 @@ def test_budget_is_replanned_once_with_the_faster_timing(monkeypatch, tmp_path, 
     assert pipeline.plan_budget(plan, job.out, job.st) == new  # a rerun resumes with the new minutes
 
     job = started("fast2", FAST)
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a: slow)
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: slow)
     assert pipeline.replan_budget(job, 300, 1, 100) == job.pre_minutes == fast_plan
     job = started("bounded", slow)
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a: FAST)
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: FAST)
     assert pipeline.replan_budget(job, 300, 1, first + 0.5) == first + 0.5
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from .logistic import (
     REFIT_ITERS,
     SWEEP_ITERS,
     SWEEP_ROWS,
+    fit_logistic_many,
 )
 from .model import IGPT, IGPTConfig
 
@@ -57,6 +58,14 @@ from .model import IGPT, IGPTConfig
 FEATURE_FACTOR = 0.8
 FIT_FACTOR = 3.8
 LOW_DATA_FACTOR = 4.0
+CV_FIT_FACTOR = 1.5
+"""The low-data stage's fits against their timed cross-validation fits (`Speeds.cv_fit_seconds`): the refits
+at the chosen strengths, scoring the test split and the bookkeeping come on top. Measured on a 2-core AMD
+EPYC with AVX512_BF16 (the default quickstart's two settings on a 3,374-step model, the cache as the full
+probe leaves it; a throwaway script on `low_data_probe`): 181 s against 116 s of timed fits and
+11 s of feature pass, 1.46. The product-rate estimate it replaces (LOW_DATA_FACTOR, still used for shapes
+not timed) had predicted 200-270 s for stages of 164-188 s in five quickstarts: one fp32 product timing at
+the full probe's shape was its whole basis."""
 MAX_BF16_FIT_GAIN = 3.0
 """bf16 products speed a fit up by at most this, whatever the products alone gain: the softmaxes, line
 searches and L-BFGS's updates stay fp32. Measured 2.7x overall on the AVX512_BF16 EPYC, where the products
@@ -85,6 +94,10 @@ class Speeds:
     fp32_fit_flops_per_second: float | None = None
     """The same products in fp32, which the low-data probes' fits run in; None where the probes' precision
     is fp32 (the rate above is then theirs)."""
+    cv_fit_seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds of one low-data cross-validation fit per shape ("rows,width", see `cv_shapes`): a few L-BFGS
+    iterations of the real solver on random data, scaled to its iteration cap. These fits are small, so
+    their time is as much the solver's per-iteration overhead as arithmetic, which a product rate misses."""
 
     @property
     def low_data_rate(self) -> float:
@@ -101,11 +114,15 @@ class Speeds:
         """The faster of two calibrations, primitive by primitive (a slow moment only ever slows a timing
         down, so the fastest seen is the best estimate of what this machine does); their seconds summed."""
         fp32 = [s.fp32_fit_flops_per_second for s in (self, other) if s.fp32_fit_flops_per_second]
+        cv = {**other.cv_fit_seconds, **self.cv_fit_seconds}
+        for k, v in other.cv_fit_seconds.items():
+            cv[k] = min(cv[k], v)
         return Speeds(
             min(self.feature_seconds_per_image, other.feature_seconds_per_image),
             max(self.fit_flops_per_second, other.fit_flops_per_second),
             self.calibration_seconds + other.calibration_seconds,
             max(fp32) if fp32 else None,
+            cv,
         )
 
 
@@ -134,19 +151,68 @@ class Workload:
     attentive: bool = False
 
 
+def cv_shapes(w: Workload) -> list[tuple[int, int]]:
+    """The distinct (rows, width) of the low-data probes' cross-validation fits: each setting's labelled rows
+    against each feature width, capped at the rows (wider features are fitted in the span of the rows)."""
+    C, d = w.num_classes, w.n_embd
+    widths = [d * w.pool_cells, d, d * w.fine_cells if w.fine_cells else 0, w.resolution**2]
+    shapes = {(n * C, min(k, n * C)) for n, _ in w.low_data if min(CV_FOLDS, n) >= 2 for k in widths if k}
+    return sorted(shapes)
+
+
 def calibrate(
-    cfg: IGPTConfig, precision: str, feature_dim: int, images: int = 128, rounds: int = 3
+    cfg: IGPTConfig,
+    precision: str,
+    feature_dim: int,
+    images: int = 128,
+    rounds: int = 3,
+    shapes: list[tuple[int, int]] | None = None,
+    num_classes: int = 10,
 ) -> Speeds:
     """Time the feature pass (eager, after a warm-up batch) and a fit's product pair on this machine, both in
     the probes' `precision` (the products in fp32 too where that differs: the low-data probes fit in fp32),
-    each the fastest of `rounds` timings: on a shared machine one slow moment would otherwise be scaled up to
-    whole stages, and the minutes it over-predicts are taken from pretraining. The global random state is
-    left as it was (a re-plan calibrates in the middle of a pretraining)."""
+    and a low-data cross-validation fit of each of `shapes` (`cv_shapes`), each the fastest of `rounds`
+    timings (two for the fits): on a shared machine one slow moment would otherwise be scaled up to whole
+    stages, and the minutes it over-predicts are taken from pretraining. The global random state is left as
+    it was (a re-plan calibrates in the middle of a pretraining)."""
     with torch.random.fork_rng(devices=[]):
-        return _calibrate(cfg, precision, feature_dim, images, rounds)
+        return _calibrate(cfg, precision, feature_dim, images, rounds, shapes or [], num_classes)
 
 
-def _calibrate(cfg: IGPTConfig, precision: str, feature_dim: int, images: int, rounds: int) -> Speeds:
+CV_TIMED_ITERS = 20
+"""L-BFGS iterations timed per low-data fit shape; its time grows linearly with them (a 1,000 x 1,000 fit
+took 0.49 s for 20 and 2.40 s for 100 on a 2-core AMD EPYC with AVX512_BF16)."""
+
+
+def _cv_fit_seconds(rows: int, width: int, num_classes: int, rounds: int) -> float:
+    """Seconds of one cross-validation fit (every L2 strength and fold at once, as `logistic.cv_lambda`
+    fits them) at its iteration cap, from CV_TIMED_ITERS iterations on random data (the fastest of
+    `rounds`)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, width, generator=g)
+    y = torch.arange(rows) % num_classes
+    folds = CV_FOLDS
+    lams = [lam for lam in CV_LAMBDAS for _ in range(folds)]
+    weights = torch.stack(
+        [(torch.arange(rows) % folds != f).float() for _ in CV_LAMBDAS for f in range(folds)]
+    )
+    best = math.inf
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fit_logistic_many(x, y, num_classes, lams, weights, max_iter=CV_TIMED_ITERS)
+        best = min(best, time.perf_counter() - t)
+    return best * CV_ITERS / CV_TIMED_ITERS
+
+
+def _calibrate(
+    cfg: IGPTConfig,
+    precision: str,
+    feature_dim: int,
+    images: int,
+    rounds: int,
+    shapes: list[tuple[int, int]],
+    num_classes: int,
+) -> Speeds:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model = IGPT(cfg).eval()
@@ -160,7 +226,8 @@ def _calibrate(cfg: IGPTConfig, precision: str, feature_dim: int, images: int, r
         per_image = min(per_image, (time.perf_counter() - t) / images)
     rate = _product_rate(feature_dim, FIT_DTYPES[precision], rounds)
     fp32 = _product_rate(feature_dim, torch.float32, rounds) if precision != "fp32" else None
-    return Speeds(per_image, rate, time.perf_counter() - t0, fp32)
+    cv = {f"{r},{k}": _cv_fit_seconds(r, k, num_classes, min(rounds, 2)) for r, k in shapes}
+    return Speeds(per_image, rate, time.perf_counter() - t0, fp32, cv)
 
 
 def _product_rate(feature_dim: int, dt: torch.dtype, rounds: int) -> float:
@@ -207,19 +274,26 @@ def predict(w: Workload, s: Speeds) -> dict[str, float]:
         # the further pooling's own pass over each setting's subsets (the test split's came with the probe)
         low_images = sum(per_class * C * subsets for per_class, subsets in w.low_data)
         low_pass = low_images * s.feature_seconds_per_image * FEATURE_FACTOR
+    low_timed = 0.0  # seconds of the cross-validation fits timed at their shapes
     for per_class, subsets in w.low_data:
         rows = per_class * C
         folds = min(CV_FOLDS, per_class)
         cv_cols = C * len(CV_LAMBDAS) * folds if folds >= 2 else 0
         for k in [*([kk for kk in low_dims for _ in range(L1)]), raw_dim]:
             k = min(k, rows)  # wider features are fitted in the span of the rows (`fit_logistic_many`)
-            low += subsets * (_fit_flops(rows, k, cv_cols, CV_ITERS) + _fit_flops(rows, k, C, REFIT_ITERS))
+            timed = s.cv_fit_seconds.get(f"{rows},{k}")
+            if timed is not None:
+                low_timed += subsets * timed
+            else:  # not timed (a budget planned by an older igpt): from the product rate
+                low += subsets * (
+                    _fit_flops(rows, k, cv_cols, CV_ITERS) + _fit_flops(rows, k, C, REFIT_ITERS)
+                )
     n_img, n_samp = w.completions
     # sampling the bottom half token by token costs about as much as T/2 feature passes of the batch
     completions = n_img * n_samp * (w.resolution**2 / 2) * s.feature_seconds_per_image / 8 + 5
     out = {
         "probe": features + fits * FIT_FACTOR / s.probe_rate,
-        "low_data": low_pass + low * LOW_DATA_FACTOR / s.low_data_rate,
+        "low_data": low_pass + low * LOW_DATA_FACTOR / s.low_data_rate + low_timed * CV_FIT_FACTOR,
         "completions": completions,
         "report": REPORT_SECONDS,
     }

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .budget import BudgetPlan, Speeds, Workload, calibrate, predict, prepared_counts, share_out
+from .budget import BudgetPlan, Speeds, Workload, calibrate, cv_shapes, predict, prepared_counts, share_out
 from .data import PreparedData
 from .errors import IgptError
 from .features import FeatureCache, grid_side
@@ -441,7 +441,9 @@ def _share(
     w = _workload(plan, out)
     cfg = IGPTConfig.from_preset(plan.preset, vocab_size=plan.clusters, n_positions=plan.resolution**2)
     precision = ProbeConfig(run=str(out), precision=plan.probe_precision).precision
-    speeds = calibrate(cfg, precision, w.n_embd * w.pool_cells)
+    speeds = calibrate(
+        cfg, precision, w.n_embd * w.pool_cells, shapes=cv_shapes(w), num_classes=w.num_classes
+    )
     if floor is None:
         spent += speeds.calibration_seconds
     else:
