@@ -57,6 +57,11 @@ from .model import IGPT, IGPTConfig
 # fits took 3.1x the time of their products at bf16's rate and 2.95x at fp32's, so the factor is kept.
 FEATURE_FACTOR = 0.8
 FIT_FACTOR = 3.8
+BF16_FIT_FACTOR = 3.0
+"""FIT_FACTOR where the full probe's fits run their products in bf16 (`Speeds.fp32_fit_flops_per_second` set):
+in three default quickstarts on a 2-core AMD EPYC with AVX512_BF16 their fits took 2.76, 2.83 and 2.84 times
+their products at the predicted rate (118 s, 134 s and 119 s of fits against 163, 179 and 160 predicted at
+3.8, the fp32 fits' factor)."""
 LOW_DATA_FACTOR = 4.0
 CV_FIT_FACTOR = 1.5
 """The low-data stage's fits against their timed cross-validation fits (`Speeds.cv_fit_seconds`): the refits
@@ -292,7 +297,8 @@ def predict(w: Workload, s: Speeds) -> dict[str, float]:
     # sampling the bottom half token by token costs about as much as T/2 feature passes of the batch
     completions = n_img * n_samp * (w.resolution**2 / 2) * s.feature_seconds_per_image / 8 + 5
     out = {
-        "probe": features + fits * FIT_FACTOR / s.probe_rate,
+        "probe": features
+        + fits * (BF16_FIT_FACTOR if s.fp32_fit_flops_per_second else FIT_FACTOR) / s.probe_rate,
         "low_data": low_pass + low * LOW_DATA_FACTOR / s.low_data_rate + low_timed * CV_FIT_FACTOR,
         "completions": completions,
         "report": REPORT_SECONDS,
