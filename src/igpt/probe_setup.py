@@ -55,9 +55,10 @@ class ProbeConfig:
     pool: str = choice("mean", POOLS)
     """mean over positions (the paper's), or means over a coarse grid: grid (2x2), grid3, grid4, grid7."""
     fine_pool: str = choice(FINE_POOL, ("none", *POOLS))
-    """A further pooling weighed beside --pool and the mean (none: only those two): in low-data mode at every
-    layer, by each subset's cross-validation; in the full probe at the layer chosen on validation, where
-    `chosen` then picks between the poolings on validation. Fine grids help most (see `FINE_POOL`)."""
+    """A further pooling weighed beside --pool and the mean (none: only those two): in low-data mode fitted at
+    every layer, each subset choosing its layer among the finest pooling compared; in the full probe at the
+    layer chosen on validation, where `chosen` then picks between the poolings on validation. Fine grids help
+    most (see `FINE_POOL`)."""
     concat: str | None = None
     """Also probe these layers' features concatenated, e.g. "2,3,4"."""
     head: str = choice("linear", HEADS)
