@@ -34,6 +34,7 @@ from .logistic import (
     REFIT_ITERS,
     SWEEP_ITERS,
     SWEEP_ROWS,
+    cv_problems,
     fit_logistic_many,
 )
 from .model import IGPT, IGPTConfig
@@ -196,11 +197,7 @@ def _cv_fit_seconds(rows: int, width: int, num_classes: int, rounds: int) -> flo
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, width, generator=g)
     y = torch.arange(rows) % num_classes
-    folds = CV_FOLDS
-    lams = [lam for lam in CV_LAMBDAS for _ in range(folds)]
-    weights = torch.stack(
-        [(torch.arange(rows) % folds != f).float() for _ in CV_LAMBDAS for f in range(folds)]
-    )
+    lams, weights = cv_problems(np.arange(rows) % CV_FOLDS, CV_FOLDS)
     best = math.inf
     for _ in range(rounds):
         t = time.perf_counter()

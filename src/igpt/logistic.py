@@ -78,9 +78,11 @@ class LinearProbe:
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((self.predict(x).cpu() == y.cpu()).float().mean())
 
-    def log_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Mean cross entropy of the true classes (nats): a smoother score than accuracy on few rows."""
-        return float(F.cross_entropy(self.logits(x).cpu(), y.cpu()))
+    def scores(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """(accuracy, mean cross entropy of the true classes in nats) from one pass over `x`; the log-loss
+        is a smoother score than accuracy on few rows."""
+        logits, y = self.logits(x).cpu(), y.cpu()
+        return float((logits.argmax(-1) == y).float().mean()), float(F.cross_entropy(logits, y))
 
 
 def feature_std(x: torch.Tensor) -> torch.Tensor:
@@ -354,15 +356,24 @@ def cv_lambda(
     for c in np.unique(yn):
         idx = rng.permutation(np.flatnonzero(yn == c))
         fold[idx] = np.arange(len(idx)) % folds
-    lams = [lam for lam in CV_LAMBDAS for _ in range(folds)]
-    weights = torch.stack([torch.from_numpy(fold != f).float() for _ in CV_LAMBDAS for f in range(folds)])
+    lams, weights = cv_problems(fold, folds)
     probes = fit_logistic_many(x, y, num_classes, lams, weights, max_iter=CV_ITERS, device=device)
     scores = {}
     for j, lam in enumerate(CV_LAMBDAS):
         accs, losses = [], []
         for f in range(folds):
             va = np.flatnonzero(fold == f)
-            accs.append(probes[j * folds + f].accuracy(x[va], y[va]))
-            losses.append(probes[j * folds + f].log_loss(x[va], y[va]))
+            acc, loss = probes[j * folds + f].scores(x[va], y[va])
+            accs.append(acc)
+            losses.append(loss)
         scores[lam] = CVScore(lam, float(np.mean(accs)), float(np.mean(losses)))
     return min(scores.values(), key=lambda s: (s.log_loss, -s.lam))
+
+
+def cv_problems(fold: np.ndarray, folds: int) -> tuple[list[float], torch.Tensor]:
+    """The problems of one cross-validation fitted as one (`fit_logistic_many`): every CV_LAMBDAS strength
+    for every fold, as (strengths, (P, N) row weights), each problem leaving its fold's rows out. `fold`
+    holds each row's fold."""
+    lams = [lam for lam in CV_LAMBDAS for _ in range(folds)]
+    weights = torch.stack([torch.from_numpy(fold != f).float() for _ in CV_LAMBDAS for f in range(folds)])
+    return lams, weights

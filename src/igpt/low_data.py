@@ -98,7 +98,7 @@ def low_data_probe(
         probe = fit_logistic(xtr, y, C, cv.lam if cv else 1e-2, device=cfg.device)
         if cv is None and key != "raw":
             xva = fva[key[0]][key[1]]
-            cv = CVScore(1e-2, probe.accuracy(xva, yva), probe.log_loss(xva, yva))
+            cv = CVScore(1e-2, *probe.scores(xva, yva))
         return probe.accuracy(xte, yte), cv.accuracy if cv else 0.0, cv.log_loss if cv else 0.0
 
     for s, sub in enumerate(subsets):
