@@ -36,6 +36,10 @@ def test_every_stage_leaves_its_output(qs):
     assert full["raw_pixel_accuracy"] > 0.8 and full["best_accuracy"] > 0.3  # 10 classes: chance is 0.1
     low = json.loads((qs / "run" / "probe_10_per_class.json").read_text())
     assert low["labels_per_class"] == 10 and 0 <= low["std_accuracy"] < 0.5
+    # the subsets choose among the finer grid's layers, so the plan's coarser grid is not fitted: the fine
+    # grid is the low-data probes' pooling, beside the paper's mean
+    assert low["pools_compared"] == ["grid7", "mean"] and low["pool"] == low["choice_pool"] == "grid7"
+    assert sorted(low["layers"], key=int) == ["0", "1", "2"]
     assert (qs / "completions.png").stat().st_size > 500
 
 
@@ -128,8 +132,9 @@ def test_low_data_fine_tunings_join_the_low_data_table(qs, capsys):
         assert {k: low[name]["settings"][k] for k in plans.FINETUNE_RECIPE} == plans.FINETUNE_RECIPE
     ft = low["finetune_10_per_class"]
     low_probe = json.loads((qs / "run" / "probe_10_per_class.json").read_text())
-    # the head takes the probe's choice; a pooling no head has (the fine 7x7 grid) falls back to --pool's
-    pool = low_probe["best_pool"] if low_probe["best_pool"] in HEAD_POOLS else low_probe["pool"]
+    # the head takes the probe's choice; a pooling no head has (the fine 7x7 grid) falls back to the plan's
+    pool = next(p for p in (low_probe["best_pool"], low_probe["pool"], plans.SMOKE.pool) if p in HEAD_POOLS)
+    assert pool == plans.SMOKE.pool
     assert ft["layer"] == max(1, low_probe["best_layer"]) and ft["pool"] == pool
     y = PreparedData(qs / "data").labels("train")  # the low-data probes' subsets: balanced_subset(seed + s)
     assert [s["train_rows"] for s in ft["subsets"]] == [balanced_subset(y, 10, s).tolist() for s in (0, 1)]
@@ -207,7 +212,8 @@ def test_calibration_measures_this_machine():
 
 def test_low_data_stage_is_predicted_from_its_timed_cross_validation_fits():
     """Each low-data fit is predicted from the timing of its own shape (rows, width capped at the rows):
-    every (pooling, layer) and raw pixels, per subset, times CV_FIT_FACTOR; shapes not timed fall back to
+    every (pooling, layer) and raw pixels, per subset, times CV_FIT_FACTOR (the poolings: the fine grid
+    and the mean, not the probe's coarser grid); shapes not timed fall back to
     the product rate; the faster of two calibrations keeps each shape's faster timing."""
     plan, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=30))
     w = pipeline._workload(plan, Path("nowhere"))
@@ -215,13 +221,13 @@ def test_low_data_stage_is_predicted_from_its_timed_cross_validation_fits():
     assert shapes == [(100, 100), (1000, 128), (1000, 196), (1000, 1000)]  # tiny: widths 128, 1,152, 6,272
     one = replace(FAST, cv_fit_seconds={f"{r},{k}": 1.0 for r, k in shapes})
     two = replace(FAST, cv_fit_seconds={f"{r},{k}": 2.0 for r, k in shapes})
-    fits = sum(subsets * (3 * (w.n_layer + 1) + 1) for _, subsets in w.low_data)  # 3 poolings and raw
+    fits = sum(subsets * (2 * (w.n_layer + 1) + 1) for _, subsets in w.low_data)  # 2 poolings and raw
     gap = budget.predict(w, two)["low_data"] - budget.predict(w, one)["low_data"]
     assert gap == pytest.approx(fits * budget.CV_FIT_FACTOR)
     # the 1,000-row fits are the 100-label setting's; timing them slower raises only their share
     slow_big = replace(one, cv_fit_seconds={**one.cv_fit_seconds, "1000,1000": 3.0})
     gap = budget.predict(w, slow_big)["low_data"] - budget.predict(w, one)["low_data"]
-    assert gap == pytest.approx(3 * 2 * (w.n_layer + 1) * 2.0 * budget.CV_FIT_FACTOR)  # grid3, grid7
+    assert gap == pytest.approx(3 * (w.n_layer + 1) * 2.0 * budget.CV_FIT_FACTOR)  # grid7's
     assert budget.predict(w, FAST)["low_data"] > 0  # none timed: the product rate's estimate
     assert slow_big.faster(two).cv_fit_seconds == {**one.cv_fit_seconds, "1000,1000": 2.0}
 
@@ -308,7 +314,7 @@ def test_budget_is_replanned_once_with_the_faster_timing(monkeypatch, tmp_path, 
     assert pipeline.replan_budget(job, 300, 1, 100) == job.pre_minutes == fast_plan
     job = started("bounded", slow)
     monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: FAST)
-    assert pipeline.replan_budget(job, 300, 1, first + 0.5) == first + 0.5
+    assert pipeline.replan_budget(job, 300, 1, first + 0.5) == pytest.approx(first + 0.5)
 
 
 def test_a_quickstart_whose_probe_would_not_fit_in_memory_is_refused_before_pretraining(

@@ -153,17 +153,29 @@ class Workload:
     fine_cells: int = 0
     """Grid cells of the probes' further pooling (`--fine-pool`; 0: none). The full probe fits it at the
     layer it chose, from its own pass (where it also pools the test split at every layer); the low-data
-    probes fit it at every layer, after a pass of their own over the subsets' rows."""
+    probes fit it and the mean (not the probe's pooling) at every layer, after a pass of their own over the
+    subsets' rows."""
     attentive: bool = False
 
 
 def cv_shapes(w: Workload) -> list[tuple[int, int]]:
     """The distinct (rows, width) of the low-data probes' cross-validation fits: each setting's labelled rows
     against each feature width, capped at the rows (wider features are fitted in the span of the rows)."""
-    C, d = w.num_classes, w.n_embd
-    widths = [d * w.pool_cells, d, d * w.fine_cells if w.fine_cells else 0, w.resolution**2]
-    shapes = {(n * C, min(k, n * C)) for n, _ in w.low_data if min(CV_FOLDS, n) >= 2 for k in widths if k}
+    C = w.num_classes
+    shapes = {
+        (n * C, min(k, n * C))
+        for n, _ in w.low_data
+        if min(CV_FOLDS, n) >= 2
+        for k in [*_low_dims(w), w.resolution**2]
+    }
     return sorted(shapes)
+
+
+def _low_dims(w: Workload) -> list[int]:
+    """The low-data probes' feature widths, each fitted at every layer: the further grid where there is one,
+    in place of the probe's pooling, and the paper's mean."""
+    d = w.n_embd
+    return list(dict.fromkeys([d * (w.fine_cells or w.pool_cells), d]))
 
 
 def calibrate(
@@ -271,7 +283,7 @@ def predict(w: Workload, s: Speeds) -> dict[str, float]:
         )
         fits += _fit_flops(w.n_train, k, C, FINE_REFIT_ITERS)
     low, low_pass = 0.0, 0.0
-    low_dims = dims + ([d * w.fine_cells] if w.fine_cells else [])
+    low_dims = _low_dims(w)
     if w.fine_cells and w.low_data:
         # the further pooling's own pass over each setting's subsets (the test split's came with the probe)
         low_images = sum(per_class * C * subsets for per_class, subsets in w.low_data)
@@ -281,7 +293,7 @@ def predict(w: Workload, s: Speeds) -> dict[str, float]:
         rows = per_class * C
         folds = min(CV_FOLDS, per_class)
         cv_cols = C * len(CV_LAMBDAS) * folds if folds >= 2 else 0
-        for k in [*([kk for kk in low_dims for _ in range(L1)]), raw_dim]:
+        for k in [*(kk for kk in low_dims for _ in range(L1)), raw_dim]:
             k = min(k, rows)  # wider features are fitted in the span of the rows (`fit_logistic_many`)
             timed = s.cv_fit_seconds.get(f"{rows},{k}")
             if timed is not None:

@@ -121,8 +121,10 @@ class Job:
         return model, data, layers, cache
 
     def probe_config(self, **settings: Any) -> ProbeConfig:
-        """A probe of the run with the plan's pooling and progress."""
-        return ProbeConfig(run=str(self.run_dir), pool=self.plan.pool, progress=self.progress, **settings)
+        """A probe of the run with the plan's pooling (unless `settings` name one) and progress."""
+        return ProbeConfig(
+            **{"run": str(self.run_dir), "pool": self.plan.pool, "progress": self.progress, **settings}
+        )
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,7 @@ def _pretrain(job: Job) -> None:
         minutes=job.pre_minutes,
         **plan.pretrain_settings(),
         eval_images=1000,
+        eval_interval=plan.eval_interval,
         keep_every=plan.keep_every,
         compile=plan.compile,
         resume=is_run(job.run_dir),
@@ -187,8 +190,19 @@ def _low_data(job: Job) -> None:
     for n, k in job.plan.low_data:
         if n > np.bincount(y[y >= 0]).min():
             continue
-        cfg = job.probe_config(labels_per_class=n, seeds=k, precision=job.probe_precision)
+        cfg = job.probe_config(
+            labels_per_class=n, seeds=k, precision=job.probe_precision, **_low_data_pools(job)
+        )
         print(probe_line(probe_and_save(cfg, model, data, layers, cache, job.baselines)))
+
+
+def _low_data_pools(job: Job) -> dict[str, str]:
+    """The low-data probes' poolings: where the quickstart adds a finer grid, that grid as `pool` (no further
+    one) beside the paper's mean. Each subset chooses its layer among the finest grid's
+    (`low_data.choice_pool`), so the plan's coarser grid would only be reported: about a minute of fits in
+    the default quickstart, which pretraining gets instead."""
+    fine = _fine(job.plan)
+    return {"pool": fine, "fine_pool": "none"} if fine else {}
 
 
 def _completions(job: Job) -> None:
@@ -223,8 +237,8 @@ def _finetune_head(job: Job, labels_per_class: int | None) -> dict[str, Any]:
             layer, pools = full.best_layer, [full.pool]
     else:
         low = {r.labels_per_class: r for r in run.low_data_probes()}.get(labels_per_class)
-        if low is not None:  # its best pooling, else (the fine grid, which no head has) --pool's
-            layer, pools = low.best_layer, [low.best_pool or low.pool, low.pool]
+        if low is not None:  # its best pooling, else (the fine grid, which no head has) the plan's
+            layer, pools = low.best_layer, [low.best_pool or low.pool, low.pool, job.plan.pool]
     return {
         "layer": None if layer is None else max(1, layer),
         "pool": next(p for p in [*pools, "mean"] if p in HEAD_POOLS),
