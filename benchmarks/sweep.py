@@ -41,7 +41,8 @@ from igpt.sources import split_validation
 # settings); Muon with warm-up-stable-decay won, so those are the defaults now.
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
-    "adamw": {"optimizer": "adamw", "schedule": "cosine"},
+    "adamw": {"optimizer": "adamw", "schedule": "cosine", "adamw_lr_ratio": 1.0},
+    "adamw-ratio1": {"adamw_lr_ratio": 1.0},  # Muon with AdamW's parameters at --lr (the default before)
     "muon": {"optimizer": "muon"},
     "bf16": {"precision": "bf16"},
     "augment": {"shift": 1, "flip": True},

@@ -58,6 +58,32 @@ def test_muon_steps_block_matrices_as_torch_muon_defines():
         assert torch.equal(v, again.tensors()[k]), k
 
 
+def test_adamw_lr_ratio_speeds_up_only_adamws_parameters(digits, tmp_path):
+    """With Muon, `adamw_lr_ratio` multiplies the rate of AdamW's parameters (embeddings, head, gains) and
+    leaves Muon's matrices alone. The output head starts at zero, so the first step moves it alone (nothing
+    below it has a gradient yet), by Adam's first update: lr times the gradient's sign. From the same start
+    the two runs' heads therefore differ by (15 - 1) x lr; checkpoints record the schedule's rate."""
+    named = list(tiny_model().named_parameters())
+    opt = Optimizers(named, "muon", 1e-3, 0.0, 0.95, fused=False, adamw_lr_ratio=15.0)
+    assert [g["scale"] for g in opt.adamw.param_groups] == [15.0, 15.0]
+    assert opt.muon is not None and [g["scale"] for g in opt.muon.param_groups] == [1.0]
+    plain = Optimizers(named, "adamw", 1e-3, 0.0, 0.95, fused=False)
+    assert {g["scale"] for g in plain.param_groups} == {1.0}
+    runs = {}
+    for ratio in ("1", "15"):
+        run = tmp_path / ratio
+        flags = ["--steps", "2", "--optimizer", "muon", "--lr", "1e-3", "--warmup", "0", "--schedule", "wsd"]
+        flags += ["--cooldown", "0.5", "--eval-interval", "1", "--keep-steps", "1"]  # step 1 at the peak rate
+        pretrain(digits, run, *flags, "--adamw-lr-ratio", ratio, "--precision", "fp32")
+        runs[ratio] = weights(run, 1)
+        state = json.loads((run / "checkpoints" / "step_00000001" / "state.json").read_text())
+        assert state["lr"] == pytest.approx(1e-3)
+        assert json.loads((run / "run.json").read_text())["train"]["adamw_lr_ratio"] == float(ratio)
+    gap = {k: (runs["15"][k] - runs["1"][k]).abs().max().item() for k in runs["1"]}
+    assert gap["lm_head.weight"] == pytest.approx(14e-3, rel=1e-3)
+    assert all(v == 0 for k, v in gap.items() if k != "lm_head.weight")
+
+
 def test_muon_with_fp32_newton_schulz_is_torchs_update_at_fp32():
     """Where bf16 is slow, Newton-Schulz runs in fp32: the same iteration as torch's (bf16) one, so the
     orthogonalised matrix and the step agree within bf16's rounding, and the state is torch's."""
@@ -202,6 +228,9 @@ def test_precision_auto_follows_the_hardware_and_the_width(monkeypatch, digits, 
         ({"optimizer": "muon", "fsdp": True}, "does not run with --fsdp"),
         ({"precision": "fp8"}, "unknown --precision 'fp8'; choose one of fp32, bf16, auto"),
         ({"precision": "auto", "schedule": "cosine", "seed": -1}, "--seed"),
+        ({"optimizer": "muon", "adamw_lr_ratio": 0.0}, "--adamw-lr-ratio must be positive"),
+        ({"optimizer": "muon", "adamw_lr_ratio": float("nan")}, "--adamw-lr-ratio must be positive"),
+        ({"optimizer": "adamw", "adamw_lr_ratio": 15.0}, "applies with --optimizer muon"),
     ],
 )
 def test_bad_lever_settings_are_refused(kw, match):

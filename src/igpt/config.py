@@ -62,6 +62,10 @@ class TrainConfig:
     """Peak learning rate (of AdamW, and of Muon, whose updates are scaled to AdamW's size)."""
     optimizer: str = choice("adamw", OPTIMIZERS)
     """adamw for every parameter, or muon for the blocks' weight matrices with AdamW for the rest."""
+    adamw_lr_ratio: float = 1.0
+    """With muon: the peak rate of the parameters AdamW steps (the embeddings, the output head, the norm
+    gains) as a multiple of `lr`. They are few and unlike the blocks' matrices; the quickstart's 15 is
+    measured in its README section on pretraining levers."""
     schedule: str = choice("cosine", SCHEDULES)
     """Learning rate after warm-up: cosine or linear decay to zero, or wsd (warm-up, stable, then a linear
     decay to zero over the last `cooldown` share of the budget)."""
@@ -120,6 +124,12 @@ class TrainConfig:
             raise IgptError("--batch-size and --grad-accum must be positive")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise IgptError(f"--lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.adamw_lr_ratio) and self.adamw_lr_ratio > 0):
+            raise IgptError(f"--adamw-lr-ratio must be positive, got {self.adamw_lr_ratio}")
+        if self.adamw_lr_ratio != 1 and self.optimizer != "muon":
+            raise IgptError(
+                "--adamw-lr-ratio applies with --optimizer muon (AdamW alone steps every parameter)"
+            )
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise IgptError(f"--weight-decay must be 0 or positive, got {self.weight_decay}")
         if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):

@@ -221,7 +221,7 @@ def train_step(
     per_rank = G // world
     micro = per_rank // grad_accum
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("scale", 1.0)
     total = torch.zeros((), dtype=torch.float64, device=device)  # collectives run on the training device
     for m in range(grad_accum):
         lo = rank * per_rank + m * micro

@@ -68,7 +68,8 @@ def muon_owns(name: str, p: torch.nn.Parameter) -> bool:
 
 class Optimizers:
     """AdamW, and Muon where chosen, stepped together. `param_groups` spans both, so setting each group's
-    learning rate sets the schedule for all of them."""
+    learning rate (its `scale` times the schedule's) sets the schedule for all of them. With Muon, AdamW's
+    groups may run at `adamw_lr_ratio` times the rate."""
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class Optimizers:
         beta2: float,
         fused: bool,
         ns_dtype: str = "bf16",
+        adamw_lr_ratio: float = 1.0,
     ):
         if kind not in OPTIMIZERS:
             raise IgptError(f"unknown optimizer '{kind}'; choose one of {', '.join(OPTIMIZERS)}")
@@ -109,6 +111,10 @@ class Optimizers:
             else None
         )
         self.all = [o for o in (self.adamw, self.muon) if o is not None]
+        for g in self.adamw.param_groups:  # the schedule sets each group's rate to `scale` times its own
+            g["scale"] = adamw_lr_ratio if self.muon is not None else 1.0
+        for g in self.muon.param_groups if self.muon is not None else []:
+            g["scale"] = 1.0
 
     @property
     def param_groups(self) -> list[dict]:

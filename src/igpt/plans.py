@@ -57,6 +57,9 @@ class QuickstartPlan:
     lr: float
     optimizer: str
     """adamw or muon (see `igpt.optim`)."""
+    adamw_lr_ratio: float
+    """With muon: the rate of the parameters AdamW steps (embeddings, output head, norm gains) as a multiple
+    of `lr` (see `TrainConfig.adamw_lr_ratio`)."""
     schedule: str
     """Learning-rate decay after warm-up: cosine, linear or wsd."""
     shift: int
@@ -95,7 +98,8 @@ class QuickstartPlan:
 
     def pretrain_settings(self) -> dict[str, Any]:
         """The plan's pretraining settings as `igpt.pretrain` keywords (all but the budget)."""
-        keys = ("preset", "batch_size", "lr", "optimizer", "schedule", "shift", "flip", "precision")
+        keys = ("preset", "batch_size", "lr", "optimizer", "adamw_lr_ratio", "schedule", "shift", "flip")
+        keys += ("precision",)
         return {"prefix_causal": self.prefix_causal or None, **{k: getattr(self, k) for k in keys}}
 
 
@@ -111,6 +115,7 @@ DEFAULT = QuickstartPlan(
     batch_size=32,
     lr=2e-3,
     optimizer="muon",
+    adamw_lr_ratio=15.0,
     schedule="wsd",
     shift=0,
     flip=False,
@@ -141,6 +146,7 @@ SMOKE = QuickstartPlan(
     batch_size=32,
     lr=3e-3,
     optimizer="adamw",
+    adamw_lr_ratio=1.0,
     schedule="cosine",
     shift=0,
     flip=False,

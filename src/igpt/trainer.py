@@ -118,6 +118,7 @@ class Trainer:
             cfg.beta2,
             fused=env.device.startswith("cuda") and not (cfg.fsdp and env.world > 1),  # one kernel per step
             ns_dtype=muon_ns_dtype(env.device),
+            adamw_lr_ratio=cfg.adamw_lr_ratio,
         )
         self.opt_names = self.opt.adamw_names
         if resuming and self._opt_tensors:
@@ -267,7 +268,7 @@ class Trainer:
             "epoch": self.batcher.epoch_of(self.step),
             "train_loss": train_loss,
             "val_nll": self.last_val,
-            "lr": self.opt.param_groups[0]["lr"],
+            "lr": self.opt.param_groups[0]["lr"] / self.opt.param_groups[0].get("scale", 1.0),
         }
         save_checkpoint(self.run, self.step, msd, extra, state, keep)
 
@@ -434,13 +435,15 @@ class Trainer:
         )
         micro = c.batch_size // (env.world * c.grad_accum)
         ns = f" (Newton-Schulz in {muon_ns_dtype(env.device)})" if c.optimizer == "muon" else ""
+        ratio = f" (embeddings, head, gains x{c.adamw_lr_ratio:g})" if c.adamw_lr_ratio != 1 else ""
         parts = (f"{c.steps} steps" if c.steps else "", f"{c.minutes} min" if c.minutes else "")
         budget = " and ".join(s for s in parts if s)
         print(
             f"igpt pretrain: {self.mcfg.objective.upper()} {self.preset} ({self.model.num_params():,} "
             f"parameters), {T} tokens/image, {self.data.meta['n_train']:,} training images\n"
             f"  global batch {c.batch_size} = {env.world} process(es) x {c.grad_accum} accumulation x "
-            f"{micro} micro-batch; {c.batch_size * T:,} tokens/step\n  {c.optimizer}{ns}, peak lr {c.lr:g}, "
+            f"{micro} micro-batch; {c.batch_size * T:,} tokens/step\n"
+            f"  {c.optimizer}{ns}, peak lr {c.lr:g}{ratio}, "
             f"warm-up {c.warmup:.0%} of {budget}, {SCHEDULE_WORDS[c.schedule].format(c.cooldown)}"
             f"{augment}\n  device {env.device} {c.precision}{why}"
             f"{' torch.compile' if c.compile else ''}; run {self.run}",
