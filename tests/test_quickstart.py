@@ -64,6 +64,35 @@ def test_second_run_resumes_instead_of_redoing(qs, capsys):
     assert json.loads((qs / "quickstart.json").read_text())["seconds"]["pretrain"] == before["pretrain"]
 
 
+def test_a_resumed_pretraining_keeps_the_settings_it_began_with(qs, tmp_path, monkeypatch):
+    """Continuing a quickstart's pretraining (a larger budget, or after an interruption) passes the budget
+    alone: the run keeps its own optimizer and rates, so a run begun by an older plan (say, before
+    --adamw-lr-ratio) is continued, not refused as changed; a fresh run gets the plan's settings."""
+    import shutil
+
+    seen: list[dict] = []
+
+    def fake_pretrain(data, out, **kw):
+        seen.append(kw)
+        return json.loads((qs / "run" / "summary.json").read_text())
+
+    monkeypatch.setattr(pipeline, "pretrain", fake_pretrain)
+    plan, _ = pipeline.make_plan(pipeline.QuickstartOptions(smoke=True, dataset="digits"))
+    for name, copy in (("resumed", True), ("fresh", False)):
+        out = tmp_path / name
+        if copy:
+            shutil.copytree(qs, out)
+        else:
+            out.mkdir()
+        job = pipeline.Job(plan, pipeline.QuickstartOptions(out=str(out)), pipeline.Stages(out, plan))
+        job.pre_minutes = 0.2
+        pipeline._pretrain(job)
+    resumed, fresh = seen
+    assert resumed["resume"] and not set(plan.pretrain_settings()) & set(resumed)
+    assert resumed["minutes"] == 0.2 and resumed["eval_interval"] == plan.eval_interval
+    assert not fresh["resume"] and {k: fresh[k] for k in plan.pretrain_settings()} == plan.pretrain_settings()
+
+
 def test_missing_fashion_mnist_falls_back_to_digits_with_a_notice(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(plans, "FASHION_DIR", tmp_path / "absent")
     plan, notice = pipeline.make_plan(pipeline.QuickstartOptions(smoke=True))

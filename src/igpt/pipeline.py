@@ -159,16 +159,19 @@ def _pretrain_done(job: Job) -> bool:
 
 def _pretrain(job: Job) -> None:
     plan = job.plan
+    resuming = is_run(job.run_dir)
+    # a resumed run keeps the settings it began with: an older igpt's plan may have chosen others
+    settings = {} if resuming else plan.pretrain_settings()
     summary = pretrain(
         job.data_dir,
         job.run_dir,
         minutes=job.pre_minutes,
-        **plan.pretrain_settings(),
+        **settings,
         eval_images=1000,
         eval_interval=plan.eval_interval,
         keep_every=plan.keep_every,
         compile=plan.compile,
-        resume=is_run(job.run_dir),
+        resume=resuming,
         progress=job.progress,
         replan=functools.partial(replan_budget, job) if "budget" in job.st.state else None,
     )
