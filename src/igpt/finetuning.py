@@ -359,10 +359,7 @@ def _optimizer(model: Classifier, args: FinetuneConfig, lr: float) -> torch.opti
             _param_groups(model, args.layer_decay), lr=lr, betas=(0.9, 0.95), weight_decay=0.0
         )
     named = [(n.removeprefix("backbone."), p) for n, p in model.named_parameters()]
-    opt = Optimizers(named, "muon", lr, 0.0, 0.95, fused=False, ns_dtype=muon_ns_dtype(args.device))
-    for g in opt.param_groups:
-        g["scale"] = 1.0
-    return opt
+    return Optimizers(named, "muon", lr, 0.0, 0.95, fused=False, ns_dtype=muon_ns_dtype(args.device))
 
 
 def _param_groups(model: Classifier, decay: float) -> list[dict[str, Any]]:

@@ -98,8 +98,17 @@ class QuickstartPlan:
 
     def pretrain_settings(self) -> dict[str, Any]:
         """The plan's pretraining settings as `igpt.pretrain` keywords (all but the budget)."""
-        keys = ("preset", "batch_size", "lr", "optimizer", "adamw_lr_ratio", "schedule", "shift", "flip")
-        keys += ("precision",)
+        keys = (
+            "preset",
+            "batch_size",
+            "lr",
+            "optimizer",
+            "adamw_lr_ratio",
+            "schedule",
+            "shift",
+            "flip",
+            "precision",
+        )
         return {"prefix_causal": self.prefix_causal or None, **{k: getattr(self, k) for k in keys}}
 
 
