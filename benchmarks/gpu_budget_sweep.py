@@ -170,6 +170,7 @@ def main() -> None:
     p.add_argument(
         "--minutes", type=float, default=5.0, help="each pretraining's cap (the steps end it first)"
     )
+    p.add_argument("--seed", type=int, default=None, help="every variant with this seed (names get -seedN)")
     p.add_argument("--parallel", type=int, default=16, help="variants run at once")
     p.add_argument(
         "--cpu-check", action="store_true", help="micro shapes, 30 steps, CPU: checks the plumbing"
@@ -178,6 +179,8 @@ def main() -> None:
     a = p.parse_args()
     a.extra, a.probe_extra = [], []
     variants = VARIANTS if a.variants == "all" else {k: VARIANTS[k] for k in a.variants.split(",")}
+    if a.seed is not None:
+        variants = {f"{k}-seed{a.seed}": ([*f, "--seed", str(a.seed)], n) for k, (f, n) in variants.items()}
     if a.list:
         for k, (flags, steps) in variants.items():
             print(f"{k:14s} {steps:6d} steps  {' '.join(flags)}")

@@ -247,7 +247,8 @@ def test_low_data_stage_is_predicted_from_its_timed_cross_validation_fits():
     plan, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=30))
     w = pipeline._workload(plan, Path("nowhere"))
     shapes = budget.cv_shapes(w)
-    assert shapes == [(100, 100), (1000, 128), (1000, 196), (1000, 1000)]  # tiny: widths 128, 1,152, 6,272
+    # tiny-deep: the mean's width 96 and the 7x7 grid's 4,704, each capped at the rows, and raw pixels' 196
+    assert shapes == [(100, 96), (100, 100), (1000, 96), (1000, 196), (1000, 1000)]
     one = replace(FAST, cv_fit_seconds={f"{r},{k}": 1.0 for r, k in shapes})
     two = replace(FAST, cv_fit_seconds={f"{r},{k}": 2.0 for r, k in shapes})
     fits = sum(subsets * (2 * (w.n_layer + 1) + 1) for _, subsets in w.low_data)  # 2 poolings and raw

@@ -28,10 +28,12 @@ from .errors import IgptError
 
 OBJECTIVES = ("ar", "bert")
 
-# Shapes as data: (n_layer, n_embd, n_head). The igpt-* rows are the paper's; "tiny" and "small" fit a CPU.
+# Shapes as data: (n_layer, n_embd, n_head). The igpt-* rows are the paper's; "tiny", "tiny-deep" and "small"
+# fit a CPU. "tiny-deep" is the quickstart's: about tiny's cost per token, two more layers to probe.
 PRESETS: dict[str, dict[str, int]] = {
     "micro": {"n_layer": 2, "n_embd": 32, "n_head": 2},  # for tests and smoke runs
     "tiny": {"n_layer": 4, "n_embd": 128, "n_head": 4},  # ~0.9M parameters at 28x28, K=16
+    "tiny-deep": {"n_layer": 6, "n_embd": 96, "n_head": 3},  # ~0.7M parameters at 28x28, K=16
     "small": {"n_layer": 8, "n_embd": 256, "n_head": 8},  # ~6.5M parameters at 28x28, K=16
     "igpt-s": {"n_layer": 24, "n_embd": 512, "n_head": 8},
     "igpt-m": {"n_layer": 36, "n_embd": 1024, "n_head": 8},
