@@ -70,6 +70,8 @@ CPU_RATE = {
     (12, 64, 32): 19869, (3, 128, 32): 27053, (4, 128, 16): 23629, (4, 128, 64): 21679, (5, 160, 32): 11931,
 }  # fmt: skip
 TINY_RATE = 23629
+# The quickstart's pretraining settings with `tiny`'s shape, the default when this sweep ran (it chose
+# `tiny-deep`, the "6x96" row, since): the variants change the shape, the batch, the seed or the steps.
 QUICKSTART_FLAGS = [
     "--preset", "tiny", "--batch-size", "32", "--lr", "2e-3", "--optimizer", "muon", "--adamw-lr-ratio", "15",
     "--schedule", "wsd", "--precision", "bf16", "--eval-interval", "500", "--keep-every", "0",
