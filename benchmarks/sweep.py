@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
     "adamw": {"optimizer": "adamw", "schedule": "cosine", "adamw_lr_ratio": 1.0},
     "adamw-ratio1": {"adamw_lr_ratio": 1.0},  # Muon with AdamW's parameters at --lr (the default before)
+    "tiny": {"preset": "tiny"},  # 4 x 128, the default shape before tiny-deep (6 x 96)
     "muon": {"optimizer": "muon"},
     "bf16": {"precision": "bf16"},
     "augment": {"shift": 1, "flip": True},
