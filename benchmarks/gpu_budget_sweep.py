@@ -156,7 +156,7 @@ def row(name: str, run: Path) -> dict[str, Any]:
         out["low10"] = {
             k: low.get(k) for k in ("mean_accuracy", "std_accuracy", "raw_pixel_accuracy", "layers_by_pool")
         }
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:  # a variant that failed part-way: its row says why
         out["error"] = str(e)
     return out
 
@@ -195,8 +195,8 @@ def main() -> None:
     else:
         a.extra = ["--compile"]
     a.out.mkdir(parents=True, exist_ok=True)
-    probe_data = val_as_test(a.data.resolve(), a.out / "data_val_as_test")
     a.data = a.data.resolve()
+    probe_data = val_as_test(a.data, a.out / "data_val_as_test")
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
