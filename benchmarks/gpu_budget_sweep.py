@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from igpt.budget import Speeds, Workload, predict
+
 # The default quickstart on a 2-core AMD EPYC with AVX512_BF16 (clean clone of deaf23d): 4,426 steps of `tiny`
 # in 1,250 s of pretraining; the feature pass 217 s, the probe's fits 118 s, the low-data stage 96 s.
 BASE_STEPS, BASE_SECONDS, BASE_FEATURES, BASE_FITS, BASE_LOW = 4426, 1250.0, 217.0, 118.0, 96.0
@@ -42,11 +44,14 @@ def feature_cost(n_layer: int, d: int) -> float:
 
 
 def fit_cost(n_layer: int, d: int) -> float:
-    """The full probe's fit work in units of rows x features x iterations: the 3x3 grid and the mean at every
-    layer (a 6-strength sweep on 20k rows, a refit on 55k), the 7x7 grid's 3-strength sweeps at two layers
-    and its half-length refit, and raw pixels (`budget.predict` counts the same)."""
-    full, fine = 20_000 * 60 * 150 + 55_000 * 10 * 150, 2 * 20_000 * 30 * 150 + 55_000 * 10 * 75
-    return (n_layer + 1) * 10 * d * full + 49 * d * fine + T * full
+    """The full probe's fits for this shape at the quickstart's sizes, in `budget.predict`'s own arithmetic
+    (the 3x3 grid and the mean at every layer, the 7x7 grid at its chosen layer, raw pixels), at a unit
+    product rate and no feature pass: only its ratio between shapes is used."""
+    w = Workload(
+        n_train=55_000, n_val=5_000, n_test=10_000, num_classes=10, resolution=14, n_layer=n_layer, n_embd=d,
+        pool_cells=9, low_data=(), completions=(0, 0), compile=False, fine_cells=49,
+    )  # fmt: skip
+    return predict(w, Speeds(0.0, 1.0, 0.0))["probe"]
 
 
 def cpu_steps(n_layer: int, d: int, batch: int, cpu_rate: float) -> int:
@@ -79,17 +84,10 @@ QUICKSTART_FLAGS = [
 
 
 def shape(n_layer: int, d: int, heads: int, batch: int = 32) -> tuple[list[str], int]:
-    """The flags and CPU-budget steps of a model shape and batch (CPU_RATE must hold its rate)."""
-    flags = [
-        "--n-layer",
-        str(n_layer),
-        "--n-embd",
-        str(d),
-        "--n-head",
-        str(heads),
-        "--batch-size",
-        str(batch),
-    ]
+    """The flags and CPU-budget steps of a model shape and batch (CPU_RATE must hold its rate); the batch
+    flag only where it differs from QUICKSTART_FLAGS' 32."""
+    flags = ["--n-layer", str(n_layer), "--n-embd", str(d), "--n-head", str(heads)]
+    flags += ["--batch-size", str(batch)] if batch != 32 else []
     return flags, cpu_steps(n_layer, d, batch, CPU_RATE[(n_layer, d, batch)] / TINY_RATE)
 
 
@@ -163,8 +161,8 @@ def row(name: str, run: Path) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="the quickstart's prepared set")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="the quickstart's prepared set (not needed with --list)")
+    p.add_argument("--out", type=Path, help="where the runs and the summary go (not needed with --list)")
     p.add_argument("--variants", default="all", help="comma-separated names, or all")
     p.add_argument("--device", default="cuda")
     p.add_argument("--probe-precision", default="bf16")
@@ -187,6 +185,8 @@ def main() -> None:
         for k, (flags, steps) in variants.items():
             print(f"{k:14s} {steps:6d} steps  {' '.join(flags)}")
         return
+    if a.data is None or a.out is None:
+        p.error("--data and --out are needed unless --list")
     if a.cpu_check:
         a.device, a.probe_precision, a.seeds = "cpu", "fp32", 2
         variants = {k: (VARIANTS[k][0], 30) for k in ("base", "6x128")}
