@@ -57,9 +57,8 @@ from .model import IGPT, IGPTConfig
 # the calibration times them so. FIT_FACTOR was 3.8 for fp32 fits and 3.0 for bf16 ones until the fits got
 # cheaper; in the default quickstarts since (all on 2-core AMD EPYCs, Zen 4) the fits took 2.0-2.5 times
 # their products at the predicted rate in bf16 (five runs: 119, 116, 118, 144 and 131 s of fits against 178,
-# 170, 161, 173 and 160 predicted at 3.0) and 2.5 in fp32 (304 s against 463 predicted at 3.8, with the
-# CPU limited to AVX2: ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2 and
-# the AVX-512 flags hidden from `hardware.cpu_flags`, as on an AVX2-only CPU). One factor now serves both.
+# 170, 161, 173 and 160 predicted at 3.0) and 2.5 in fp32 (304 s against 463 predicted at 3.8, the CPU
+# limited to AVX2 by benchmarks/as_avx2.py, as on an AVX2-only machine). One factor now serves both.
 FEATURE_FACTOR = 0.8
 FIT_FACTOR = 3.0
 LOW_DATA_FACTOR = 4.0
