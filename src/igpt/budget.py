@@ -54,13 +54,19 @@ from .model import IGPT, IGPTConfig
 # ended at 30.6 minutes with 0.7 and 3.0: its pass took 270 s against 233 predicted, its fits 412 s against
 # 325 (the wide grid's refit, ten columns over 6,272 features, runs below the calibrated rate).
 # The full probe's fits now run their products in the probes' precision (bf16 where it is faster here), and
-# the calibration times them so. FIT_FACTOR was 3.8 for fp32 fits and 3.0 for bf16 ones until the fits got
-# cheaper; in the default quickstarts since (all on 2-core AMD EPYCs, Zen 4) the fits took 2.0-2.5 times
-# their products at the predicted rate in bf16 (five runs: 119, 116, 118, 144 and 131 s of fits against 178,
-# 170, 161, 173 and 160 predicted at 3.0) and 2.5 in fp32 (304 s against 463 predicted at 3.8, the CPU
-# limited to AVX2 by benchmarks/as_avx2.py, as on an AVX2-only machine). One factor now serves both.
+# the calibration times them so. On the AVX512_BF16 EPYC, fitting a default model's layer-3 features, the
+# fits took 3.1x the time of their products at bf16's rate and 2.95x at fp32's, so the factor is kept.
+# Kept after a check with the CPU limited to AVX2 (benchmarks/as_avx2.py on a 2-core AMD EPYC, Zen 4),
+# where the fits run in fp32: two default quickstarts' fits took 304 and 310 s, 2.5 and 3.75 times their
+# products at the predicted rate, since the calibration timed those products at 113 and 138 GFLOP/s (the
+# re-plan keeps the faster). With 3.0 the second run ended at 30.3 minutes; the first, at 3.8, at 26.7.
 FEATURE_FACTOR = 0.8
-FIT_FACTOR = 3.0
+FIT_FACTOR = 3.8
+BF16_FIT_FACTOR = 3.0
+"""FIT_FACTOR where the full probe's fits run their products in bf16 (`Speeds.fp32_fit_flops_per_second` set):
+in three default quickstarts on a 2-core AMD EPYC with AVX512_BF16 their fits took 2.76, 2.83 and 2.84 times
+their products at the predicted rate (118 s, 134 s and 119 s of fits against 163, 179 and 160 predicted at
+3.8, the fp32 fits' factor)."""
 LOW_DATA_FACTOR = 4.0
 CV_FIT_FACTOR = 1.5
 """The low-data stage's fits against their timed cross-validation fits (`Speeds.cv_fit_seconds`): the refits
@@ -304,7 +310,8 @@ def predict(w: Workload, s: Speeds) -> dict[str, float]:
     # sampling the bottom half token by token costs about as much as T/2 feature passes of the batch
     completions = n_img * n_samp * (w.resolution**2 / 2) * s.feature_seconds_per_image / 8 + 5
     out = {
-        "probe": features + fits * FIT_FACTOR / s.probe_rate,
+        "probe": features
+        + fits * (BF16_FIT_FACTOR if s.fp32_fit_flops_per_second else FIT_FACTOR) / s.probe_rate,
         "low_data": low_pass + low * LOW_DATA_FACTOR / s.low_data_rate + low_timed * CV_FIT_FACTOR,
         "completions": completions,
         "report": REPORT_SECONDS,
