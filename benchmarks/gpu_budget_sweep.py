@@ -25,17 +25,21 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from igpt.budget import Speeds, Workload, predict
+from igpt.budget import Speeds, predict
+from igpt.pipeline import _workload
+from igpt.plans import DEFAULT
 
 # The default quickstart on a 2-core AMD EPYC with AVX512_BF16 (clean clone of deaf23d): 4,426 steps of `tiny`
 # in 1,250 s of pretraining; the feature pass 217 s, the probe's fits 118 s, the low-data stage 96 s.
 BASE_STEPS, BASE_SECONDS, BASE_FEATURES, BASE_FITS, BASE_LOW = 4426, 1250.0, 217.0, 118.0, 96.0
-T = 196  # tokens per image at 14x14
+QUICKSTART_WORK = _workload(DEFAULT, Path("nowhere"))  # the sizes of the default quickstart's later stages
+T = QUICKSTART_WORK.resolution**2  # tokens per image (196 at 14x14)
 
 
 def feature_cost(n_layer: int, d: int) -> float:
@@ -44,13 +48,11 @@ def feature_cost(n_layer: int, d: int) -> float:
 
 
 def fit_cost(n_layer: int, d: int) -> float:
-    """The full probe's fits for this shape at the quickstart's sizes, in `budget.predict`'s own arithmetic
-    (the 3x3 grid and the mean at every layer, the 7x7 grid at its chosen layer, raw pixels), at a unit
-    product rate and no feature pass: only its ratio between shapes is used."""
-    w = Workload(
-        n_train=55_000, n_val=5_000, n_test=10_000, num_classes=10, resolution=14, n_layer=n_layer, n_embd=d,
-        pool_cells=9, low_data=(), completions=(0, 0), compile=False, fine_cells=49,
-    )  # fmt: skip
+    """The full probe's fits for this shape at the quickstart's sizes (`pipeline._workload` of the default
+    plan, the shape replaced), in `budget.predict`'s own arithmetic (the 3x3 grid and the mean at every
+    layer, the 7x7 grid at its chosen layer, raw pixels), at a unit product rate and no feature pass: only
+    its ratio between shapes is used."""
+    w = replace(QUICKSTART_WORK, n_layer=n_layer, n_embd=d, compile=False)
     return predict(w, Speeds(0.0, 1.0, 0.0))["probe"]
 
 
