@@ -262,7 +262,9 @@ def _finetune(job: Job) -> None:
             continue
         t = time.perf_counter()
         ft_dir = job.out / name
-        if ft_dir.exists():  # an interrupted fine-tuning starts again
+        if ft_dir.is_symlink() or (ft_dir.exists() and not ft_dir.is_dir()):
+            raise IgptError(f"{ft_dir} is not a fine-tuning igpt wrote; move it away and retry")
+        if ft_dir.exists():  # an interrupted fine-tuning (inside the quickstart's own directory) starts again
             shutil.rmtree(ft_dir)
         # a subset's few hundred steps would not repay compiling its model
         low = {"labels_per_class": n, "seeds": k, "epochs": 1000, "patience": 10, "compile": False}

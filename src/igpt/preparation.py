@@ -134,7 +134,7 @@ def prepare_config(
     """`prepare` from a ready `PrepareConfig`. A folder and the downsampled ImageNet files are streamed in
     chunks, in parallel and resumably (`igpt.streaming`); the other sources are small enough to read whole:
     load and split, resize, fit (or reuse) the palette, quantize, write."""
-    out = Path(out)
+    out = check_out(Path(out), cfg.data_dir)
     settings = cfg.compared_settings()
     reused = _reuse_or_refuse(out, settings, force)
     if reused is not None:
@@ -192,21 +192,69 @@ def prepare_config(
     return meta
 
 
+PREPARED_FILES = frozenset(
+    ["meta.json", "palette.npy"]
+    + [f"{s}_{k}.npy" for s in ("train", "val", "test") for k in ("tokens", "labels")]
+)
+"""Every file a prepared set holds: a directory with anything else is not igpt's to replace."""
+
+
+def is_prepared_set(out: Path) -> bool:
+    """True when `out` is a directory igpt's prepare wrote: a meta.json with its settings and nothing but the
+    files a prepare writes. Only such a directory may be replaced (`--force`)."""
+    if out.is_symlink() or not out.is_dir():
+        return False
+    try:
+        names = {p.name for p in out.iterdir()}
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        names <= PREPARED_FILES
+        and isinstance(meta, dict)
+        and isinstance(meta.get("settings"), dict)
+        and "dataset" in meta["settings"]
+    )
+
+
+def check_out(out: Path, data_dir: str | None = None) -> Path:
+    """`out` made absolute, refused in one line when writing there could delete what igpt did not write: the
+    file system's root, the working directory or a folder above it, the source images (`data_dir`) or a
+    folder above them."""
+    try:
+        full = out.expanduser().resolve()
+    except (OSError, RuntimeError) as e:
+        raise IgptError(f"--out {out}: {e}") from None
+    if full == full.parent:
+        raise IgptError(f"--out {out} is the file system's root; choose a directory of its own")
+    if full == Path.cwd() or full in Path.cwd().parents:
+        raise IgptError(f"--out {out} is the working directory or holds it; choose a directory of its own")
+    if data_dir is not None:
+        src = Path(data_dir).expanduser().resolve()
+        if full == src or full in src.parents:
+            raise IgptError(f"--out {out} is the source's --data-dir or holds it; choose another --out")
+    return full
+
+
 def _reuse_or_refuse(out: Path, settings: dict[str, Any], force: bool) -> dict[str, Any] | None:
     """An earlier prepare's meta when `out` holds a set with these settings; None when `out` may be written
-    (empty, missing, or `force`); one line otherwise."""
-    if (out / "meta.json").is_file():
-        try:
-            old = json.loads((out / "meta.json").read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("settings") == settings:
-            _log(f"{out} already holds this prepared set; reusing it")
-            return old
-        if not force:
-            raise IgptError(f"{out} holds a set prepared with other settings; pass --force to replace it")
-    elif out.exists() and any(out.iterdir()) and not force:
-        raise IgptError(f"{out} exists and is not empty; choose another --out or pass --force")
+    (empty, missing, or a set igpt prepared with other settings and `force`); one line otherwise. `--force`
+    replaces only a directory `is_prepared_set` recognises: never a user's folder."""
+    if out.exists() and not out.is_dir():
+        raise IgptError(f"--out {out} exists and is not a directory; choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    if not is_prepared_set(out):
+        raise IgptError(
+            f"{out} exists, is not empty and is not a set igpt prepared; choose another --out "
+            "(igpt replaces only directories it wrote)"
+        )
+    old = json.loads((out / "meta.json").read_text())
+    if old.get("settings") == settings:
+        _log(f"{out} already holds this prepared set; reusing it")
+        return old
+    if not force:
+        raise IgptError(f"{out} holds a set prepared with other settings; pass --force to replace it")
     return None
 
 

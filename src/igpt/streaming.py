@@ -218,6 +218,10 @@ def read_imagenet_batch(path: Path, classes: int = 1000) -> tuple[np.ndarray, np
 
 
 # ---------------------------------------------------------------------------------------------- the store
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
 class ChunkStore:
     """The work directory of one streamed prepare: `progress.json` (the settings and the listing's digest)
     and one `.npz` per finished chunk (`{split}_{index:06d}.npz`: images, ok mask, labels, colour flag)."""
@@ -242,8 +246,14 @@ class ChunkStore:
                 raise IgptError(
                     f"the source changed since the interrupted prepare in {work}; pass --force to start over"
                 )
+        elif work.is_symlink() or (work.exists() and not (record.is_file() or _empty_dir(work))):
+            raise IgptError(
+                f"{work} exists and is not an interrupted prepare of igpt's; move it away and retry"
+            )
         elif work.exists():
-            shutil.rmtree(work)
+            shutil.rmtree(
+                work
+            )  # an interrupted prepare's chunks (progress.json names it igpt's), with --force
         with disk_errors(work / "x"):
             work.mkdir(parents=True, exist_ok=True)
         write_json_atomic(record, {"settings": settings, "digest": digest})
