@@ -1,6 +1,6 @@
 """Training-step time on CPU with attention as two matrix products against the fused kernel.
 
-`igpt.model.attention` trains short sequences in bf16 on CPU through plain products, because the fused
+`igpt.model.gpt.attention` trains short sequences in bf16 on CPU through plain products, because the fused
 kernel's backward pass dominated the step there. This script measures that choice: each round runs one
 child process per path (alternately, so the machine's drift hits both), each timing compiled Muon steps of
 random tokens, and prints a JSON line per run and the medians. For example (the quickstart's shape):
@@ -24,10 +24,10 @@ PATHS = ("fused", "matmul")
 
 def child(a: argparse.Namespace) -> None:
     """One timing in this process: `a.steps` compiled steps after `a.warmup` untimed ones."""
-    import igpt.model as M
-    from igpt.engine import autocast
+    import igpt.model.gpt as M
     from igpt.hardware import cpu_name, muon_ns_dtype
-    from igpt.optim import Optimizers
+    from igpt.training.engine import autocast
+    from igpt.training.optim import Optimizers
 
     if a.path == "fused":
         M.MATMUL_ATTENTION_MAX_T = 0  # every sequence takes the fused kernel

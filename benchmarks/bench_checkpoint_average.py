@@ -14,11 +14,11 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from igpt.checkpoint import list_checkpoints
-from igpt.data import PreparedData
-from igpt.engine import evaluate
+from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
 from igpt.runs import Run
+from igpt.training.checkpoint import list_checkpoints
+from igpt.training.engine import evaluate
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import time
 import torch
 
 import igpt
-from igpt.model import IGPT, IGPTConfig
+from igpt.model.gpt import IGPT, IGPTConfig
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     cfg = IGPTConfig(vocab_size=a.vocab, n_positions=T, n_embd=a.width, n_layer=a.layers, n_head=8)
     model = IGPT(cfg).eval()
     try:  # the sampler lives outside the model since the cycle between them was cut
-        from igpt.generation import generate
+        from igpt.generation.complete import generate
 
         def run(n: int) -> torch.Tensor:
             return generate(model, torch.zeros(a.batch, 0, dtype=torch.long), n, generator=g)

@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import flops_per_token, hf_generate_kwargs, hf_model, save_json  # noqa: E402
 
-from igpt.generation import generate  # noqa: E402
-from igpt.model import IGPT, IGPTConfig  # noqa: E402
+from igpt.generation.complete import generate  # noqa: E402
+from igpt.model.gpt import IGPT, IGPTConfig  # noqa: E402
 
 
 def sync(dev: str) -> None:

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from igpt.preparation import PrepareConfig, prepare_config
+from igpt.data.preparation import PrepareConfig, prepare_config
 
 
 def photo_crops(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
     """n random square crops (side 32 to 160 pixels, box-resized to `size`) of sklearn's sample photos."""
     from sklearn.datasets import load_sample_images
 
-    from igpt.palette import resize_images
+    from igpt.data.palette import resize_images
 
     photos = load_sample_images().images
     rng = np.random.default_rng(seed)
@@ -86,7 +86,7 @@ def make_jpeg_folder(root: Path, n: int) -> Path:
 
 
 PREPARE = (
-    "import json, resource, sys; from igpt.preparation import prepare; "
+    "import json, resource, sys; from igpt.data.preparation import prepare; "
     "m = prepare('folder', out=sys.argv[1], data_dir=sys.argv[2], resolution=32, clusters=512, "
     "workers=int(sys.argv[3]), progress=False); "
     "print(json.dumps({'seconds': m['seconds'], 'n': m['n_train'] + m['n_val'] + m['n_test'], "

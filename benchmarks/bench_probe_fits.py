@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from igpt.features import FeatureCache
-from igpt.logistic import (
+from igpt.data.sources import split_validation
+from igpt.probes.features import FeatureCache
+from igpt.probes.logistic import (
     FINE_LAMBDAS,
     FINE_REFIT_ITERS,
     LAMBDAS,
@@ -30,8 +31,7 @@ from igpt.logistic import (
     fit_logistic,
     fit_logistic_many,
 )
-from igpt.probe_setup import labelled_rows, open_labelled_run
-from igpt.sources import split_validation
+from igpt.probes.setup import labelled_rows, open_labelled_run
 
 VARIANTS = {  # name: (sweep rows, sweep iterations, refit iterations, precision of the products)
     "fp32": (20_000, SWEEP_ITERS, REFIT_ITERS, "fp32"),

@@ -1,7 +1,7 @@
-"""Fine-tuning sweep: each recipe fine-tunes the same pretrained run (or trains its architecture from
-scratch) for the same wall-clock budget and is scored on the validation split only; no test image is read
-and nothing is saved (`igpt.finetuning.validation_only`). Writes finetune_sweep_<M>min.json and .md in --out,
-one row per variant. This is how `igpt finetune`'s recipe and the quickstart's fine-tuning are chosen.
+"""Fine-tuning sweep: each recipe fine-tunes the same pretrained run (or trains its architecture from scratch)
+for the same wall-clock budget and is scored on the validation split only; no test image is read and nothing
+is saved (`igpt.finetuning.finetune.validation_only`). Writes finetune_sweep_<M>min.json and .md in --out, one
+row per variant. This is how `igpt finetune`'s recipe and the quickstart's fine-tuning are chosen.
 
     python benchmarks/finetune_sweep.py --run runs/quickstart/run --out runs/ft_sweep --minutes 3
     python benchmarks/finetune_sweep.py --run RUN --out DIR --variants base,layer3 \
@@ -24,7 +24,7 @@ import numpy as np
 from sweep_table import SweepTable  # benchmarks/, beside this script
 
 from igpt.errors import IgptError
-from igpt.finetuning import FinetuneConfig, validation_only
+from igpt.finetuning.finetune import FinetuneConfig, validation_only
 
 # Each variant is `igpt finetune`'s defaults with the named settings changed.
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -31,14 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from igpt.budget import Speeds, predict
-from igpt.pipeline import _workload
-from igpt.plans import DEFAULT
+from igpt.pipeline.budget import Speeds, predict, workload
+from igpt.pipeline.plans import DEFAULT
 
 # The default quickstart on a 2-core AMD EPYC with AVX512_BF16 (clean clone of deaf23d): 4,426 steps of `tiny`
 # in 1,250 s of pretraining; the feature pass 217 s, the probe's fits 118 s, the low-data stage 96 s.
 BASE_STEPS, BASE_SECONDS, BASE_FEATURES, BASE_FITS, BASE_LOW = 4426, 1250.0, 217.0, 118.0, 96.0
-QUICKSTART_WORK = _workload(DEFAULT, Path("nowhere"))  # the sizes of the default quickstart's later stages
+# Fashion-MNIST as the default quickstart prepares it (train, validation, test, classes)
+QUICKSTART_WORK = workload(DEFAULT, (55_000, 5_000, 10_000, 10))
 T = QUICKSTART_WORK.resolution**2  # tokens per image (196 at 14x14)
 
 
@@ -48,7 +48,7 @@ def feature_cost(n_layer: int, d: int) -> float:
 
 
 def fit_cost(n_layer: int, d: int) -> float:
-    """The full probe's fits for this shape at the quickstart's sizes (`pipeline._workload` of the default
+    """The full probe's fits for this shape at the quickstart's sizes (`budget.workload` of the default
     plan, the shape replaced), in `budget.predict`'s own arithmetic (the 3x3 grid and the mean at every
     layer, the 7x7 grid at its chosen layer, raw pixels), at a unit product rate and no feature pass: only
     its ratio between shapes is used."""

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from igpt.convert import igpt_to_hf_state
-from igpt.generation import generate
-from igpt.model import IGPT, IGPTConfig
+from igpt.generation.complete import generate
+from igpt.model.gpt import IGPT, IGPTConfig
 
 # (name, resolution, width, layers, heads, batch, clusters)
 TRAIN_SHAPES = [
@@ -257,7 +257,7 @@ def bench_sample(
 
 
 def bench_prepare() -> dict | None:
-    from igpt.preparation import PrepareConfig
+    from igpt.data.preparation import PrepareConfig
 
     if not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
         return None

@@ -27,14 +27,14 @@ import torch
 from sweep_table import SweepTable  # benchmarks/, beside this script
 
 import igpt
-from igpt.config import TrainConfig
+from igpt.data.sources import split_validation
 from igpt.errors import IgptError
-from igpt.features import FeatureCache
-from igpt.logistic import probe_with_validation
-from igpt.model import IGPTConfig
-from igpt.plans import DEFAULT, FASHION_DIR
-from igpt.probe_setup import open_labelled_run
-from igpt.sources import split_validation
+from igpt.model.gpt import IGPTConfig
+from igpt.pipeline.plans import DEFAULT, FASHION_DIR
+from igpt.probes.features import FeatureCache
+from igpt.probes.logistic import probe_with_validation
+from igpt.probes.setup import open_labelled_run
+from igpt.training.config import TrainConfig
 
 # The baseline is the quickstart's pretraining (plans.DEFAULT); each variant changes what it names. The
 # README's tables were measured when the defaults were AdamW with a cosine schedule (the "adamw" row's

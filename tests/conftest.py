@@ -100,8 +100,8 @@ def micro_run(tmp_path_factory) -> Path:
     """A 20-step `micro` AR run on the 8x8 digits (DIR/data, DIR/run), shared by the tests that only need some
     trained run to sample from or serve."""
     from igpt.cli import main
-    from igpt.preparation import PrepareConfig
-    from igpt.preparation import prepare_config as prepare
+    from igpt.data.preparation import PrepareConfig
+    from igpt.data.preparation import prepare_config as prepare
 
     d = tmp_path_factory.mktemp("micro")
     prepare(PrepareConfig("digits", resolution=8, clusters=8), d / "data")
@@ -120,8 +120,8 @@ def micro_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     """scikit-learn's digits prepared at 8x8 with 8 grey levels, once per test module."""
-    from igpt.preparation import PrepareConfig
-    from igpt.preparation import prepare_config as prepare
+    from igpt.data.preparation import PrepareConfig
+    from igpt.data.preparation import prepare_config as prepare
 
     out = tmp_path_factory.mktemp("data") / "digits"
     prepare(PrepareConfig("digits", resolution=8, clusters=8), out)

@@ -2,7 +2,6 @@
 every kind of run and for records written before it, one-line errors as exceptions, and the package's
 layout (imports run one way: command line -> stages -> model and data)."""
 
-import ast
 import json
 from pathlib import Path
 
@@ -106,42 +105,49 @@ def test_a_run_from_before_the_run_object_opens_and_resumes(micro_run, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- layout
-def _module_imports(path: Path) -> set[str]:
-    """igpt modules that `path` imports, at module level or inside functions (a lazy import still makes the
-    modules depend on each other)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                found.add(node.module.split(".")[0])
-            else:
-                found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("igpt."):
-            found.add(node.module.split(".")[1])
-    return found
+def _code_metrics():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "scripts" / "code_metrics.py"
+    spec = importlib.util.spec_from_file_location("code_metrics", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_imports_run_one_way_without_cycles():
-    modules = {p.stem: p for p in SRC.glob("*.py") if p.stem not in ("__init__", "__main__")}
-    graph = {m: _module_imports(p) & set(modules) for m, p in modules.items()}
-    importers_of_cli = [m for m, deps in graph.items() if "cli" in deps]
-    assert importers_of_cli == [], f"library modules import the command line: {importers_of_cli}"
-    for m, p in modules.items():
-        if m != "cli":
-            assert "argparse" not in p.read_text(), f"{m}.py uses argparse; only cli.py parses flags"
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    """Subpackages import only those below them (data < model < training < probes < finetuning <
+    generation < serving < pipeline), base modules import no subpackage, nothing but __main__ imports the
+    CLI, only the CLI parses flags, and no import cycle exists (lazy imports counted)."""
+    cm = _code_metrics()
+    known = cm.modules(SRC)
+    assert len(known) > 40
+    assert cm.upward_imports(known) == []
+    assert cm.cycles(known) == []
+    for name, path in known.items():
+        if name != "igpt.cli":
+            assert "import argparse" not in path.read_text(), (
+                f"{name} uses argparse; only cli.py parses flags"
+            )
 
-    def visit(m: str, path: list[str]) -> None:
-        state[m] = 1
-        for d in sorted(graph[m]):
-            assert state.get(d) != 1, f"import cycle: {' -> '.join([*path, m, d])}"
-            if d not in state:
-                visit(d, [*path, m])
-        state[m] = 2
 
-    for m in sorted(graph):
-        if m not in state:
-            visit(m, [])
+def test_the_layering_check_catches_an_upward_import(tmp_path):
+    """The check above can fail: a data module importing the quickstart, and a cycle, are both found."""
+    cm = _code_metrics()
+    pkg = tmp_path / "igpt"
+    for rel, text in {
+        "__init__.py": "",
+        "errors.py": "",
+        "data/__init__.py": "",
+        "data/sources.py": "from igpt.pipeline.quickstart import x\n",
+        "pipeline/__init__.py": "",
+        "pipeline/quickstart.py": "from igpt.data.sources import y\n",
+    }.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    known = cm.modules(pkg)
+    assert cm.upward_imports(known) == ["igpt.data.sources -> igpt.pipeline.quickstart"]
+    assert cm.cycles(known)
 
 
 def test_every_stage_is_a_top_level_call():

@@ -10,9 +10,9 @@ import torch
 from conftest import permuted_test_copy
 
 import igpt
-from igpt.attentive import AttentiveHead, check_states_fit, fit_attentive
 from igpt.errors import IgptError
-from igpt.probe_setup import ProbeConfig
+from igpt.probes.attentive import AttentiveHead, check_states_fit, fit_attentive
+from igpt.probes.setup import ProbeConfig
 
 
 def test_attentive_head_learns_what_a_mean_hides():

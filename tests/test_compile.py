@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from igpt.compiling import CompiledOrEager
-from igpt.features import extract_features
-from igpt.model import IGPT, IGPTConfig
+from igpt.model.compiling import CompiledOrEager
+from igpt.model.gpt import IGPT, IGPTConfig
+from igpt.probes.features import extract_features
 
 BASE = "--preset micro --steps 6 --batch-size 16 --eval-interval 6 --log-interval 1 --eval-images 32".split()
 BASE += ["--no-progress"]

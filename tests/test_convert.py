@@ -16,7 +16,7 @@ from transformers import (  # noqa: E402
 
 import igpt  # noqa: E402
 from igpt.cli import main  # noqa: E402
-from igpt.model import IGPT, IGPTConfig  # noqa: E402
+from igpt.model.gpt import IGPT, IGPTConfig  # noqa: E402
 
 CONFIGS = [  # (K, res, width, layers, heads)
     (16, 4, 32, 2, 2),
@@ -117,8 +117,8 @@ def test_igpt_to_hf_parity(tmp_path, K, res, d, L, h, bias):
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0, 0.3)
-    from igpt.checkpoint import save_checkpoint
     from igpt.files import write_json_atomic
+    from igpt.training.checkpoint import save_checkpoint
 
     run = tmp_path / "run"
     run.mkdir()
@@ -140,8 +140,8 @@ def test_igpt_to_hf_parity(tmp_path, K, res, d, L, h, bias):
 
 def test_refusals(tmp_path, capsys):
     cfg = IGPTConfig(vocab_size=8, n_positions=16, n_layer=1, n_embd=16, n_head=2, objective="bert")
-    from igpt.checkpoint import save_checkpoint
     from igpt.files import write_json_atomic
+    from igpt.training.checkpoint import save_checkpoint
 
     run = tmp_path / "bert"
     run.mkdir()

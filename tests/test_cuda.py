@@ -11,9 +11,9 @@ import torch
 from conftest import run_cli
 
 import igpt
-from igpt import trainer
-from igpt.generation import DecodeWeights, KVCache, decode_step, generate
-from igpt.model import IGPT, IGPTConfig
+from igpt.generation.complete import DecodeWeights, KVCache, decode_step, generate
+from igpt.model.gpt import IGPT, IGPTConfig
+from igpt.training import trainer
 
 pytestmark = [
     pytest.mark.cuda,

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import igpt
-from igpt import engine
-from igpt.checkpoint import list_checkpoints
+from igpt.training import engine
+from igpt.training.checkpoint import list_checkpoints
 
 BASE = "--preset micro --batch-size 16 --eval-images 32 --log-interval 2 --no-progress".split()
 
@@ -123,7 +123,7 @@ def test_every_collective_is_on_the_training_device(monkeypatch, digits):
     with torch.device("meta"):
         model = igpt.IGPT(igpt.IGPTConfig(vocab_size=8, n_positions=64, n_layer=1, n_embd=16, n_head=2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    from igpt.data import PreparedData
+    from igpt.data.prepared import PreparedData
 
     batcher = engine.Batcher(PreparedData(digits).tokens("train"), 8, 0)
     recipe = engine.StepRecipe(

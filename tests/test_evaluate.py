@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from igpt.classifier import Augment, Classifier
 from igpt.cli import main
+from igpt.data.palette import from_sequence, to_sequence
+from igpt.data.preparation import PrepareConfig
+from igpt.data.preparation import prepare_config as prepare
 from igpt.errors import IgptError
-from igpt.logistic import (
+from igpt.finetuning.classifier import Augment, Classifier
+from igpt.model.gpt import IGPT, IGPTConfig
+from igpt.probes.logistic import (
     CV_LAMBDAS,
     FINE_CANDIDATES,
     FINE_LAMBDAS,
@@ -21,10 +25,6 @@ from igpt.logistic import (
     fit_logistic_many,
     probe_with_validation,
 )
-from igpt.model import IGPT, IGPTConfig
-from igpt.palette import from_sequence, to_sequence
-from igpt.preparation import PrepareConfig
-from igpt.preparation import prepare_config as prepare
 
 COMMON = ["--preset", "micro", "--batch-size", "16", "--eval-images", "32", "--no-progress"]
 
@@ -268,7 +268,7 @@ def test_unfinished_run_says_so(runs, tmp_path, capsys):
 
 
 def test_grid_pooling_averages_each_cell_in_raster_order():
-    from igpt.features import pool_states
+    from igpt.probes.features import pool_states
 
     R, d = 5, 2
     h = torch.arange(R * R * d, dtype=torch.float32).view(1, R * R, d)
@@ -286,8 +286,8 @@ def test_grid_pooling_averages_each_cell_in_raster_order():
 
 
 def test_grid_pooling_puts_snake_ordered_states_back_in_place():
-    from igpt.features import pool_states
-    from igpt.palette import order_index
+    from igpt.data.palette import order_index
+    from igpt.probes.features import pool_states
 
     R, d = 6, 3
     raster = torch.randn(2, R * R, d)
@@ -311,7 +311,7 @@ def test_one_label_per_class_chooses_the_layer_on_validation(runs, capsys):
 def test_mask_ensemble_averages_probabilities(monkeypatch):
     """Three probes whose votes tie 1-1-1 on the class: averaged probabilities pick the confident one,
     where a vote would break the tie toward class 0."""
-    from igpt import probing
+    from igpt.probes import variants
 
     class Probe:
         def __init__(self, p):
@@ -321,8 +321,8 @@ def test_mask_ensemble_averages_probabilities(monkeypatch):
             return self.p.log()
 
     probes = iter([Probe([0.34, 0.33, 0.33]), Probe([0.0, 0.9, 0.1]), Probe([0.3, 0.3, 0.4])])
-    monkeypatch.setattr(probing, "fit_logistic", lambda *a, **k: next(probes))
-    monkeypatch.setattr(probing, "extract_features", lambda *a, **k: {1: torch.zeros(1, 2)})
+    monkeypatch.setattr(variants, "fit_logistic", lambda *a, **k: next(probes))
+    monkeypatch.setattr(variants, "extract_features", lambda *a, **k: {1: torch.zeros(1, 2)})
 
     class Data:
         num_classes = 3
@@ -333,9 +333,9 @@ def test_mask_ensemble_averages_probabilities(monkeypatch):
     class Bert:
         causal = False
 
-    cfg = probing.ProbeConfig(run="x", mask_ensemble=3)
+    cfg = variants.ProbeConfig(run="x", mask_ensemble=3)
     y = torch.tensor([1])
-    res = probing.mask_ensemble(
+    res = variants.mask_ensemble(
         cfg, Bert(), Data(), np.array([0]), np.array([0]), y, y, {1: 0.01}, {"device": "cpu"}
     )
     assert res["layers"]["1"] == 1.0  # class 1 has the highest mean probability (0.41)
@@ -373,8 +373,8 @@ def test_the_finer_grid_is_fitted_at_the_layer_chosen_on_validation(runs):
 
 
 def test_feature_cache_computes_missing_rows_only_and_asked_poolings_in_the_same_pass(runs, monkeypatch):
-    from igpt import features
-    from igpt.data import PreparedData
+    from igpt.data.prepared import PreparedData
+    from igpt.probes import features
     from igpt.runs import Run
 
     run = Run.open(runs / "ar")
@@ -413,11 +413,11 @@ def test_column_stats_match_a_float64_copys_in_chunks():
 
 
 def test_a_probe_whose_features_would_not_fit_in_memory_is_refused_before_any_pass(runs, monkeypatch, capsys):
-    import igpt.probing as probing
+    import igpt.probes.probing as probing
 
     run = runs / "ar"
     before = sorted(p.name for p in run.iterdir())
-    from igpt.data import PreparedData
+    from igpt.data.prepared import PreparedData
     from igpt.runs import Run
 
     d = Run.open(run).load_model().config.n_embd

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 import igpt
-from igpt.classifier import HEAD_LAMBDAS
 from igpt.cli import main
-from igpt.data import PreparedData
+from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
-from igpt.finetuning import load_classifier
-from igpt.logistic import balanced_subset
+from igpt.finetuning.classifier import HEAD_LAMBDAS
+from igpt.finetuning.finetune import load_classifier
+from igpt.probes.logistic import balanced_subset
 
 QUICK = {"epochs": 1, "progress": False, "test_limit": 64}
 
@@ -112,7 +112,7 @@ def test_the_heads_start_is_kept_when_training_only_hurts(micro_run, tmp_path):
 
 
 def test_truncated_backbone_reads_exactly_the_probes_layer(micro_run):
-    from igpt.classifier import truncate
+    from igpt.finetuning.classifier import truncate
 
     model = igpt.load_run(micro_run).eval()
     x = torch.randint(0, model.config.vocab_size, (3, model.config.n_positions))
@@ -137,11 +137,11 @@ def test_head_on_a_lower_layer_saves_the_cut_model(micro_run, tmp_path):
 
 
 def test_layer_decay_scales_each_depth(micro_run):
-    from igpt.classifier import Classifier
-    from igpt.finetuning import _param_groups
+    from igpt.finetuning.classifier import Classifier
+    from igpt.finetuning.finetune import param_groups
 
     clf = Classifier(igpt.load_run(micro_run), 10)
-    groups = _param_groups(clf, 0.5)
+    groups = param_groups(clf, 0.5)
     scale_of = {id(p): g["scale"] for g in groups for p in g["params"]}
     named = dict(clf.named_parameters())
     assert scale_of[id(named["head.weight"])] == 1.0
@@ -154,11 +154,11 @@ def test_layer_decay_scales_each_depth(micro_run):
 def test_muon_fine_tuning_steps_the_blocks_matrices_with_muon(micro_run, tmp_path):
     """`optimizer="muon"`: Muon owns exactly the blocks' 2-D weights, AdamW the rest (head included), every
     group at scale 1; the run trains, moves the backbone, and records its optimizer."""
-    from igpt.classifier import Classifier
-    from igpt.finetuning import FinetuneConfig, _optimizer
+    from igpt.finetuning.classifier import Classifier
+    from igpt.finetuning.finetune import FinetuneConfig, make_optimizer
 
     clf = Classifier(igpt.load_run(micro_run), 10)
-    opt = _optimizer(clf, FinetuneConfig(run=str(micro_run), out="x", optimizer="muon"), 1e-3)
+    opt = make_optimizer(clf, FinetuneConfig(run=str(micro_run), out="x", optimizer="muon"), 1e-3)
     muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     named = dict(clf.named_parameters())
     want = {id(p) for n, p in named.items() if n.startswith("backbone.h.") and p.dim() == 2}
@@ -176,10 +176,10 @@ def test_muon_fine_tuning_steps_the_blocks_matrices_with_muon(micro_run, tmp_pat
 
 
 def test_schedule_follows_the_clock_when_the_budget_ends_first():
-    from igpt.finetuning import _Recipe
+    from igpt.finetuning.finetune import Recipe
 
     none = dict.fromkeys(("model", "opt", "lr", "aug", "flip", "mask_ratio", "gen", "forward"))
-    r = _Recipe(**none, total_steps=10_000, budget_seconds=100.0, precision="fp32", precision_reason="")
+    r = Recipe(**none, total_steps=10_000, budget_seconds=100.0, precision="fp32", precision_reason="")
     r.started -= 50.0  # half the budget gone after one step of ten thousand
     assert r.progress() == pytest.approx(0.5, abs=0.01)
     r.budget_seconds = None
@@ -187,7 +187,7 @@ def test_schedule_follows_the_clock_when_the_budget_ends_first():
 
 
 def test_validation_only_reads_no_test_image_and_saves_nothing(micro_run, tmp_path, monkeypatch):
-    from igpt.finetuning import FinetuneConfig, validation_only
+    from igpt.finetuning.finetune import FinetuneConfig, validation_only
 
     read = PreparedData.tokens
 

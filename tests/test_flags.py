@@ -9,15 +9,15 @@ import dataclasses
 import pytest
 
 from igpt.cli import build_parser
-from igpt.config import ModelChoice, TrainConfig
+from igpt.data.preparation import PrepareConfig
 from igpt.errors import IgptError
-from igpt.finetuning import FinetuneConfig
-from igpt.plans import QuickstartOptions
-from igpt.preparation import PrepareConfig
-from igpt.probe_setup import ProbeConfig
-from igpt.sampling import SampleConfig
-from igpt.serve import ServeConfig
+from igpt.finetuning.finetune import FinetuneConfig
+from igpt.generation.sample import SampleConfig
+from igpt.pipeline.plans import QuickstartOptions
+from igpt.probes.setup import ProbeConfig
+from igpt.serving.app import ServeConfig
 from igpt.settings import field_docs, flag_name
+from igpt.training.config import ModelChoice, TrainConfig
 
 # (command, config, fields the command supplies itself, whether unset flags stay unset)
 COMMANDS = [

@@ -24,7 +24,7 @@ from igpt.runs import Run
 pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
-from igpt.serve import Completer, create_app  # noqa: E402
+from igpt.serving.app import Completer, create_app  # noqa: E402
 
 MICRO = dict(preset="micro", batch_size=16, eval_images=16, progress=False)
 
@@ -82,7 +82,7 @@ def test_npz_labels_are_checked_before_anything_is_sized_by_them(
 def test_chunked_upload_is_refused_before_it_is_stored(micro_run):
     import asyncio
 
-    from igpt.serve import BadRequest, bounded_body
+    from igpt.serving.app import BadRequest, bounded_body
 
     client = TestClient(create_app(Completer(micro_run), 64 * 1024))
     chunks = (b"x" * 65536 for _ in range(64))  # 4 MiB without Content-Length
@@ -125,7 +125,7 @@ def test_decompression_bomb_is_refused_without_decoding(micro_run, tmp_path, mem
 
 
 def test_the_pixel_limit_can_be_raised(monkeypatch, tmp_path):
-    from igpt.sources import load_image
+    from igpt.data.sources import load_image
 
     monkeypatch.setenv("IGPT_MAX_IMAGE_PIXELS", str(60_000_000))
     assert load_image(io.BytesIO(BOMB), 8).shape == (8, 8, 1)
@@ -144,7 +144,7 @@ def test_convert_checks_the_model_size_before_allocating(tmp_path, capsys, memor
 
 # 5: 16-bit images are scaled, not clipped
 def test_16_bit_png_is_scaled_to_8_bits(tmp_path):
-    from igpt.sources import load_image
+    from igpt.data.sources import load_image
 
     ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
     (tmp_path / "g.png").write_bytes(png(ramp))
@@ -222,7 +222,7 @@ def test_full_disk_is_one_line_and_leaves_no_partial_files(micro_run, tiny_disk,
 
 
 def test_full_disk_keeps_the_last_good_checkpoint(micro_run, tmp_path, monkeypatch):
-    from igpt import checkpoint
+    from igpt.training import checkpoint
 
     data = micro_run.parent / "data"
     igpt.pretrain(data=data, out=tmp_path / "r", steps=10, eval_interval=5, **MICRO)
@@ -340,7 +340,7 @@ def test_a_killed_prepare_leaves_no_partial_directory_behind(tmp_path):
 
 
 def test_out_of_memory_message_names_no_missing_option(monkeypatch, capsys, micro_run):
-    from igpt import features
+    from igpt.probes import features
 
     def oom(*a, **k):
         raise MemoryError

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 import igpt
-from igpt.data import PreparedData
+from igpt.data.prepared import PreparedData
+from igpt.data.sources import list_folder, load_image
 from igpt.errors import IgptError
 from igpt.files import atomic_directory, write_json_atomic
 from igpt.runs import Run, read_metrics
-from igpt.sources import list_folder, load_image
 
 MICRO = dict(preset="micro", batch_size=16, eval_images=16, progress=False)
 
@@ -118,7 +118,7 @@ def test_model_too_big_to_train_is_refused_before_the_run_exists(digits, tmp_pat
     err = cli_error("pretrain", "--data", digits, "--out", tmp_path / "r", *argv)
     assert "optimizer state, activations" in err and "GiB" in err
     assert not (tmp_path / "r").exists()
-    from igpt.model import IGPTConfig
+    from igpt.model.gpt import IGPTConfig
 
     cfg = IGPTConfig.from_preset("tiny", vocab_size=16, n_positions=196)
     assert cfg.training_bytes(64) > cfg.training_bytes(32) > 16 * cfg.num_params()

@@ -9,12 +9,12 @@ import torch
 from conftest import assert_same_weights, losses, pretrain, weights
 
 from igpt import hardware
-from igpt.config import TrainConfig
-from igpt.engine import lr_at, random_shifts, shift_table
+from igpt.data.palette import from_sequence, to_sequence
 from igpt.errors import IgptError
-from igpt.model import IGPT, IGPTConfig
-from igpt.optim import Optimizers, muon_owns, newton_schulz
-from igpt.palette import from_sequence, to_sequence
+from igpt.model.gpt import IGPT, IGPTConfig
+from igpt.training.config import TrainConfig
+from igpt.training.engine import lr_at, random_shifts, shift_table
+from igpt.training.optim import Optimizers, muon_owns, newton_schulz
 
 
 def tiny_model(**kw) -> IGPT:
@@ -167,7 +167,7 @@ def test_prefix_causal_attention_is_bidirectional_inside_the_prefix_only():
 
 
 def test_augmented_muon_prefix_run_resumes_exactly(digits, tmp_path, monkeypatch):
-    from igpt import trainer
+    from igpt.training import trainer
 
     extra = ["--optimizer", "muon", "--shift", "1", "--flip", "--prefix-causal", "--schedule", "wsd"]
     straight, crashed = tmp_path / "a", tmp_path / "b"

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from igpt.generation import generate, sample_next
-from igpt.model import IGPT, PRESETS, IGPTConfig
+from igpt.generation.complete import generate, sample_next
+from igpt.model.gpt import IGPT, PRESETS, IGPTConfig
 
 
 def tiny(objective="ar", bias=False, **kw):
@@ -39,7 +39,7 @@ def test_paper_parameter_counts(name, count):
 
 
 def test_norm_is_rms_without_centring_and_quick_gelu():
-    from igpt.model import RMSNorm, quick_gelu
+    from igpt.model.gpt import RMSNorm, quick_gelu
 
     n = RMSNorm(4)
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
@@ -67,7 +67,7 @@ def test_ar_causality():
 def test_matmul_attention_matches_the_fused_kernel(pattern, monkeypatch):
     """Training in bf16 on CPU takes attention's plain-product path; its output and gradients match
     scaled_dot_product_attention's (the fused path, forced by a zero length limit) for every pattern."""
-    import igpt.model as M
+    import igpt.model.gpt as M
 
     T = 12
     torch.manual_seed(1)
@@ -136,7 +136,7 @@ def test_features_are_mean_of_normed_states():
 
 @pytest.mark.parametrize("bias,fold", [(False, True), (True, True), (True, False)])
 def test_kv_cache_matches_full_forward(bias, fold, monkeypatch):
-    from igpt.generation import DecodeWeights
+    from igpt.generation.complete import DecodeWeights
 
     # fold=False: the decode path of models too big to copy their weights (norm gains applied, not folded)
     monkeypatch.setattr(DecodeWeights, "FOLD_LIMIT", DecodeWeights.FOLD_LIMIT if fold else 0)
@@ -154,7 +154,7 @@ def test_kv_cache_matches_full_forward(bias, fold, monkeypatch):
         seq = torch.cat([seq, nxt[:, None]], 1)
     torch.testing.assert_close(out, seq)
     # cached logits equal the full forward's within float tolerance
-    from igpt.generation import KVCache, decode_step
+    from igpt.generation.complete import KVCache, decode_step
 
     cache = KVCache(m.config, 3, 20, "cpu", torch.float32)
     inp = torch.cat([torch.full((3, 1), 11), x[:, :-1]], 1)

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from igpt.errors import IgptError
-from igpt.palette import (
+from igpt.data.palette import (
     decode,
     fit_palette,
     from_sequence,
@@ -15,6 +14,7 @@ from igpt.palette import (
     to_sequence,
     token_dtype,
 )
+from igpt.errors import IgptError
 
 
 def test_fit_quantize_decode_round_trip_exact_when_k_covers_colours():

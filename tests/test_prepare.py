@@ -8,12 +8,12 @@ import pytest
 from conftest import FASHION_DIR, run_cli, write_idx
 
 from igpt.cli import main
-from igpt.data import PreparedData
+from igpt.data.palette import fit_palette
+from igpt.data.preparation import PrepareConfig
+from igpt.data.preparation import prepare_config as prepare
+from igpt.data.prepared import PreparedData
+from igpt.data.sources import load_source
 from igpt.errors import IgptError
-from igpt.palette import fit_palette
-from igpt.preparation import PrepareConfig
-from igpt.preparation import prepare_config as prepare
-from igpt.sources import load_source
 
 META_KEYS = "dataset resolution channels clusters order n_train n_val n_test num_classes class_names".split()
 META_KEYS += ["quantization_rmse"]

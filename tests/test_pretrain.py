@@ -13,8 +13,8 @@ import torch
 from conftest import PRETRAIN_BASE, assert_same_weights, losses, pretrain, run_cli, weights
 
 import igpt
-from igpt import trainer
-from igpt.checkpoint import list_checkpoints
+from igpt.training import trainer
+from igpt.training.checkpoint import list_checkpoints
 
 
 def test_run_directory_and_summary(digits, tmp_path):

@@ -5,16 +5,17 @@ import json
 import re
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
-from igpt import budget, pipeline, plans
-from igpt.budget import Speeds
 from igpt.cli import main
-from igpt.data import PreparedData
-from igpt.finetuning import HEAD_POOLS
-from igpt.logistic import balanced_subset
+from igpt.data.prepared import PreparedData
+from igpt.finetuning.finetune import HEAD_POOLS
+from igpt.pipeline import budget, plans
+from igpt.pipeline import quickstart as pipeline
+from igpt.pipeline.budget import Speeds
+from igpt.probes import probing
+from igpt.probes.logistic import balanced_subset
 
 ARGS = ["--smoke", "--dataset", "digits", "--pretrain-minutes", "0.1", "--no-progress"]
 
@@ -86,7 +87,7 @@ def test_a_resumed_pretraining_keeps_the_settings_it_began_with(qs, tmp_path, mo
             out.mkdir()
         job = pipeline.Job(plan, pipeline.QuickstartOptions(out=str(out)), pipeline.Stages(out, plan))
         job.pre_minutes = 0.2
-        pipeline._pretrain(job)
+        next(s for s in pipeline.STAGES if s.name == "pretrain").run(job)
     resumed, fresh = seen
     assert resumed["resume"] and not set(plan.pretrain_settings()) & set(resumed)
     assert resumed["minutes"] == 0.2 and resumed["eval_interval"] == plan.eval_interval
@@ -183,16 +184,23 @@ def test_low_data_fine_tuning_needs_its_minutes(tmp_path, capsys):
 
 
 FAST = Speeds(feature_seconds_per_image=1e-3, fit_flops_per_second=2e11, calibration_seconds=0.5)
+FASHION_COUNTS = (
+    55_000,
+    5_000,
+    10_000,
+    10,
+)  # Fashion-MNIST as the quickstart prepares it: train, val, test, classes
 
 
 def test_budget_shares_out_the_minutes_and_a_rerun_keeps_the_plan(monkeypatch, tmp_path):
     calls = []
+    monkeypatch.setattr(pipeline, "read_counts", lambda d: FASHION_COUNTS)
     monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: calls.append(a) or FAST)
     plan, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=30))
     st = pipeline.Stages(tmp_path, plan)
     minutes = pipeline.plan_budget(plan, tmp_path, st)
     b = st.state["budget"]
-    predicted = budget.predict(pipeline._workload(plan, tmp_path), FAST)
+    predicted = budget.predict(budget.workload(plan, FASHION_COUNTS), FAST)
     assert set(b["predicted"]) == {"probe", "low_data", "completions", "report"}
     want = 30 - (sum(predicted.values()) * budget.MARGIN + budget.MARGIN_SECONDS + b["spent_before"]) / 60
     assert minutes == b["pretrain_minutes"] == pytest.approx(want, abs=0.01) and 3 < minutes < 30
@@ -222,7 +230,8 @@ def test_budget_too_small_is_refused_with_the_least_that_works(monkeypatch, tmp_
     err = capsys.readouterr().err.strip()
     least = int(re.search(r"use --minutes (\d+) or more", err).group(1))
     assert "leaves no time for pretraining" in err and len(err.splitlines()) == 1 and least > 2
-    assert not (tmp_path / "q" / "data").exists() and not (tmp_path / "q" / "run").exists()
+    assert not (tmp_path / "q").exists()  # the refused job removes what it made (its prepared set)
+    monkeypatch.setattr(pipeline, "read_counts", lambda d: FASHION_COUNTS)
     plan, _ = pipeline.make_plan(
         pipeline.QuickstartOptions(minutes=least)
     )  # the least budget named is enough
@@ -230,7 +239,7 @@ def test_budget_too_small_is_refused_with_the_least_that_works(monkeypatch, tmp_
 
 
 def test_calibration_measures_this_machine():
-    from igpt.model import IGPTConfig
+    from igpt.model.gpt import IGPTConfig
 
     cfg = IGPTConfig.from_preset("micro", vocab_size=8, n_positions=16)
     s = budget.calibrate(cfg, "fp32", 64, images=32, shapes=[(40, 30), (40, 40)], num_classes=4)
@@ -245,7 +254,7 @@ def test_low_data_stage_is_predicted_from_its_timed_cross_validation_fits():
     and the mean, not the probe's coarser grid); shapes not timed fall back to
     the product rate; the faster of two calibrations keeps each shape's faster timing."""
     plan, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=30))
-    w = pipeline._workload(plan, Path("nowhere"))
+    w = budget.workload(plan, FASHION_COUNTS)
     shapes = budget.cv_shapes(w)
     # tiny-deep: the mean's width 96 and the 7x7 grid's 4,704, each capped at the rows, and raw pixels' 196
     assert shapes == [(100, 96), (100, 100), (1000, 96), (1000, 196), (1000, 1000)]
@@ -266,7 +275,7 @@ def test_bf16_fits_are_predicted_with_their_own_factor(monkeypatch):
     """Fits with bf16 products (an fp32 rate timed beside) are predicted with BF16_FIT_FACTOR, fp32 fits with
     FIT_FACTOR: at equal product rates the bf16 probe is predicted shorter, by the factors' ratio alone."""
     plan, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=30))
-    w = pipeline._workload(plan, Path("nowhere"))
+    w = budget.workload(plan, FASHION_COUNTS)
     bf16 = replace(FAST, fp32_fit_flops_per_second=FAST.fit_flops_per_second)
     fp32, low = budget.predict(w, FAST)["probe"], budget.predict(w, bf16)["probe"]
     assert low < fp32
@@ -278,7 +287,7 @@ def test_low_data_fits_are_predicted_at_the_fp32_rate_they_run_at():
     """With bf16 probes the full probe's fits run in bf16 and the low-data probes' in fp32: each stage's
     prediction follows its own rate (both are timed when the precisions differ)."""
     plan, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=30))
-    w = pipeline._workload(plan, Path("nowhere"))
+    w = budget.workload(plan, FASHION_COUNTS)
     bf16 = Speeds(
         FAST.feature_seconds_per_image, FAST.fit_flops_per_second * 3, 0.5, FAST.fit_flops_per_second
     )
@@ -295,7 +304,7 @@ def test_low_data_fits_are_predicted_at_the_fp32_rate_they_run_at():
 
 def test_calibration_keeps_the_fastest_round(monkeypatch):
     """One slow moment (a timed round at 0.3 s) must not set the predicted feature speed."""
-    from igpt.model import IGPTConfig
+    from igpt.model.gpt import IGPTConfig
 
     delays = iter([0.0, 0.3, 0.02, 0.3])  # the warm-up batch, then three timed rounds
     monkeypatch.setattr(budget, "extract_features", lambda *a, **k: time.sleep(next(delays)))
@@ -305,7 +314,7 @@ def test_calibration_keeps_the_fastest_round(monkeypatch):
 
 def test_low_data_summary_leads_with_each_subsets_own_choice(qs):
     low = json.loads((qs / "run" / "probe_10_per_class.json").read_text())
-    line = pipeline.probe_line(low)
+    line = probing.probe_line(low)
     assert line.startswith(f"10 labels per class: accuracy {low['mean_accuracy']:.4f}")
     assert f"shared by all subsets (layer {low['best_layer']}" in line
     page = (qs / "report.html").read_text()
@@ -316,6 +325,7 @@ def test_budget_is_replanned_once_with_the_faster_timing(monkeypatch, tmp_path, 
     """Halfway through pretraining the machine is timed again: after a slow first timing pretraining gets
     what a fast one would have given it; the re-plan is recorded (a rerun keeps it, and is not asked
     again); a slower second timing takes nothing away; the schedule's flat stretch bounds the minutes."""
+    monkeypatch.setattr(pipeline, "read_counts", lambda d: FASHION_COUNTS)
     slow = Speeds(FAST.feature_seconds_per_image * 2, FAST.fit_flops_per_second / 2, 0.5)
     plan, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=30))
 
@@ -350,7 +360,7 @@ def test_budget_is_replanned_once_with_the_faster_timing(monkeypatch, tmp_path, 
 def test_a_quickstart_whose_probe_would_not_fit_in_memory_is_refused_before_pretraining(
     monkeypatch, tmp_path, capsys
 ):
-    import igpt.probing as probing
+    import igpt.probes.probing as probing
 
     monkeypatch.setattr(probing, "available_memory", lambda: 1 << 16)  # 64 KiB available
     with pytest.raises(SystemExit):

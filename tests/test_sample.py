@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from igpt.cli import main
-from igpt.generation import complete, generate, mask_predict, sample_next
-from igpt.images import grid_image
-from igpt.model import IGPT, IGPTConfig
+from igpt.data.images import grid_image
+from igpt.generation.complete import complete, generate, mask_predict, sample_next
+from igpt.model.gpt import IGPT, IGPTConfig
 
 
 def model(objective="ar"):
@@ -73,7 +73,7 @@ def test_sample_cli_grid_and_tokens(micro_run, tmp_path):
     assert img.size == (5 * (8 * scale + 2) + 2, 2 * (8 * scale + 2) + 2)
     tok = np.load(tmp_path / "grid.npy")
     assert tok.shape == (2, 3, 8, 8)
-    from igpt.data import PreparedData
+    from igpt.data.prepared import PreparedData
 
     data = PreparedData(micro_run.parent / "data")
     kept = data.tokens("test")[[0, 1]].reshape(2, 8, 8)[:, :4]

@@ -19,8 +19,8 @@ from igpt.cli import main
 starlette = pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
-from igpt import serve  # noqa: E402
-from igpt.serve import Completer, create_app, is_loopback, make_server  # noqa: E402
+from igpt.serving import app as serve  # noqa: E402
+from igpt.serving.app import Completer, create_app, is_loopback, make_server  # noqa: E402
 
 LIMIT = 64 * 1024
 

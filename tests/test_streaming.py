@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import igpt
-from igpt import streaming
-from igpt.data import PreparedData
+from igpt.data import streaming
+from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
 
 ARRAYS = ("train_tokens", "val_tokens", "test_tokens", "train_labels", "val_labels", "test_labels", "palette")

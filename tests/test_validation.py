@@ -10,9 +10,9 @@ import pytest
 from conftest import permuted_test_copy
 
 import igpt
-from igpt.data import PreparedData
+from igpt.data.prepared import PreparedData
+from igpt.data.sources import split_validation
 from igpt.errors import IgptError
-from igpt.sources import split_validation
 
 
 def test_validation_rows_are_disjoint_stratified_and_seeded():

@@ -11,8 +11,9 @@ writes as JSON:
     igpt.sample("runs/r", out="grid.png", num=2)
     model = igpt.load_run("runs/ft")
 
-The pipeline in module names: preparation -> data (tokens on disk) -> training -> runs (the run directory)
--> probing / finetuning / sampling / serve. Names resolve on first use, so `import igpt` stays light.
+The package by stage: data (images -> tokens on disk) -> model -> training -> runs (the run directory)
+-> probes / finetuning / generation / serving, and pipeline (the quickstart) over all of them; see
+docs/architecture.md. Names resolve on first use, so `import igpt` stays light.
 """
 
 from __future__ import annotations
@@ -24,29 +25,29 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "prepare": "preparation",
-    "pretrain": "training",
-    "probe": "probing",
-    "finetune": "finetuning",
-    "sample": "sampling",
+    "prepare": "data.preparation",
+    "pretrain": "training.pretrain",
+    "probe": "probes.probing",
+    "finetune": "finetuning.finetune",
+    "sample": "generation.sample",
     "convert_from_hf": "convert",
     "convert_to_hf": "convert",
-    "quickstart": "pipeline",
+    "quickstart": "pipeline.quickstart",
     "load_run": "runs",
     "Run": "runs",
-    "complete": "generation",
-    "generate": "decoding",
-    "load_classifier": "finetuning",
-    "IGPT": "model",
-    "IGPTConfig": "model",
+    "complete": "generation.complete",
+    "generate": "model.decoding",
+    "load_classifier": "finetuning.finetune",
+    "IGPT": "model.gpt",
+    "IGPTConfig": "model.gpt",
     "IgptError": "errors",
-    "PrepareConfig": "preparation",
-    "TrainConfig": "config",
-    "ModelChoice": "config",
-    "ProbeConfig": "probe_setup",
-    "FinetuneConfig": "finetuning",
-    "SampleConfig": "sampling",
-    "QuickstartOptions": "plans",
+    "PrepareConfig": "data.preparation",
+    "TrainConfig": "training.config",
+    "ModelChoice": "training.config",
+    "ProbeConfig": "probes.setup",
+    "FinetuneConfig": "finetuning.finetune",
+    "SampleConfig": "generation.sample",
+    "QuickstartOptions": "pipeline.plans",
 }
 
 __all__ = ["__version__", *_EXPORTS]

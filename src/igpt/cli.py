@@ -130,9 +130,15 @@ _CONVERTERS = {int: integer, float: number, str: str}
 
 # ---------------------------------------------------------------------------------------------- prepare
 def add_prepare(sub: Sub) -> None:
-    from .preparation import PrepareConfig
+    from igpt.data.preparation import PrepareConfig
+    from igpt.data.sources import source_lines
 
-    p = sub.add_parser("prepare", help="images -> palette -> token set (meta.json, tokens, labels, palette)")
+    p = sub.add_parser(
+        "prepare",
+        help="images -> palette -> token set (meta.json, tokens, labels, palette)",
+        epilog="datasets:\n" + "\n".join(f"  {line}" for line in source_lines()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_flags(p, PrepareConfig, positional=["dataset"])
     p.add_argument("--out", required=True, help="directory to write the prepared set to")
     p.add_argument("--force", action="store_true", help="replace an --out prepared with other settings")
@@ -141,7 +147,7 @@ def add_prepare(sub: Sub) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> None:
-    from .preparation import PrepareConfig, prepare, summary_lines
+    from igpt.data.preparation import PrepareConfig, prepare, summary_lines
 
     cfg = PrepareConfig(**config_kwargs(args, PrepareConfig))
     meta = prepare(cfg, args.out, force=args.force, progress=not args.no_progress)
@@ -150,7 +156,7 @@ def run_prepare(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- pretrain
 def add_pretrain(sub: Sub) -> None:
-    from .config import ModelChoice, TrainConfig
+    from igpt.training.config import ModelChoice, TrainConfig
 
     p = sub.add_parser("pretrain", help="pretrain an iGPT model (AR or BERT) on a prepared set")
     p.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
@@ -163,7 +169,7 @@ def add_pretrain(sub: Sub) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> None:
-    from .training import pretrain
+    from igpt.training.pretrain import pretrain
 
     pretrain(
         out=args.out, resume=args.resume, progress=not args.no_progress, **settings(args, "out", "resume")
@@ -172,7 +178,7 @@ def run_pretrain(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- probe
 def add_probe(sub: Sub) -> None:
-    from .probe_setup import ProbeConfig
+    from igpt.probes.setup import ProbeConfig
 
     p = sub.add_parser("probe", help="linear probes of every layer, low-data probes, loss against probe")
     add_config_flags(p, ProbeConfig, positional=["run"])
@@ -180,8 +186,8 @@ def add_probe(sub: Sub) -> None:
 
 
 def run_probe(args: argparse.Namespace) -> None:
-    from .pipeline import probe_line
-    from .probing import ProbeConfig, probe
+    from igpt.probes.probing import ProbeConfig, probe, probe_line
+
     from .runs import CHECKPOINTS_PROBE, LATEST_PROBE, Run
 
     res = probe(ProbeConfig(**config_kwargs(args, ProbeConfig)))
@@ -198,7 +204,7 @@ def run_probe(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- finetune
 def add_finetune(sub: Sub) -> None:
-    from .finetuning import FinetuneConfig
+    from igpt.finetuning.finetune import FinetuneConfig
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained run with a linear head (L_CLF + L_GEN)")
     add_config_flags(p, FinetuneConfig, positional=["run"], required=["out"])
@@ -206,7 +212,8 @@ def add_finetune(sub: Sub) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> None:
-    from .finetuning import FinetuneConfig, finetune
+    from igpt.finetuning.finetune import FinetuneConfig, finetune
+
     from .results import FinetuneResult
     from .runs import FINETUNE
 
@@ -226,7 +233,7 @@ def run_finetune(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- sample
 def add_sample(sub: Sub) -> None:
-    from .sampling import SampleConfig
+    from igpt.generation.sample import SampleConfig
 
     p = sub.add_parser("sample", help="sample images or complete the bottom of test images")
     add_config_flags(p, SampleConfig, positional=["run"], required=["out"])
@@ -234,7 +241,7 @@ def add_sample(sub: Sub) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    from .sampling import SampleConfig, sample
+    from igpt.generation.sample import SampleConfig, sample
 
     r = sample(SampleConfig(**config_kwargs(args, SampleConfig)))
     print(
@@ -260,7 +267,7 @@ def add_convert(sub: Sub) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from .convert import convert_from_hf, convert_to_hf
+    from igpt.convert import convert_from_hf, convert_to_hf
 
     if args.from_hf:
         if args.checkpoint:
@@ -276,7 +283,7 @@ def run_convert(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- quickstart
 def add_quickstart(sub: Sub) -> None:
-    from .plans import QuickstartOptions
+    from igpt.pipeline.plans import QuickstartOptions
 
     p = sub.add_parser("quickstart", help="the whole pipeline on Fashion-MNIST, ending in report.html")
     add_config_flags(p, QuickstartOptions)
@@ -284,15 +291,15 @@ def add_quickstart(sub: Sub) -> None:
 
 
 def run_quickstart(args: argparse.Namespace) -> None:
-    from .pipeline import quickstart
-    from .plans import QuickstartOptions
+    from igpt.pipeline.plans import QuickstartOptions
+    from igpt.pipeline.quickstart import quickstart
 
     quickstart(QuickstartOptions(**config_kwargs(args, QuickstartOptions)))
 
 
 # ---------------------------------------------------------------------------------------------- serve
 def add_serve(sub: Sub) -> None:
-    from .serve import ServeConfig
+    from igpt.serving.app import ServeConfig
 
     p = sub.add_parser("serve", help="a local web page to complete images with a run's model")
     add_config_flags(p, ServeConfig, positional=["run"])
@@ -300,7 +307,7 @@ def add_serve(sub: Sub) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    from .serve import ServeConfig, serve
+    from igpt.serving.app import ServeConfig, serve
 
     serve(ServeConfig(**config_kwargs(args, ServeConfig)))
 

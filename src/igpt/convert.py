@@ -27,12 +27,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import save_checkpoint
-from .errors import IgptError
-from .files import atomic_directory
-from .model import IGPT, IGPTConfig
-from .palette import load_palette
-from .runs import Run
+from igpt.data.palette import load_palette
+from igpt.errors import IgptError
+from igpt.files import atomic_directory
+from igpt.runs import Run
+from igpt.training.checkpoint import save_checkpoint
+
+from .model.gpt import IGPT, IGPTConfig
+from .model.objectives import DEFAULT_OBJECTIVE, objective
 
 _LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -121,7 +123,7 @@ def hf_config_to_igpt(c: dict, bias: bool) -> IGPTConfig:
         n_embd=d,
         n_head=c.get("n_head", 8),
         bias=bias,
-        objective="ar",
+        objective=DEFAULT_OBJECTIVE,
         norm_eps=c.get("layer_norm_epsilon", 1e-5),
     )
 
@@ -209,9 +211,10 @@ def to_hf(run: str | Path, out: str | Path, checkpoint: str | None = None) -> Pa
     preprocessor_config.json carrying the palette (grey palettes become grey RGB clusters)."""
     r = Run.open(run)
     cfg = r.model_config
-    if cfg.objective != "ar":
+    if not objective(cfg.objective).exports_to_hf:
         raise IgptError(
-            "a BERT run has no Hugging Face counterpart (ImageGPT is causal); only AR runs export"
+            f"a {cfg.objective.upper()} run has no Hugging Face counterpart (ImageGPT is causal); "
+            "only AR runs export"
         )
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -107,6 +107,12 @@ class ProbeResult(Result):
     precision: str | None = None
     """The feature pass's and the fits' precision (fp32 or bf16; None: written before it was recorded)."""
 
+    def variant(self, key: str) -> dict[str, Any] | None:
+        """The result of the probe variant stored under `key` (`igpt.probes.variants`), None when it did not
+        run."""
+        value = getattr(self, key, None) if key in self._named() else self.extra.get(key)
+        return value if isinstance(value, dict) else None
+
     @property
     def linear_best(self) -> float | None:
         """The best linear layer's test accuracy, whichever head led."""

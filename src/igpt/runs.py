@@ -28,18 +28,25 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from igpt.model.gpt import IGPT, IGPTConfig
+from igpt.training.checkpoint import (
+    CKPT_DIR,
+    is_checkpoint,
+    latest_readable,
+    list_checkpoints,
+    read_checkpoint,
+)
+from igpt.training.config import TrainConfig
+
 from . import __version__
-from .checkpoint import CKPT_DIR, is_checkpoint, latest_readable, list_checkpoints, read_checkpoint
-from .config import TrainConfig
 from .errors import IgptError
 from .files import write_json_atomic
-from .model import IGPT, IGPTConfig
 from .results import FinetuneResult, LowDataResult, PretrainSummary, ProbeResult
 
 SCHEMA = 2
 KINDS = ("pretrained", "converted", "finetuned")
 
-# Every file of a run directory, named here only (checkpoint internals: `igpt.checkpoint`).
+# Every file of a run directory, named here only (checkpoint internals: `igpt.training.checkpoint`).
 RECORD = "run.json"
 """The run's record (see the module's docstring)."""
 SUMMARY = "summary.json"

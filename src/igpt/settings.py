@@ -9,7 +9,7 @@ import ast
 import dataclasses
 import inspect
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Any
 
@@ -18,8 +18,10 @@ from .errors import IgptError
 
 def choice(default: Any, choices: Iterable[str]) -> Any:
     """A dataclass field whose value must be one of `choices` (the command line offers them in its help; the
-    config's own check refuses the others)."""
-    return dataclasses.field(default=default, metadata={"choices": tuple(choices)})
+    config's own check refuses the others). A mapping (a registry such as `OBJECTIVES`) stays live, so a
+    later registration is a valid choice too."""
+    live = choices if isinstance(choices, Mapping) else tuple(choices)
+    return dataclasses.field(default=default, metadata={"choices": live})
 
 
 def check_choices(config: Any) -> None:

@@ -1,0 +1,564 @@
+"""Preparing large image sets in bounded memory: a folder of images (decoded in parallel worker processes) or
+the downsampled ImageNet batch files, streamed in chunks through a work directory and resumable.
+
+How it goes:
+1. The source is listed (files and labels, or batch files) and cut into chunks of CHUNK images in a fixed
+   order. Each chunk is decoded, centre-cropped and box-resized (by `workers` processes for a folder), and
+   saved as its own file in the work directory `.OUT.partial/`, written under a temporary name and renamed:
+   a chunk file either exists whole or not at all.
+2. An interrupted run (Ctrl-C, SIGKILL, a full disk) leaves the finished chunks there; the same command again
+   skips them, so at most the chunk that was being written is redone. A rerun with other settings, or over a
+   folder that changed, is refused with a message naming what differs (`--force` starts over).
+3. The palette is fitted on a seeded sample of the training images (bounded by pixels), the validation split
+   is drawn from the training labels, and the tokens are written chunk by chunk (plain file writes, which do
+   not stay resident) into the final directory, which appears atomically. Peak memory depends on the chunk
+   size and the sample, not on the number of images.
+
+The output depends only on the settings and the source, never on the number of workers: chunk boundaries
+and their order are fixed, and each image is decoded on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .prepared import meta_record
+from igpt.errors import IgptError
+from igpt.files import NpyWriter, atomic_directory, atomic_file, disk_errors, write_json_atomic
+from .sources import (
+    IMAGE_EXTENSIONS,
+    Source,
+    data_path,
+    list_folder,
+    load_image,
+    register_source,
+    safe_name,
+    source,
+    split_validation,
+)
+
+CHUNK = 1024
+"""Images per chunk: the unit of work of a worker, of a resume, and of memory."""
+PALETTE_SAMPLE_PIXELS = 4_000_000
+"""Pixels of the seeded sample of training images that the palette is fitted on (fit_palette then takes
+at most 500,000 of them)."""
+IMAGENET_ROW = {16: 768, 32: 3072, 64: 12288}
+
+
+def default_workers() -> int:
+    """The cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------------- listing
+@dataclass
+class Listing:
+    """What will be read: per split, the (file, label) entries (folder) or the batch files (ImageNet), the
+    class names, and notes on what was left out while listing."""
+
+    kind: str
+    """folder or imagenet."""
+    entries: dict[str, list[tuple[str, int]]]
+    class_names: list[str]
+    notes: list[str]
+    source: str
+
+    def digest(self) -> str:
+        """A fingerprint of what was listed (names, labels, sizes), so a resume over a changed source is
+        caught."""
+        h = hashlib.sha1()
+        for split in sorted(self.entries):
+            for name, label in self.entries[split]:
+                try:
+                    size = os.stat(name).st_size
+                except OSError:
+                    size = -1
+                h.update(f"{split}\0{name}\0{label}\0{size}\n".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
+
+
+def list_image_folder(directory: Path, test_fraction: float, seed: int, limit: int | None) -> Listing:
+    """A folder of images: `train/<class>/...` beside `val/<class>/...` (or `test/`) keeps that split (the
+    ImageNet and torchvision layout); otherwise one sub-directory per class (or a flat folder), split into
+    train and test by a seeded draw of `test_fraction` of the files."""
+    if not directory.is_dir():
+        raise IgptError(f"image folder {directory} does not exist")
+    given_test = next((directory / n for n in ("val", "test") if (directory / n).is_dir()), None)
+    if (directory / "train").is_dir() and given_test is not None:
+        classes, train, notes = list_folder(directory / "train")
+        test_classes, test, test_notes = list_folder(given_test)
+        notes += test_notes
+        if bool(classes) != bool(test_classes):
+            with_classes = "train/" if classes else f"{given_test.name}/"
+            raise IgptError(
+                f"{directory}: {with_classes} has class folders and the other split does not; lay out "
+                "both as <split>/<class>/<images>, or both flat"
+            )
+        if classes:
+            index = {c: i for i, c in enumerate(classes)}
+            unknown = sorted(set(test_classes) - set(index))
+            if unknown:
+                notes.append(f"{given_test.name}/ classes without training images skipped: {unknown[:3]}")
+            test = [(p, index[test_classes[lab]]) for p, lab in test if test_classes[lab] in index]
+        split = {"train": train, "test": test}
+    else:
+        classes, entries, notes = list_folder(directory)
+        if len(entries) < 2:
+            raise IgptError(f"no images to split in {directory} (need at least two files)")
+        perm = np.random.default_rng(seed).permutation(len(entries))
+        n_test = min(max(1, round(len(entries) * test_fraction)), len(entries) - 1)
+        te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+        split = {"train": [entries[i] for i in tr], "test": [entries[i] for i in te]}
+    out = {k: [(str(p), int(lab)) for p, lab in v[:limit]] for k, v in split.items()}
+    if not out["train"]:
+        raise IgptError(f"no training images in {directory}")
+    return Listing("folder", out, classes, notes, str(directory))
+
+
+def list_imagenet(directory: Path) -> Listing:
+    """The downsampled ImageNet files (Chrabaszcz et al. 2017): `train_data_batch_1` ... `_10` and `val_data`,
+    pickled or `.npz` (each with `data`, N rows of 3 x R x R uint8 in channel-major order, and `labels`
+    numbered from 1). `val_data` is the test split."""
+    if not directory.is_dir():
+        raise IgptError(f"data directory {directory} does not exist")
+
+    def find(stem: str) -> Path | None:
+        for name in (stem, stem + ".npz", stem + ".pkl", stem + ".pickle"):
+            if (directory / name).is_file():
+                return directory / name
+        return None
+
+    train = []
+    for i in range(1, 1000):
+        p = find(f"train_data_batch_{i}")
+        if p is None:
+            break
+        train.append((str(p), i))
+    test = find("val_data")
+    if not train or test is None:
+        raise IgptError(
+            f"{directory} does not hold the downsampled ImageNet files (train_data_batch_1, ..., val_data, "
+            "pickled or .npz)"
+        )
+    names = [str(i) for i in range(1000)]
+    return Listing("imagenet", {"train": train, "test": [(str(test), 0)]}, names, [], str(directory))
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def decode_files(job: tuple[list[str], int, bool]) -> tuple[np.ndarray, np.ndarray, bool, list[str]]:
+    """A worker's job: decode, crop and box-resize files to (n, R, R, 3) uint8 (grey is repeated over the
+    channels). Returns (images, ok mask, whether any was in colour, skip notes). Runs in a worker process."""
+    files, size, strict = job
+    out = np.zeros((len(files), size, size, 3), np.uint8)
+    ok = np.zeros(len(files), bool)
+    colour, notes = False, []
+    for i, f in enumerate(files):
+        path = Path(f)
+        if path.suffix.lower() not in IMAGE_EXTENSIONS and not strict:
+            notes.append(f"not an image file extension\t{safe_name(path)}")
+            continue
+        try:
+            a = load_image(path, size)
+        except IgptError as e:
+            if strict:
+                raise
+            notes.append(f"over the pixel limit\t{safe_name(path)} ({e})")
+            continue
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
+            if strict:
+                raise IgptError(f"cannot read image {safe_name(path)}: {safe_name(e)}") from None
+            notes.append(f"unreadable ({e.__class__.__name__})\t{safe_name(path)}")
+            continue
+        colour |= a.shape[2] == 3
+        out[i] = a if a.shape[2] == 3 else np.repeat(a, 3, axis=2)
+        ok[i] = True
+    return out, ok, colour, notes
+
+
+def read_imagenet_batch(path: Path, classes: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """One downsampled ImageNet batch file -> (uint8 (N, R, R, 3) images, int64 labels from 0). Pickles are
+    read with the allow-list unpickler (plain data only); rows of the wrong length, labels outside 1..1000
+    and any other object are refused with one line."""
+    from .sources import unpickle
+
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                d = {k: z[k] for k in z.files}
+        except Exception as e:  # noqa: BLE001 - damaged or not an npz
+            why = f"{e.__class__.__name__}: {e}"
+            raise IgptError(f"{path} is not a downsampled ImageNet .npz ({why})") from None
+    else:
+        try:
+            d = unpickle(path)
+        except IgptError as e:
+            raise IgptError(str(e).replace("a CIFAR python batch", "a downsampled ImageNet batch")) from None
+    if "data" not in d or "labels" not in d:
+        raise IgptError(f"{path} is not a downsampled ImageNet batch (no 'data' or 'labels')")
+    data = np.asarray(d["data"])
+    try:
+        labels = np.asarray(d["labels"], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise IgptError(f"{path}: 'labels' is not a list of integers") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] not in IMAGENET_ROW.values():
+        raise IgptError(
+            f"{path}: 'data' is {data.dtype} {data.shape}, not uint8 rows of 3 x R x R for R in 16, 32, 64"
+        )
+    if labels.ndim != 1 or len(labels) != len(data):
+        raise IgptError(f"{path}: {len(data)} images but {labels.shape} labels")
+    if len(labels) and (labels.min() < 1 or labels.max() > classes):
+        raise IgptError(f"{path}: labels must be in 1..{classes}, found {labels.min()}..{labels.max()}")
+    R = int(round((data.shape[1] // 3) ** 0.5))
+    return data.reshape(-1, 3, R, R).transpose(0, 2, 3, 1), labels - 1
+
+
+# ---------------------------------------------------------------------------------------------- the store
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+class ChunkStore:
+    """The work directory of one streamed prepare: `progress.json` (the settings and the listing's digest)
+    and one `.npz` per finished chunk (`{split}_{index:06d}.npz`: images, ok mask, labels, colour flag)."""
+
+    def __init__(self, work: Path, settings: dict[str, Any], digest: str, force: bool):
+        self.work = work
+        record = work / "progress.json"
+        if work.is_dir() and record.is_file() and not force:
+            try:
+                old = json.loads(record.read_text())
+            except ValueError:
+                old = {}
+            prev = old.get("settings", {}) if isinstance(old, dict) else {}
+            differ = sorted(k for k in set(prev) | set(settings) if prev.get(k) != settings.get(k))
+            if differ:
+                k = differ[0]
+                raise IgptError(
+                    f"an interrupted prepare in {work} used {k}={prev.get(k)!r}, not {settings.get(k)!r}; "
+                    "run it with the same settings to resume, or pass --force to start over"
+                )
+            if old.get("digest") != digest:
+                raise IgptError(
+                    f"the source changed since the interrupted prepare in {work}; pass --force to start over"
+                )
+        elif work.is_symlink() or (work.exists() and not (record.is_file() or _empty_dir(work))):
+            raise IgptError(
+                f"{work} exists and is not an interrupted prepare of igpt's; move it away and retry"
+            )
+        elif work.exists():
+            shutil.rmtree(
+                work
+            )  # an interrupted prepare's chunks (progress.json names it igpt's), with --force
+        with disk_errors(work / "x"):
+            work.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, {"settings": settings, "digest": digest})
+
+    def path(self, split: str, index: int) -> Path:
+        return self.work / f"{split}_{index:06d}.npz"
+
+    def done(self, split: str, index: int) -> bool:
+        return self.path(split, index).is_file()
+
+    def put(
+        self, split: str, index: int, images: np.ndarray, ok: np.ndarray, labels: np.ndarray, colour: bool
+    ) -> None:
+        """Save a finished chunk whole (a temporary file renamed into place)."""
+        with atomic_file(self.path(split, index), needed=images.nbytes) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, images=images, ok=ok, labels=labels, colour=np.array(colour))
+
+    def get(self, split: str, index: int, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """A stored chunk's arrays (only `keys`, when given: the others are not read)."""
+        with np.load(self.path(split, index), allow_pickle=False) as z:
+            return {k: z[k] for k in (keys or z.files)}
+
+    def chunks(self, split: str) -> list[int]:
+        return sorted(int(p.stem.split("_")[-1]) for p in self.work.glob(f"{split}_*.npz"))
+
+
+def _jobs(listing: Listing, split: str) -> list[tuple[int, list[tuple[str, int]]]]:
+    """(chunk index, entries) of a split: CHUNK files each for a folder, one batch file each for ImageNet."""
+    rows = listing.entries[split]
+    size = CHUNK if listing.kind == "folder" else 1
+    return [(i, rows[s : s + size]) for i, s in enumerate(range(0, len(rows), size))]
+
+
+def fill_store(
+    store: ChunkStore, listing: Listing, size: int, workers: int, strict: bool, progress: bool
+) -> list[str]:
+    """Decode every chunk not yet in the store (in parallel for a folder) and save it; returns the skip
+    notes of the chunks decoded now and before (read back from the store's notes file)."""
+    notes_path = store.work / "skipped.txt"
+    notes = notes_path.read_text().splitlines() if notes_path.is_file() else []
+    todo = [(s, i, rows) for s in ("train", "test") for i, rows in _jobs(listing, s) if not store.done(s, i)]
+    if not todo:
+        return notes
+    from tqdm import tqdm
+
+    folder = listing.kind == "folder"
+    total = sum(len(r) for s in ("train", "test") for _, r in _jobs(listing, s))
+    bar = tqdm(
+        total=total if folder else None,
+        initial=total - sum(len(r) for _, _, r in todo) if folder else 0,
+        desc="decoding" if folder else "reading batches",
+        unit="img",
+        disable=not progress,
+        mininterval=1.0,
+        file=sys.stderr,
+    )
+    try:
+        for (split, i, rows), (images, ok, colour, new, labels) in zip(
+            todo, _decoded(listing, todo, size, workers, strict), strict=True
+        ):
+            if labels is None:
+                labels = np.array([lab for _, lab in rows], np.int64)
+            store.put(split, i, images, ok, labels, colour)
+            if new:
+                notes += new
+                with open(notes_path, "a", encoding="utf-8", errors="replace") as f:
+                    f.write("".join(n + "\n" for n in new))
+            bar.update(len(images))
+    finally:
+        bar.close()
+    return notes
+
+
+def _decoded(listing: Listing, todo: list, size: int, workers: int, strict: bool) -> Iterator[tuple]:
+    """(images, ok, colour, notes, labels or None) per job of `todo`, in order."""
+    if listing.kind == "imagenet":
+        from .palette import resize_images
+
+        for _, _, rows in todo:
+            images, labels = read_imagenet_batch(Path(rows[0][0]))
+            if images.shape[1] != size:
+                images = resize_images(images, size)
+            yield images, np.ones(len(images), bool), True, [], labels
+        return
+    jobs = [([f for f, _ in rows], size, strict) for _, _, rows in todo]
+    if workers <= 1:
+        for job in jobs:
+            yield (*decode_files(job), None)
+        return
+    import multiprocessing as mp
+
+    # spawn: workers import only numpy and Pillow, and never inherit torch's threads
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for res in pool.imap(decode_files, jobs):
+            yield (*res, None)
+
+
+# ---------------------------------------------------------------------------------------------- assembly
+def stored_rows(store: ChunkStore, split: str) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(chunk index and row within it of every readable image, their labels, whether any was in colour)."""
+    where, labels, colour = [], [], False
+    for i in store.chunks(split):
+        c = store.get(split, i, ("ok", "labels", "colour"))
+        rows = np.flatnonzero(c["ok"])
+        where.append(np.stack([np.full(len(rows), i), rows], 1))
+        labels.append(c["labels"][rows])
+        colour |= bool(c["colour"])
+    if not where:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.int64), colour
+    return np.concatenate(where), np.concatenate(labels), colour
+
+
+def gather(store: ChunkStore, split: str, where: np.ndarray) -> np.ndarray:
+    """The stored images at (chunk, row) positions `where`, in that order, reading each chunk once."""
+    out = None
+    for i in np.unique(where[:, 0]):
+        sel = np.flatnonzero(where[:, 0] == i)
+        imgs = store.get(split, int(i), ("images",))["images"][where[sel, 1]]
+        if out is None:
+            out = np.empty((len(where), *imgs.shape[1:]), np.uint8)
+        out[sel] = imgs
+    return out if out is not None else np.zeros((0,), np.uint8)
+
+
+def skip_summary(notes: list[str]) -> list[str]:
+    """Skipped files counted by cause, with one example each."""
+    causes = Counter(n.split("\t", 1)[0] for n in notes)
+    first = {}
+    for n in notes:
+        first.setdefault(n.split("\t", 1)[0], n.split("\t", 1)[-1])
+    return [f"{k}: {v:,} (e.g. {first[k]})" for k, v in causes.most_common()]
+
+
+def prepare_streamed(
+    cfg: Any, out: Path, settings: dict[str, Any], force: bool, progress: bool = True
+) -> dict[str, Any]:
+    """`igpt prepare folder` and the downsampled ImageNet sources, streamed and resumable (see the module's
+    docstring); `settings` are the ones a resume compares. Returns meta.json's content."""
+    t0 = time.perf_counter()
+    kind = source(cfg.dataset)
+    src = data_path(kind, cfg.data_dir)
+    listing, size = kind.listing(src, cfg)
+    work = out.parent / f".{out.name}.partial"
+    store = ChunkStore(work, settings, listing.digest(), force)
+    workers = cfg.workers or default_workers()
+    t_list = time.perf_counter()
+    notes = listing.notes + fill_store(store, listing, size, workers, cfg.strict, progress)
+    t_decode = time.perf_counter()
+
+    tr_where, tr_labels, colour_tr = stored_rows(store, "train")
+    te_where, te_labels, colour_te = stored_rows(store, "test")
+    if cfg.limit and listing.kind == "imagenet":  # a folder's limit applied when listing
+        tr_where, tr_labels = tr_where[: cfg.limit], tr_labels[: cfg.limit]
+        te_where, te_labels = te_where[: cfg.limit], te_labels[: cfg.limit]
+    if len(tr_labels) < 2 or len(te_labels) < 1:
+        raise IgptError(f"too few readable images in {src} ({len(tr_labels)} train, {len(te_labels)} test)")
+    channels = 3 if (colour_tr or colour_te) else 1
+    tr_rows, va_rows = split_validation(tr_labels, cfg.val_fraction, cfg.seed)
+    if len(tr_rows) == 0 or len(va_rows) == 0:
+        raise IgptError(f"--val-fraction {cfg.val_fraction} leaves no training or no validation images")
+
+    colour = colour_tr or colour_te
+    palette, n_sample = _streamed_palette(cfg, store, (tr_where, tr_rows), size, channels, colour)
+    t_fit = time.perf_counter()
+
+    labelled = bool((np.concatenate([tr_labels, te_labels]) >= 0).any())
+    with atomic_directory(out) as tmp:
+        parts = {"train": tr_where[tr_rows], "val": tr_where[va_rows], "test": te_where}
+        sq_err = _write_tokens(tmp, store, parts, palette, size, channels, cfg.order)
+        labels = {"train": tr_labels[tr_rows], "val": tr_labels[va_rows], "test": te_labels}
+        for name, y in labels.items():
+            np.save(tmp / f"{name}_labels.npy", y.astype(np.int64))
+        np.save(tmp / "palette.npy", palette.astype(np.float32))
+        rmse = float(np.sqrt(sq_err / max(1, len(te_where) * size * size * palette.shape[1])))
+        meta = meta_record(
+            settings,
+            resolution=size,
+            palette=palette,
+            counts=(len(tr_rows), len(va_rows), len(te_where)),
+            class_names=listing.class_names if labelled else [],
+            rmse=rmse,
+            source=listing.source,
+            skipped=len(notes),
+            palette_from=f"k-means fit on a seeded sample of {n_sample:,} training images",
+            seconds={
+                "list": round(t_list - t0, 3),
+                "decode": round(t_decode - t_list, 3),
+                "palette": round(t_fit - t_decode, 3),
+                "quantize": round(time.perf_counter() - t_fit, 3),
+            },
+            skipped_by_cause=dict(Counter(n.split("\t", 1)[0] for n in notes)),
+            workers=workers,
+        )
+        write_json_atomic(tmp / "meta.json", meta)
+    shutil.rmtree(work, ignore_errors=True)
+    if notes:
+        print(f"warning: skipped {len(notes)} file(s) that could not be used, by cause:", file=sys.stderr)
+        for line in skip_summary(notes):
+            print(f"  {line}", file=sys.stderr)
+    meta["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+    return meta
+
+
+def _streamed_palette(
+    cfg: Any, store: ChunkStore, train: tuple[np.ndarray, np.ndarray], size: int, channels: int, colour: bool
+) -> tuple[np.ndarray, int]:
+    """The palette given, or k-means fitted on a seeded sample of the training images (as many as
+    PALETTE_SAMPLE_PIXELS allows): (palette, images sampled)."""
+    from .palette import fit_palette, load_palette
+
+    if cfg.palette:
+        palette = load_palette(cfg.palette)
+        if cfg.clusters is not None and cfg.clusters != len(palette):
+            raise IgptError(f"--clusters {cfg.clusters} does not match the palette's {len(palette)} colours")
+        return palette, 0
+    tr_where, tr_rows = train  # where each stored training image is, and the rows kept for training
+    n_sample = max(1, min(len(tr_rows), PALETTE_SAMPLE_PIXELS // (size * size)))
+    pick = np.sort(np.random.default_rng(cfg.seed).choice(tr_rows, n_sample, replace=False))
+    sample = _channels(gather(store, "train", tr_where[pick]), channels, colour)
+    return fit_palette(sample, cfg.clusters or (16 if channels == 1 else 512), seed=cfg.seed), n_sample
+
+
+def _write_tokens(
+    tmp: Path,
+    store: ChunkStore,
+    parts: dict[str, np.ndarray],
+    palette: np.ndarray,
+    size: int,
+    channels: int,
+    order: str,
+) -> float:
+    """Quantize each split's stored images chunk by chunk into SPLIT_tokens.npy; returns the test split's
+    summed squared error against the palette (for the quantization RMSE)."""
+    from .palette import decode, quantize, to_sequence, token_dtype
+
+    dtype, sq_err = token_dtype(len(palette)), 0.0
+    for name, where in parts.items():
+        split = "test" if name == "test" else "train"
+        with NpyWriter(tmp / f"{name}_tokens.npy", dtype, (len(where), size * size)) as toks:
+            for s in range(0, len(where), CHUNK):
+                imgs = _channels(gather(store, split, where[s : s + CHUNK]), palette.shape[1], channels == 3)
+                grid = quantize(imgs, palette)
+                toks.write(to_sequence(grid, order).astype(dtype))
+                if name == "test":
+                    sq_err += float(((decode(grid, palette).astype(np.float64) - imgs) ** 2).sum())
+    return sq_err
+
+
+def _channels(images: np.ndarray, channels: int, colour: bool) -> np.ndarray:
+    """Stored (N, R, R, 3) images as `channels` channels: a grey set (stored repeated) gives its one channel
+    back unchanged; colour becomes luma for a one-channel palette."""
+    from .palette import to_channels
+
+    if channels == 1 and not colour:
+        return images[..., :1]
+    return to_channels(images, channels)
+
+
+def _imagenet_resolution(dataset: str, test_file: Path) -> int:
+    """The side of the downsampled ImageNet images: from the source's name, or read from the data."""
+    if dataset in ("imagenet16", "imagenet32", "imagenet64"):
+        return int(dataset[8:])
+    images, _ = read_imagenet_batch(test_file)
+    return int(images.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- the sources
+def _folder_listing(directory: Path, cfg: Any) -> tuple[Listing, int]:
+    listing = list_image_folder(directory, cfg.test_fraction, cfg.seed, cfg.limit)
+    if cfg.resolution is None:
+        raise IgptError("igpt prepare folder needs --resolution (images of any size are resized to it)")
+    return listing, cfg.resolution
+
+
+def _imagenet_listing(directory: Path, cfg: Any) -> tuple[Listing, int]:
+    listing = list_imagenet(directory)
+    return listing, cfg.resolution or _imagenet_resolution(cfg.dataset, Path(listing.entries["test"][0][0]))
+
+
+register_source(
+    Source(
+        "folder",
+        "a directory of images, one sub-directory per class (or train/ and val/ beside each other)",
+        listing=_folder_listing,
+    )
+)
+for _side in (16, 32, 64):
+    register_source(
+        Source(f"imagenet{_side}", f"downsampled ImageNet at {_side}x{_side} (batch files)", listing=_imagenet_listing)
+    )
+register_source(
+    Source(
+        "downsampled-imagenet",
+        "downsampled ImageNet batch files, their side read from the data",
+        listing=_imagenet_listing,
+    )
+)

@@ -1,0 +1,1 @@
+"""Fine-tuning: the classifier head on a pretrained backbone, its recipe and training loop."""

@@ -1,0 +1,542 @@
+"""The finetune stage: the pretrained backbone plus a linear head on the pooled final normed states (the
+paper's mean pool, or a coarse grid), trained on L_CLF + gen_weight x L_GEN (the run's own objective), with
+early stopping on the prepared validation split, and augmentation (shifts, and flips where they suit the
+data). `init="scratch"` trains the same architecture from random weights with the same recipe: the control
+that shows what pretraining buys. With `labels_per_class` it runs once per seeded class-balanced subset (the
+low-data probes' subsets) and reports their mean and std."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from igpt.checks import check_device, check_seed
+from igpt.data.prepared import PreparedData
+from igpt.errors import IgptError
+from igpt.files import atomic_directory
+from igpt.hardware import PRECISIONS, auto_precision, muon_ns_dtype
+from igpt.model.compiling import CompiledOrEager
+from igpt.model.gpt import IGPT, IGPTConfig
+from igpt.probes.features import POOLS, check_pool
+from igpt.probes.logistic import balanced_subset, check_trainable
+from igpt.probes.setup import labelled_rows, open_labelled_run
+from igpt.runs import Run
+from igpt.settings import build_config, check_choices, choice
+from igpt.training.config import OPTIMIZERS
+from igpt.training.engine import NO_FLIP, EarlyStopping, autocast, bert_mask, lr_at
+from igpt.training.optim import Optimizers
+
+from .classifier import Augment, Classifier, accuracy, check_layer, standardise_head, truncate
+
+INITS = ("pretrained", "scratch")
+HEAD_POOLS = tuple(p for p in POOLS if p in ("mean", "grid", "grid3"))
+
+
+def tokens_rows(data: PreparedData, rows: np.ndarray) -> np.ndarray:
+    return np.asarray(data.tokens("train")[np.sort(rows)], dtype=np.int64)
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of one fine-tuning; `finetune()` builds it from its keyword arguments."""
+
+    run: str
+    """The pretrained (or converted) run directory."""
+    out: str
+    """The directory to write the fine-tuned run to (must not exist, or be empty)."""
+    epochs: int = 5
+    """Most epochs to train (early stopping may end sooner)."""
+    minutes: float | None = None
+    """Stop after this many minutes, keeping the best epoch (an epoch may be cut short); with several
+    subsets (`seeds`), each subset gets this budget."""
+    lr: float | None = None
+    """Peak learning rate; default the pretraining's lr / 10."""
+    gen_weight: float = 1.0
+    """Weight of L_GEN (the run's own generative loss) beside L_CLF."""
+    layer_decay: float = 1.0
+    """Layer-wise rate decay: block i of L trains at lr x layer_decay^(L - i), the embeddings at
+    lr x layer_decay^(L + 1); the head and the final norm at lr (1: one rate for all)."""
+    optimizer: str = choice("adamw", OPTIMIZERS)
+    """adamw, or muon: Muon for the blocks' matrices (its updates scaled to AdamW's size, so the same lr
+    means the same step size) and AdamW for the rest, as pretraining's `--optimizer muon`; one rate for all
+    (no layer decay)."""
+    labels_per_class: int | None = None
+    """Fine-tune on N labelled images per class (the low-data regime); early stopping then uses a seeded
+    class-balanced draw of at most N images per class from the validation split, as a user with N labels per
+    class would have."""
+    seeds: int = 1
+    """With `labels_per_class`: fine-tune on this many seeded subsets (the low-data probes' subsets for the
+    same `seed`) and report their mean and std."""
+    init: str = choice("pretrained", INITS)
+    """pretrained (the run's weights), or scratch: the same architecture from random weights, trained with
+    the same recipe, labels and budget (the control that shows what pretraining buys)."""
+    pool: str = choice("mean", HEAD_POOLS)
+    """The head's input: mean (the paper's mean over positions of the final normed states), or a coarse
+    spatial grid of means: grid (2x2) or grid3 (3x3)."""
+    layer: int | None = None
+    """Put the head on this block's output (1..n_layer, normed as the probe reads it) and drop the blocks
+    above it: faster, and the probe's best layer is often below the top; default the final layer."""
+    augment: bool = True
+    """Random shifts, and flips where the data suits them (see `engine.mirror_index`)."""
+    head_init: str = choice("probe", ("probe", "zero"))
+    """probe (start the head at a linear probe of the features, its L2 strength chosen on the validation rows
+    early stopping reads) or zero."""
+    batch_size: int = 32
+    """Images per step."""
+    patience: int = 2
+    """Epochs without validation gain before stopping."""
+    train_limit: int | None = None
+    """Use only the first N labelled training images."""
+    test_limit: int | None = None
+    """Use only the first N labelled test images."""
+    data: str | None = None
+    """Prepared directory (default: the run's own)."""
+    device: str = "cpu"
+    """cpu or cuda."""
+    seed: int = 0
+    """Seed of the subsets, the order, augmentation, masks and (with init scratch) the weights."""
+    compile: bool = False
+    """torch.compile the training forward (eagerly if compiling fails)."""
+    precision: str = choice("auto", PRECISIONS)
+    """fp32, bf16 autocast, or auto: bf16 where this machine runs it faster (CUDA, AMX, AVX512_BF16 where a
+    start-up measurement says so; never on AVX2-only CPUs), for training and evaluation alike."""
+    progress: bool = True
+    """Progress bars and per-epoch lines on stderr."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise IgptError("--epochs, --batch-size and --patience must be at least 1")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise IgptError("--lr must be positive")
+        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
+            raise IgptError(f"--minutes must be a positive number, got {self.minutes}")
+        if not (math.isfinite(self.layer_decay) and 0 < self.layer_decay <= 1):
+            raise IgptError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if self.optimizer == "muon" and self.layer_decay < 1:
+            raise IgptError("--layer-decay applies to adamw; --optimizer muon trains every layer at one rate")
+        if not (math.isfinite(self.gen_weight) and self.gen_weight >= 0):
+            raise IgptError("--gen-weight must be 0 or more")
+        if self.layer is not None and self.layer < 1:
+            raise IgptError(f"--layer must be at least 1 (a block's output), got {self.layer}")
+        if self.labels_per_class is not None and self.labels_per_class < 1:
+            raise IgptError(f"--labels-per-class must be at least 1, got {self.labels_per_class}")
+        if self.seeds < 1:
+            raise IgptError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.seeds > 1 and self.labels_per_class is None:
+            raise IgptError("--seeds K draws K subsets of --labels-per-class N; give --labels-per-class too")
+        check_seed(self.seed)
+        for name in ("train_limit", "test_limit"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise IgptError(f"--{name.replace('_', '-')} must be positive")
+        check_device(self.device)
+        out = Path(self.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise IgptError(f"{out} exists and is not empty; choose another --out")
+
+
+def finetune(
+    run: str | Path | FinetuneConfig, out: str | Path | None = None, **settings: Any
+) -> dict[str, Any]:
+    """Fine-tune a run's backbone with a classification head into the run directory `out`, and return what
+    is written to OUT/finetune.json. Takes a `FinetuneConfig`, or the run, `out` and the config's fields by
+    name, as the command's flags name them: `igpt.finetune("runs/r", out="runs/ft", epochs=1)`;
+    `init="scratch"` is the from-scratch control.
+    `igpt.load_run(out)` opens the result (the fine-tuned backbone); `load_classifier(out)` gives backbone
+    and head."""
+    if isinstance(run, FinetuneConfig):
+        return _finetune(run)
+    if out is None:
+        raise IgptError("finetune needs out, the directory to write the fine-tuned run to")
+    return _finetune(build_config(FinetuneConfig, "finetune", run=str(run), out=str(out), **settings))
+
+
+@dataclass
+class _Split:
+    """Rows of one fine-tuning: training rows (of the train split), validation rows (of the validation
+    split, for early stopping), test rows."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def _subsets(args: FinetuneConfig, data: PreparedData, test: bool = True) -> list[_Split]:
+    """The training/validation rows of each fine-tuning: all labelled images, or with `labels_per_class` N
+    one split per seed: N training images per class (`balanced_subset` with seed + s, the low-data probes'
+    subsets) and a seeded class-balanced draw of min(N, rarest validation class) images per class from the
+    validation split, so early stopping sees no more labels than the user has."""
+    C = data.num_classes
+    y_all = data.labels("train")
+    rows = labelled_rows(y_all, args.train_limit)
+    va_all = labelled_rows(data.labels("val"), None)
+    te = labelled_rows(data.labels("test"), args.test_limit) if test else np.zeros(0, dtype=np.int64)
+    N = args.labels_per_class
+    if not N:
+        check_trainable(y_all[rows], f"--train-limit {args.train_limit}")
+        return [_Split(rows, va_all, te)]
+    counts = np.bincount(y_all[rows], minlength=C)
+    if N > counts.min():
+        raise IgptError(f"--labels-per-class {N} exceeds the {counts.min()} images of the rarest class")
+    y_va = data.labels("val")[va_all]
+    va_n = int(min(N, np.bincount(y_va, minlength=C).min())) if len(va_all) else 0
+    out = []
+    for s in range(args.seeds):
+        tr = rows[balanced_subset(y_all[rows], N, args.seed + s)]
+        va = va_all[balanced_subset(y_va, va_n, args.seed + 10_000 + s)] if va_n else va_all[:0]
+        out.append(_Split(tr, va, te))
+    return out
+
+
+def validation_only(args: FinetuneConfig) -> list[dict[str, Any]]:
+    """Fine-tune as `finetune` would but read no test image and save nothing: one result per subset, with
+    `best_val_accuracy` and the history. This is how recipes are compared (benchmarks/finetune_sweep.py):
+    a choice made on test would leak it."""
+    info, backbone, data = _open(args)
+    return [res for res, _ in _fit_subsets(args, info, backbone, data, _subsets(args, data, test=False))]
+
+
+def _fit_subsets(
+    args: FinetuneConfig, info: Run, backbone: IGPT, data: PreparedData, splits: list[_Split]
+) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+    """`_fit_one` on each split in turn, each from the run's weights (scratch makes its own), seeded
+    seed + s: (result, best weights) per split."""
+    out = []
+    for s, split in enumerate(splits):
+        if len(splits) > 1:
+            print(f"igpt finetune: subset {s + 1}/{len(splits)}", file=sys.stderr)
+        if s > 0 and args.init == "pretrained":
+            backbone = info.load_model()  # every subset starts from the same weights
+        out.append(_fit_one(args, info, backbone, data, split, args.seed + s))
+    return out
+
+
+def _open(args: FinetuneConfig) -> tuple[Run, IGPT, PreparedData]:
+    """The run to fine-tune, its backbone and data, with the checks that need them."""
+    info, backbone, data = open_labelled_run(args.run, args.data)
+    if args.init == "scratch" and info.kind == "finetuned":
+        raise IgptError(
+            f"{args.run} is a fine-tuned run; the from-scratch control (--init scratch) takes the pretrained "
+            "run it came from, so both share the architecture and the data"
+        )
+    check_pool(args.pool, data.resolution)
+    if args.layer is not None:
+        check_layer(args.layer, backbone.config.n_layer)
+    return info, backbone, data
+
+
+def _finetune(args: FinetuneConfig) -> dict[str, Any]:
+    info, backbone, data = _open(args)
+    L = backbone.config.n_layer
+    fits = _fit_subsets(args, info, backbone, data, _subsets(args, data))
+    results = [res for res, _ in fits]
+    result = results[0]
+    if len(results) > 1:
+        accs = [r["test_accuracy"] for r in results]
+        result = {
+            **{k: v for k, v in results[0].items() if k != "history"},
+            "test_accuracy": float(np.mean(accs)),
+            "mean_accuracy": float(np.mean(accs)),
+            "std_accuracy": float(np.std(accs)),
+            "accuracies": accs,
+            "best_epochs": [r["best_epoch"] for r in results],
+            "subsets": results,
+            "saved_subset": 0,
+            "seconds": round(sum(r["seconds"] for r in results), 2),
+        }
+    shape = dataclasses.replace(backbone.config, n_layer=args.layer or L)  # the blocks the head reads
+    _save(Path(args.out), fits[0][1], info, shape, data.num_classes, data, result, args.pool)
+    return result
+
+
+@dataclass
+class Recipe:
+    """One fine-tuning's moving parts: the classifier, its optimizer and schedule, augmentation, the
+    generator that orders batches and draws masks, and the (possibly compiled) forward."""
+
+    model: Classifier
+    opt: torch.optim.Optimizer | Optimizers
+    lr: float
+    aug: Augment | None
+    flip: bool
+    mask_ratio: float
+    gen: torch.Generator
+    total_steps: int
+    forward: CompiledOrEager
+    budget_seconds: float | None
+    precision: str
+    precision_reason: str
+    head_lambda: float | None = None
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    step: int = 0
+
+    def progress(self) -> float:
+        """How far through the schedule the next step is: by steps, or by the clock where a time budget
+        would end the run first (as pretraining does), so the rate decays within the budget."""
+        p = (self.step + 1) / self.total_steps
+        if self.budget_seconds:
+            p = max(p, (time.perf_counter() - self.started) / self.budget_seconds)
+        return p
+
+    def out_of_time(self) -> bool:
+        """Whether the time budget, counted on the schedule's clock, is spent."""
+        return bool(self.budget_seconds) and time.perf_counter() - self.started > self.budget_seconds
+
+
+def _recipe(
+    args: FinetuneConfig, info: Run, backbone: IGPT, data: PreparedData, split: _Split, seed: int
+) -> Recipe:
+    """The classifier (pretrained or, for the control, freshly initialised with `seed`) with its head
+    started from a probe of the features, and the recipe around it; prints the start-up line."""
+    C = data.num_classes
+    torch.manual_seed(seed)
+    if args.layer is not None:
+        backbone = truncate(backbone, args.layer)
+    if args.init == "scratch":
+        backbone = IGPT(backbone.config)  # same shape, random weights (seeded above)
+    model = Classifier(backbone, C, args.pool, data.resolution, data.meta["order"]).to(args.device).train()
+    head_rows = split.train[:10_000]
+    labels = data.labels("train")[np.sort(head_rows)]
+    probe = args.head_init == "probe"
+    va = np.sort(split.val)  # the probe start chooses its L2 strength on the rows early stopping reads
+    val = (np.asarray(data.tokens("val")[va], dtype=np.int64), data.labels("val")[va]) if probe else None
+    head_lambda = standardise_head(
+        model, tokens_rows(data, head_rows), labels, C, args.device, probe=probe, val=val
+    )
+    train = info.train_config
+    lr = args.lr or (train.lr if train else 1e-3) / 10
+    opt = make_optimizer(model, args, lr)
+    flip = data.meta.get("dataset") not in NO_FLIP
+    R, order = data.resolution, data.meta["order"]
+    aug = Augment(R, order, max(1, R // 8), flip) if args.augment else None
+    steps_per_epoch = math.ceil(len(split.train) / args.batch_size)
+    precision, why = args.precision, ""
+    if precision == "auto":
+        precision, why = auto_precision(args.device, model.backbone.config.n_embd)
+    print(
+        f"igpt finetune ({args.init} init, {args.pool} pool of layer {model.backbone.config.n_layer}): "
+        f"{len(split.train):,} training / "
+        f"{len(split.val):,} validation / {len(split.test):,} test images, {C} classes; "
+        f"{args.optimizer}, lr {lr:g}"
+        f"{f' (layer decay {args.layer_decay:g})' if args.layer_decay < 1 else ''}, "
+        f"gen weight {args.gen_weight:g}, batch {args.batch_size}, up to {args.epochs} epochs x "
+        f"{steps_per_epoch} steps; augment {'shifts' + (' + flips' if flip else '') if aug else 'off'}; "
+        f"{precision}{f' ({why})' if why else ''}",
+        file=sys.stderr,
+    )
+    return Recipe(
+        model=model,
+        opt=opt,
+        lr=lr,
+        aug=aug,
+        flip=flip,
+        mask_ratio=train.mask_ratio if train else 0.15,  # BERT: mask as the backbone was pretrained
+        gen=torch.Generator().manual_seed(seed),
+        total_steps=steps_per_epoch * args.epochs,
+        forward=CompiledOrEager(model, "the fine-tuning forward", enabled=args.compile),
+        budget_seconds=60 * args.minutes if args.minutes else None,
+        precision=precision,
+        precision_reason=why,
+        head_lambda=head_lambda,
+    )
+
+
+def make_optimizer(model: Classifier, args: FinetuneConfig, lr: float) -> torch.optim.Optimizer | Optimizers:
+    """AdamW over the layer-decay groups, or Muon for the blocks' matrices beside AdamW for the rest (no
+    weight decay either way); every group carries the `scale` the schedule multiplies its rate by."""
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(
+            param_groups(model, args.layer_decay), lr=lr, betas=(0.9, 0.95), weight_decay=0.0
+        )
+    named = [(n.removeprefix("backbone."), p) for n, p in model.named_parameters()]
+    return Optimizers(named, "muon", lr, 0.0, 0.95, fused=False, ns_dtype=muon_ns_dtype(args.device))
+
+
+def param_groups(model: Classifier, decay: float) -> list[dict[str, Any]]:
+    """AdamW groups with a rate `scale`: decay^(L - i) for block i, decay^(L + 1) for the embeddings
+    (and BERT's mask token), 1 for the final norm, the output head and the classifier head."""
+    L = model.backbone.config.n_layer
+    scales: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if name.startswith("backbone.h."):
+            depth = int(name.split(".")[2])
+            s = decay ** (L - depth)
+        elif name.startswith(("backbone.wte", "backbone.wpe", "backbone.mask_token")):
+            s = decay ** (L + 1)
+        else:
+            s = 1.0
+        scales.setdefault(s, []).append(p)
+    return [{"params": ps, "scale": s} for s, ps in scales.items()]
+
+
+def _train_epoch(args: FinetuneConfig, r: Recipe, data: PreparedData, rows: np.ndarray, epoch: int) -> float:
+    """One pass over `rows` in a seeded order (cut short when the budget runs out): the joint loss
+    L_CLF + gen_weight * L_GEN, clipped optimizer steps on the shared schedule. Returns the mean loss."""
+    from tqdm import tqdm
+
+    y_all, tokens, device = data.labels("train"), data.tokens("train"), args.device
+    causal = r.model.backbone.causal
+    perm = rows[torch.randperm(len(rows), generator=r.gen).numpy()]
+    losses = []
+    bar = tqdm(
+        range(0, len(perm), args.batch_size),
+        desc=f"epoch {epoch}",
+        unit="step",
+        leave=False,
+        disable=not args.progress,
+        mininterval=1.0,
+        file=sys.stderr,
+    )
+    for s in bar:
+        idx = np.sort(perm[s : s + args.batch_size])
+        x = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+        if r.aug is not None:
+            x = r.aug(x, r.gen)
+        y = torch.from_numpy(y_all[idx]).to(device)
+        mask = None if causal else bert_mask(tuple(x.shape), r.mask_ratio, r.gen).to(device)
+        for g in r.opt.param_groups:
+            g["lr"] = lr_at(r.progress(), r.lr, 0.05) * g["scale"]
+        with autocast(device, r.precision):
+            logits, l_gen = r.forward(x.to(device), mask if args.gen_weight > 0 else None)
+        loss = F.cross_entropy(logits.float(), y) + args.gen_weight * l_gen.float()
+        r.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(r.model.parameters(), 1.0)
+        r.opt.step()
+        r.step += 1
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+        if r.out_of_time():
+            break  # the epoch is cut short; it is still validated and may be the best
+    bar.close()
+    return float(np.mean(losses))
+
+
+def _fit_one(
+    args: FinetuneConfig, info: Run, backbone: IGPT, data: PreparedData, split: _Split, seed: int
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Train one classifier on `split` (early stopping on its validation rows) and score its best epoch on
+    the test rows: (result, the best epoch's weights)."""
+    r = _recipe(args, info, backbone, data, split, seed)
+    tr, va, te = split.train, split.val, split.test
+    y_va, tok_va = data.labels("val"), data.tokens("val")
+
+    def val_accuracy() -> float:
+        return accuracy(r.model, tok_va[va], y_va[va], args.device, r.precision) if len(va) else float("nan")
+
+    stop = EarlyStopping(args.patience)
+    initial_val = val_accuracy() if len(va) else None
+    if initial_val is not None:  # epoch 0, the head's start, is a candidate too: training must beat it
+        stop.update(0, initial_val, r.model)
+    history = []
+    r.started = t0 = time.perf_counter()  # the budget and the schedule's clock start with training
+
+    for epoch in range(1, args.epochs + 1):
+        loss = _train_epoch(args, r, data, tr, epoch)
+        val = val_accuracy()
+        history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": val})
+        if args.progress:
+            print(f"epoch {epoch}: train loss {loss:.4f}, val accuracy {val:.4f}", file=sys.stderr)
+        if stop.update(epoch, val, r.model, always=not len(va)):
+            print(f"early stop: no validation gain for {args.patience} epochs", file=sys.stderr)
+            break
+        if r.out_of_time():
+            print("stopping: --minutes budget reached", file=sys.stderr)
+            break
+    stop.restore(r.model)
+    test_acc = (
+        accuracy(r.model, data.tokens("test")[te], data.labels("test")[te], args.device, r.precision)
+        if len(te)
+        else None
+    )
+    result = {
+        "test_accuracy": test_acc,
+        "best_epoch": stop.best_epoch,
+        "steps": r.step,
+        "best_val_accuracy": stop.best_score if len(va) else None,
+        "initial_val_accuracy": initial_val,
+        "head_lambda": r.head_lambda,
+        "history": history,
+        "init": args.init,
+        "optimizer": args.optimizer,
+        "pool": args.pool,
+        "layer": r.model.backbone.config.n_layer,
+        "labels_per_class": args.labels_per_class,
+        "n_train": len(tr),
+        "n_val": len(va),
+        **({"train_rows": [int(x) for x in np.sort(tr)]} if args.labels_per_class else {}),
+        "n_test": len(te),
+        "val_rows": (
+            "the whole prepared validation split"
+            if not args.labels_per_class
+            else "a seeded class-balanced draw of at most labels_per_class images per class from the "
+            "validation split"
+        ),
+        "objective": r.model.backbone.config.objective,
+        "settings": asdict(args)
+        | {"lr": r.lr, "flip": r.flip, "precision": r.precision, "precision_reason": r.precision_reason},
+        "seconds": round(time.perf_counter() - t0, 2),
+        "pretrained_run": str(Path(args.run).resolve()),
+    }
+    return result, stop.state
+
+
+def _save(
+    out: Path,
+    state: dict,
+    pretrained: Run,
+    shape: IGPTConfig,
+    num_classes: int,
+    data: PreparedData,
+    result: dict,
+    pool: str,
+) -> None:
+    """FTRUN: model.safetensors (backbone.*, head.* and the feature statistics), run.json (a "finetuned"
+    run: the backbone's shape, the classes, the head) and finetune.json; written in a temporary directory and
+    renamed into place."""
+    with atomic_directory(out) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
+        finetune = {
+            "pretrained_run": str(pretrained.path.resolve()),
+            "num_classes": num_classes,
+            "class_names": data.meta.get("class_names", []),
+            "head": f"linear, on the standardised {pool} pool of the final normed states",
+            "pool": pool,
+            "init": result["init"],
+            "layer": shape.n_layer,
+            "blocks_dropped": pretrained.model_config.n_layer - shape.n_layer,
+        }
+        Run.create(
+            tmp,
+            "finetuned",
+            shape,
+            preset=pretrained.preset,
+            data_dir=str(data.dir),
+            data_meta=data.meta,
+            palette=data.palette,
+            finetune=finetune,
+        )
+        Run.write_finetune_result(tmp, result)
+
+
+def load_classifier(run: str | Path, device: str = "cpu") -> Classifier:
+    """A fine-tuned run's backbone and head, in eval mode: `model(tokens)` gives (class logits, L_GEN)."""
+    r = Run.open(run)
+    if r.kind != "finetuned":
+        raise IgptError(f"{run} is a {r.kind} run, not a fine-tuned one (igpt finetune makes those)")
+    ft = r.info["finetune"]
+    pool = ft.get("pool", "mean")  # runs written before the pool option had the mean
+    model = Classifier(r.load_model(), int(ft["num_classes"]), pool, r.resolution, r.order)
+    model.load_state_dict(r.finetuned_state())
+    return model.to(device).eval()

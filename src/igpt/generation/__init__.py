@@ -1,0 +1,1 @@
+"""Samples and image completions from a run."""

@@ -1,0 +1,1 @@
+"""The iGPT transformer, its key/value-cache decoding, torch.compile, and Hugging Face interop."""

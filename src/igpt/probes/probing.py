@@ -1,0 +1,434 @@
+"""The probe stage: linear probes of every layer beside raw pixels, read top to bottom as features, a fit per
+layer, choices on validation, one score on test (`full_probe`); low-data probes over seeded class-balanced
+subsets (`igpt.probes.low_data`), BERT mask ensembles and probe accuracy across checkpoints. The settings and
+the opened run are `igpt.probes.setup`, the feature pass `igpt.probes.features`, the classifier
+`igpt.probes.logistic`, the plots `igpt.probes.plots`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from igpt.data.prepared import PreparedData
+from igpt.errors import IgptError
+from igpt.files import atomic_file
+from igpt.hardware import available_memory
+from igpt.model.gpt import IGPT
+from igpt.results import LowDataResult, ProbeResult
+from igpt.runs import CHECKPOINTS_PROBE, FULL_PROBE, LATEST_PROBE, Run, low_data_stem
+from igpt.settings import build_config
+from igpt.training.checkpoint import read_state
+
+from .features import FeatureCache, check_pool, grid_side, held_bytes, raw_pixels
+from .logistic import (
+    FINE_CANDIDATES,
+    FINE_LAMBDAS,
+    FINE_REFIT_ITERS,
+    LAMBDAS,
+    SWEEP_ROWS,
+    Sweep,
+    probe_with_validation,
+    refit,
+    sweep_lambda,
+    sweep_rows,
+)
+from .low_data import further_pool, low_data_probe
+from .plots import plot_checkpoints, plot_layers
+from .setup import Labelled, ProbeConfig, feature_settings, open_labelled_run, parse_layers
+from .variants import VARIANTS, ProbeContext
+
+
+def probe(run: str | Path | ProbeConfig, **settings: Any) -> dict[str, Any]:
+    """Probe a run's features and return what is written to RUN/probe.json (or, with `checkpoints="all"`,
+    to probe_checkpoints.json). Takes a `ProbeConfig`, or the run and `ProbeConfig`'s fields by name, as the
+    command's flags name them: `igpt.probe("runs/r", pool="grid3", labels_per_class=10, seeds=3)`."""
+    cfg = (
+        run if isinstance(run, ProbeConfig) else build_config(ProbeConfig, "probe", run=str(run), **settings)
+    )
+    info, model, data = open_labelled_run(cfg.run, cfg.data, cfg.checkpoint)
+    check_pool(cfg.pool, data.resolution)
+    layers = parse_layers(cfg.layers, model.config.n_layer, info)
+    if cfg.checkpoints == "all":
+        res = checkpoints_probe(cfg, data, layers)
+        info.write_probe(CHECKPOINTS_PROBE, res, latest=False)
+        plot_checkpoints(info.probe_file(CHECKPOINTS_PROBE, ".png"), res["checkpoints"])
+        return res
+    return probe_and_save(cfg, model, data, layers, checkpoint_used=info.loaded_checkpoint)
+
+
+def probe_and_save(
+    cfg: ProbeConfig,
+    model: IGPT,
+    data: PreparedData,
+    layers: list[int],
+    cache: FeatureCache | None = None,
+    baselines: dict[str, float] | None = None,
+    checkpoint_used: str | None = None,
+) -> dict[str, Any]:
+    """One full or low-data probe of `cfg.run`: probe_full.json or probe_N_per_class.json, probe.json (the
+    latest probe) and the matching plots; `baselines` are extra named lines for the plot."""
+    run = Run.open(cfg.run)
+    t0 = time.perf_counter()
+    if cfg.labels_per_class:
+        res = low_data_probe(cfg, model, data, layers, cache)
+        name = low_data_stem(cfg.labels_per_class)
+        title = f"{cfg.labels_per_class} labels per class, mean of {cfg.seeds} subsets"
+    else:
+        res = full_probe(cfg, model, data, layers, cache)
+        name = FULL_PROBE
+        title = f"linear probe, {res['n_train']:,} training images"
+    res.update(
+        objective=model.config.objective,
+        checkpoint=checkpoint_used or cfg.checkpoint or "latest",
+        precision=cfg.precision,  # of the feature pass (and the full probe's fits; see ProbeConfig)
+        seconds_total=round(time.perf_counter() - t0, 2),
+    )
+    run.write_probe(name, res)
+    paper = (res.get("paper_probe") or {}).get("layers")
+    plot_layers(
+        run.probe_file(LATEST_PROBE, ".png"),
+        res["layers"],
+        res["raw_pixel_accuracy"],
+        title,
+        baselines or {},
+        cfg.pool,
+        paper,
+    )
+    with atomic_file(run.probe_file(name, ".png")) as tmp:
+        tmp.write_bytes(run.probe_file(LATEST_PROBE, ".png").read_bytes())
+    return res
+
+
+def full_probe(
+    cfg: ProbeConfig,
+    model: IGPT,
+    data: PreparedData,
+    layers: list[int],
+    cache: FeatureCache | None = None,
+    raw_cache: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The standard protocol: features of every layer, a fit per layer with lambda chosen on validation,
+    the best layer chosen on validation, one score on test; beside the paper's mean pooling and raw pixels,
+    and (when asked) concatenated layers, BERT mask ensembles and the attentive head."""
+    C, L = data.num_classes, Labelled.of(cfg, data)
+    for variant in VARIANTS:  # refuse impossible settings before the feature pass, not after it
+        if variant.wanted(cfg) and variant.check is not None:
+            variant.check(cfg, model, layers)
+    t0 = time.perf_counter()
+    kw = feature_settings(cfg, data)
+    fine = further_pool(cfg.pool, cfg.fine_pool, data.resolution)
+    check_features_fit(len(L.tr), len(L.va) + len(L.te), len(layers), model.config.n_embd, cfg.pool, fine)
+    cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
+    # first the rows that choose: validation and the training rows the lambda sweeps fit on, with the fine
+    # grid of every layer, since the layer it is fitted on is chosen from these rows' sweeps
+    sw = sweep_rows(L.ytr.numpy(), cfg.seed)
+    also = {fine: layers} if fine else None
+    fva = cache("val", L.va, "validation features", also=also)
+    fsw = cache("train", L.tr[sw], "train features (the sweep's rows)", also=also)
+    t_feat = time.perf_counter() - t0
+    sweeps = {
+        i: sweep_lambda(fsw[i], L.ytr[sw], fva[i], L.yva, C, device=cfg.device, precision=cfg.precision)
+        for i in layers
+    }
+    best = max(layers, key=lambda i: (sweeps[i].best, -i))  # chosen on validation, not test
+    fine_sweep, fine_layer = None, best
+    if fine:  # swept at the layers the coarse sweeps rank highest, fitted at the best of its own sweeps
+        ffine = cache.sibling(fine)
+        fine_sweeps = {}
+        for i in sorted(layers, key=lambda i: (-sweeps[i].best, i))[:FINE_CANDIDATES]:
+            x = (ffine("train", L.tr[sw], "", layers=[i])[i], ffine("val", L.va, "", layers=[i])[i])
+            fine_sweeps[i] = sweep_lambda(
+                x[0], L.ytr[sw], x[1], L.yva, C, FINE_LAMBDAS, cfg.device, cfg.precision
+            )
+            del x
+        fine_layer = max(fine_sweeps, key=lambda i: (fine_sweeps[i].best, -i))
+        fine_sweep = fine_sweeps[fine_layer]
+        cache.drop("train", fine, keep=[fine_layer])
+    del fsw  # the sweep rows' features: the merge below holds every training row anew
+    # then every training row and the test rows (the fine grid: the chosen layer, and every layer of the
+    # test rows, which a low-data probe sharing this cache reads next)
+    t1 = time.perf_counter()
+    ftr = cache("train", L.tr, "train features", also={fine: [fine_layer]} if fine else None)
+    fte = cache("test", L.te, "test features", also=also)
+    t_feat += time.perf_counter() - t1
+    res = _refit_layers(cfg, sweeps, (ftr, fte), L, C)
+    if fine:
+        res["fine_probe"] = _fine_probe(cfg, cache.sibling(fine), fine_layer, fine_sweep, L, C)
+        res["fine_probe"]["val_by_layer"] = {str(i): s.best for i, s in fine_sweeps.items()}
+        cache.drop("train", fine)
+        cache.drop("val", fine)
+    res["paper_probe"] = _paper_probe(
+        cfg, cache, layers, (L.tr, L.va, L.te), (L.ytr, L.yva, L.yte), C, res, best
+    )
+    t_fit = time.perf_counter() - t0 - t_feat
+    raw = (raw_cache or {}).get("raw") or _raw_probe(cfg, data, L, C)
+    if raw_cache is not None:
+        raw_cache["raw"] = raw
+    res.update(
+        best_layer=best,
+        best_accuracy=res["layers"][str(best)],
+        raw_pixel_accuracy=raw["test_accuracy"],
+        raw_pixel_val_accuracy=raw["val_accuracy"],
+        n_train=len(L.tr),
+        n_val=len(L.va),
+        n_test=len(L.te),
+        feature_dim=int(ftr[layers[0]].shape[1]),
+        pool=cfg.pool,
+        head="linear",
+        classifier="multinomial logistic regression, torch L-BFGS, L2 chosen on the validation split from "
+        f"{list(LAMBDAS)} (the sweep fitted on at most 20,000 training rows), then refitted on all",
+        seconds={"features": round(t_feat, 2), "probes": round(t_fit, 2)},
+    )
+    ctx = ProbeContext(cfg, model, data, layers, L, C, (ftr, fva, fte), best, kw)
+    for variant in VARIANTS:  # the extra probes the settings ask for (igpt.probes.variants)
+        if variant.wanted(cfg):
+            res[variant.key] = variant.run(ctx, res)
+            if variant.finish is not None:
+                variant.finish(res)
+    res["chosen"] = _chosen(res)
+    return res
+
+
+FEATURES_SHARE = 0.9
+"""The share of the memory available that the full probe's features may take (`check_features_fit`). Their
+estimate is an upper one (5.6 GiB for the default quickstart, whose whole process peaked at 5.45 GB), so a
+laptop with about 6.3 GB free still runs the quickstart."""
+
+
+def probe_bytes(n_train: int, n_other: int, layers: int, d: int, pool: str, fine: str | None) -> int:
+    """Bytes the full probe's features come to at their peak, an upper estimate: `pool` and the mean at every
+    layer for `n_train` training and `n_other` validation and test images; with `fine`, that grid at every
+    layer for the validation, test and sweep rows and at one layer for every training row; and the fit's
+    float32 standardised copy of the widest training features."""
+    width = grid_side(pool) ** 2 * d
+    rows = n_train + n_other
+    need = layers * (held_bytes(rows, width) + (held_bytes(rows, d) if pool != "mean" else 0))
+    if fine:
+        fw = grid_side(fine) ** 2 * d
+        need += layers * held_bytes(n_other + min(SWEEP_ROWS, n_train), fw) + held_bytes(n_train, fw)
+        width = fw
+    return need + 4 * n_train * width
+
+
+def check_features_fit(
+    n_train: int,
+    other: int,
+    layers: int,
+    d: int,
+    pool: str,
+    fine: str | None,
+    share: float = FEATURES_SHARE,
+    advice: str | None = None,
+) -> None:
+    """Refuse a full probe whose features (`probe_bytes`, an upper estimate of their peak) would take more
+    than `share` of the memory available now, before any is computed: one line with the size and the
+    `--train-limit` that fits (or, where the validation and test images alone are too many, what to drop).
+    `other`: the validation and test images; `advice`, where given, replaces the probe's flags in that line
+    (the quickstart has other ones)."""
+    avail = available_memory()
+    need = probe_bytes(n_train, other, layers, d, pool, fine)
+    if avail is None or need <= share * avail:
+        return
+    fits = 0
+    for n in (10**k for k in range(7, 1, -1)):  # the largest round --train-limit that fits
+        for m in (5, 2, 1):
+            if m * n < n_train and probe_bytes(m * n, other, layers, d, pool, fine) <= share * avail:
+                fits = max(fits, m * n)
+    instead = f"pass --train-limit {fits:,}" if fits else "pass a coarser --pool or --test-limit"
+    instead = advice or instead + (" or --fine-pool none" if fine else "")
+    raise IgptError(
+        f"the probe would hold pooled features of {n_train + other:,} images at {layers} layers "
+        f"({pool}{' and ' + fine if fine else ''}), about {need / 2**30:.1f} GiB, more than {share:.0%} of "
+        f"the {avail / 2**30:.1f} GiB available; {instead}"
+    )
+
+
+def _refit_layers(
+    cfg: ProbeConfig, sweeps: dict[int, Sweep], feats: tuple, L: Labelled, C: int
+) -> dict[str, Any]:
+    """Each layer's probe refitted on all training rows at the strength its sweep chose on validation, and
+    scored on test: test and validation accuracy and the lambda, by layer."""
+    ftr, fte = feats
+    res: dict[str, Any] = {"layers": {}, "val_accuracy": {}, "lambda": {}}
+    for i, sweep in sweeps.items():
+        test = refit(ftr[i], L.ytr, C, sweep, cfg.device, precision=cfg.precision).accuracy(fte[i], L.yte)
+        k = str(i)
+        res["layers"][k], res["val_accuracy"][k], res["lambda"][k] = test, sweep.best, sweep.probe.lam
+        if cfg.progress:
+            print(
+                f"  layer {i}: test {test:.4f} (val {sweep.best:.4f}, lambda {sweep.probe.lam:g})",
+                file=sys.stderr,
+            )
+    return res
+
+
+def _fine_probe(
+    cfg: ProbeConfig, cache: FeatureCache, layer: int, sweep: Sweep, L: Labelled, C: int
+) -> dict[str, Any]:
+    """The finer pooling's probe at the chosen layer: its own lambda sweep (given; `FINE_LAMBDAS`), refitted
+    on all training rows (`FINE_REFIT_ITERS`), scored on test."""
+    x = cache("train", L.tr, "", layers=[layer])[layer]
+    probe = refit(x, L.ytr, C, sweep, cfg.device, FINE_REFIT_ITERS, cfg.precision)
+    test = probe.accuracy(cache("test", L.te, "", layers=[layer])[layer], L.yte)
+    if cfg.progress:
+        print(
+            f"  layer {layer}, {cache.pool} pooling: test {test:.4f} (val {sweep.best:.4f}, "
+            f"lambda {sweep.probe.lam:g})",
+            file=sys.stderr,
+        )
+    return {
+        "pool": cache.pool,
+        "layer": layer,
+        "test_accuracy": test,
+        "val_accuracy": sweep.best,
+        "lambda": sweep.probe.lam,
+        "feature_dim": int(probe.weight.shape[0]),
+    }
+
+
+def _raw_probe(cfg: ProbeConfig, data: PreparedData, L: Labelled, C: int) -> dict[str, Any]:
+    """The same probe on the decoded pixels: the baseline every layer is judged against."""
+    pixels = {k: raw_pixels(data, k, r) for k, r in (("train", L.tr), ("val", L.va), ("test", L.te))}
+    return probe_with_validation(
+        pixels["train"],
+        L.ytr,
+        pixels["val"],
+        L.yva,
+        pixels["test"],
+        L.yte,
+        C,
+        cfg.seed,
+        device=cfg.device,
+        precision=cfg.precision,
+    )
+
+
+def _paper_probe(
+    cfg: ProbeConfig,
+    cache: FeatureCache,
+    layers: list[int],
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray],
+    labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    C: int,
+    main: dict[str, Any],
+    best: int,
+) -> dict[str, Any]:
+    """The paper's protocol beside whatever pooling was asked for: a linear probe of each layer's normed
+    states averaged over positions, its L2 strength and best layer chosen on validation. Under mean pooling
+    it is the main probe itself; otherwise its features come from the same forward pass."""
+    out: dict[str, Any] = {"pool": "mean", "head": "linear"}
+    if cfg.pool == "mean":
+        out.update(layers=main["layers"], val_accuracy=main["val_accuracy"], **{"lambda": main["lambda"]})
+        out.update(best_layer=best, best_accuracy=main["layers"][str(best)])
+        return out
+    tr, va, te = rows
+    ytr, yva, yte = labels
+    ftr, fva, fte = (
+        cache("train", tr, "", mean=True),
+        cache("val", va, "", mean=True),
+        cache("test", te, "", mean=True),
+    )
+    acc, val, lam = {}, {}, {}
+    for i in layers:
+        r = probe_with_validation(
+            ftr[i], ytr, fva[i], yva, fte[i], yte, C, cfg.seed, device=cfg.device, precision=cfg.precision
+        )
+        acc[str(i)], val[str(i)], lam[str(i)] = r["test_accuracy"], r["val_accuracy"], r["lambda"]
+    pb = max(layers, key=lambda i: (val[str(i)], -i))
+    out.update(layers=acc, val_accuracy=val, **{"lambda": lam}, best_layer=pb, best_accuracy=acc[str(pb)])
+    return out
+
+
+def _chosen(res: dict[str, Any]) -> dict[str, Any]:
+    """Of the probes run (the linear probe of each layer and pooling, and every variant that names a
+    candidate: concatenated layers, the attentive head), the one with the best validation accuracy, and its
+    test accuracy: the honest answer to "which probe is best"."""
+    pp = res.get("paper_probe") or {}
+    cands = [
+        (f"linear, {res['pool']} pooling, layer {k}", v, res["layers"][k])
+        for k, v in res["val_accuracy"].items()
+    ]
+    cands += [
+        (f"linear, mean pooling, layer {k}", v, pp["layers"][k])
+        for k, v in (pp.get("val_accuracy") or {}).items()
+    ]
+    if "fine_probe" in res:
+        f = res["fine_probe"]
+        cands.append(
+            (f"linear, {f['pool']} pooling, layer {f['layer']}", f["val_accuracy"], f["test_accuracy"])
+        )
+    for variant in VARIANTS:
+        if variant.candidate is not None and res.get(variant.key):
+            cands.append(variant.candidate(res[variant.key], res))
+    probe, val, test = max(cands, key=lambda c: c[1])
+    return {"probe": probe, "val_accuracy": val, "test_accuracy": test}
+
+
+def checkpoints_probe(cfg: ProbeConfig, data: PreparedData, layers: list[int]) -> dict[str, Any]:
+    """Figure 3: every kept checkpoint probed (all chosen layers, its best on validation) against val_nll."""
+    run = Run.open(cfg.run)
+    ckpts = run.checkpoints()
+    if not ckpts:
+        raise IgptError(f"{cfg.run} has no checkpoint")
+    rows: list[dict[str, Any]] = []
+    raw_cache: dict[str, Any] = {}  # the raw-pixel baseline does not depend on the checkpoint: fitted once
+    for path in ckpts:
+        try:
+            state = read_state(path)
+        except IgptError as e:
+            print(f"igpt: warning: {e}; skipped", file=sys.stderr)
+            continue
+        if not isinstance(state.get("val_nll"), int | float):
+            continue
+        try:
+            model = run.load_model(path.name)
+        except IgptError as e:
+            print(f"igpt: warning: {e}; skipped", file=sys.stderr)
+            continue
+        print(f"checkpoint {path.name} (val_nll {state['val_nll']:.4f})", file=sys.stderr)
+        # the best layer's accuracy at --pool is the figure; no further pooling per checkpoint
+        r = full_probe(replace(cfg, fine_pool="none"), model, data, layers, raw_cache=raw_cache)
+        rows.append(
+            {
+                "checkpoint": path.name,
+                "step": state["step"],
+                "val_nll": state["val_nll"],
+                "best_layer": r["best_layer"],
+                "best_accuracy": r["best_accuracy"],
+                "layers": r["layers"],
+            }
+        )
+    if len(rows) < 2:
+        raise IgptError(
+            "loss against probe needs at least two kept checkpoints with val_nll; pretrain with "
+            "--keep-every N"
+        )
+    return {"checkpoints": rows, "raw_pixel_accuracy": r["raw_pixel_accuracy"]}
+
+
+def probe_line(res: dict[str, Any]) -> str:
+    """One line that sums up a probe result: the best layer's accuracy beside raw pixels."""
+    if "mean_accuracy" in res:  # low data: a user holds one subset, so each subset's own choice leads
+        low = LowDataResult.from_json(res)
+        return (
+            f"{low.labels_per_class} labels per class: accuracy {low.mean_accuracy:.4f} (std "
+            f"{low.std_accuracy:.4f}) with each subset's own choice; raw pixels "
+            f"{low.raw_pixel_accuracy:.4f}; the choice shared by all subsets (layer {low.best_layer}, "
+            f"{low.best_pool or low.pool} pooling) {low.best_accuracy:.4f}"
+        )
+    full = ProbeResult.from_json(res)
+    head = f", {full.head} head" if full.head != "linear" else ""
+    line = (
+        f"best layer {full.best_layer}{head}: accuracy {full.best_accuracy:.4f}; "
+        f"raw pixels {full.raw_pixel_accuracy:.4f}"
+    )
+    if full.chosen:
+        c = full.chosen
+        line += f"; the best on validation of every probe run ({c['probe']}) {c['test_accuracy']:.4f}"
+    return line

@@ -1,0 +1,1 @@
+"""`igpt serve`: the local web app and its page."""

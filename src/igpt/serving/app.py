@@ -1,0 +1,490 @@
+"""The web app behind `igpt serve RUN`: a page to complete an image with a run's model, and its JSON API.
+
+Routes: `GET /` (the page: HTML, CSS and JavaScript inline, nothing from the network), `GET /api/info`,
+`GET /api/test/{i}.png` (a test image, enlarged), and `POST /api/complete` (a multipart form; the answer is a
+stream of JSON lines, one per completed row, so the page can draw completions as they are sampled). Sampling
+runs in a worker thread (Starlette iterates a synchronous stream in its thread pool), so a slow request never
+blocks the others. Bad input gets a 4xx with {"error": message}.
+
+Bounded: at most MAX_CONCURRENT completions run at once (more get 503 with Retry-After), a request body must
+keep arriving (a pause of BODY_TIMEOUT seconds gets 408), a connection must finish sending its headers
+within HEADER_TIMEOUT seconds (or is closed), and a refused upload is answered and its connection closed at
+once, without reading the rest of the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import io
+import ipaddress
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from igpt.data.images import default_scale, mark_hidden, png_bytes
+from igpt.data.palette import decode, from_sequence, quantize, to_channels, to_sequence
+from igpt.data.prepared import PreparedData
+from igpt.data.sources import printable_text
+from igpt.errors import IgptError
+from igpt.generation.complete import check_sampling_options, complete, generate_steps
+from igpt.runs import Run
+from igpt.settings import build_config
+
+from .page import PAGE
+
+MAX_SAMPLES = 16
+MAX_TEMPERATURE = 5.0
+MAX_CONCURRENT = 2
+"""Completions sampled at once; one per core of a 2-core machine keeps memory flat and each one quick."""
+BODY_TIMEOUT = 10.0
+"""Seconds a request body may pause between chunks."""
+HEADER_TIMEOUT = 10.0
+"""Seconds a connection has to send its request headers."""
+
+
+class BadRequest(Exception):
+    """A request the server refuses: an HTTP status and a message for the user."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def png_data_url(img: np.ndarray, scale: int) -> str:
+    """(H, W, 1 or 3) uint8 -> an enlarged PNG as a data: URL, for the streamed messages."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(img, scale)).decode()
+
+
+class Completer:
+    """A run's model, palette and test images, ready to complete images."""
+
+    def __init__(self, run: str | Path, checkpoint: str | None = None):
+        r = Run.open(run)
+        self.palette = r.palette()
+        self.R, self.order = r.resolution, r.order
+        self.channels = int(self.palette.shape[1])
+        self.model = r.load_model(checkpoint)
+        self.scale = default_scale(self.R)
+        self.data: PreparedData | None = None
+        data_dir = r.data_dir
+        if data_dir and (Path(data_dir) / "meta.json").is_file():
+            self.data = PreparedData(data_dir)
+        self.run = str(run)
+        self.slots = threading.BoundedSemaphore(MAX_CONCURRENT)
+
+    def guarded(self, messages: Iterator[dict[str, Any]]) -> Iterator[str]:
+        """The JSON lines of one completion, holding one of the MAX_CONCURRENT slots until it ends (or its
+        client leaves and the stream is closed). Refused with 503 when every slot is taken."""
+        if not self.slots.acquire(blocking=False):
+            raise BadRequest(
+                503,
+                f"{MAX_CONCURRENT} completions are already running; retry in a few seconds",
+                {"Retry-After": "5"},
+            )
+
+        def lines() -> Iterator[str]:
+            try:
+                for m in messages:
+                    yield json.dumps(m) + "\n"
+            finally:
+                self.slots.release()
+
+        return lines()
+
+    @property
+    def n_test(self) -> int:
+        return int(self.data.meta["n_test"]) if self.data is not None else 0
+
+    def info(self, max_upload: int) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "resolution": self.R,
+            "channels": self.channels,
+            "clusters": len(self.palette),
+            "objective": self.model.config.objective,
+            "n_test": self.n_test,
+            "max_upload_bytes": max_upload,
+            "max_samples": MAX_SAMPLES,
+            "class_names": (
+                [printable_text(str(n)) for n in self.data.meta.get("class_names") or []]
+                if self.data
+                else None
+            ),
+        }
+
+    def test_tokens(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens (T,), image (R, R, C)) of a test image."""
+        if self.data is None:
+            raise BadRequest(404, "this run's prepared data is not available; upload an image instead")
+        if not 0 <= index < self.n_test:
+            raise BadRequest(400, f"test image index must be in [0, {self.n_test - 1}], got {index}")
+        tokens = np.asarray(self.data.tokens("test")[index], dtype=np.int64)
+        return tokens, self.data.images("test", [index])[0]
+
+    def upload_tokens(self, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """An uploaded file -> (tokens, the resized image): centre-cropped, box-resized, quantized with the
+        run's palette, exactly as `igpt prepare folder` treats images."""
+        from igpt.data.sources import load_image
+
+        try:
+            img = load_image(io.BytesIO(raw), self.R)
+        except IgptError as e:  # over the pixel limit: say so, not "not an image"
+            raise BadRequest(413, str(e)) from None
+        except Exception:  # noqa: BLE001 - Pillow raises many types for files it cannot read
+            raise BadRequest(415, "the file is not an image Pillow can read (try PNG or JPEG)") from None
+        img = to_channels(img[None], self.channels)[0]
+        tokens = to_sequence(quantize(img[None], self.palette), self.order)[0].astype(np.int64)
+        return tokens, img
+
+    def stream(
+        self,
+        tokens: np.ndarray,
+        original: np.ndarray,
+        keep_rows: int,
+        num: int,
+        temperature: float,
+        seed: int,
+    ) -> Iterator[dict[str, Any]]:
+        """Messages for the page: first the original and its kept part, then the samples after every completed
+        row (AR; rows still to come are hatched), and a last one with `done` and the timing."""
+        R, t0 = self.R, time.perf_counter()
+        kept = decode(from_sequence(tokens[None], R, self.order), self.palette)[0]
+        yield {
+            "original": png_data_url(original, self.scale),
+            "kept": png_data_url(mark_hidden(kept, keep_rows), self.scale),
+            "rows": R,
+            "keep_rows": keep_rows,
+        }
+        prefix = torch.from_numpy(tokens[None]).repeat(num, 1)
+        if not self.model.causal:  # BERT: mask-predict fills every hidden position at once
+            out = complete(self.model, prefix[:1], keep_rows * R, num, temperature, seed=seed)[0]
+            yield self._samples(out.numpy(), R)
+        elif keep_rows < R:
+            gen = torch.Generator().manual_seed(seed)
+            steps = generate_steps(
+                self.model, prefix[:, : keep_rows * R], R * R - keep_rows * R, temperature, generator=gen
+            )
+            for buf, filled in steps:
+                if filled % R == 0:
+                    yield self._samples(buf.numpy(), filled // R)
+        else:
+            yield self._samples(prefix.numpy(), R)
+        secs = time.perf_counter() - t0
+        yield {"done": True, "seconds": round(secs, 3), "tokens": num * (R - keep_rows) * R}
+
+    def _samples(self, seqs: np.ndarray, rows_done: int) -> dict[str, Any]:
+        imgs = decode(from_sequence(seqs, self.R, self.order), self.palette)
+        if rows_done < self.R:
+            imgs = [mark_hidden(im, rows_done) for im in imgs]
+        return {"rows_done": rows_done, "samples": [png_data_url(im, self.scale) for im in imgs]}
+
+
+def _int(form: Any, name: str, default: int) -> int:
+    v = form.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise BadRequest(400, f"{name} must be an integer, got '{str(v)[:40]}'") from None
+
+
+def _float(form: Any, name: str, default: float) -> float:
+    v = form.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise BadRequest(400, f"{name} must be a number, got '{str(v)[:40]}'") from None
+    if not np.isfinite(x):
+        raise BadRequest(400, f"{name} must be finite")
+    return x
+
+
+CLOSE = {"Connection": "close"}
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json", "")
+
+
+async def bounded_body(request: Any, limit: int, max_upload: int, timeout: float | None = None) -> bytes:
+    """The request body, read as it arrives and refused (413) as soon as it passes `limit` bytes, so a body
+    without Content-Length (chunked) cannot fill the memory or the disk before the refusal; a body that stops
+    arriving for `timeout` seconds is refused with 408. Both refusals close the connection."""
+    timeout = BODY_TIMEOUT if timeout is None else timeout
+    chunks, total = [], 0
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise BadRequest(408, f"the request body stopped arriving for {timeout:g} s", CLOSE) from None
+        total += len(chunk)
+        if total > limit:
+            raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit", CLOSE)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_form(body: bytes) -> dict[str, str]:
+    """A JSON request body ({"source": "test", "index": 3, ...}) as the form's fields."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        raise BadRequest(400, "the body is not valid JSON") from None
+    if not isinstance(obj, dict) or len(obj) > 20:
+        raise BadRequest(400, "a JSON body must be an object of at most 20 fields (source, index, ...)")
+    if "file" in obj:
+        raise BadRequest(400, "upload a file with a multipart form, not JSON")
+    bad = [k for k, v in obj.items() if not isinstance(v, str | int | float) or isinstance(v, bool)]
+    if bad:
+        raise BadRequest(400, f"field {str(bad[0])[:40]} must be a number or a string")
+    return {str(k): str(v) for k, v in obj.items()}
+
+
+def body_request(request: Any, body: bytes) -> Any:
+    """A request like `request` whose body is the bytes already read (for Starlette's form parser)."""
+    from starlette.requests import Request
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, receive)
+
+
+async def parse_form(request: Any, body: bytes) -> Any:
+    """The multipart (or URL-encoded) form of an already read body, with a message that names what is wrong
+    with it: too many fields or files, or not a form at all."""
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    try:
+        return await body_request(request, body).form(max_files=1, max_fields=20, max_part_size=64 * 1024)
+    except (MultiPartException, HTTPException) as e:  # inside an app, Starlette wraps the first in the second
+        text = str(getattr(e, "detail", None) or e)
+        if "Too many files" in text:
+            raise BadRequest(400, "send at most one file") from None
+        if "Too many fields" in text:
+            raise BadRequest(400, "the form has more than 20 fields") from None
+        if "exceeded maximum size" in text or "Part exceeded" in text:
+            raise BadRequest(400, "a form field (or its name) is larger than 64 KiB") from None
+        raise BadRequest(400, f"the multipart form is malformed ({text[:80]})") from None
+    except Exception:  # noqa: BLE001 - other malformed bodies
+        raise BadRequest(400, "expected a multipart form (source, index or file, keep_rows, ...)") from None
+
+
+def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024):
+    """The Starlette application serving `completer`; uploads larger than `max_upload` bytes are refused."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    def error(e: BadRequest) -> JSONResponse:
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    async def info(request: Request) -> JSONResponse:
+        return JSONResponse(completer.info(max_upload))
+
+    async def test_image(request: Request) -> Response:
+        try:
+            index = _int(request.path_params, "index", 0)
+            _, img = completer.test_tokens(index)
+        except BadRequest as e:
+            return error(e)
+        return Response(await run_in_threadpool(png_bytes, img, completer.scale), media_type="image/png")
+
+    async def complete_route(request: Request) -> Response:
+        try:
+            limit = max_upload + 64 * 1024  # the file plus the form's other fields
+            size = request.headers.get("content-length")
+            if size is not None and size.isdigit() and int(size) > limit:
+                raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit", CLOSE)
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind not in FORM_TYPES:
+                raise BadRequest(415, f"send a multipart form or JSON, not {kind[:60]}")
+            body = await bounded_body(request, limit, max_upload)
+            if kind == "application/json":
+                form = json_form(body)
+            else:
+                form = await parse_form(request, body)
+            R = completer.R
+            keep_rows = _int(form, "keep_rows", R // 2)
+            if not 0 <= keep_rows <= R:
+                raise BadRequest(400, f"keep_rows must be in [0, {R}], got {keep_rows}")
+            num = _int(form, "num", 4)
+            if not 1 <= num <= MAX_SAMPLES:
+                raise BadRequest(400, f"num must be in [1, {MAX_SAMPLES}], got {num}")
+            temperature = _float(form, "temperature", 1.0)
+            if not 0 <= temperature <= MAX_TEMPERATURE:
+                raise BadRequest(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature:g}")
+            seed = _int(form, "seed", 0)
+            try:
+                check_sampling_options(temperature, None, None, seed)
+            except IgptError as e:
+                raise BadRequest(400, str(e).replace("--", "")) from None
+            source = form.get("source", "test")
+            if source == "test":
+                tokens, img = completer.test_tokens(_int(form, "index", 0))
+            elif source == "upload":
+                f = form.get("file")
+                if f is None or isinstance(f, str):
+                    raise BadRequest(400, "source is upload but no file was sent")
+                raw = await f.read(max_upload + 1)
+                if len(raw) > max_upload:
+                    raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit")
+                if not raw:
+                    raise BadRequest(400, "the uploaded file is empty")
+                tokens, img = await run_in_threadpool(completer.upload_tokens, raw)  # off the event loop
+            else:
+                raise BadRequest(400, f"source must be test or upload, got '{str(source)[:40]}'")
+            lines = completer.guarded(completer.stream(tokens, img, keep_rows, num, temperature, seed))
+        except BadRequest as e:
+            return error(e)
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+
+    routes = [
+        Route("/", page),
+        Route("/api/info", info),
+        Route("/api/test/{index}.png", test_image),
+        Route("/api/complete", complete_route, methods=["POST"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with one clear line when the address cannot be bound, before loading anything."""
+    if not 0 < port < 65536:
+        raise IgptError(f"--port must be in [1, 65535], got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise IgptError(f"--host {host} is not an address of this machine") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            why = (
+                "is in use; pass --port" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+            )
+            raise IgptError(f"{host}:{port} {why}") from None
+
+
+@dataclass
+class ServeConfig:
+    """Every setting of `igpt serve`."""
+
+    run: str
+    """The run directory whose model completes the images."""
+    host: str = "127.0.0.1"
+    """Address to bind (127.0.0.1: this machine only)."""
+    port: int = 8000
+    """Port to listen on."""
+    checkpoint: str | None = None
+    """Which checkpoint (default: the latest)."""
+    max_upload_kb: int = 2048
+    """Largest accepted upload in KiB."""
+
+    def __post_init__(self) -> None:
+        if self.max_upload_kb < 1:
+            raise IgptError("--max-upload-kb must be at least 1")
+
+
+def serve(run: str | Path | ServeConfig, **settings: Any) -> None:
+    """Serve the completion page for `run` at http://host:port/ until interrupted. It binds this machine
+    only unless `host` says otherwise. Takes a `ServeConfig`, or the run and its fields by name."""
+    cfg = (
+        run if isinstance(run, ServeConfig) else build_config(ServeConfig, "serve", run=str(run), **settings)
+    )
+    run, host, port, checkpoint, max_upload_kb = (
+        cfg.run,
+        cfg.host,
+        cfg.port,
+        cfg.checkpoint,
+        cfg.max_upload_kb,
+    )
+    check_port(host, port)
+    app = create_app(Completer(run, checkpoint), max_upload_kb * 1024)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"igpt serve: http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+    if not is_loopback(host):
+        print(f"igpt serve: note: bound to {host}, reachable from other machines", flush=True)
+    make_server(app, host, port).run()
+
+
+def make_server(app: Any, host: str, port: int) -> Any:
+    """The uvicorn server for `app`: h11 with the header deadline, idle keep-alive connections closed after
+    5 s, and no more than 64 connections at once (more are answered 503)."""
+    import uvicorn
+
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            http=_header_deadline_protocol(),
+            timeout_keep_alive=5,
+            limit_concurrency=64,
+        )
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine only (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _header_deadline_protocol() -> type:
+    """uvicorn's h11 protocol with a deadline for the request headers: a connection that has not sent a
+    whole request head within HEADER_TIMEOUT seconds of opening (or of its last response) is closed, so
+    half-sent requests cannot pile up open connections."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._deadline = self.loop.call_later(HEADER_TIMEOUT, self._too_slow)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and self._deadline is not None:  # a whole request head arrived
+                self._deadline.cancel()
+                self._deadline = None
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            super().connection_lost(exc)
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol

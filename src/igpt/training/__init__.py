@@ -1,0 +1,1 @@
+"""Pretraining: settings, the batch engine, optimizers, the training loop, checkpoints, torchrun."""

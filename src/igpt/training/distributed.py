@@ -1,0 +1,66 @@
+"""torchrun's environment for pretraining: rank, world size and device (`Dist`), the run directory's lock
+(`RunLock`), and the check that the global batch splits evenly over processes and accumulation."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from igpt.checks import check_device
+from igpt.errors import IgptError
+
+
+def check_batch_split(batch_size: int, world: int, grad_accum: int) -> None:
+    """The global batch must split evenly over processes and accumulation steps."""
+    if batch_size % (world * grad_accum):
+        raise IgptError(
+            f"--batch-size {batch_size} must divide by processes x --grad-accum = {world * grad_accum}"
+        )
+
+
+class Dist:
+    """torchrun's environment: rank, world size, local device."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = device
+        if device == "cuda":  # checked first, on every rank, so no rank waits for one that failed
+            check_device(device)
+            if self.local_rank >= torch.cuda.device_count():
+                raise IgptError(f"local rank {self.local_rank}, but only {torch.cuda.device_count()} GPU(s)")
+            self.device = f"cuda:{self.local_rank}"
+        if self.world > 1:
+            backend = "nccl" if device == "cuda" else "gloo"
+            if device == "cuda":
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class RunLock:
+    """An exclusive flock on RUN/.lock: the kernel drops it when the process dies, so a stale lock file
+    left by a killed run never blocks a resume."""
+
+    def __init__(self, run: Path):
+        self.f = open(run / ".lock", "w")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IgptError(f"another igpt process is training {run}") from None
+
+    def release(self) -> None:
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
