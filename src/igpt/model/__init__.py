@@ -1,1 +1,1 @@
-"""The iGPT transformer, its key/value-cache decoding, torch.compile, and Hugging Face interop."""
+"""The iGPT transformer, the table of pretraining objectives, key/value-cache decoding and torch.compile."""

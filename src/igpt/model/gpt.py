@@ -78,7 +78,8 @@ class IGPTConfig:
         objective(self.objective)  # one line naming the known objectives for any other
         if self.prefix_causal and not objective(self.objective).causal:
             raise IgptError(
-                f"prefix-causal attention is an option of a causal objective, not {self.objective}"
+                f"prefix-causal attention is an option of the AR objective (or another causal one), "
+                f"not {self.objective.upper()}"
             )
         if not (isinstance(self.norm_eps, float | int) and 0 < self.norm_eps < 1):
             raise IgptError(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
