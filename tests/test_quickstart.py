@@ -13,6 +13,7 @@ from igpt.data.prepared import PreparedData
 from igpt.finetuning.finetune import HEAD_POOLS
 from igpt.pipeline import budget, plans
 from igpt.pipeline import quickstart as pipeline
+from igpt.pipeline import schedule
 from igpt.pipeline.budget import Speeds
 from igpt.probes import probing
 from igpt.probes.logistic import balanced_subset
@@ -194,11 +195,11 @@ FASHION_COUNTS = (
 
 def test_budget_shares_out_the_minutes_and_a_rerun_keeps_the_plan(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(pipeline, "read_counts", lambda d: FASHION_COUNTS)
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: calls.append(a) or FAST)
+    monkeypatch.setattr(schedule, "read_counts", lambda d: FASHION_COUNTS)
+    monkeypatch.setattr(schedule, "calibrate", lambda *a, **k: calls.append(a) or FAST)
     plan, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=30))
     st = pipeline.Stages(tmp_path, plan)
-    minutes = pipeline.plan_budget(plan, tmp_path, st)
+    minutes = schedule.plan_budget(plan, tmp_path, st)
     b = st.state["budget"]
     predicted = budget.predict(budget.workload(plan, FASHION_COUNTS), FAST)
     assert set(b["predicted"]) == {"probe", "low_data", "completions", "report"}
@@ -206,16 +207,16 @@ def test_budget_shares_out_the_minutes_and_a_rerun_keeps_the_plan(monkeypatch, t
     assert minutes == b["pretrain_minutes"] == pytest.approx(want, abs=0.01) and 3 < minutes < 30
     # a slower machine leaves pretraining less of the same budget
     slow = Speeds(FAST.feature_seconds_per_image * 2, FAST.fit_flops_per_second / 2, 0.5)
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: slow)
-    assert pipeline.plan_budget(plan, tmp_path, st) == minutes  # same budget: the plan is kept, not remade
+    monkeypatch.setattr(schedule, "calibrate", lambda *a, **k: slow)
+    assert schedule.plan_budget(plan, tmp_path, st) == minutes  # same budget: the plan is kept, not remade
     plan60, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=60))
 
     def fresh(name: str, p: pipeline.QuickstartPlan) -> float:
         (tmp_path / name).mkdir()
-        return pipeline.plan_budget(p, tmp_path / name, pipeline.Stages(tmp_path / name, p))
+        return schedule.plan_budget(p, tmp_path / name, pipeline.Stages(tmp_path / name, p))
 
     slow60 = fresh("slow", plan60)
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: FAST)
+    monkeypatch.setattr(schedule, "calibrate", lambda *a, **k: FAST)
     fast60 = fresh("fast", plan60)
     assert fast60 == pytest.approx(minutes + 30, abs=0.05) and slow60 < fast60 - 2
     # fine-tuning's minutes come out of the budget too (pretrained and the control)
@@ -224,18 +225,18 @@ def test_budget_shares_out_the_minutes_and_a_rerun_keeps_the_plan(monkeypatch, t
 
 
 def test_budget_too_small_is_refused_with_the_least_that_works(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: FAST)
+    monkeypatch.setattr(schedule, "calibrate", lambda *a, **k: FAST)
     with pytest.raises(SystemExit):
         main(["quickstart", "--out", str(tmp_path / "q"), "--minutes", "2"])
     err = capsys.readouterr().err.strip()
     least = int(re.search(r"use --minutes (\d+) or more", err).group(1))
     assert "leaves no time for pretraining" in err and len(err.splitlines()) == 1 and least > 2
     assert not (tmp_path / "q").exists()  # the refused job removes what it made (its prepared set)
-    monkeypatch.setattr(pipeline, "read_counts", lambda d: FASHION_COUNTS)
+    monkeypatch.setattr(schedule, "read_counts", lambda d: FASHION_COUNTS)
     plan, _ = pipeline.make_plan(
         pipeline.QuickstartOptions(minutes=least)
     )  # the least budget named is enough
-    assert pipeline.plan_budget(plan, tmp_path, pipeline.Stages(tmp_path, plan)) >= plan.min_pretrain_minutes
+    assert schedule.plan_budget(plan, tmp_path, pipeline.Stages(tmp_path, plan)) >= plan.min_pretrain_minutes
 
 
 def test_calibration_measures_this_machine():
@@ -325,36 +326,36 @@ def test_budget_is_replanned_once_with_the_faster_timing(monkeypatch, tmp_path, 
     """Halfway through pretraining the machine is timed again: after a slow first timing pretraining gets
     what a fast one would have given it; the re-plan is recorded (a rerun keeps it, and is not asked
     again); a slower second timing takes nothing away; the schedule's flat stretch bounds the minutes."""
-    monkeypatch.setattr(pipeline, "read_counts", lambda d: FASHION_COUNTS)
+    monkeypatch.setattr(schedule, "read_counts", lambda d: FASHION_COUNTS)
     slow = Speeds(FAST.feature_seconds_per_image * 2, FAST.fit_flops_per_second / 2, 0.5)
     plan, _ = pipeline.make_plan(pipeline.QuickstartOptions(minutes=30))
 
     def started(name: str, first: Speeds) -> pipeline.Job:
         (tmp_path / name).mkdir()
-        monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: first)
+        monkeypatch.setattr(schedule, "calibrate", lambda *a, **k: first)
         st = pipeline.Stages(tmp_path / name, plan)
         job = pipeline.Job(plan, pipeline.QuickstartOptions(out=str(tmp_path / name)), st)
-        job.pre_minutes = pipeline.plan_budget(plan, tmp_path / name, st)
+        job.pre_minutes = schedule.plan_budget(plan, tmp_path / name, st)
         return job
 
     fast_plan = started("fast", FAST).pre_minutes
     job = started("slow", slow)
     first = job.pre_minutes
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: FAST)
-    new = pipeline.replan_budget(job, 60 * first / 2, first / 2 / 0.8, first / 2 / 0.05)
+    monkeypatch.setattr(schedule, "calibrate", lambda *a, **k: FAST)
+    new = schedule.replan_budget(job, 60 * first / 2, first / 2 / 0.8, first / 2 / 0.05)
     assert new == pytest.approx(fast_plan, abs=0.01) and new > first + 1
     b = job.st.state["budget"]
     assert b["pretrain_minutes"] == new == job.pre_minutes and b["replanned"]["from_minutes"] == first
     assert f"pretraining {first:g} -> {new:g} min" in capsys.readouterr().out
-    assert pipeline.replan_budget(job, 60 * first / 2, 0, 100) is None  # once only, also after a resume
-    assert pipeline.plan_budget(plan, job.out, job.st) == new  # a rerun resumes with the new minutes
+    assert schedule.replan_budget(job, 60 * first / 2, 0, 100) is None  # once only, also after a resume
+    assert schedule.plan_budget(plan, job.out, job.st) == new  # a rerun resumes with the new minutes
 
     job = started("fast2", FAST)
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: slow)
-    assert pipeline.replan_budget(job, 300, 1, 100) == job.pre_minutes == fast_plan
+    monkeypatch.setattr(schedule, "calibrate", lambda *a, **k: slow)
+    assert schedule.replan_budget(job, 300, 1, 100) == job.pre_minutes == fast_plan
     job = started("bounded", slow)
-    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: FAST)
-    assert pipeline.replan_budget(job, 300, 1, first + 0.5) == pytest.approx(first + 0.5)
+    monkeypatch.setattr(schedule, "calibrate", lambda *a, **k: FAST)
+    assert schedule.replan_budget(job, 300, 1, first + 0.5) == pytest.approx(first + 0.5)
 
 
 def test_a_quickstart_whose_probe_would_not_fit_in_memory_is_refused_before_pretraining(

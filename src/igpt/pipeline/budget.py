@@ -6,7 +6,8 @@ shape with random weights (speed does not depend on the weights), and the matrix
 L-BFGS fits are made of, at the planned feature width. Each stage's cost is then counted in those units from
 the known sizes (images, layers, feature widths, subsets, the solver's iteration caps) and scaled by factors
 measured on full default quickstarts (see FEATURE_FACTOR and FIT_FACTOR). The quickstart times the machine
-again halfway through pretraining and re-plans with the faster of both timings (`pipeline.replan_budget`)."""
+again halfway through pretraining and re-plans with the faster of both timings
+(`igpt.pipeline.schedule.replan_budget`)."""
 
 from __future__ import annotations
 

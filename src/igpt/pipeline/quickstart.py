@@ -10,13 +10,9 @@ checkpoint). The defaults were chosen by measured sweeps on 2-core CPUs (see REA
 from __future__ import annotations
 
 import functools
-import json
-import resource
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,126 +21,19 @@ import numpy as np
 from igpt.data.preparation import PrepareConfig, prepare_config, summary_lines
 from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
-from igpt.files import write_json_atomic
 from igpt.finetuning.finetune import HEAD_POOLS, finetune
 from igpt.generation.sample import sample
-from igpt.model.gpt import IGPTConfig
-from igpt.probes.features import FeatureCache
-from igpt.probes.probing import check_features_fit, probe_and_save, probe_line
-from igpt.probes.setup import ProbeConfig, open_labelled_run
+from igpt.probes.probing import probe_and_save, probe_line
 from igpt.results import FinetuneResult, PretrainSummary
 from igpt.runs import FULL_PROBE, LATEST_PROBE, Run, is_run, low_data_stem
 from igpt.settings import build_config
 from igpt.training.pretrain import pretrain
 
-from .budget import (
-    BudgetPlan,
-    Speeds,
-    calibrate,
-    cv_shapes,
-    fine_pool,
-    predict,
-    read_counts,
-    share_out,
-    workload,
-)
+from .budget import fine_pool
+from .job import Job, Stage, Stages
 from .plans import FINETUNE_RECIPE, RECORD, QuickstartOptions, QuickstartPlan, finetune_name, make_plan
-from .report import CLASSICAL_BASELINES, write_report
-
-
-class Stages:
-    """The record of finished stages and their seconds in OUT/quickstart.json, summed over resumed runs."""
-
-    def __init__(self, out: Path, plan: QuickstartPlan):
-        self.path = out / RECORD
-        self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.state["plan"] = asdict(plan)
-        self.state.setdefault("seconds", {})
-        self.state.setdefault("done", [])
-
-    def done(self, name: str) -> bool:
-        return name in self.state["done"]
-
-    def finish(self, name: str, seconds: float) -> None:
-        self.state["seconds"][name] = round(self.state["seconds"].get(name, 0.0) + seconds, 2)
-        if name not in self.state["done"]:
-            self.state["done"].append(name)
-        self.save()
-
-    def reset_after(self, name: str) -> None:
-        """Forget the stages after `name` (the model changed, so its evaluations are stale)."""
-        order = ["prepare", "pretrain", "probe", "low_data", "completions"]
-        later = order[order.index(name) + 1 :]  # and every fine-tuning
-        self.state["done"] = [
-            s for s in self.state["done"] if s not in later and not s.startswith("finetune")
-        ]
-        self.save()
-
-    def save(self) -> None:
-        self.state["peak_rss_mib"] = max(self.state.get("peak_rss_mib", 0), peak_rss_mib())
-        write_json_atomic(self.path, self.state)
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-class Job:
-    """One quickstart in progress: the plan, the output directory, the stage record, and the model, data and
-    feature cache that the probe stages share (opened once, so the low-data probes index the full probe's
-    features instead of running the model again)."""
-
-    def __init__(self, plan: QuickstartPlan, opts: QuickstartOptions, st: Stages):
-        self.plan, self.opts, self.st = plan, opts, st
-        self.out = Path(opts.out)
-        self.data_dir, self.run_dir = self.out / "data", self.out / "run"
-        self.progress = opts.progress
-        self.pre_minutes = 0.0
-        self.baselines = CLASSICAL_BASELINES if plan.dataset == "fashion-mnist" else {}
-
-    @functools.cached_property
-    def probe_precision(self) -> str:
-        """The probes' precision (feature pass and fits), `auto` resolved for this machine."""
-        return ProbeConfig(run=str(self.run_dir), precision=self.plan.probe_precision).precision
-
-    @functools.cached_property
-    def evaluation(self) -> tuple[Any, PreparedData, list[int], FeatureCache]:
-        """(model, data, every layer, feature cache) of the pretrained run."""
-        _, model, data = open_labelled_run(str(self.run_dir), None)
-        layers = list(range(model.config.n_layer + 1))
-        cache = FeatureCache(
-            model,
-            data,
-            layers,
-            batch_size=128,
-            pool=self.plan.pool,
-            resolution=data.resolution,
-            order=data.meta["order"],
-            device="cpu",
-            quiet=not self.progress,
-            compile=self.plan.compile,
-            precision=self.probe_precision,
-        )
-        return model, data, layers, cache
-
-    def probe_config(self, **settings: Any) -> ProbeConfig:
-        """A probe of the run with the plan's pooling (unless `settings` name one) and progress."""
-        return ProbeConfig(
-            **{"run": str(self.run_dir), "pool": self.plan.pool, "progress": self.progress, **settings}
-        )
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One stage of the quickstart: `run` does it (and records its seconds), unless `is_done` finds it done
-    by an earlier call; `wanted` leaves optional stages out."""
-
-    name: str
-    title: Callable[[Job], str]
-    is_done: Callable[[Job], bool]
-    run: Callable[[Job], None]
-    wanted: Callable[[Job], bool] = lambda job: True
+from .report import write_report
+from .schedule import budget_lines, plan_budget, replan_budget
 
 
 def _prepare(job: Job) -> None:
@@ -434,107 +323,6 @@ def _fine_note(plan: QuickstartPlan) -> str:
     """What the probe stage's line says of the finer grid fitted at the chosen layer, if one is."""
     fine = fine_pool(plan)
     return f"; {fine} at the layer chosen" if fine else ""
-
-
-def _share(
-    plan: QuickstartPlan, out: Path, spent: float, floor: Speeds | None = None
-) -> tuple[BudgetPlan | float, dict[str, float]]:
-    """Time this machine (`calibrate`), predict the later stages and share out the budget (`share_out`).
-    Returns a plan or the least budget in minutes that works here, and the prediction (seconds per stage).
-    `spent`: seconds of the budget used outside pretraining; the timing adds its own, except in a re-plan
-    (`floor`: the first timing, of which the faster is kept), which runs inside pretraining's minutes."""
-    w = workload(plan, read_counts(out / "data"))
-    cfg = IGPTConfig.from_preset(plan.preset, vocab_size=plan.clusters, n_positions=plan.resolution**2)
-    precision = ProbeConfig(run=str(out), precision=plan.probe_precision).precision
-    speeds = calibrate(
-        cfg, precision, w.n_embd * w.pool_cells, shapes=cv_shapes(w), num_classes=w.num_classes
-    )
-    if floor is None:
-        spent += speeds.calibration_seconds
-    else:
-        speeds = speeds.faster(floor)
-    predicted = predict(w, speeds)
-    return share_out(plan.minutes, spent, predicted, speeds, plan.min_pretrain_minutes), predicted
-
-
-def _plan_words(shared: BudgetPlan) -> str:
-    return ", ".join(f"{k} {v / 60:.1f}" for k, v in shared.predicted.items())
-
-
-def plan_budget(plan: QuickstartPlan, out: Path, st: Stages) -> float:
-    """Pretraining's minutes: given outright, kept from an earlier call with the same budget (so a rerun
-    resumes instead of replanning), or shared out from the budget after timing this machine (a few seconds).
-    A budget too small for the stages here is refused in one line naming the least one that works."""
-    w = workload(
-        plan, read_counts(out / "data")
-    )  # refused before pretraining where the probe's features would not fit in memory
-    advice = "free some memory, or pass a smaller --resolution or --preset"
-    check_features_fit(
-        w.n_train, w.n_val + w.n_test, w.n_layer + 1, w.n_embd, plan.pool, fine_pool(plan), advice=advice
-    )
-    if plan.pretrain_minutes is not None:
-        st.state.pop("budget", None)
-        return plan.pretrain_minutes
-    old = st.state.get("budget")
-    if old and old.get("minutes") == plan.minutes and old.get("pretrain_minutes"):
-        return float(old["pretrain_minutes"])
-    shared, predicted = _share(plan, out, st.state["seconds"].get("prepare", 2.0))
-    if not isinstance(shared, BudgetPlan):
-        raise IgptError(
-            f"--minutes {plan.minutes:g} leaves no time for pretraining on this machine: the other stages "
-            f"are predicted to take about {sum(predicted.values()) / 60:.1f} minutes here; use --minutes "
-            f"{shared:g} or more"
-        )
-    st.state["budget"] = shared.to_json()
-    st.save()
-    print(
-        f"budget {plan.minutes:g} min: pretraining {shared.pretrain_minutes:g} min; then predicted "
-        f"{_plan_words(shared)} min (timed here in {shared.speeds['calibration_seconds']:.1f} s)",
-        flush=True,
-    )
-    return shared.pretrain_minutes
-
-
-def replan_budget(job: Job, elapsed: float, least: float, most: float) -> float | None:
-    """Pretraining's new minutes, asked once halfway through it (`Trainer._maybe_replan`): the machine is
-    timed again and the faster of both timings predicts the later stages, so one slow moment at the first
-    timing no longer costs pretraining minutes for good. Kept within [least, most] (the schedule's flat
-    stretch) and recorded in the budget (`replanned`), so a resumed job neither re-plans again nor
-    disagrees with the run about its minutes."""
-    b = job.st.state.get("budget")
-    if not b or "replanned" in b:
-        return None
-    shared, _ = _share(job.plan, job.out, b["spent_before"], Speeds(**b["speeds"]))
-    new = shared.pretrain_minutes if isinstance(shared, BudgetPlan) else least
-    new = round(min(max(new, least), most), 2)
-    b["replanned"] = {"at_minutes": round(elapsed / 60, 2), "from_minutes": b["pretrain_minutes"]}
-    b["pretrain_minutes"] = new
-    if isinstance(shared, BudgetPlan):
-        b.update(predicted=shared.predicted, speeds=shared.speeds)
-    job.pre_minutes = new
-    job.st.save()
-    print(
-        f"budget re-planned after {elapsed / 60:.1f} min of pretraining: pretraining "
-        f"{b['replanned']['from_minutes']:g} -> {new:g} min"
-        + (f"; then predicted {_plan_words(shared)} min" if isinstance(shared, BudgetPlan) else ""),
-        flush=True,
-    )
-    return new
-
-
-def budget_lines(state: dict[str, Any]) -> list[str]:
-    """Predicted against actual seconds of each stage after pretraining, as printed lines."""
-    b = state.get("budget")
-    if not b:
-        return []
-    sec = state["seconds"]
-    lines = ["stage        predicted  actual (seconds)"]
-    for k, v in b["predicted"].items():
-        actual = sum(s for n, s in sec.items() if n == k or n.startswith(k + "_"))
-        lines.append(f"{k:<12} {v:>9.0f}  {actual:>6.0f}" if actual else f"{k:<12} {v:>9.0f}       -")
-    pre = sec.get("pretrain")
-    lines.append(f"{'pretrain':<12} {60 * b['pretrain_minutes']:>9.0f}  {pre or 0:>6.0f}")
-    return lines
 
 
 def pick_one_per_class(data_dir: Path, n: int) -> list[int]:

@@ -23,7 +23,8 @@ from igpt.runs import Run, is_run
 
 from .config import ModelChoice, TrainConfig
 from .distributed import Dist, RunLock, check_batch_split
-from .trainer import Replan, Trainer
+from .state import Replan
+from .trainer import Trainer
 
 # settings a resume may change: the budget and its bookkeeping, and whether the step is compiled
 BUDGET_KEYS = (

@@ -3,52 +3,28 @@ Deterministic in (seed, step) on CPU, so a resumed run reproduces the uninterrup
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
-from igpt.files import write_text_atomic
-from igpt.hardware import cpu_has_amx, cpu_has_avx512_bf16, muon_ns_dtype
 from igpt.model.compiling import fallback_notice, is_compile_error
-from igpt.model.gpt import IGPT
-from igpt.runs import Run, read_metrics
 
-from .checkpoint import (
-    check_writable,
-    clean_partial,
-    latest_readable,
-    list_checkpoints,
-    save_checkpoint,
-)
-from .config import TrainConfig
-from .distributed import Dist, check_batch_split
-from .engine import Batcher, StepRecipe, all_reduce, evaluate, lr_at, mirror_index, shift_table, train_step
-from .optim import Optimizers
-
-SCHEDULE_WORDS = {
-    "cosine": "cosine to 0",
-    "linear": "linear to 0",
-    "wsd": "stable, then linear to 0 over the last {:.0%}",
-}
-"""How the start-up line describes each learning-rate schedule after warm-up."""
+from .checkpoint import list_checkpoints
+from .console import open_tensorboard, progress_bar, start_up_lines
+from .engine import all_reduce, evaluate, lr_at, train_step
+from .parallel import replica_digests
+from .state import TrainerState
 
 REPLAN_AT = 0.5
 """Share of a minutes budget after which `Trainer.replan` is asked, once, for the budget's new minutes."""
-
-Replan = Callable[[float, float, float], "float | None"]
-"""(elapsed seconds, least minutes, most minutes) -> the budget's new minutes, or None to keep it."""
 
 
 @dataclass
@@ -66,133 +42,9 @@ class _Meter:
     eval_seconds: float = 0.0
 
 
-class Trainer:
-    """The pretraining loop of one process."""
-
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        run: Run,
-        env: Dist,
-        resuming: bool,
-        progress: bool = True,
-        replan: Replan | None = None,
-    ):
-        self.cfg, self.run, self.env, self.record = cfg, run.path, env, run
-        self.replan, self._replanned = replan, False
-        self.progress = progress and env.main
-        self.data = PreparedData(cfg.data)
-        self.mcfg = mcfg = run.model_config
-        self.preset = run.preset or "custom"
-        if self.data.clusters != mcfg.vocab_size or self.data.seq_len != mcfg.n_positions:
-            raise IgptError(
-                f"the prepared data ({self.data.clusters} clusters, {self.data.seq_len} tokens) "
-                f"does not match the run's model ({mcfg.vocab_size}, {mcfg.n_positions})"
-            )
-        tokens = self.data.tokens("train")
-        G = cfg.batch_size
-        if G > len(tokens):
-            raise IgptError(f"--batch-size {G} is larger than the {len(tokens)} training images")
-        check_batch_split(G, env.world, cfg.grad_accum)
-        bf16_hw = cpu_has_amx() or cpu_has_avx512_bf16()
-        if cfg.device == "cpu" and cfg.precision == "bf16" and env.main and not bf16_hw:
-            print(
-                "igpt: warning: this CPU has neither AMX tiles nor AVX512_BF16; bf16 is likely far slower "
-                "than fp32 here",
-                file=sys.stderr,
-            )
-        torch.manual_seed(cfg.seed)
-        self.model = IGPT(mcfg).to(env.device)  # the module saved in checkpoints
-        self.batcher = Batcher(tokens, G, cfg.seed)
-        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
-        self._clock = 0.0
-        self.last_val: float | None = None
-        if resuming:
-            self._restore()
-        self.wrapped = self._wrap()
-        # parameter groups are taken after wrapping: FSDP replaces parameters with sharded ones
-        self.opt = Optimizers(
-            list(self.model.named_parameters()),
-            cfg.optimizer,
-            cfg.lr,
-            cfg.weight_decay,
-            cfg.beta2,
-            fused=env.device.startswith("cuda") and not (cfg.fsdp and env.world > 1),  # one kernel per step
-            ns_dtype=muon_ns_dtype(env.device),
-            adamw_lr_ratio=cfg.adamw_lr_ratio,
-        )
-        self.opt_names = self.opt.adamw_names
-        if resuming and self._opt_tensors:
-            self._load_optimizer(self._opt_tensors)
-        order = self.data.meta["order"]
-        self.recipe = StepRecipe(  # what every step of this run does the same way
-            rank=env.rank,
-            world=env.world,
-            grad_accum=cfg.grad_accum,
-            objective=mcfg.objective,
-            mask_ratio=cfg.mask_ratio,
-            seed=cfg.seed,
-            grad_clip=cfg.grad_clip,
-            device=env.device,
-            precision=cfg.precision,
-            flip_perm=mirror_index(self.data.resolution, order) if cfg.flip else None,
-            shifts=shift_table(self.data.resolution, order, cfg.shift) if cfg.shift else None,
-            prefix_causal=mcfg.prefix_causal,
-        )
-        self.stop_requested = False  # agreed by every process (see _tick)
-        self._stop_local = False  # this process received a stop signal
-
-    # ------------------------------------------------------------------------------------------ state
-    def _restore(self) -> None:
-        if self.env.main:
-            check_writable(self.run)
-            clean_partial(self.run)
-        shapes = {k: v.shape for k, v in self.model.state_dict().items()}
-        found = latest_readable(self.run, quiet=not self.env.main, expected=shapes)
-        self._opt_tensors = {}
-        if found is None:
-            if self.env.main:
-                print("igpt: no checkpoint yet; starting the run from step 0", file=sys.stderr)
-                self._truncate_metrics()  # rows of the killed attempt would stand beside the new ones
-            return
-        path, weights, extra, state = found
-        self.model.load_state_dict(weights)
-        self._opt_tensors = extra
-        if "rng.torch" in extra:
-            torch.set_rng_state(extra["rng.torch"])
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.elapsed_before = state["elapsed_seconds"]
-        self.last_val = state.get("val_nll")
-        if self.env.main:
-            print(f"igpt: resuming {self.run} from {path.name}", file=sys.stderr)
-            self._truncate_metrics()
-
-    def _truncate_metrics(self) -> None:
-        """Drop metric rows past the checkpoint we resume from (they will be produced again), and rows that
-        do not read as a metrics row (cut mid-line by a kill, damaged bytes, a step that is not a number)."""
-        p = self.record.metrics_file
-        if p.is_file():
-            keep = [row for row in read_metrics(self.run) if row["step"] <= self.step]
-            write_text_atomic(p, "".join(json.dumps(row) + "\n" for row in keep))
-
-    def _wrap(self) -> torch.nn.Module:
-        m: torch.nn.Module = self.model
-        if self.env.world > 1:
-            if self.cfg.fsdp:
-                from torch.distributed.fsdp import fully_shard
-
-                for block in self.model.h:
-                    fully_shard(block)
-                fully_shard(self.model)
-            else:
-                from torch.nn.parallel import DistributedDataParallel
-
-                m = DistributedDataParallel(
-                    self.model, device_ids=[self.env.local_rank] if "cuda" in self.env.device else None
-                )
-        if self.cfg.compile:
-            m = torch.compile(m)
-        return m
+class Trainer(TrainerState):
+    """The pretraining loop of one process: the shared clock and stop requests, steps at the schedule's
+    rate, validation, checkpoints, the mid-run re-plan, and the summary."""
 
     def _train_step(self, lr: float) -> tuple[float, float]:
         """One optimizer step through the wrapped model. If torch.compile fails (no C++ compiler, say), the
@@ -209,71 +61,6 @@ class Trainer:
             self.wrapped = self.wrapped._orig_mod
             return train_step(self.wrapped, self.opt, self.batcher, self.step, lr, recipe)
 
-    def _load_optimizer(self, tensors: dict[str, torch.Tensor]) -> None:
-        if not (self.cfg.fsdp and self.env.world > 1):
-            self.opt.load(tensors)
-            return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        o = StateDictOptions(full_state_dict=True)  # every rank gets the template, and loads its own copy
-        osd = get_optimizer_state_dict(self.model, self.opt.adamw, options=o)
-        names = self.opt_names
-        state: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in tensors.items():
-            if key.startswith("opt."):
-                _, i, k = key.split(".", 2)
-                state.setdefault(names[int(i)], {})[k] = t
-        osd["state"] = state
-        o = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(self.model, self.opt.adamw, osd, options=o)
-
-    def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Model and optimizer tensors as full (unsharded) CPU tensors."""
-        if self.cfg.fsdp and self.env.world > 1:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
-
-            o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            msd = get_model_state_dict(self.model, options=o)
-            osd = get_optimizer_state_dict(self.model, self.opt.adamw, options=o)
-            if not self.env.main:  # the full state is gathered on rank 0 only
-                return {}, {}
-            names = self.opt_names
-            extra = {
-                f"opt.{names.index(n)}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
-                for n, st in osd["state"].items()
-                for k, v in st.items()
-            }
-            return msd, extra
-        return self.model.state_dict(), self.opt.tensors()
-
-    def save(self, train_loss: float | None) -> None:
-        msd, extra = self._full_state()
-        if not self.env.main:
-            return
-        extra["rng.torch"] = torch.get_rng_state()
-        keep = set(self.cfg.keep_steps)
-        if self.cfg.keep_every:
-            keep |= set(range(self.cfg.keep_every, self.step + 1, self.cfg.keep_every))
-        state = {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "elapsed_seconds": self.elapsed(),
-            "epoch": self.batcher.epoch_of(self.step),
-            "train_loss": train_loss,
-            "val_nll": self.last_val,
-            "lr": self.opt.param_groups[0]["lr"] / self.opt.param_groups[0].get("scale", 1.0),
-        }
-        save_checkpoint(self.run, self.step, msd, extra, state, keep)
-
-    # ------------------------------------------------------------------------------------------ loop
     def elapsed(self) -> float:
         """Seconds of the budget used, as of the last `_tick`: the same number on every process."""
         return self._clock
@@ -342,19 +129,6 @@ class Trainer:
             file=sys.stderr,
         )
 
-    def _replica_digests(self) -> list[str] | None:
-        """Under DDP, a digest of each process's weights, gathered on every process: equal digests show the
-        replicas ended identical. None in one process or under FSDP (whose processes hold shards)."""
-        if self.env.world == 1 or self.cfg.fsdp:
-            return None
-        h = hashlib.sha256()
-        for k, v in sorted(self.model.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        out: list[Any] = [None] * self.env.world
-        dist.all_gather_object(out, h.hexdigest()[:16])
-        return out
-
     def _log(self, row: dict[str, Any]) -> None:
         if not self.env.main:
             return
@@ -382,7 +156,12 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until the budget ends (or a stop is asked for), validating and saving every
         `eval_interval` steps; then score the test split once and write the summary."""
-        self._start_up()
+        self.tb = open_tensorboard(self.run) if self.env.main else None
+        if self.env.main:
+            print(
+                start_up_lines(self.cfg, self.env, self.model, self.data, self.preset, self.run),
+                file=sys.stderr,
+            )
         prev_handlers = {sig: signal.signal(sig, self._on_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         skew = os.environ.get("IGPT_START_SKEW", "")  # "RANK:SECONDS", for the test of skewed starts
         if skew.partition(":")[0] == str(self.env.rank):
@@ -390,7 +169,7 @@ class Trainer:
         self.t_start = time.perf_counter()
         self._tick()
         m = _Meter(tokens0=self.tokens_seen)
-        bar = self._progress_bar()
+        bar = progress_bar(self.cfg.steps, self.step) if self.progress else None
         try:
             self.wrapped.train()
             while not self.done():
@@ -412,58 +191,6 @@ class Trainer:
         if self.stop_requested:
             raise KeyboardInterrupt
         return summary
-
-    def _start_up(self) -> None:
-        """TensorBoard where installed, and the start-up lines: the model, the derived batch and token
-        numbers, the optimizer and schedule, the device and precision (rank 0 only)."""
-        c, env, T = self.cfg, self.env, self.data.seq_len
-        self.tb = None
-        if not env.main:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.run / "tb"))
-        except ImportError:
-            pass
-        why = f" ({c.precision_reason})" if c.precision_reason else ""
-        augment = "".join(
-            [
-                ", random flips" if c.flip else "",
-                f", random shifts up to {c.shift} px" if c.shift else "",
-                ", prefix-causal attention" if self.mcfg.prefix_causal else "",
-            ]
-        )
-        micro = c.batch_size // (env.world * c.grad_accum)
-        ns = f" (Newton-Schulz in {muon_ns_dtype(env.device)})" if c.optimizer == "muon" else ""
-        ratio = f" (embeddings, head, gains x{c.adamw_lr_ratio:g})" if c.adamw_lr_ratio != 1 else ""
-        parts = (f"{c.steps} steps" if c.steps else "", f"{c.minutes} min" if c.minutes else "")
-        budget = " and ".join(s for s in parts if s)
-        print(
-            f"igpt pretrain: {self.mcfg.objective.upper()} {self.preset} ({self.model.num_params():,} "
-            f"parameters), {T} tokens/image, {self.data.meta['n_train']:,} training images\n"
-            f"  global batch {c.batch_size} = {env.world} process(es) x {c.grad_accum} accumulation x "
-            f"{micro} micro-batch; {c.batch_size * T:,} tokens/step\n"
-            f"  {c.optimizer}{ns}, peak lr {c.lr:g}{ratio}, "
-            f"warm-up {c.warmup:.0%} of {budget}, {SCHEDULE_WORDS[c.schedule].format(c.cooldown)}"
-            f"{augment}\n  device {env.device} {c.precision}{why}"
-            f"{' torch.compile' if c.compile else ''}; run {self.run}",
-            file=sys.stderr,
-        )
-
-    def _progress_bar(self):
-        if not self.progress:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(
-            total=self.cfg.steps,
-            initial=self.step,
-            unit="step",
-            dynamic_ncols=True,
-            file=sys.stderr,
-            mininterval=1.0,
-        )
 
     def _step(self, m: _Meter) -> tuple[float, float]:
         """One optimizer step at the schedule's rate, refused when the loss is no longer finite; logs a
@@ -523,7 +250,7 @@ class Trainer:
     def _summary(self, m: _Meter) -> dict[str, Any]:
         """Score the test split (once, at the end), then write and print the summary (rank 0)."""
         c, env = self.cfg, self.env
-        digests = self._replica_digests()
+        digests = None if self.cfg.fsdp else replica_digests(self.model, self.env)
         t_test = time.perf_counter()
         if self.last_val is None:  # the budget ended before the first step: validate the weights as they are
             self._validate()
