@@ -79,3 +79,90 @@ def test_out_as_a_file_is_refused(tmp_path, cli_error):
     msg = cli_error("prepare", "digits", "--out", f, *PREP, "--force")
     assert "not a directory" in msg and f.read_text() == "x"
     assert os.path.isfile(Path(f))
+
+
+# README 2: igpt finetune's defaults are the measured recipe, the head where the probe chose it
+def test_finetune_defaults_are_the_recipe_with_the_head_from_the_probe(digits, tmp_path, capsys):
+    import json
+
+    import igpt
+    from igpt.finetuning.finetune import MUON_LR
+
+    MICRO = dict(preset="micro", batch_size=16, eval_images=16, progress=False)
+    igpt.pretrain(data=digits, out=tmp_path / "r", steps=6, **MICRO)
+    capsys.readouterr()
+    ft = igpt.finetune(tmp_path / "r", out=tmp_path / "ft0", epochs=1, progress=False)
+    assert "the head reads the final layer with mean pooling, the run has no probe" in capsys.readouterr().err
+    assert ft["layer"] == 2 and ft["pool"] == "mean"
+    s = ft["settings"]
+    assert (s["optimizer"], s["lr"], s["augment"], s["compile"]) == ("muon", MUON_LR, False, False)
+    probe = igpt.probe(tmp_path / "r", pool="grid", progress=False)
+    ft = igpt.finetune(tmp_path / "r", out=tmp_path / "ft1", epochs=1, progress=False)
+    want = max(1, probe["best_layer"])
+    assert (ft["layer"], ft["pool"]) == (want, "grid")
+    assert f"the head reads layer {want} with grid pooling, as its probe chose on validation" in (
+        capsys.readouterr().err
+    )
+    ft = igpt.finetune(tmp_path / "r", out=tmp_path / "ft2", epochs=1, pool="mean", progress=False)
+    assert (ft["layer"], ft["pool"]) == (want, "mean")  # a pooling given is kept, the layer still read
+    assert json.loads((tmp_path / "ft2" / "finetune.json").read_text())["world_size"] == 1
+
+
+# README 3: --minutes bounds the whole command, set-up included, and the split is said
+def test_finetune_minutes_bound_the_whole_command(digits, tmp_path, capsys):
+    import igpt
+    from igpt.cli import main
+
+    igpt.pretrain(data=digits, out=tmp_path / "r", steps=4, preset="micro", batch_size=16, progress=False)
+    capsys.readouterr()
+    main(["finetune", str(tmp_path / "r"), "--out", str(tmp_path / "ft"), "--minutes", "0.2"])
+    main(
+        [
+            "finetune",
+            str(tmp_path / "r"),
+            "--out",
+            str(tmp_path / "low"),
+            "--minutes",
+            "0.2",
+            "--epochs",
+            "1000",
+            "--labels-per-class",
+            "5",
+            "--seeds",
+            "3",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert out.count("of 0.2 min: set-up") == 2
+    for name in ("ft", "low"):
+        import json
+
+        r = json.loads((tmp_path / name / "finetune.json").read_text())
+        assert r["seconds_total"] <= 12 + 3, r["seconds_total"]  # the budget, and the save's few seconds
+        parts = [s["seconds_split"] for s in r.get("subsets", [r])]
+        assert sum(p["set_up"] + p["training"] + p["test"] for p in parts) <= r["seconds_total"] + 0.5
+
+
+# README 4: downsampled-ImageNet or CIFAR batches whose labels are numpy scalars
+def test_batches_with_numpy_scalar_labels_are_read_and_other_objects_refused(cifar_dir, tmp_path, cli_error):
+    import pickle
+
+    import numpy as np
+
+    import igpt
+    from igpt.data.sources import unpickle
+    from igpt.errors import IgptError
+
+    for i in range(1, 6):  # labels written as list(labels_array): numpy integers, not Python ints
+        p = cifar_dir / f"data_batch_{i}"
+        d = pickle.loads(p.read_bytes())
+        d[b"labels"] = list(np.asarray(d[b"labels"], dtype=np.int64))
+        p.write_bytes(pickle.dumps(d))
+    meta = igpt.prepare(
+        "cifar10", data_dir=cifar_dir, out=tmp_path / "c", resolution=8, clusters=8, progress=False
+    )
+    assert meta["n_train"] + meta["n_val"] > 0
+    bad = tmp_path / "bad"
+    bad.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [np.str_("cat")] * 2}))
+    with pytest.raises(IgptError, match="refusing to load a numpy scalar"):
+        unpickle(bad)

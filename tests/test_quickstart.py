@@ -10,10 +10,9 @@ import pytest
 
 from igpt.cli import main
 from igpt.data.prepared import PreparedData
-from igpt.finetuning.finetune import HEAD_POOLS
-from igpt.pipeline import budget, plans
+from igpt.finetuning.finetune import HEAD_POOLS, MUON_LR
+from igpt.pipeline import budget, plans, schedule
 from igpt.pipeline import quickstart as pipeline
-from igpt.pipeline import schedule
 from igpt.pipeline.budget import Speeds
 from igpt.probes import probing
 from igpt.probes.logistic import balanced_subset
@@ -142,8 +141,8 @@ def test_finetune_minutes_adds_a_fine_tuning_stage_to_the_report(qs, capsys):
     for r in (ft, scratch):
         assert r["layer"] == max(1, probe["best_layer"]) and r["pool"] == probe["pool"]
         assert r["settings"]["augment"] is False
-        # one recipe for both arms, each at its best on validation
-        assert {k: r["settings"][k] for k in plans.FINETUNE_RECIPE} == plans.FINETUNE_RECIPE
+        # one recipe for both arms, igpt finetune's defaults: Muon at MUON_LR
+        assert (r["settings"]["optimizer"], r["settings"]["lr"]) == ("muon", MUON_LR)
     page = (qs / "report.html").read_text()
     assert "fine-tuned" in page and f"{ft['test_accuracy']:.4f}" in page
     assert "from scratch (control)" in page and f"{scratch['test_accuracy']:.4f}" in page
@@ -160,11 +159,11 @@ def test_low_data_fine_tunings_join_the_low_data_table(qs, capsys):
         low[name] = json.loads((qs / name / "finetune.json").read_text())
         assert len(low[name]["accuracies"]) == 2  # the smoke plan's two subsets
         assert all(s["n_train"] == 100 and s["n_val"] <= 100 for s in low[name]["subsets"])
-        assert {k: low[name]["settings"][k] for k in plans.FINETUNE_RECIPE} == plans.FINETUNE_RECIPE
+        assert (low[name]["settings"]["optimizer"], low[name]["settings"]["lr"]) == ("muon", MUON_LR)
     ft = low["finetune_10_per_class"]
     low_probe = json.loads((qs / "run" / "probe_10_per_class.json").read_text())
-    # the head takes the probe's choice; a pooling no head has (the fine 7x7 grid) falls back to the plan's
-    pool = next(p for p in (low_probe["best_pool"], low_probe["pool"], plans.SMOKE.pool) if p in HEAD_POOLS)
+    # the head takes the probe's choice; a pooling no head has (the fine 7x7 grid) falls back to the probe's
+    pool = next(p for p in (low_probe["best_pool"], low_probe["pool"], "mean") if p in HEAD_POOLS)
     assert pool == plans.SMOKE.pool
     assert ft["layer"] == max(1, low_probe["best_layer"]) and ft["pool"] == pool
     y = PreparedData(qs / "data").labels("train")  # the low-data probes' subsets: balanced_subset(seed + s)

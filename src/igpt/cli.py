@@ -217,7 +217,16 @@ def run_finetune(args: argparse.Namespace) -> None:
     from .results import FinetuneResult
     from .runs import FINETUNE
 
-    r = FinetuneResult.from_json(finetune(FinetuneConfig(**config_kwargs(args, FinetuneConfig))))
+    res = finetune(FinetuneConfig(**config_kwargs(args, FinetuneConfig)))
+    r = FinetuneResult.from_json(res)
+    parts = [s.get("seconds_split", {}) for s in res.get("subsets", [res])]
+    split = {k: sum(p.get(k, 0.0) for p in parts) for k in ("set_up", "training", "test")}
+    budget = f" of {res['minutes']:g}" if res.get("minutes") else ""
+    print(
+        f"igpt finetune: {res.get('seconds_total', 0) / 60:.1f}{budget} min: "
+        f"set-up {split['set_up'] / 60:.1f}, "
+        f"training {split['training'] / 60:.1f}, test {split['test'] / 60:.1f}"
+    )
     if r.std_accuracy is not None:
         print(
             f"{r.init} init: test accuracy {r.mean_accuracy:.4f} +- {r.std_accuracy:.4f} over "

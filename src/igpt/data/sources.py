@@ -170,6 +170,14 @@ def load_idx_dataset(directory: Path, name: str) -> ImageSet:
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR
+def _numeric_scalar(dtype: Any, data: Any = None) -> Any:
+    """numpy's scalar reconstructor, for booleans, integers and floats only: any other dtype (objects,
+    strings, records) is refused as the rest of a pickle outside the allow-list is."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes):
+        raise pickle.UnpicklingError(f"refusing to load a numpy scalar of dtype {dtype!r}")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickles only plain containers and numpy arrays: the CIFAR batches are pickles, and a pickle can run
     arbitrary code, so anything outside this allow-list is refused."""
@@ -182,9 +190,15 @@ class _SafeUnpickler(pickle.Unpickler):
         ("_codecs", "encode"),
     }
 
+    SCALARS = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+    """numpy scalars (a label list written as `list(labels_array)` holds them): allowed of plain numeric
+    dtypes only (`_numeric_scalar`)."""
+
     def find_class(self, module: str, name: str):  # noqa: D102 - see class docstring
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
+        if (module, name) in self.SCALARS:
+            return _numeric_scalar
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 

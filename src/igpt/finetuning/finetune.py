@@ -40,6 +40,12 @@ from .classifier import Augment, Classifier, accuracy, check_layer, standardise_
 
 INITS = ("pretrained", "scratch")
 HEAD_POOLS = tuple(p for p in POOLS if p in ("mean", "grid", "grid3"))
+MUON_LR = 5e-4
+"""Fine-tuning's default peak rate with Muon, pretrained and from scratch alike
+(docs/decisions/finetune-recipe.md)."""
+COMPILE_MIN_ROWS = 10_000
+"""Training images from which `compile` defaults on: compiling costs tens of seconds on a CPU, repaid over
+thousands of steps, not over a few-label subset's hundreds."""
 
 
 def tokens_rows(data: PreparedData, rows: np.ndarray) -> np.ndarray:
@@ -60,13 +66,14 @@ class FinetuneConfig:
     """Stop after this many minutes, keeping the best epoch (an epoch may be cut short); with several
     subsets (`seeds`), each subset gets this budget."""
     lr: float | None = None
-    """Peak learning rate; default the pretraining's lr / 10."""
+    """Peak learning rate; default 5e-4 with Muon (the measured recipe), the pretraining's lr / 10 with
+    AdamW."""
     gen_weight: float = 1.0
     """Weight of L_GEN (the run's own generative loss) beside L_CLF."""
     layer_decay: float = 1.0
     """Layer-wise rate decay: block i of L trains at lr x layer_decay^(L - i), the embeddings at
     lr x layer_decay^(L + 1); the head and the final norm at lr (1: one rate for all)."""
-    optimizer: str = choice("adamw", OPTIMIZERS)
+    optimizer: str = choice("muon", OPTIMIZERS)
     """adamw, or muon: Muon for the blocks' matrices (its updates scaled to AdamW's size, so the same lr
     means the same step size) and AdamW for the rest, as pretraining's `--optimizer muon`; one rate for all
     (no layer decay)."""
@@ -80,14 +87,17 @@ class FinetuneConfig:
     init: str = choice("pretrained", INITS)
     """pretrained (the run's weights), or scratch: the same architecture from random weights, trained with
     the same recipe, labels and budget (the control that shows what pretraining buys)."""
-    pool: str = choice("mean", HEAD_POOLS)
-    """The head's input: mean (the paper's mean over positions of the final normed states), or a coarse
-    spatial grid of means: grid (2x2) or grid3 (3x3)."""
+    pool: str = choice("probe", ("probe", *HEAD_POOLS))
+    """The head's input: probe (the pooling the run's probe chose on validation, or the coarsest grid of it
+    a head has; mean where the run has no probe), mean (the paper's mean over positions of the final normed
+    states), or a coarse spatial grid of means: grid (2x2) or grid3 (3x3)."""
     layer: int | None = None
     """Put the head on this block's output (1..n_layer, normed as the probe reads it) and drop the blocks
-    above it: faster, and the probe's best layer is often below the top; default the final layer."""
-    augment: bool = True
-    """Random shifts, and flips where the data suits them (see `engine.mirror_index`)."""
+    above it; default the layer the run's probe chose on validation (at least 1), the final layer where the
+    run has no probe."""
+    augment: bool = False
+    """Random shifts, and flips where the data suits them (see `engine.mirror_index`); off by default, as
+    the measured recipe has it (shifts and flips cost the grid heads accuracy)."""
     head_init: str = choice("probe", ("probe", "zero"))
     """probe (start the head at a linear probe of the features, its L2 strength chosen on the validation rows
     early stopping reads) or zero."""
@@ -105,8 +115,9 @@ class FinetuneConfig:
     """cpu or cuda."""
     seed: int = 0
     """Seed of the subsets, the order, augmentation, masks and (with init scratch) the weights."""
-    compile: bool = False
-    """torch.compile the training forward (eagerly if compiling fails)."""
+    compile: bool | None = None
+    """torch.compile the training forward (eagerly if compiling fails); default on for at least
+    COMPILE_MIN_ROWS training images, where the steps repay compiling's start-up."""
     precision: str = choice("auto", PRECISIONS)
     """fp32, bf16 autocast, or auto: bf16 where this machine runs it faster (CUDA, AMX, AVX512_BF16 where a
     start-up measurement says so; never on AVX2-only CPUs), for training and evaluation alike."""
@@ -162,6 +173,33 @@ def finetune(
     return _finetune(build_config(FinetuneConfig, "finetune", run=str(run), out=str(out), **settings))
 
 
+SAVE_SECONDS = 5.0
+"""Kept back from a --minutes budget for writing the fine-tuned run."""
+
+
+class Clock:
+    """The budget of the whole command (`--minutes`), set-up and evaluation included, started with the
+    command. The subsets share what is left of it equally (`share`); each one's training stops early enough
+    to leave time for its last validation and its test pass (`training_seconds`)."""
+
+    def __init__(self, minutes: float | None):
+        self.start = time.perf_counter()
+        self.end = self.start + 60 * minutes if minutes else None
+        self.share_end = self.end
+
+    def share(self, subsets_left: int) -> None:
+        """The next subset's share: an equal part of what is left for the `subsets_left` subsets."""
+        if self.end is not None:
+            now = time.perf_counter()
+            self.share_end = now + max(0.0, self.end - now) / subsets_left
+
+    def training_seconds(self, reserve: float) -> float | None:
+        """Seconds of training left in this share after `reserve` (None: no budget; at least one second)."""
+        if self.share_end is None:
+            return None
+        return max(1.0, self.share_end - time.perf_counter() - reserve)
+
+
 @dataclass
 class _Split:
     """Rows of one fine-tuning: training rows (of the train split), validation rows (of the validation
@@ -203,22 +241,29 @@ def validation_only(args: FinetuneConfig) -> list[dict[str, Any]]:
     """Fine-tune as `finetune` would but read no test image and save nothing: one result per subset, with
     `best_val_accuracy` and the history. This is how recipes are compared (benchmarks/finetune_sweep.py):
     a choice made on test would leak it."""
+    clock = Clock(args.minutes)
     info, backbone, data = _open(args)
-    return [res for res, _ in _fit_subsets(args, info, backbone, data, _subsets(args, data, test=False))]
+    args, note = resolve_head(args, info)
+    _check_head(args, backbone, data)
+    splits = _subsets(args, data, test=False)
+    if note:
+        print(note, file=sys.stderr)
+    return [res for res, _ in _fit_subsets(args, info, backbone, data, splits, clock)]
 
 
 def _fit_subsets(
-    args: FinetuneConfig, info: Run, backbone: IGPT, data: PreparedData, splits: list[_Split]
+    args: FinetuneConfig, info: Run, backbone: IGPT, data: PreparedData, splits: list[_Split], clock: Clock
 ) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
     """`_fit_one` on each split in turn, each from the run's weights (scratch makes its own), seeded
-    seed + s: (result, best weights) per split."""
+    seed + s, the subsets sharing what is left of the clock equally: (result, best weights) per split."""
     out = []
     for s, split in enumerate(splits):
+        clock.share(len(splits) - s)
         if len(splits) > 1:
             print(f"igpt finetune: subset {s + 1}/{len(splits)}", file=sys.stderr)
         if s > 0 and args.init == "pretrained":
             backbone = info.load_model()  # every subset starts from the same weights
-        out.append(_fit_one(args, info, backbone, data, split, args.seed + s))
+        out.append(_fit_one(args, info, backbone, data, split, args.seed + s, clock))
     return out
 
 
@@ -230,16 +275,70 @@ def _open(args: FinetuneConfig) -> tuple[Run, IGPT, PreparedData]:
             f"{args.run} is a fine-tuned run; the from-scratch control (--init scratch) takes the pretrained "
             "run it came from, so both share the architecture and the data"
         )
-    check_pool(args.pool, data.resolution)
-    if args.layer is not None:
-        check_layer(args.layer, backbone.config.n_layer)
+    if args.pool != "probe":
+        _check_head(args, backbone, data)
     return info, backbone, data
 
 
+def _check_head(args: FinetuneConfig, backbone: IGPT, data: PreparedData) -> None:
+    check_pool(args.pool, data.resolution)
+    if args.layer is not None:
+        check_layer(args.layer, backbone.config.n_layer)
+
+
+def head_from_probe(run: Run, labels_per_class: int | None) -> tuple[int | None, str, str]:
+    """The head's layer and pooling as the run's probes chose them on validation, and where they came from:
+    with all labels the full probe's best layer and pooling; with N labels per class the N-labels probe's
+    (chosen by cross-validation inside its subsets, so the fine-tuning reads no label beyond its own). A
+    pooling no head has (a finer grid) gives way to the probe's coarser one, then to the mean; layer 0 (the
+    embeddings) becomes 1. (None, "mean") where no such probe exists: the final layer's mean, the paper's."""
+    if labels_per_class:
+        low = {r.labels_per_class: r for r in run.low_data_probes()}.get(labels_per_class)
+        if low is None:
+            return None, "mean", f"no {labels_per_class}-labels-per-class probe in the run"
+        layer, pools, source = (
+            low.best_layer,
+            [low.best_pool, low.pool],
+            f"its {labels_per_class}-label probe",
+        )
+    else:
+        full = run.full_probe()
+        if full is None:
+            return None, "mean", "the run has no probe"
+        layer, pools, source = full.best_layer, [full.pool], "its probe"
+    pool = next((p for p in pools if p in HEAD_POOLS), "mean")
+    return (None if layer is None else max(1, int(layer))), pool, f"as {source} chose on validation"
+
+
+def resolve_head(args: FinetuneConfig, info: Run) -> tuple[FinetuneConfig, str]:
+    """`args` with the head's layer and pooling settled (`pool="probe"` or no `layer`: from the run's probe,
+    `head_from_probe`), and one line saying which it uses and why (empty when both were given)."""
+    if args.pool != "probe" and args.layer is not None:
+        return args, ""
+    layer, pool, source = head_from_probe(info, args.labels_per_class)
+    given = [
+        w for w, v in (("layer", args.layer), ("pool", None if args.pool == "probe" else args.pool)) if v
+    ]
+    out = dataclasses.replace(
+        args,
+        layer=args.layer if args.layer is not None else layer,
+        pool=pool if args.pool == "probe" else args.pool,
+    )
+    top = "the final layer" if out.layer is None else f"layer {out.layer}"
+    why = source + (f" (the {' and '.join(given)} as given)" if given else "")
+    return out, f"igpt finetune: the head reads {top} with {out.pool} pooling, {why}"
+
+
 def _finetune(args: FinetuneConfig) -> dict[str, Any]:
+    clock = Clock(args.minutes)
     info, backbone, data = _open(args)
+    args, note = resolve_head(args, info)
+    _check_head(args, backbone, data)
+    splits = _subsets(args, data)
+    if note:  # said once every setting has been checked
+        print(note, file=sys.stderr)
     L = backbone.config.n_layer
-    fits = _fit_subsets(args, info, backbone, data, _subsets(args, data))
+    fits = _fit_subsets(args, info, backbone, data, splits, clock)
     results = [res for res, _ in fits]
     result = results[0]
     if len(results) > 1:
@@ -256,6 +355,9 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
             "seconds": round(sum(r["seconds"] for r in results), 2),
         }
     shape = dataclasses.replace(backbone.config, n_layer=args.layer or L)  # the blocks the head reads
+    result["world_size"] = 1  # the processes that shared the work
+    result["minutes"] = args.minutes
+    result["seconds_total"] = round(time.perf_counter() - clock.start, 2)
     _save(Path(args.out), fits[0][1], info, shape, data.num_classes, data, result, args.pool)
     return result
 
@@ -315,12 +417,13 @@ def _recipe(
         model, tokens_rows(data, head_rows), labels, C, args.device, probe=probe, val=val
     )
     train = info.train_config
-    lr = args.lr or (train.lr if train else 1e-3) / 10
+    lr = args.lr or (MUON_LR if args.optimizer == "muon" else (train.lr if train else 1e-3) / 10)
     opt = make_optimizer(model, args, lr)
     flip = data.meta.get("dataset") not in NO_FLIP
     R, order = data.resolution, data.meta["order"]
     aug = Augment(R, order, max(1, R // 8), flip) if args.augment else None
     steps_per_epoch = math.ceil(len(split.train) / args.batch_size)
+    compiled = args.compile if args.compile is not None else len(split.train) >= COMPILE_MIN_ROWS
     precision, why = args.precision, ""
     if precision == "auto":
         precision, why = auto_precision(args.device, model.backbone.config.n_embd)
@@ -332,7 +435,7 @@ def _recipe(
         f"{f' (layer decay {args.layer_decay:g})' if args.layer_decay < 1 else ''}, "
         f"gen weight {args.gen_weight:g}, batch {args.batch_size}, up to {args.epochs} epochs x "
         f"{steps_per_epoch} steps; augment {'shifts' + (' + flips' if flip else '') if aug else 'off'}; "
-        f"{precision}{f' ({why})' if why else ''}",
+        f"{precision}{f' ({why})' if why else ''}{', compiled' if compiled else ''}",
         file=sys.stderr,
     )
     return Recipe(
@@ -344,8 +447,8 @@ def _recipe(
         mask_ratio=train.mask_ratio if train else 0.15,  # BERT: mask as the backbone was pretrained
         gen=torch.Generator().manual_seed(seed),
         total_steps=steps_per_epoch * args.epochs,
-        forward=CompiledOrEager(model, "the fine-tuning forward", enabled=args.compile),
-        budget_seconds=60 * args.minutes if args.minutes else None,
+        forward=CompiledOrEager(model, "the fine-tuning forward", enabled=compiled),
+        budget_seconds=None,  # set by `_fit_one` from the clock once set-up is paid for
         precision=precision,
         precision_reason=why,
         head_lambda=head_lambda,
@@ -424,10 +527,18 @@ def _train_epoch(args: FinetuneConfig, r: Recipe, data: PreparedData, rows: np.n
 
 
 def _fit_one(
-    args: FinetuneConfig, info: Run, backbone: IGPT, data: PreparedData, split: _Split, seed: int
+    args: FinetuneConfig,
+    info: Run,
+    backbone: IGPT,
+    data: PreparedData,
+    split: _Split,
+    seed: int,
+    clock: Clock | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Train one classifier on `split` (early stopping on its validation rows) and score its best epoch on
-    the test rows: (result, the best epoch's weights)."""
+    the test rows, within this subset's share of the clock: (result, the best epoch's weights)."""
+    clock = clock or Clock(args.minutes)
+    t_setup = time.perf_counter()
     r = _recipe(args, info, backbone, data, split, seed)
     tr, va, te = split.train, split.val, split.test
     y_va, tok_va = data.labels("val"), data.tokens("val")
@@ -436,11 +547,16 @@ def _fit_one(
         return accuracy(r.model, tok_va[va], y_va[va], args.device, r.precision) if len(va) else float("nan")
 
     stop = EarlyStopping(args.patience)
+    t_val = time.perf_counter()
     initial_val = val_accuracy() if len(va) else None
+    t_val = time.perf_counter() - t_val
     if initial_val is not None:  # epoch 0, the head's start, is a candidate too: training must beat it
         stop.update(0, initial_val, r.model)
     history = []
-    r.started = t0 = time.perf_counter()  # the budget and the schedule's clock start with training
+    # the end needs one more validation pass, the test pass (at the validation pass's rate) and the save
+    evaluation = t_val * (1 + len(te) / len(va)) if len(va) else 0.0
+    r.budget_seconds = clock.training_seconds(evaluation + SAVE_SECONDS)
+    r.started = t0 = time.perf_counter()  # the schedule's clock starts with training
 
     for epoch in range(1, args.epochs + 1):
         loss = _train_epoch(args, r, data, tr, epoch)
@@ -455,6 +571,7 @@ def _fit_one(
             print("stopping: --minutes budget reached", file=sys.stderr)
             break
     stop.restore(r.model)
+    t_test = time.perf_counter()
     test_acc = (
         accuracy(r.model, data.tokens("test")[te], data.labels("test")[te], args.device, r.precision)
         if len(te)
@@ -485,8 +602,19 @@ def _fit_one(
         ),
         "objective": r.model.backbone.config.objective,
         "settings": asdict(args)
-        | {"lr": r.lr, "flip": r.flip, "precision": r.precision, "precision_reason": r.precision_reason},
-        "seconds": round(time.perf_counter() - t0, 2),
+        | {
+            "lr": r.lr,
+            "flip": r.flip,
+            "precision": r.precision,
+            "precision_reason": r.precision_reason,
+            "compile": r.forward.active,
+        },
+        "seconds": round(t_test - t0, 2),
+        "seconds_split": {
+            "set_up": round(t0 - t_setup, 2),
+            "training": round(t_test - t0, 2),
+            "test": round(time.perf_counter() - t_test, 2),
+        },
         "pretrained_run": str(Path(args.run).resolve()),
     }
     return result, stop.state

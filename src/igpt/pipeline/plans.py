@@ -18,14 +18,6 @@ RECORD = "quickstart.json"
 """The quickstart's own record in its directory: the plan, the stages done and their seconds, the budget."""
 
 
-FINETUNE_RECIPE: dict[str, Any] = {"optimizer": "muon", "lr": 5e-4}
-"""The optimizer and peak rate of every quickstart fine-tuning, pretrained and from scratch alike, chosen on
-validation in 20-minute runs (README, "Fine-tuned against trained from scratch"): Muon led AdamW at every
-epoch from pretrained weights (0.9126 against 0.9092), and from scratch it beat AdamW's best rate by 2.8
-points (0.8762 against 0.8480), so the control is at its best too. AdamW's best rates were 5e-4 pretrained
-and 2e-4 from scratch."""
-
-
 def finetune_name(init: str, labels_per_class: int | None = None) -> str:
     """The quickstart's directory (and stage) name of one fine-tuning: finetune, finetune_scratch, and with
     N labels per class finetune_N_per_class, finetune_scratch_N_per_class."""

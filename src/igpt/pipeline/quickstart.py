@@ -21,7 +21,7 @@ import numpy as np
 from igpt.data.preparation import PrepareConfig, prepare_config, summary_lines
 from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
-from igpt.finetuning.finetune import HEAD_POOLS, finetune
+from igpt.finetuning.finetune import finetune
 from igpt.generation.sample import sample
 from igpt.probes.probing import probe_and_save, probe_line
 from igpt.results import FinetuneResult, PretrainSummary
@@ -31,7 +31,7 @@ from igpt.training.pretrain import pretrain
 
 from .budget import fine_pool
 from .job import Job, Stage, Stages
-from .plans import FINETUNE_RECIPE, RECORD, QuickstartOptions, QuickstartPlan, finetune_name, make_plan
+from .plans import RECORD, QuickstartOptions, QuickstartPlan, finetune_name, make_plan
 from .report import write_report
 from .schedule import budget_lines, plan_budget, replan_budget
 
@@ -124,34 +124,12 @@ def _finetunings(job: Job) -> list[tuple[str, int | None, int]]:
     return [(init, n, k) for n, k in settings for init in ("pretrained", "scratch")]
 
 
-def _finetune_head(job: Job, labels_per_class: int | None) -> dict[str, Any]:
-    """The head's layer and pooling for one fine-tuning, as the probes chose them: with all labels the full
-    probe's (on the validation split), with N labels per class the low-data probe's choice shared by the
-    subsets (cross-validated inside them), so a low-data fine-tuning reads no label beyond its own. Layer 0
-    (the embeddings) becomes 1: fine-tuning needs a block."""
-    run = Run.open(job.run_dir)
-    layer, pools = None, []  # the probe's choices, best first; the first pooling a head has is taken
-    if labels_per_class is None:
-        full = run.full_probe()
-        if full is not None:
-            layer, pools = full.best_layer, [full.pool]
-    else:
-        low = {r.labels_per_class: r for r in run.low_data_probes()}.get(labels_per_class)
-        if low is not None:  # its best pooling, else (the fine grid, which no head has) the plan's
-            layer, pools = low.best_layer, [low.best_pool or low.pool, low.pool, job.plan.pool]
-    return {
-        "layer": None if layer is None else max(1, layer),
-        "pool": next(p for p in [*pools, "mean"] if p in HEAD_POOLS),
-    }
-
-
 def _finetune(job: Job) -> None:
-    """The fine-tunings and their from-scratch controls, each recorded as its own stage, with the recipe
-    chosen on validation (benchmarks/finetune_sweep.py; README): the head on the probes' chosen layer and
-    pooling, the blocks above it dropped, no augmentation, Muon at one rate for both arms
-    (`plans.FINETUNE_RECIPE`). With N labels per class the K subsets share the
-    minutes and train longer in epochs, with more patience (an epoch of N x classes images is a few
-    steps)."""
+    """The fine-tunings and their from-scratch controls, each recorded as its own stage, with `igpt
+    finetune`'s defaults, which are the recipe chosen on validation (docs/decisions/finetune-recipe.md): the
+    head on the probes' chosen layer and pooling, the blocks above it dropped, no augmentation, Muon at one
+    rate for both arms. With N labels per class the K subsets share the minutes and train longer in
+    epochs, with more patience (an epoch of N x classes images is a few steps)."""
     for init, n, k in _finetunings(job):
         name = finetune_name(init, n)
         if _finetuned(job, name):
@@ -163,17 +141,14 @@ def _finetune(job: Job) -> None:
             raise IgptError(f"{ft_dir} is not a fine-tuning igpt wrote; move it away and retry")
         if ft_dir.exists():  # an interrupted fine-tuning (inside the quickstart's own directory) starts again
             shutil.rmtree(ft_dir)
-        # a subset's few hundred steps would not repay compiling its model
-        low = {"labels_per_class": n, "seeds": k, "epochs": 1000, "patience": 10, "compile": False}
+        low = {"labels_per_class": n, "seeds": k, "epochs": 1000, "patience": 10}
         ft = finetune(
             job.run_dir,
             ft_dir,
             init=init,
-            minutes=job.plan.finetune_minutes / k,
-            augment=False,
-            **FINETUNE_RECIPE,
-            **_finetune_head(job, n),
-            **(low if n else {"epochs": 20, "compile": job.plan.compile}),
+            minutes=job.plan.finetune_minutes,
+            compile=None if job.plan.compile else False,  # None: compiled where the rows repay it
+            **(low if n else {"epochs": 20}),
             progress=job.progress,
         )
         r = FinetuneResult.from_json(ft)
