@@ -18,7 +18,13 @@ from igpt.finetuning.classifier import HEAD_LAMBDAS
 from igpt.finetuning.finetune import load_classifier
 from igpt.probes.logistic import balanced_subset
 
-QUICK = {"epochs": 1, "progress": False, "test_limit": 64}
+QUICK = {
+    "epochs": 1,
+    "progress": False,
+    "test_limit": 64,
+    "layer": 2,
+    "pool": "mean",
+}  # not the shared run's probe
 
 
 def _backbone_gap(ft_dir, run_dir) -> float:
@@ -60,7 +66,7 @@ def test_low_data_subsets_match_the_probes_and_validation_holds_n_per_class(micr
 
 
 def test_grid_pooled_head_round_trips(micro_run, tmp_path):
-    res = igpt.finetune(micro_run, out=tmp_path / "ft", pool="grid", train_limit=64, **QUICK)
+    res = igpt.finetune(micro_run, out=tmp_path / "ft", train_limit=64, **{**QUICK, "pool": "grid"})
     assert res["pool"] == "grid"
     clf = load_classifier(tmp_path / "ft")
     d = clf.backbone.config.n_embd
@@ -97,7 +103,7 @@ def test_refusals_create_nothing(micro_run, tmp_path, capsys, extra, expect):
 def test_scratch_from_a_finetuned_run_is_refused(micro_run, tmp_path):
     igpt.finetune(micro_run, out=tmp_path / "ft", train_limit=32, **QUICK)
     with pytest.raises(IgptError, match="takes the pretrained run it came from"):
-        igpt.finetune(tmp_path / "ft", out=tmp_path / "again", init="scratch", **QUICK)
+        igpt.finetune(tmp_path / "ft", out=tmp_path / "again", init="scratch", **{**QUICK, "layer": None})
     assert not (tmp_path / "again").exists()
 
 
@@ -127,7 +133,9 @@ def test_truncated_backbone_reads_exactly_the_probes_layer(micro_run):
 
 
 def test_head_on_a_lower_layer_saves_the_cut_model(micro_run, tmp_path):
-    res = igpt.finetune(micro_run, out=tmp_path / "ft", layer=1, train_limit=64, precision="bf16", **QUICK)
+    res = igpt.finetune(
+        micro_run, out=tmp_path / "ft", train_limit=64, precision="bf16", **{**QUICK, "layer": 1}
+    )
     assert res["layer"] == 1 and res["settings"]["precision"] == "bf16"
     info = json.loads((tmp_path / "ft" / "run.json").read_text())
     assert info["model"]["n_layer"] == 1 and info["finetune"]["blocks_dropped"] == 1

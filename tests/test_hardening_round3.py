@@ -166,3 +166,25 @@ def test_batches_with_numpy_scalar_labels_are_read_and_other_objects_refused(cif
     bad.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [np.str_("cat")] * 2}))
     with pytest.raises(IgptError, match="refusing to load a numpy scalar"):
         unpickle(bad)
+
+
+# outside 2: a tampered run record is compared with the weights' header before anything is built
+@pytest.mark.parametrize("field, value", [("n_positions", 100_000_000), ("vocab_size", 9), ("n_embd", 4096)])
+def test_a_tampered_run_record_is_refused_before_allocating(micro_run, tmp_path, cli_error, field, value):
+    import json
+    import resource
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    info = json.loads((run / "run.json").read_text())
+    info["model"][field] = value
+    if field == "n_embd":
+        info["model"]["n_head"] = 2
+    (run / "run.json").write_text(json.dumps(info))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    msg = cli_error("sample", run, "--out", tmp_path / "g.png", "--num", "1")
+    assert "does not fit the run's model" in msg and "disagrees with the weights" in msg
+    assert "no readable checkpoint" not in msg
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing was built
+    assert not (tmp_path / "g.png").exists()

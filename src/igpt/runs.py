@@ -352,8 +352,11 @@ class Run:
                 raise IgptError(f"no checkpoint {checkpoint} in {self.path}")
             self.loaded_checkpoint = path.name
             return read_checkpoint(path, shapes)[0]
-        found = latest_readable(self.path, expected=shapes)
+        found = latest_readable(self.path, quiet=True, expected=shapes)
         if found is None:
+            saved = list_checkpoints(self.path)
+            if saved:  # say why the newest one was refused (damaged, or not the record's shape)
+                read_checkpoint(saved[-1], shapes)
             raise IgptError(f"{self.path} has no readable checkpoint")
         self.loaded_checkpoint = found[0].name
         return found[1]
@@ -374,8 +377,8 @@ class Run:
     def load_model(self, checkpoint: str | None = None, device: str | torch.device = "cpu") -> IGPT:
         """The model with the latest (or the named) checkpoint's weights, in eval mode, on `device`. A
         fine-tuned run gives its fine-tuned backbone."""
+        weights = self._weights(checkpoint)  # checked against the record's shapes before anything is built
         model = IGPT(self.model_config)
-        weights = self._weights(checkpoint)
         try:
             missing, unexpected = model.load_state_dict(weights, strict=False)
         except RuntimeError as e:

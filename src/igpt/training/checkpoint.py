@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from igpt.errors import IgptError
@@ -162,6 +162,8 @@ def read_checkpoint(
     """Model tensors, optimizer/RNG tensors and state of one checkpoint; IgptError if any file is damaged, or
     (with `expected`, the model's tensor shapes) if its tensors do not fit the model."""
     state = read_state(path)
+    if expected is not None:  # the header's shapes first: a run.json that disagrees allocates nothing
+        check_shapes(path / "model.safetensors", expected)
     try:
         model = load_file(path / "model.safetensors")
         extra = (
@@ -176,6 +178,35 @@ def read_checkpoint(
             what = f"missing {missing[:2]}" if missing else f"{wrong[0]} is {tuple(model[wrong[0]].shape)}"
             raise IgptError(f"checkpoint {path} does not fit the run's model ({what})")
     return model, extra, state
+
+
+RECORD_FIELD = {"wte.weight": "vocab_size", "lm_head.weight": "vocab_size", "wpe.weight": "n_positions"}
+"""The field of run.json's model that sets each tensor's first dimension (the rest: n_embd, n_layer)."""
+
+
+def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a safetensors file, read from its header alone (no tensor is loaded)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except (OSError, SafetensorError, ValueError) as e:
+        raise IgptError(f"{path} is damaged ({e.__class__.__name__}: {e})") from None
+
+
+def check_shapes(path: Path, expected: dict[str, torch.Size]) -> None:
+    """Refuse, naming the first tensor and the record's field, weights whose shapes (from the header) do not
+    fit the model that `expected` describes."""
+    found = header_shapes(path)
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise IgptError(f"checkpoint {path.parent} does not fit the run's model (missing {missing[:2]})")
+    for k, shape in expected.items():
+        if tuple(shape) != found[k]:
+            field = RECORD_FIELD.get(k, "n_embd")
+            raise IgptError(
+                f"checkpoint {path.parent} does not fit the run's model: {k} is {found[k]} there, "
+                f"{tuple(shape)} by the run's record (run.json's {field} disagrees with the weights)"
+            )
 
 
 def latest_readable(run: str | Path, quiet: bool = False, expected: dict[str, torch.Size] | None = None):
