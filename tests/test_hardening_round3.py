@@ -188,3 +188,112 @@ def test_a_tampered_run_record_is_refused_before_allocating(micro_run, tmp_path,
     assert "no readable checkpoint" not in msg
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing was built
     assert not (tmp_path / "g.png").exists()
+
+
+# outside 6 and 7: flags bounded by what they can mean, one line each, nothing written
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["pretrain", "--data", "D", "--out", "O", "--lr", "1e39"], "--lr must be positive and at most 10"),
+        (
+            ["pretrain", "--data", "D", "--out", "O", "--optimizer", "muon", "--adamw-lr-ratio", "1e308"],
+            "--adamw-lr-ratio must be positive",
+        ),
+        (
+            ["pretrain", "--data", "D", "--out", "O", "--minutes", "1e300"],
+            "--minutes must be a positive number",
+        ),
+        (["finetune", "RUN", "--out", "O", "--lr", "1e39"], "--lr must be positive and at most 10"),
+        (
+            ["finetune", "RUN", "--out", "O", "--labels-per-class", "1", "--seeds", "100000000000"],
+            "--seeds must be in [1, 1000]",
+        ),
+        (
+            ["probe", "RUN", "--labels-per-class", "1", "--seeds", "100000000000"],
+            "--seeds must be in [1, 1000]",
+        ),
+        (["probe", "RUN", "--mask-ensemble", "1000000"], "--mask-ensemble must be at most 100"),
+        (["quickstart", "--out", "O", "--minutes", "1e308"], "--minutes must be positive and at most"),
+    ],
+)
+def test_unbounded_flags_are_refused(argv, expect, micro_run, tmp_path, cli_error, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [str(micro_run) if a == "RUN" else str(micro_run.parent / "data") if a == "D" else a for a in argv]
+    msg = cli_error(*argv)
+    assert expect in msg
+    assert not (tmp_path / "O").exists()
+
+
+def test_a_sample_grid_too_large_is_refused_before_sampling(micro_run, tmp_path, cli_error):
+    msg = cli_error(
+        "sample", micro_run, "--out", tmp_path / "g.png", "--num", "1024", "--scale", "64", "--keep-rows", "7"
+    )
+    assert "the grid would be" in msg and "lower --num" in msg
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_a_tiny_minutes_budget_still_trains_a_step_and_saves_it(digits, tmp_path):
+    import igpt
+
+    s = igpt.pretrain(
+        data=digits,
+        out=tmp_path / "r",
+        minutes=1e-9,
+        preset="micro",
+        batch_size=16,
+        eval_images=16,
+        progress=False,
+    )
+    assert s["steps"] == 1 and s["finished"]
+    assert igpt.load_run(tmp_path / "r") is not None  # a checkpoint exists
+    p = igpt.probe(tmp_path / "r", layers="1", progress=False)
+    assert p["world_size"] == 1
+
+
+# outside 3: serve keeps other pages and oversized uploads out
+def test_serve_refuses_other_hosts_and_origins_and_nested_json(micro_run):
+    from starlette.testclient import TestClient
+
+    from igpt.serving.app import LOOPBACK_NAMES, Completer, create_app
+
+    c = TestClient(
+        create_app(Completer(micro_run), 1 << 20, LOOPBACK_NAMES), base_url="http://127.0.0.1:8000"
+    )
+    assert c.get("/api/info").status_code == 200
+    r = c.get("/api/info", headers={"host": "attacker.example:8000"})  # a DNS-rebound name
+    assert r.status_code == 403 and "host name" in r.json()["error"]
+    r = c.post("/api/complete", json={"source": "test"}, headers={"origin": "http://evil.example"})
+    assert r.status_code == 403 and "cross-origin" in r.json()["error"]
+    r = c.post(
+        "/api/complete", json={"source": "test", "num": 1}, headers={"origin": "http://127.0.0.1:8000"}
+    )
+    assert r.status_code == 200
+    r = c.post("/api/complete", content=b"[" * 100_000, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+
+
+def test_serve_counts_upload_decoding_against_its_cap_and_bounds_declared_pixels(micro_run, tmp_path):
+    import io
+
+    from PIL import Image
+    from starlette.testclient import TestClient
+
+    from igpt.serving import app as serve_app
+
+    completer = serve_app.Completer(micro_run)
+    c = TestClient(serve_app.create_app(completer, 4 << 20))
+    big = io.BytesIO()
+    Image.new("I;16", (6000, 6000)).save(big, "PNG")  # 36 M pixels declared, a small file
+    r = c.post("/api/complete", data={"source": "upload"}, files={"file": ("big.png", big.getvalue())})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]
+    for _ in range(serve_app.MAX_CONCURRENT):  # every slot taken: an upload is refused before decoding
+        completer.take_slot()
+    try:
+        small = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(small, "PNG")
+        r = c.post("/api/complete", data={"source": "upload"}, files={"file": ("s.png", small.getvalue())})
+        assert r.status_code == 503
+    finally:
+        for _ in range(serve_app.MAX_CONCURRENT):
+            completer.release()
+    assert c.post("/api/complete", data={"source": "test", "num": "1"}).status_code == 200  # slots given back

@@ -162,8 +162,10 @@ def test_low_data_fine_tunings_join_the_low_data_table(qs, capsys):
         assert (low[name]["settings"]["optimizer"], low[name]["settings"]["lr"]) == ("muon", MUON_LR)
     ft = low["finetune_10_per_class"]
     low_probe = json.loads((qs / "run" / "probe_10_per_class.json").read_text())
-    # the head takes the probe's choice; a pooling no head has (the fine 7x7 grid) falls back to the probe's
-    pool = next(p for p in (low_probe["best_pool"], low_probe["pool"], "mean") if p in HEAD_POOLS)
+    # the head takes the probe's choice; a pooling no head has (the fine 7x7 grid) falls back to the full
+    # probe's pooling setting, the plan's coarse grid
+    full_pool = json.loads((qs / "run" / "probe_full.json").read_text())["pool"]
+    pool = next(p for p in (low_probe["best_pool"], low_probe["pool"], full_pool) if p in HEAD_POOLS)
     assert pool == plans.SMOKE.pool
     assert ft["layer"] == max(1, low_probe["best_layer"]) and ft["pool"] == pool
     y = PreparedData(qs / "data").labels("train")  # the low-data probes' subsets: balanced_subset(seed + s)

@@ -31,6 +31,8 @@ from safetensors.torch import load_file
 from igpt.model.gpt import IGPT, IGPTConfig
 from igpt.training.checkpoint import (
     CKPT_DIR,
+    check_shapes,
+    fits,
     is_checkpoint,
     latest_readable,
     list_checkpoints,
@@ -352,11 +354,11 @@ class Run:
                 raise IgptError(f"no checkpoint {checkpoint} in {self.path}")
             self.loaded_checkpoint = path.name
             return read_checkpoint(path, shapes)[0]
-        found = latest_readable(self.path, quiet=True, expected=shapes)
+        saved = list_checkpoints(self.path)
+        if saved and not any(fits(p, shapes) for p in saved):  # the record, not the weights, is off
+            check_shapes(saved[-1] / "model.safetensors", shapes)
+        found = latest_readable(self.path, expected=shapes)
         if found is None:
-            saved = list_checkpoints(self.path)
-            if saved:  # say why the newest one was refused (damaged, or not the record's shape)
-                read_checkpoint(saved[-1], shapes)
             raise IgptError(f"{self.path} has no readable checkpoint")
         self.loaded_checkpoint = found[0].name
         return found[1]

@@ -279,7 +279,7 @@ def _to_8bit(im):
     return im.convert("L" if im.mode in ("1", "L", "LA") else "RGB")
 
 
-def load_image(path: Path | BinaryIO, size: int | None) -> np.ndarray:
+def load_image(path: Path | BinaryIO, size: int | None, max_pixels: int | None = None) -> np.ndarray:
     """One image (a path or an open binary file) as uint8 (H, W, C), centre-cropped to a square and
     box-resized to `size` when given. The one bounded decoder: an image of more than `max_image_pixels()`
     pixels is refused before it is decoded, with IgptError. EXIF orientation is applied (a phone photo
@@ -289,7 +289,7 @@ def load_image(path: Path | BinaryIO, size: int | None) -> np.ndarray:
 
     from PIL import Image, ImageOps
 
-    limit = max_image_pixels()
+    limit = max_image_pixels() if max_pixels is None else max_pixels
     Image.MAX_IMAGE_PIXELS = limit  # Pillow warns above this and refuses above twice this: both refuse here
     name = path if isinstance(path, (str, Path)) else "the uploaded image"
     try:

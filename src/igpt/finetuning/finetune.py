@@ -29,10 +29,10 @@ from igpt.model.compiling import CompiledOrEager
 from igpt.model.gpt import IGPT, IGPTConfig
 from igpt.probes.features import POOLS, check_pool
 from igpt.probes.logistic import balanced_subset, check_trainable
-from igpt.probes.setup import labelled_rows, open_labelled_run
+from igpt.probes.setup import MAX_SEEDS, labelled_rows, open_labelled_run
 from igpt.runs import Run
 from igpt.settings import build_config, check_choices, choice
-from igpt.training.config import OPTIMIZERS
+from igpt.training.config import MAX_LR, MAX_MINUTES, OPTIMIZERS
 from igpt.training.engine import NO_FLIP, EarlyStopping, autocast, bert_mask, lr_at
 from igpt.training.optim import Optimizers
 
@@ -128,10 +128,12 @@ class FinetuneConfig:
         check_choices(self)
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise IgptError("--epochs, --batch-size and --patience must be at least 1")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise IgptError("--lr must be positive")
-        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
-            raise IgptError(f"--minutes must be a positive number, got {self.minutes}")
+        if self.lr is not None and not (math.isfinite(self.lr) and 0 < self.lr <= MAX_LR):
+            raise IgptError(f"--lr must be positive and at most {MAX_LR:g}, got {self.lr}")
+        if self.minutes is not None and not (math.isfinite(self.minutes) and 0 < self.minutes <= MAX_MINUTES):
+            raise IgptError(
+                f"--minutes must be a positive number of at most {MAX_MINUTES:,}, got {self.minutes}"
+            )
         if not (math.isfinite(self.layer_decay) and 0 < self.layer_decay <= 1):
             raise IgptError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
         if self.optimizer == "muon" and self.layer_decay < 1:
@@ -142,8 +144,8 @@ class FinetuneConfig:
             raise IgptError(f"--layer must be at least 1 (a block's output), got {self.layer}")
         if self.labels_per_class is not None and self.labels_per_class < 1:
             raise IgptError(f"--labels-per-class must be at least 1, got {self.labels_per_class}")
-        if self.seeds < 1:
-            raise IgptError(f"--seeds must be at least 1, got {self.seeds}")
+        if not 1 <= self.seeds <= MAX_SEEDS:
+            raise IgptError(f"--seeds must be in [1, {MAX_SEEDS}], got {self.seeds}")
         if self.seeds > 1 and self.labels_per_class is None:
             raise IgptError("--seeds K draws K subsets of --labels-per-class N; give --labels-per-class too")
         check_seed(self.seed)
@@ -291,16 +293,16 @@ def head_from_probe(run: Run, labels_per_class: int | None) -> tuple[int | None,
     with all labels the full probe's best layer and pooling; with N labels per class the N-labels probe's
     (chosen by cross-validation inside its subsets, so the fine-tuning reads no label beyond its own). A
     pooling no head has (a finer grid) gives way to the probe's coarser one, then to the mean; layer 0 (the
-    embeddings) becomes 1. (None, "mean") where no such probe exists: the final layer's mean, the paper's."""
+    embeddings) becomes 1. (None, "mean") where no such probe exists: the final layer's mean, the paper's.
+    A low-data probe whose choice is a grid finer than a head has takes the full probe's pooling setting (the
+    coarse grid it was asked for), not any choice the full probe made on the validation labels."""
     if labels_per_class:
         low = {r.labels_per_class: r for r in run.low_data_probes()}.get(labels_per_class)
         if low is None:
             return None, "mean", f"no {labels_per_class}-labels-per-class probe in the run"
-        layer, pools, source = (
-            low.best_layer,
-            [low.best_pool, low.pool],
-            f"its {labels_per_class}-label probe",
-        )
+        full = run.full_probe()  # its pooling setting only (no choice made on labels): the coarse grid beside
+        layer, pools = low.best_layer, [low.best_pool, low.pool, full.pool if full else "mean"]
+        source = f"its {labels_per_class}-label probe"
     else:
         full = run.full_probe()
         if full is None:

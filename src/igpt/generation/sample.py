@@ -120,6 +120,7 @@ def sample(run: str | Path | SampleConfig, out: str | Path | None = None, **sett
     keep_rows = R // 2 if cfg.keep_rows is None else cfg.keep_rows
     if not 0 <= keep_rows <= R:
         raise IgptError(f"--keep-rows must be in [0, {R}], got {keep_rows}")
+    check_grid_size(cfg, R, keep_rows)
     seqs, originals = _inputs(cfg, r, keep_rows)
     model = r.load_model(cfg.checkpoint, cfg.device)
     n = cfg.num if keep_rows else cfg.num * cfg.count
@@ -149,6 +150,25 @@ def sample(run: str | Path | SampleConfig, out: str | Path | None = None, **sett
         "tokens_per_second": new_tokens / max(secs, 1e-9),
         "method": "AR with KV cache" if model.causal else "mask-predict",
     }
+
+
+MAX_GRID_PIXELS = 50_000_000
+"""The largest PNG grid `igpt sample` writes (about 150 MB of RGB while it is built)."""
+
+
+def check_grid_size(cfg: SampleConfig, R: int, keep_rows: int) -> None:
+    """Refuse, before sampling, a grid larger than MAX_GRID_PIXELS (its side from --num, the images and
+    --scale), naming what to lower."""
+    scale = cfg.scale or default_scale(R)
+    cols = cfg.num + 2 if keep_rows else min(cfg.num * cfg.count, 8)
+    rows = cfg.n_images if keep_rows else -(-cfg.num * cfg.count // 8)
+    side = R * scale + 2
+    pixels = (rows * side + 2) * (cols * side + 2)
+    if pixels > MAX_GRID_PIXELS:
+        raise IgptError(
+            f"the grid would be {cols * side + 2:,} x {rows * side + 2:,} pixels, above "
+            f"{MAX_GRID_PIXELS:,}; lower --num, the images or --scale"
+        )
 
 
 def _inputs(cfg: SampleConfig, r: Run, keep_rows: int) -> tuple[torch.Tensor, np.ndarray | None]:

@@ -12,6 +12,7 @@ from typing import Any
 from igpt import settings
 from igpt.errors import IgptError
 from igpt.model.gpt import PRESETS
+from igpt.training.config import MAX_MINUTES
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 RECORD = "quickstart.json"
@@ -207,8 +208,10 @@ class QuickstartOptions:
         settings.check_choices(self)
         budgets = {"minutes": self.minutes, "pretrain_minutes": self.pretrain_minutes}
         for name, value in {**budgets, "finetune_minutes": self.finetune_minutes}.items():
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise IgptError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            if value is not None and not (math.isfinite(value) and 0 < value <= MAX_MINUTES):
+                raise IgptError(
+                    f"--{name.replace('_', '-')} must be positive and at most {MAX_MINUTES:,.0f}, got {value}"
+                )
         if self.finetune_low_data and not self.finetune_minutes:
             raise IgptError(
                 "--finetune-low-data fine-tunes for --finetune-minutes; give --finetune-minutes too"

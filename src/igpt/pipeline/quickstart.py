@@ -45,7 +45,15 @@ def _prepare(job: Job) -> None:
         clusters=plan.clusters,
         limit=plan.limit,
     )
-    meta = prepare_config(source, job.data_dir)
+    try:
+        meta = prepare_config(source, job.data_dir)
+    except IgptError as e:
+        if "--force" not in str(e):
+            raise
+        raise IgptError(  # the quickstart has no --force: another plan's set is in this --out
+            f"{job.data_dir} holds a set prepared with other settings (another --resolution or dataset); "
+            "choose another --out"
+        ) from None
     print("\n".join(summary_lines(meta, job.data_dir)))
 
 

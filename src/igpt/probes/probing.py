@@ -84,6 +84,7 @@ def probe_and_save(
         name = FULL_PROBE
         title = f"linear probe, {res['n_train']:,} training images"
     res.update(
+        world_size=1,  # the processes that shared the work
         objective=model.config.objective,
         checkpoint=checkpoint_used or cfg.checkpoint or "latest",
         precision=cfg.precision,  # of the feature pass (and the full probe's fits; see ProbeConfig)

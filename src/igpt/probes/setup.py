@@ -33,6 +33,13 @@ validation only; there it scored 0.8892 against grid3's 0.8784 on validation (la
 default quickstart model, same CPU kind) and 0.8910 against 0.8864 with a 4,543-step one."""
 
 
+MAX_SEEDS = 1000
+"""The most subsets a low-data probe or fine-tuning may draw (`--seeds`): their mean's standard error has long
+stopped shrinking, and each costs a fit."""
+MAX_MASKS = 100
+"""The most masks a BERT mask ensemble may average (`--mask-ensemble`): each is a feature pass and fits."""
+
+
 @dataclass
 class ProbeConfig:
     """Every setting of one probe of a run; `probe()` builds it from its keyword arguments."""
@@ -96,6 +103,8 @@ class ProbeConfig:
         check_choices(self)
         if self.precision == "auto":
             self.precision = auto_precision(self.device)[0]
+        if self.mask_ensemble > MAX_MASKS:
+            raise IgptError(f"--mask-ensemble must be at most {MAX_MASKS}, got {self.mask_ensemble}")
         if self.mask_ensemble < 0:
             raise IgptError("--mask-ensemble must be 0 or more")
         for name in ("train_limit", "test_limit", "batch_size"):
@@ -106,8 +115,8 @@ class ProbeConfig:
             raise IgptError(f"--labels-per-class must be at least 1, got {self.labels_per_class}")
         if self.labels_per_class and (self.mask_ensemble or self.concat):
             raise IgptError("--mask-ensemble and --concat apply to the full probe, not to --labels-per-class")
-        if self.seeds < 1:
-            raise IgptError("--seeds must be at least 1")
+        if not 1 <= self.seeds <= MAX_SEEDS:
+            raise IgptError(f"--seeds must be in [1, {MAX_SEEDS}], got {self.seeds}")
         if self.head == "attentive" and (self.labels_per_class or self.checkpoints == "all"):
             raise IgptError(
                 "--head attentive runs with the full probe; --labels-per-class and --checkpoints all use "

@@ -60,6 +60,11 @@ class BadRequest(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+MAX_UPLOAD_PIXELS = 16_000_000
+"""The largest upload serve decodes, in pixels (checked from the header before decoding): a 4000 x 4000
+photo; a few concurrent ones stay within a few hundred MB."""
+
+
 def png_data_url(img: np.ndarray, scale: int) -> str:
     """(H, W, 1 or 3) uint8 -> an enlarged PNG as a data: URL, for the streamed messages."""
     return "data:image/png;base64," + base64.b64encode(png_bytes(img, scale)).decode()
@@ -82,15 +87,22 @@ class Completer:
         self.run = str(run)
         self.slots = threading.BoundedSemaphore(MAX_CONCURRENT)
 
-    def guarded(self, messages: Iterator[dict[str, Any]]) -> Iterator[str]:
-        """The JSON lines of one completion, holding one of the MAX_CONCURRENT slots until it ends (or its
-        client leaves and the stream is closed). Refused with 503 when every slot is taken."""
+    def take_slot(self) -> None:
+        """One of the MAX_CONCURRENT slots, taken before any work of a request (an upload's decoding
+        included); 503 when every slot is taken. `guarded` (or `release`) gives it back."""
         if not self.slots.acquire(blocking=False):
             raise BadRequest(
                 503,
                 f"{MAX_CONCURRENT} completions are already running; retry in a few seconds",
                 {"Retry-After": "5"},
             )
+
+    def release(self) -> None:
+        self.slots.release()
+
+    def guarded(self, messages: Iterator[dict[str, Any]]) -> Iterator[str]:
+        """The JSON lines of one completion, holding the slot taken by `take_slot` until it ends (or its
+        client leaves and the stream is closed)."""
 
         def lines() -> Iterator[str]:
             try:
@@ -137,7 +149,7 @@ class Completer:
         from igpt.data.sources import load_image
 
         try:
-            img = load_image(io.BytesIO(raw), self.R)
+            img = load_image(io.BytesIO(raw), self.R, max_pixels=MAX_UPLOAD_PIXELS)
         except IgptError as e:  # over the pixel limit: say so, not "not an image"
             raise BadRequest(413, str(e)) from None
         except Exception:  # noqa: BLE001 - Pillow raises many types for files it cannot read
@@ -241,7 +253,7 @@ def json_form(body: bytes) -> dict[str, str]:
     """A JSON request body ({"source": "test", "index": 3, ...}) as the form's fields."""
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # deeply nested arrays exhaust the parser's recursion
         raise BadRequest(400, "the body is not valid JSON") from None
     if not isinstance(obj, dict) or len(obj) > 20:
         raise BadRequest(400, "a JSON body must be an object of at most 20 fields (source, index, ...)")
@@ -284,8 +296,39 @@ async def parse_form(request: Any, body: bytes) -> Any:
         raise BadRequest(400, "expected a multipart form (source, index or file, keep_rows, ...)") from None
 
 
-def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024):
-    """The Starlette application serving `completer`; uploads larger than `max_upload` bytes are refused."""
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def same_origin_only(app: Any, hosts: tuple[str, ...] | None) -> Any:
+    """`app` behind two checks that keep other web pages out of the local API: the Host header must name
+    one of `hosts` (the names this server listens on; None accepts any, for a server bound to all
+    addresses), which defeats DNS rebinding, and a request that carries an Origin must come from this
+    server's own origin (a page elsewhere that calls the API is refused with 403)."""
+    from starlette.responses import JSONResponse
+
+    async def checked(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            host = headers.get(b"host", "").strip().lower()
+            name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+            origin = headers.get(b"origin")
+            why = None
+            if hosts is not None and name not in hosts:
+                why = f"this server does not answer to the host name {host[:60]!r}"
+            elif origin is not None and origin.strip().lower() != f"http://{host}":
+                why = "cross-origin requests are refused; open the page this server serves"
+            if why:
+                await JSONResponse({"error": why}, status_code=403)(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return checked
+
+
+def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024, hosts: tuple[str, ...] | None = None):
+    """The Starlette application serving `completer`; uploads larger than `max_upload` bytes are refused.
+    Requests must name one of `hosts` (when given) and, with an Origin, come from the page itself
+    (`same_origin_only`)."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
@@ -339,24 +382,32 @@ def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024):
             except IgptError as e:
                 raise BadRequest(400, str(e).replace("--", "")) from None
             source = form.get("source", "test")
-            if source == "test":
-                tokens, img = completer.test_tokens(_int(form, "index", 0))
-            elif source == "upload":
-                f = form.get("file")
-                if f is None or isinstance(f, str):
-                    raise BadRequest(400, "source is upload but no file was sent")
-                raw = await f.read(max_upload + 1)
-                if len(raw) > max_upload:
-                    raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit")
-                if not raw:
-                    raise BadRequest(400, "the uploaded file is empty")
-                tokens, img = await run_in_threadpool(completer.upload_tokens, raw)  # off the event loop
-            else:
+            if source not in ("test", "upload"):
                 raise BadRequest(400, f"source must be test or upload, got '{str(source)[:40]}'")
-            lines = completer.guarded(completer.stream(tokens, img, keep_rows, num, temperature, seed))
+            completer.take_slot()  # decoding an upload counts against the cap as its completion does
+            try:
+                tokens, img = await _inputs(completer, form, source, max_upload)
+                lines = completer.guarded(completer.stream(tokens, img, keep_rows, num, temperature, seed))
+            except BaseException:
+                completer.release()
+                raise
         except BadRequest as e:
             return error(e)
         return StreamingResponse(lines, media_type="application/x-ndjson")
+
+    async def _inputs(completer: Completer, form: Any, source: str, max_upload: int) -> tuple:
+        """The tokens and image to complete: a test image, or the uploaded file decoded off the event loop."""
+        if source == "test":
+            return completer.test_tokens(_int(form, "index", 0))
+        f = form.get("file")
+        if f is None or isinstance(f, str):
+            raise BadRequest(400, "source is upload but no file was sent")
+        raw = await f.read(max_upload + 1)
+        if len(raw) > max_upload:
+            raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit")
+        if not raw:
+            raise BadRequest(400, "the uploaded file is empty")
+        return await run_in_threadpool(completer.upload_tokens, raw)  # off the event loop
 
     routes = [
         Route("/", page),
@@ -364,7 +415,7 @@ def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024):
         Route("/api/test/{index}.png", test_image),
         Route("/api/complete", complete_route, methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+    return same_origin_only(Starlette(routes=routes), hosts)
 
 
 def check_port(host: str, port: int) -> None:
@@ -421,7 +472,10 @@ def serve(run: str | Path | ServeConfig, **settings: Any) -> None:
         cfg.max_upload_kb,
     )
     check_port(host, port)
-    app = create_app(Completer(run, checkpoint), max_upload_kb * 1024)
+    hosts = (*LOOPBACK_NAMES, host.lower()) if is_loopback(host) else None
+    if hosts is None and host not in ("0.0.0.0", "::"):
+        hosts = (host.lower(), f"[{host.lower()}]")  # a named address: that name only
+    app = create_app(Completer(run, checkpoint), max_upload_kb * 1024, hosts)
     shown = f"[{host}]" if ":" in host else host
     print(f"igpt serve: http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
     if not is_loopback(host):

@@ -193,17 +193,33 @@ def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise IgptError(f"{path} is damaged ({e.__class__.__name__}: {e})") from None
 
 
+class ShapeMismatch(IgptError):
+    """Weights whose shapes are not the ones a run's record describes (as opposed to a damaged file)."""
+
+
+def fits(path: Path, expected: dict[str, torch.Size]) -> bool:
+    """Whether the checkpoint at `path` has the shapes `expected` (a damaged one counts as fitting: reading
+    it will say what is wrong)."""
+    try:
+        check_shapes(path / "model.safetensors", expected)
+    except ShapeMismatch:
+        return False
+    except IgptError:
+        return True
+    return True
+
+
 def check_shapes(path: Path, expected: dict[str, torch.Size]) -> None:
     """Refuse, naming the first tensor and the record's field, weights whose shapes (from the header) do not
     fit the model that `expected` describes."""
     found = header_shapes(path)
     missing = sorted(set(expected) - set(found))
     if missing:
-        raise IgptError(f"checkpoint {path.parent} does not fit the run's model (missing {missing[:2]})")
+        raise ShapeMismatch(f"checkpoint {path.parent} does not fit the run's model (missing {missing[:2]})")
     for k, shape in expected.items():
         if tuple(shape) != found[k]:
             field = RECORD_FIELD.get(k, "n_embd")
-            raise IgptError(
+            raise ShapeMismatch(
                 f"checkpoint {path.parent} does not fit the run's model: {k} is {found[k]} there, "
                 f"{tuple(shape)} by the run's record (run.json's {field} disagrees with the weights)"
             )

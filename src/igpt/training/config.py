@@ -19,6 +19,12 @@ OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "linear", "wsd")
 
 
+MAX_LR = 10.0
+"""The largest peak rate a setting may ask for: far above any useful one, far below float32's overflow."""
+MAX_MINUTES = 525_600.0
+"""The longest budget a setting may ask for: a year of minutes."""
+
+
 @dataclass
 class ModelChoice:
     """The model of a new pretraining run: a preset shape, optionally overridden, and the objective. The
@@ -117,16 +123,21 @@ class TrainConfig:
         check_choices(self)
         if self.steps is not None and self.steps <= 0:
             raise IgptError(f"--steps must be positive, got {self.steps}")
-        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
-            raise IgptError(f"--minutes must be a positive number, got {self.minutes}")
+        if self.minutes is not None and not (math.isfinite(self.minutes) and 0 < self.minutes <= MAX_MINUTES):
+            raise IgptError(
+                f"--minutes must be a positive number of at most {MAX_MINUTES:,}, got {self.minutes}"
+            )
         if self.steps is None and self.minutes is None:
             self.steps = 2000
         if self.batch_size <= 0 or self.grad_accum <= 0:
             raise IgptError("--batch-size and --grad-accum must be positive")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise IgptError(f"--lr must be positive, got {self.lr}")
-        if not (math.isfinite(self.adamw_lr_ratio) and self.adamw_lr_ratio > 0):
-            raise IgptError(f"--adamw-lr-ratio must be positive, got {self.adamw_lr_ratio}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= MAX_LR):
+            raise IgptError(f"--lr must be positive and at most {MAX_LR:g}, got {self.lr}")
+        if not (math.isfinite(self.adamw_lr_ratio) and 0 < self.adamw_lr_ratio * self.lr <= MAX_LR):
+            raise IgptError(
+                f"--adamw-lr-ratio must be positive, with --lr x ratio at most {MAX_LR:g}, "
+                f"got {self.adamw_lr_ratio}"
+            )
         if self.adamw_lr_ratio != 1 and self.optimizer != "muon":
             raise IgptError(
                 "--adamw-lr-ratio applies with --optimizer muon (AdamW alone steps every parameter)"

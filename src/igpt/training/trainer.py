@@ -88,9 +88,11 @@ class Trainer(TrainerState):
         return p
 
     def done(self) -> bool:
+        """Whether the budget is spent: its steps, or its minutes once at least one step was taken (so a
+        finished run always has a checkpoint, however small its budget)."""
         if self.cfg.steps and self.step >= self.cfg.steps:
             return True
-        return bool(self.cfg.minutes and self.elapsed() >= 60 * self.cfg.minutes)
+        return bool(self.cfg.minutes and self.step > 0 and self.elapsed() >= 60 * self.cfg.minutes)
 
     def _maybe_replan(self) -> None:
         """Once, after REPLAN_AT of a minutes budget on the wsd schedule: ask `replan` for new minutes and
