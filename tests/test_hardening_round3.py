@@ -297,3 +297,124 @@ def test_serve_counts_upload_decoding_against_its_cap_and_bounds_declared_pixels
         for _ in range(serve_app.MAX_CONCURRENT):
             completer.release()
     assert c.post("/api/complete", data={"source": "test", "num": "1"}).status_code == 200  # slots given back
+
+
+# outside 4: a resumed or reused prepare trusts nothing that changed
+def _folder(root, n=12):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for ci, c in enumerate("ab"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            arr = (rng.integers(0, 80, (12, 12, 3)) + 100 * ci).astype(np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    return root
+
+
+def test_a_finished_prepare_is_not_reused_after_its_folder_changed(tmp_path, cli_error):
+    import os
+
+    import igpt
+
+    src = _folder(tmp_path / "img")
+    kw = dict(data_dir=src, resolution=8, clusters=4, workers=1, progress=False)
+    first = igpt.prepare("folder", out=tmp_path / "set", **kw)
+    assert igpt.prepare("folder", out=tmp_path / "set", **kw)["n_train"] == first["n_train"]  # reused
+    (src / "a" / "new.png").write_bytes((src / "a" / "0.png").read_bytes())
+    msg = cli_error(
+        "prepare",
+        "folder",
+        "--data-dir",
+        src,
+        "--out",
+        tmp_path / "set",
+        "--resolution",
+        "8",
+        "--clusters",
+        "4",
+    )
+    assert "before it changed" in msg and "--force" in msg
+    again = igpt.prepare("folder", out=tmp_path / "set", force=True, **kw)
+    assert again["n_train"] + again["n_val"] + again["n_test"] == 25
+    # an image replaced by another of the same size is a change too (its modification time)
+    p = src / "b" / "3.png"
+    data = (src / "b" / "4.png").read_bytes()
+    p.write_bytes(data)
+    os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+    msg = cli_error(
+        "prepare",
+        "folder",
+        "--data-dir",
+        src,
+        "--out",
+        tmp_path / "set",
+        "--resolution",
+        "8",
+        "--clusters",
+        "4",
+    )
+    assert "before it changed" in msg
+
+
+def test_a_refused_prepare_resumes_once_corrected_and_skipped_files_are_retried(
+    tmp_path, monkeypatch, cli_error
+):
+    import igpt
+
+    src = _folder(tmp_path / "img")
+    out = tmp_path / "set"
+    # every image over a tiny decoding limit: skipped, and then too few images; the chunks are kept
+    monkeypatch.setenv("IGPT_MAX_IMAGE_PIXELS", "10")
+    msg = cli_error(
+        "prepare", "folder", "--data-dir", src, "--out", out, "--resolution", "8", "--workers", "1"
+    )
+    assert "too few readable images" in msg
+    assert (tmp_path / ".set.partial").is_dir()
+    monkeypatch.delenv("IGPT_MAX_IMAGE_PIXELS")
+    # the limit lifted: the chunks that skipped files are decoded again, and a palette setting may change
+    meta = igpt.prepare("folder", data_dir=src, out=out, resolution=8, clusters=4, workers=1, progress=False)
+    assert meta["skipped_files"] == 0 and meta["n_train"] + meta["n_val"] + meta["n_test"] == 24
+    assert not (tmp_path / ".set.partial").exists()
+
+
+def test_a_prepare_refused_before_its_first_chunk_leaves_nothing(tmp_path, cli_error):
+    src = _folder(tmp_path / "img")
+    (src / "a" / "0.png").write_bytes(b"not an image")  # --strict: the first chunk fails
+    msg = cli_error(
+        "prepare",
+        "folder",
+        "--data-dir",
+        src,
+        "--out",
+        tmp_path / "set",
+        "--resolution",
+        "8",
+        "--strict",
+        "--workers",
+        "1",
+    )
+    assert "cannot read image" in msg
+    assert not (tmp_path / ".set.partial").exists() and not (tmp_path / "set").exists()
+
+
+# outside 8: a fine-tuning whose loss stops being finite says so and writes nothing
+def test_a_diverging_fine_tuning_is_refused_without_a_result(micro_run, tmp_path, cli_error, monkeypatch):
+    import torch.nn.functional as F
+
+    from igpt.finetuning import finetune as ft
+
+    monkeypatch.setattr(ft, "F", type("F", (), {"cross_entropy": staticmethod(lambda *a, **k: torch_nan())}))
+    msg = cli_error(
+        "finetune", micro_run, "--out", tmp_path / "ft", "--epochs", "1", "--layer", "2", "--pool", "mean"
+    )
+    assert "the fine-tuning loss became nan" in msg and "lower --lr" in msg
+    assert not (tmp_path / "ft").exists()
+    assert F  # the real module is untouched
+
+
+def torch_nan():
+    import torch
+
+    return torch.tensor(float("nan"), requires_grad=True)

@@ -33,7 +33,7 @@ from .palette import (
 )
 from igpt.settings import build_config, check_choices, choice
 from .sources import Split, load_source, source, split_validation
-from .streaming import prepare_streamed  # also registers the streamed sources (folder, downsampled ImageNet)
+from .streaming import list_streamed, prepare_streamed  # also registers the streamed sources
 
 VAL_FRACTION = 5000 / 60000  # 5,000 of Fashion-MNIST's 60,000 training images
 
@@ -131,11 +131,12 @@ def prepare_config(
     load and split, resize, fit (or reuse) the palette, quantize, write."""
     out = check_out(Path(out), cfg.data_dir)
     settings = cfg.compared_settings()
-    reused = _reuse_or_refuse(out, settings, force)
+    listed = list_streamed(cfg) if source(cfg.dataset).streamed else None
+    reused = _reuse_or_refuse(out, settings, force, listed[0].digest() if listed else None)
     if reused is not None:
         return reused
-    if source(cfg.dataset).streamed:
-        return prepare_streamed(cfg, out, settings, force, progress)
+    if listed is not None:
+        return prepare_streamed(cfg, out, settings, force, progress, listed)
     t0 = time.perf_counter()
     data, splits = _load_splits(cfg)
     train, val, test = splits
@@ -229,7 +230,9 @@ def check_out(out: Path, data_dir: str | None = None) -> Path:
     return full
 
 
-def _reuse_or_refuse(out: Path, settings: dict[str, Any], force: bool) -> dict[str, Any] | None:
+def _reuse_or_refuse(
+    out: Path, settings: dict[str, Any], force: bool, digest: str | None = None
+) -> dict[str, Any] | None:
     """An earlier prepare's meta when `out` holds a set with these settings; None when `out` may be written
     (empty, missing, or a set igpt prepared with other settings and `force`); one line otherwise. `--force`
     replaces only a directory `is_prepared_set` recognises: never a user's folder."""
@@ -243,9 +246,15 @@ def _reuse_or_refuse(out: Path, settings: dict[str, Any], force: bool) -> dict[s
             "(igpt replaces only directories it wrote)"
         )
     old = json.loads((out / "meta.json").read_text())
-    if old.get("settings") == settings:
+    same_source = digest is None or old.get("source_digest") in (None, digest)
+    if old.get("settings") == settings and same_source:
         _log(f"{out} already holds this prepared set; reusing it")
         return old
+    if old.get("settings") == settings and not force:
+        raise IgptError(
+            f"{out} was prepared from {old.get('source', 'its source')} before it changed (images added, "
+            "removed or replaced since); pass --force to prepare it again"
+        )
     if not force:
         raise IgptError(f"{out} holds a set prepared with other settings; pass --force to replace it")
     return None

@@ -79,16 +79,18 @@ class Listing:
     source: str
 
     def digest(self) -> str:
-        """A fingerprint of what was listed (names, labels, sizes), so a resume over a changed source is
-        caught."""
+        """A fingerprint of what was listed (names, labels, sizes and modification times), so that a resume,
+        or a reuse of a finished set, over a source that changed since (an image replaced by another of the
+        same size included) is caught."""
         h = hashlib.sha1()
         for split in sorted(self.entries):
             for name, label in self.entries[split]:
                 try:
-                    size = os.stat(name).st_size
+                    st = os.stat(name)
+                    size, mtime = st.st_size, st.st_mtime_ns
                 except OSError:
-                    size = -1
-                h.update(f"{split}\0{name}\0{label}\0{size}\n".encode("utf-8", "surrogateescape"))
+                    size, mtime = -1, -1
+                h.update(f"{split}\0{name}\0{label}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
 
@@ -260,10 +262,8 @@ class ChunkStore:
             raise IgptError(
                 f"{work} exists and is not an interrupted prepare of igpt's; move it away and retry"
             )
-        elif work.exists():
-            shutil.rmtree(
-                work
-            )  # an interrupted prepare's chunks (progress.json names it igpt's), with --force
+        elif work.exists():  # an interrupted prepare's chunks (progress.json names it igpt's), with --force
+            shutil.rmtree(work)
         with disk_errors(work / "x"):
             work.mkdir(parents=True, exist_ok=True)
         write_json_atomic(record, {"settings": settings, "digest": digest})
@@ -272,15 +272,39 @@ class ChunkStore:
         return self.work / f"{split}_{index:06d}.npz"
 
     def done(self, split: str, index: int) -> bool:
-        return self.path(split, index).is_file()
+        """Whether chunk `index` is stored with every image read: a chunk that skipped a file is decoded
+        again on resume (the file may be readable now: its permissions restored, a decoding limit raised)."""
+        if not self.path(split, index).is_file():
+            return False
+        try:
+            return bool(self.get(split, index, ("ok",))["ok"].all())
+        except (OSError, ValueError, KeyError):
+            return False
 
     def put(
-        self, split: str, index: int, images: np.ndarray, ok: np.ndarray, labels: np.ndarray, colour: bool
+        self,
+        split: str,
+        index: int,
+        images: np.ndarray,
+        ok: np.ndarray,
+        labels: np.ndarray,
+        colour: bool,
+        notes: list[str],
     ) -> None:
-        """Save a finished chunk whole (a temporary file renamed into place)."""
+        """Save a finished chunk whole (a temporary file renamed into place), with its skip notes."""
         with atomic_file(self.path(split, index), needed=images.nbytes) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, images=images, ok=ok, labels=labels, colour=np.array(colour))
+                note_array = np.array(notes, dtype=str) if notes else np.zeros(0, dtype="<U1")
+                np.savez(f, images=images, ok=ok, labels=labels, colour=np.array(colour), notes=note_array)
+
+    def notes(self) -> list[str]:
+        """The skip notes of every stored chunk, in split and chunk order."""
+        out: list[str] = []
+        for split in ("train", "test"):
+            for i in self.chunks(split):
+                z = self.get(split, i)
+                out += [str(n) for n in z.get("notes", [])]
+        return out
 
     def get(self, split: str, index: int, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """A stored chunk's arrays (only `keys`, when given: the others are not read)."""
@@ -301,13 +325,11 @@ def _jobs(listing: Listing, split: str) -> list[tuple[int, list[tuple[str, int]]
 def fill_store(
     store: ChunkStore, listing: Listing, size: int, workers: int, strict: bool, progress: bool
 ) -> list[str]:
-    """Decode every chunk not yet in the store (in parallel for a folder) and save it; returns the skip
-    notes of the chunks decoded now and before (read back from the store's notes file)."""
-    notes_path = store.work / "skipped.txt"
-    notes = notes_path.read_text().splitlines() if notes_path.is_file() else []
+    """Decode every chunk not yet in the store, or stored with skipped files (in parallel for a folder), and
+    save it; returns the skip notes of every chunk, decoded now or before."""
     todo = [(s, i, rows) for s in ("train", "test") for i, rows in _jobs(listing, s) if not store.done(s, i)]
     if not todo:
-        return notes
+        return store.notes()
     from tqdm import tqdm
 
     folder = listing.kind == "folder"
@@ -327,15 +349,11 @@ def fill_store(
         ):
             if labels is None:
                 labels = np.array([lab for _, lab in rows], np.int64)
-            store.put(split, i, images, ok, labels, colour)
-            if new:
-                notes += new
-                with open(notes_path, "a", encoding="utf-8", errors="replace") as f:
-                    f.write("".join(n + "\n" for n in new))
+            store.put(split, i, images, ok, labels, colour, new)
             bar.update(len(images))
     finally:
         bar.close()
-    return notes
+    return store.notes()
 
 
 def _decoded(listing: Listing, todo: list, size: int, workers: int, strict: bool) -> Iterator[tuple]:
@@ -398,17 +416,55 @@ def skip_summary(notes: list[str]) -> list[str]:
     return [f"{k}: {v:,} (e.g. {first[k]})" for k, v in causes.most_common()]
 
 
+CHUNK_SETTINGS = ("dataset", "data_dir", "resolution", "test_fraction", "seed", "limit", "strict")
+"""The settings a chunk's content depends on (which files, their split, their size): a resume compares these
+alone, so a prepare refused after decoding (say, for --clusters) resumes once the palette's setting is put
+right."""
+
+
+def list_streamed(cfg: Any) -> tuple[Listing, int]:
+    """What a streamed source will read, and the image side: the source's listing."""
+    kind = source(cfg.dataset)
+    return kind.listing(data_path(kind, cfg.data_dir), cfg)
+
+
 def prepare_streamed(
-    cfg: Any, out: Path, settings: dict[str, Any], force: bool, progress: bool = True
+    cfg: Any,
+    out: Path,
+    settings: dict[str, Any],
+    force: bool,
+    progress: bool = True,
+    listed: tuple[Listing, int] | None = None,
 ) -> dict[str, Any]:
     """`igpt prepare folder` and the downsampled ImageNet sources, streamed and resumable (see the module's
-    docstring); `settings` are the ones a resume compares. Returns meta.json's content."""
+    docstring); a resume compares the settings in CHUNK_SETTINGS. `listed`: the source's listing when the
+    caller has it. Returns meta.json's content."""
     t0 = time.perf_counter()
-    kind = source(cfg.dataset)
-    src = data_path(kind, cfg.data_dir)
-    listing, size = kind.listing(src, cfg)
+    listing, size = listed or list_streamed(cfg)
     work = out.parent / f".{out.name}.partial"
-    store = ChunkStore(work, settings, listing.digest(), force)
+    digest = listing.digest()
+    store = ChunkStore(work, {k: settings[k] for k in CHUNK_SETTINGS}, digest, force)
+    try:
+        return _prepare_from_store(cfg, out, settings, store, listing, size, digest, progress, t0)
+    except BaseException:
+        if not store.chunks("train") and not store.chunks("test"):  # refused before any work was kept
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _prepare_from_store(
+    cfg: Any,
+    out: Path,
+    settings: dict[str, Any],
+    store: ChunkStore,
+    listing: Listing,
+    size: int,
+    digest: str,
+    progress: bool,
+    t0: float,
+) -> dict[str, Any]:
+    """Fill the store, fit the palette on its sample, and write the prepared set from it."""
+    src = listing.source
     workers = cfg.workers or default_workers()
     t_list = time.perf_counter()
     notes = listing.notes + fill_store(store, listing, size, workers, cfg.strict, progress)
@@ -457,9 +513,10 @@ def prepare_streamed(
             },
             skipped_by_cause=dict(Counter(n.split("\t", 1)[0] for n in notes)),
             workers=workers,
+            source_digest=digest,
         )
         write_json_atomic(tmp / "meta.json", meta)
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(store.work, ignore_errors=True)
     if notes:
         print(f"warning: skipped {len(notes)} file(s) that could not be used, by cause:", file=sys.stderr)
         for line in skip_summary(notes):

@@ -515,6 +515,11 @@ def _train_epoch(args: FinetuneConfig, r: Recipe, data: PreparedData, rows: np.n
         with autocast(device, r.precision):
             logits, l_gen = r.forward(x.to(device), mask if args.gen_weight > 0 else None)
         loss = F.cross_entropy(logits.float(), y) + args.gen_weight * l_gen.float()
+        if not torch.isfinite(loss):  # a result from here on would be the untrained start's, or noise
+            raise IgptError(
+                f"the fine-tuning loss became {float(loss.detach())} at step {r.step + 1}; nothing was written; "
+                "try a lower --lr"
+            )
         r.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(r.model.parameters(), 1.0)

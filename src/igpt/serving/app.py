@@ -146,10 +146,11 @@ class Completer:
     def upload_tokens(self, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
         """An uploaded file -> (tokens, the resized image): centre-cropped, box-resized, quantized with the
         run's palette, exactly as `igpt prepare folder` treats images."""
-        from igpt.data.sources import load_image
+        from igpt.data.sources import load_image, max_image_pixels
 
         try:
-            img = load_image(io.BytesIO(raw), self.R, max_pixels=MAX_UPLOAD_PIXELS)
+            limit = min(MAX_UPLOAD_PIXELS, max_image_pixels())  # IGPT_MAX_IMAGE_PIXELS may lower it further
+            img = load_image(io.BytesIO(raw), self.R, max_pixels=limit)
         except IgptError as e:  # over the pixel limit: say so, not "not an image"
             raise BadRequest(413, str(e)) from None
         except Exception:  # noqa: BLE001 - Pillow raises many types for files it cannot read
