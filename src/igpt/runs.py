@@ -252,9 +252,19 @@ class Run:
         if not p.is_file():
             raise IgptError(f"{self.path} has no palette.npy, so its tokens cannot be decoded into images")
         try:
-            return np.load(p, allow_pickle=False)
+            a = np.load(p, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise IgptError(f"cannot read {p} ({e.__class__.__name__})") from None
+        K = self.model_config.vocab_size
+        ok = a.ndim == 2 and a.shape[1] in (1, 3) and a.dtype.kind in "fiu" and a.shape[0] == K
+        if not ok:
+            raise IgptError(f"{p} must be a numeric ({K}, 1) or ({K}, 3) palette, got {a.dtype} {a.shape}")
+        if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 255.0001):
+            raise IgptError(f"{p} must hold finite colours on the 0-255 scale")
+        channels = (self.data_meta or {}).get("channels")
+        if isinstance(channels, int) and channels != a.shape[1]:
+            raise IgptError(f"{p} has {a.shape[1]} channel(s) but the run's data has {channels}")
+        return a
 
     def summary(self) -> dict[str, Any] | None:
         """summary.json of a pretrained run, or None."""

@@ -182,8 +182,9 @@ def token_dtype(clusters: int) -> np.dtype:
 
 # ---------------------------------------------------------------------------------------------- palette files
 def load_palette(path: str | Path) -> np.ndarray:
-    """Read a palette: the project's own `palette.npy` (K x C on 0-255), a prepared directory holding one, or
-    OpenAI's `kmeans_centers.npy` (512 x 3 in [-1, 1], recognised by its range)."""
+    """Read a palette: the project's own `palette.npy` (K x C on 0-255), a prepared directory or run holding
+    one, or OpenAI's `kmeans_centers.npy` (512 x 3 in [-1, 1], recognised by its negative values; a palette
+    beside a meta.json or run.json is igpt's own, whatever its range)."""
     p = Path(path)
     if p.is_dir():
         p = p / "palette.npy"
@@ -200,7 +201,8 @@ def load_palette(path: str | Path) -> np.ndarray:
     a = a.astype(np.float32)
     if not np.isfinite(a).all():
         raise IgptError(f"palette {p} holds NaN or infinite values")
-    if a.min() < 0 or a.max() <= 1.0:  # OpenAI's [-1, 1] centres
+    own = (p.parent / "meta.json").is_file() or (p.parent / "run.json").is_file()
+    if not own and (a.min() < 0 or (a.shape == (512, 3) and a.max() <= 1.0)):  # OpenAI's [-1, 1] centres
         if a.min() < -1.0001 or a.max() > 1.0001:
             raise IgptError(f"palette {p} mixes the [-1, 1] and 0-255 scales")
         a = 127.5 * (a + 1.0)

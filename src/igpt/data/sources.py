@@ -341,6 +341,19 @@ def list_folder(directory: Path) -> tuple[list[str], list[tuple[Path, int]], lis
     entries: list[tuple[Path, int]] = []
     classes: list[str] = []
     notes: list[str] = []
+    root = directory.resolve()
+    looping = [d for d in dirs if d.resolve() == root or d.resolve() in root.parents]
+    if looping:
+        raise IgptError(
+            f"{safe_name(looping[0])} leads back to {safe_name(directory)} (a link to the folder itself or above "
+            "it): its images would be listed twice; remove the link"
+        )
+    top = [p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if dirs and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in top):
+        raise IgptError(
+            f"{safe_name(directory)} holds images at its top beside class folders ({safe_name(dirs[0].name)}, "
+            "...): put every image in a class folder, or none of them"
+        )
     if dirs:
         for d in dirs:
             files = [p for p in sorted(d.rglob("*")) if p.is_file() and not p.name.startswith(".")]
@@ -411,11 +424,47 @@ def _labels(y: np.ndarray | None, n: int, what: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of every array of an .npz, read from the members' headers alone: a small compressed
+    file may declare arrays of gigabytes, which `check_declared` refuses before anything is decompressed."""
+    import zipfile
+
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with z.open(info) as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                out[info.filename[:-4]] = (tuple(shape), np.dtype(dtype))
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise IgptError(f"cannot read {path} as an npz archive ({e.__class__.__name__}: {e})") from None
+    return out
+
+
+def check_declared(path: Path, headers: dict[str, tuple[tuple[int, ...], np.dtype]], share: float = 0.5) -> None:
+    """Refuse, in one line and before reading, an .npz whose arrays would take more than `share` of the
+    memory available."""
+    from igpt.hardware import available_memory
+
+    total = sum(int(np.prod(shape, dtype=np.float64)) * dtype.itemsize for shape, dtype in headers.values())
+    budget = share * available_memory()
+    if total > budget:
+        raise IgptError(
+            f"{path} declares {total / 2**30:,.1f} GiB of arrays, more than the {budget / 2**30:,.1f} GiB "
+            "this machine can spare; split it into smaller files"
+        )
+
+
 def load_npz(path: Path, test_fraction: float, seed: int) -> ImageSet:
     """A `.npz` with `x_train` (and usually `x_test`), optional `y_train`/`y_test`, optional `class_names`.
     Without `x_test`, a seeded `test_fraction` of `x_train` becomes the test split."""
     if not path.is_file():
         raise IgptError(f"npz file {path} does not exist")
+    check_declared(path, npz_headers(path))
     try:
         z = np.load(path, allow_pickle=False)
         arrays = {k: z[k] for k in z.files}

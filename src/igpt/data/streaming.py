@@ -100,7 +100,13 @@ def list_image_folder(directory: Path, test_fraction: float, seed: int, limit: i
     train and test by a seeded draw of `test_fraction` of the files."""
     if not directory.is_dir():
         raise IgptError(f"image folder {directory} does not exist")
-    given_test = next((directory / n for n in ("val", "test") if (directory / n).is_dir()), None)
+    given_test = next((directory / n for n in ("test", "val") if (directory / n).is_dir()), None)
+    if given_test is not None and given_test.name == "test" and (directory / "val").is_dir():
+        print(
+            f"igpt: note: {directory} has train/, val/ and test/: test/ is the test split and val/ is not "
+            "read (the validation split is held out of train/, --val-fraction)",
+            file=sys.stderr,
+        )
     if (directory / "train").is_dir() and given_test is not None:
         classes, train, notes = list_folder(directory / "train")
         test_classes, test, test_notes = list_folder(given_test)
@@ -148,9 +154,15 @@ def list_imagenet(directory: Path) -> Listing:
     train = []
     for i in range(1, 1000):
         p = find(f"train_data_batch_{i}")
-        if p is None:
-            break
-        train.append((str(p), i))
+        if p is not None:
+            train.append((str(p), i))
+    numbers = [i for _, i in train]
+    notes = []
+    if numbers and numbers != list(range(1, len(numbers) + 1)):
+        missing = sorted(set(range(1, max(numbers) + 1)) - set(numbers))
+        notes.append(f"missing training batches (the others are read)\ttrain_data_batch_{missing[0]}")
+        print(f"igpt: note: {directory} has no train_data_batch_{missing[0]}; the "
+              f"{len(numbers)} batches present are read", file=sys.stderr)
     test = find("val_data")
     if not train or test is None:
         raise IgptError(
@@ -158,7 +170,7 @@ def list_imagenet(directory: Path) -> Listing:
             "pickled or .npz)"
         )
     names = [str(i) for i in range(1000)]
-    return Listing("imagenet", {"train": train, "test": [(str(test), 0)]}, names, [], str(directory))
+    return Listing("imagenet", {"train": train, "test": [(str(test), 0)]}, names, notes, str(directory))
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -199,6 +211,9 @@ def read_imagenet_batch(path: Path, classes: int = 1000) -> tuple[np.ndarray, np
     from .sources import unpickle
 
     if path.suffix == ".npz":
+        from .sources import check_declared, npz_headers
+
+        check_declared(path, npz_headers(path))
         try:
             with np.load(path, allow_pickle=False) as z:
                 d = {k: z[k] for k in z.files}
@@ -214,9 +229,12 @@ def read_imagenet_batch(path: Path, classes: int = 1000) -> tuple[np.ndarray, np
         raise IgptError(f"{path} is not a downsampled ImageNet batch (no 'data' or 'labels')")
     data = np.asarray(d["data"])
     try:
-        labels = np.asarray(d["labels"], dtype=np.int64)
+        raw = np.asarray(d["labels"])
+        labels = raw.astype(np.int64)
     except (TypeError, ValueError):
         raise IgptError(f"{path}: 'labels' is not a list of integers") from None
+    if raw.dtype.kind == "f" and not np.array_equal(raw, labels):  # 5.7 is not a class
+        raise IgptError(f"{path}: 'labels' holds numbers that are not whole, e.g. {raw[raw != labels][0]}")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] not in IMAGENET_ROW.values():
         raise IgptError(
             f"{path}: 'data' is {data.dtype} {data.shape}, not uint8 rows of 3 x R x R for R in 16, 32, 64"

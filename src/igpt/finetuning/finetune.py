@@ -517,8 +517,8 @@ def _train_epoch(args: FinetuneConfig, r: Recipe, data: PreparedData, rows: np.n
         loss = F.cross_entropy(logits.float(), y) + args.gen_weight * l_gen.float()
         if not torch.isfinite(loss):  # a result from here on would be the untrained start's, or noise
             raise IgptError(
-                f"the fine-tuning loss became {float(loss.detach())} at step {r.step + 1}; nothing was written; "
-                "try a lower --lr"
+                f"the fine-tuning loss became {float(loss.detach())} at step {r.step + 1}; nothing was "
+                "written; try a lower --lr"
             )
         r.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -147,6 +147,11 @@ def open_labelled_run(
             f"{data_dir} ({data.clusters} clusters, {data.seq_len} tokens) does not match the model "
             f"({cfg.vocab_size}, {cfg.n_positions})"
         )
+    if data.meta.get("order", "raster") != r.order:
+        raise IgptError(
+            f"{data_dir} was prepared in {data.meta.get('order')} order and the run reads {r.order} order, "
+            f"so its tokens would be read in the wrong places; prepare it with --order {r.order}"
+        )
     if (r.path / "palette.npy").is_file():
         own = r.palette()
         if own.shape != data.palette.shape or not np.allclose(own, data.palette, atol=0.5):
