@@ -24,7 +24,8 @@ import numpy as np
 from sweep_table import SweepTable  # benchmarks/, beside this script
 
 from igpt.errors import IgptError
-from igpt.finetuning.finetune import FinetuneConfig, validation_only
+from igpt.finetuning.config import FinetuneConfig
+from igpt.finetuning.finetune import validation_only
 
 # Each variant is `igpt finetune`'s defaults with the named settings changed.
 VARIANTS: dict[str, dict[str, Any]] = {

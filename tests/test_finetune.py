@@ -145,8 +145,7 @@ def test_head_on_a_lower_layer_saves_the_cut_model(micro_run, tmp_path):
 
 
 def test_layer_decay_scales_each_depth(micro_run):
-    from igpt.finetuning.classifier import Classifier
-    from igpt.finetuning.finetune import param_groups
+    from igpt.finetuning.classifier import Classifier, param_groups
 
     clf = Classifier(igpt.load_run(micro_run), 10)
     groups = param_groups(clf, 0.5)
@@ -162,8 +161,8 @@ def test_layer_decay_scales_each_depth(micro_run):
 def test_muon_fine_tuning_steps_the_blocks_matrices_with_muon(micro_run, tmp_path):
     """`optimizer="muon"`: Muon owns exactly the blocks' 2-D weights, AdamW the rest (head included), every
     group at scale 1; the run trains, moves the backbone, and records its optimizer."""
-    from igpt.finetuning.classifier import Classifier
-    from igpt.finetuning.finetune import FinetuneConfig, make_optimizer
+    from igpt.finetuning.classifier import Classifier, make_optimizer
+    from igpt.finetuning.config import FinetuneConfig
 
     clf = Classifier(igpt.load_run(micro_run), 10)
     opt = make_optimizer(clf, FinetuneConfig(run=str(micro_run), out="x", optimizer="muon"), 1e-3)
@@ -195,7 +194,8 @@ def test_schedule_follows_the_clock_when_the_budget_ends_first():
 
 
 def test_validation_only_reads_no_test_image_and_saves_nothing(micro_run, tmp_path, monkeypatch):
-    from igpt.finetuning.finetune import FinetuneConfig, validation_only
+    from igpt.finetuning.config import FinetuneConfig
+    from igpt.finetuning.finetune import validation_only
 
     read = PreparedData.tokens
 

@@ -11,7 +11,7 @@ import pytest
 from igpt.cli import build_parser
 from igpt.data.preparation import PrepareConfig
 from igpt.errors import IgptError
-from igpt.finetuning.finetune import FinetuneConfig
+from igpt.finetuning.config import FinetuneConfig
 from igpt.generation.sample import SampleConfig
 from igpt.pipeline.plans import QuickstartOptions
 from igpt.probes.setup import ProbeConfig

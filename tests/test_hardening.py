@@ -82,7 +82,7 @@ def test_npz_labels_are_checked_before_anything_is_sized_by_them(
 def test_chunked_upload_is_refused_before_it_is_stored(micro_run):
     import asyncio
 
-    from igpt.serving.app import BadRequest, bounded_body
+    from igpt.serving.requests import BadRequest, bounded_body
 
     client = TestClient(create_app(Completer(micro_run), 64 * 1024))
     chunks = (b"x" * 65536 for _ in range(64))  # 4 MiB without Content-Length
@@ -125,7 +125,7 @@ def test_decompression_bomb_is_refused_without_decoding(micro_run, tmp_path, mem
 
 
 def test_the_pixel_limit_can_be_raised(monkeypatch, tmp_path):
-    from igpt.data.sources import load_image
+    from igpt.data.decode import load_image
 
     monkeypatch.setenv("IGPT_MAX_IMAGE_PIXELS", str(60_000_000))
     assert load_image(io.BytesIO(BOMB), 8).shape == (8, 8, 1)
@@ -144,7 +144,7 @@ def test_convert_checks_the_model_size_before_allocating(tmp_path, capsys, memor
 
 # 5: 16-bit images are scaled, not clipped
 def test_16_bit_png_is_scaled_to_8_bits(tmp_path):
-    from igpt.data.sources import load_image
+    from igpt.data.decode import load_image
 
     ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
     (tmp_path / "g.png").write_bytes(png(ramp))

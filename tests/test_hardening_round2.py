@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 import igpt
+from igpt.data.decode import load_image
 from igpt.data.prepared import PreparedData
-from igpt.data.sources import list_folder, load_image
+from igpt.data.sources import list_folder
 from igpt.errors import IgptError
 from igpt.files import atomic_directory, write_json_atomic
 from igpt.runs import Run, read_metrics

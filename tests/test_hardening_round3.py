@@ -86,7 +86,7 @@ def test_finetune_defaults_are_the_recipe_with_the_head_from_the_probe(digits, t
     import json
 
     import igpt
-    from igpt.finetuning.finetune import MUON_LR
+    from igpt.finetuning.config import MUON_LR
 
     MICRO = dict(preset="micro", batch_size=16, eval_images=16, progress=False)
     igpt.pretrain(data=digits, out=tmp_path / "r", steps=6, **MICRO)
@@ -150,7 +150,7 @@ def test_batches_with_numpy_scalar_labels_are_read_and_other_objects_refused(cif
     import numpy as np
 
     import igpt
-    from igpt.data.sources import unpickle
+    from igpt.data.decode import unpickle
     from igpt.errors import IgptError
 
     for i in range(1, 6):  # labels written as list(labels_array): numpy integers, not Python ints
@@ -254,7 +254,8 @@ def test_a_tiny_minutes_budget_still_trains_a_step_and_saves_it(digits, tmp_path
 def test_serve_refuses_other_hosts_and_origins_and_nested_json(micro_run):
     from starlette.testclient import TestClient
 
-    from igpt.serving.app import LOOPBACK_NAMES, Completer, create_app
+    from igpt.serving.app import Completer, create_app
+    from igpt.serving.requests import LOOPBACK_NAMES
 
     c = TestClient(
         create_app(Completer(micro_run), 1 << 20, LOOPBACK_NAMES), base_url="http://127.0.0.1:8000"

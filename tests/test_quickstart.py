@@ -10,7 +10,7 @@ import pytest
 
 from igpt.cli import main
 from igpt.data.prepared import PreparedData
-from igpt.finetuning.finetune import HEAD_POOLS, MUON_LR
+from igpt.finetuning.config import HEAD_POOLS, MUON_LR
 from igpt.pipeline import budget, plans, schedule
 from igpt.pipeline import quickstart as pipeline
 from igpt.pipeline.budget import Speeds

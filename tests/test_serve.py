@@ -325,7 +325,7 @@ def _read_all(sock: socket.socket, limit: float) -> bytes:
 
 def test_slow_and_oversize_clients_are_answered_and_closed(micro_run, monkeypatch):
     monkeypatch.setattr(serve, "HEADER_TIMEOUT", 0.5)
-    monkeypatch.setattr(serve, "BODY_TIMEOUT", 0.5)
+    monkeypatch.setattr("igpt.serving.requests.BODY_TIMEOUT", 0.5)
     url, stop = start_server(Completer(micro_run))
     host, port = url[len("http://") :].split(":")
     try:

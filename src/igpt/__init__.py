@@ -45,7 +45,7 @@ _EXPORTS = {
     "TrainConfig": "training.config",
     "ModelChoice": "training.config",
     "ProbeConfig": "probes.setup",
-    "FinetuneConfig": "finetuning.finetune",
+    "FinetuneConfig": "finetuning.config",
     "SampleConfig": "generation.sample",
     "QuickstartOptions": "pipeline.plans",
 }

@@ -204,7 +204,7 @@ def run_probe(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- finetune
 def add_finetune(sub: Sub) -> None:
-    from igpt.finetuning.finetune import FinetuneConfig
+    from igpt.finetuning.config import FinetuneConfig
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained run with a linear head (L_CLF + L_GEN)")
     add_config_flags(p, FinetuneConfig, positional=["run"], required=["out"])
@@ -212,7 +212,8 @@ def add_finetune(sub: Sub) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> None:
-    from igpt.finetuning.finetune import FinetuneConfig, finetune
+    from igpt.finetuning.config import FinetuneConfig
+    from igpt.finetuning.finetune import finetune
 
     from .results import FinetuneResult
     from .runs import FINETUNE

@@ -11,6 +11,7 @@ import numpy as np
 
 from igpt.errors import IgptError
 from igpt.files import atomic_file
+
 from .palette import to_channels
 
 
@@ -70,7 +71,7 @@ def default_scale(resolution: int) -> int:
 
 def load_images(files: list[str], resolution: int, channels: int) -> np.ndarray:
     """Image files -> uint8 (N, R, R, C), centre-cropped and box-resized like `igpt prepare folder`."""
-    from .sources import load_image
+    from .decode import load_image
 
     out = []
     for f in files:

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from igpt.checks import check_seed
-from .prepared import MAX_RESOLUTION, meta_record
 from igpt.errors import IgptError
 from igpt.files import atomic_directory, write_json_atomic
+from igpt.settings import build_config, check_choices, choice
+
 from .palette import (
     ORDERS,
     decode,
@@ -31,7 +32,7 @@ from .palette import (
     to_sequence,
     token_dtype,
 )
-from igpt.settings import build_config, check_choices, choice
+from .prepared import MAX_RESOLUTION, meta_record
 from .sources import Split, load_source, source, split_validation
 from .streaming import list_streamed, prepare_streamed  # also registers the streamed sources
 
@@ -127,8 +128,8 @@ def prepare_config(
     cfg: PrepareConfig, out: str | Path, force: bool = False, progress: bool = True
 ) -> dict[str, Any]:
     """`prepare` from a ready `PrepareConfig`. A folder and the downsampled ImageNet files are streamed in
-    chunks, in parallel and resumably (`igpt.data.streaming`); the other sources are small enough to read whole:
-    load and split, resize, fit (or reuse) the palette, quantize, write."""
+    chunks, in parallel and resumably (`igpt.data.streaming`); the other sources are small enough to read
+    whole: load and split, resize, fit (or reuse) the palette, quantize, write."""
     out = check_out(Path(out), cfg.data_dir)
     settings = cfg.compared_settings()
     listed = list_streamed(cfg) if source(cfg.dataset).streamed else None

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from igpt.errors import IgptError
+
 from .palette import decode, from_sequence
 
 SPLITS = ("train", "val", "test")
@@ -186,6 +187,7 @@ def meta_record(
     them): `settings` are the prepare settings compared on reuse, `counts` (n_train, n_val, n_test),
     `class_names` empty for an unlabeled set; `extra` keys are added after the common ones."""
     from igpt import __version__
+
     from .palette import token_dtype
 
     k = len(palette)

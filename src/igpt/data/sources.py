@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import gzip
 import os
-import pickle
-import re
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
+from igpt.data.decode import check_declared, npz_headers, printable_text, safe_name, unpickle
 from igpt.errors import IgptError
 
 FASHION_CLASSES = [
@@ -72,7 +71,7 @@ class Source:
     """(data directory or None, the prepare's settings) -> the whole dataset; the settings carry
     `test_fraction`, `seed`, `resolution` and `strict`."""
     listing: Callable[[Path, Any], tuple[Any, int]] | None = None
-    """(data directory, settings) -> (a `streaming.Listing` of what to decode, the image side)."""
+    """(data directory, settings) -> (a `listing.Listing` of what to decode, the image side)."""
     default_dir: str | None = None
     """Where the source lives when no --data-dir is given."""
     needs_dir: bool = True
@@ -170,51 +169,6 @@ def load_idx_dataset(directory: Path, name: str) -> ImageSet:
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR
-def _numeric_scalar(dtype: Any, data: Any = None) -> Any:
-    """numpy's scalar reconstructor, for booleans, integers and floats only: any other dtype (objects,
-    strings, records) is refused as the rest of a pickle outside the allow-list is."""
-    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes):
-        raise pickle.UnpicklingError(f"refusing to load a numpy scalar of dtype {dtype!r}")
-    return np.frombuffer(data, dtype=dtype, count=1)[0]
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles only plain containers and numpy arrays: the CIFAR batches are pickles, and a pickle can run
-    arbitrary code, so anything outside this allow-list is refused."""
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),
-    }
-
-    SCALARS = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
-    """numpy scalars (a label list written as `list(labels_array)` holds them): allowed of plain numeric
-    dtypes only (`_numeric_scalar`)."""
-
-    def find_class(self, module: str, name: str):  # noqa: D102 - see class docstring
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        if (module, name) in self.SCALARS:
-            return _numeric_scalar
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def unpickle(path: Path) -> dict:
-    """A pickled batch file (CIFAR's, downsampled ImageNet's) through the allow-list unpickler, its keys as
-    text; one line for anything that is not such a batch."""
-    if not path.is_file():
-        raise IgptError(f"missing file {path}")
-    try:
-        with open(path, "rb") as f:
-            d = _SafeUnpickler(f, encoding="bytes").load()
-    except Exception as e:  # noqa: BLE001 - any failure here means "not a CIFAR batch"
-        raise IgptError(f"{path} is not a CIFAR python batch ({e.__class__.__name__}: {e})") from None
-    if not isinstance(d, dict):
-        raise IgptError(f"{path} is not a CIFAR python batch (not a dictionary)")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
 def _cifar_batch(path: Path, label_key: str) -> Split:
@@ -253,84 +207,6 @@ def load_cifar(directory: Path, name: str) -> ImageSet:
 
 
 # ---------------------------------------------------------------------------------------------- folder
-# The largest image igpt decodes, in pixels (Pillow's own decompression-bomb limit, made an error): a small
-# compressed file can hold a huge image, and decoding it would take gigabytes.
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
-
-
-def max_image_pixels() -> int:
-    """The decoding limit: IGPT_MAX_IMAGE_PIXELS from the environment, else DEFAULT_MAX_IMAGE_PIXELS."""
-    text = os.environ.get("IGPT_MAX_IMAGE_PIXELS", "")
-    try:
-        return int(text) if text else DEFAULT_MAX_IMAGE_PIXELS
-    except ValueError:
-        raise IgptError(f"IGPT_MAX_IMAGE_PIXELS must be an integer, got {text!r}") from None
-
-
-def _to_8bit(im):
-    """A Pillow image in 8-bit L or RGB. 16- and 32-bit grey images are scaled (65535 -> 255), not clipped."""
-    from PIL import Image
-
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
-            a = a / 257.0
-        return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
-    return im.convert("L" if im.mode in ("1", "L", "LA") else "RGB")
-
-
-def load_image(path: Path | BinaryIO, size: int | None, max_pixels: int | None = None) -> np.ndarray:
-    """One image (a path or an open binary file) as uint8 (H, W, C), centre-cropped to a square and
-    box-resized to `size` when given. The one bounded decoder: an image of more than `max_image_pixels()`
-    pixels is refused before it is decoded, with IgptError. EXIF orientation is applied (a phone photo
-    stored sideways comes out as it was taken). A JPEG much larger than `size` is decoded at 1/2, 1/4 or 1/8
-    scale (Pillow's draft mode) before the box resize: a fraction of the work of a full decode."""
-    import warnings
-
-    from PIL import Image, ImageOps
-
-    limit = max_image_pixels() if max_pixels is None else max_pixels
-    Image.MAX_IMAGE_PIXELS = limit  # Pillow warns above this and refuses above twice this: both refuse here
-    name = path if isinstance(path, (str, Path)) else "the uploaded image"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:  # reads the header only; the size is checked before decoding
-                if size is not None and im.format == "JPEG":
-                    w, h = im.size
-                    s = min(w, h)
-                    # the smallest scale that keeps at least 2x the target side (so the box resize still
-                    # averages), of the side the crop will take
-                    im.draft(im.mode, (max(1, w * 2 * size // s), max(1, h * 2 * size // s)))
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                im = _to_8bit(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        found = re.search(r"\((\d+) pixels\)", str(e))
-        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-        raise IgptError(
-            f"{safe_name(name)} has {size}, over the limit of {limit:,} (a decompression bomb?); "
-            "set IGPT_MAX_IMAGE_PIXELS to allow larger images"
-        ) from None
-    if size is not None:
-        w, h = im.size
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        im = im.resize((size, size), Image.BOX, box=(left, top, left + s, top + s))
-    a = np.asarray(im, dtype=np.uint8)
-    return a[..., None] if a.ndim == 2 else a
-
-
-def printable_text(name: str) -> str:
-    """A file name as valid Unicode text: bytes that are not UTF-8 (kept by Python as lone surrogates, which
-    no JSON or HTTP writer can encode) become U+FFFD."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def safe_name(name: object) -> str:
-    """A file name fit for one line of a message: control characters (newlines too) escaped."""
-    text = str(name)
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def list_folder(directory: Path) -> tuple[list[str], list[tuple[Path, int]], list[str]]:
@@ -345,14 +221,14 @@ def list_folder(directory: Path) -> tuple[list[str], list[tuple[Path, int]], lis
     looping = [d for d in dirs if d.resolve() == root or d.resolve() in root.parents]
     if looping:
         raise IgptError(
-            f"{safe_name(looping[0])} leads back to {safe_name(directory)} (a link to the folder itself or above "
-            "it): its images would be listed twice; remove the link"
+            f"{safe_name(looping[0])} leads back to {safe_name(directory)} (a link to the folder itself or "
+            "above it): its images would be listed twice; remove the link"
         )
     top = [p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")]
     if dirs and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in top):
         raise IgptError(
-            f"{safe_name(directory)} holds images at its top beside class folders ({safe_name(dirs[0].name)}, "
-            "...): put every image in a class folder, or none of them"
+            f"{safe_name(directory)} holds images at its top beside class folders "
+            f"({safe_name(dirs[0].name)}, ...): put every image in a class folder, or none of them"
         )
     if dirs:
         for d in dirs:
@@ -424,41 +300,6 @@ def _labels(y: np.ndarray | None, n: int, what: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """(shape, dtype) of every array of an .npz, read from the members' headers alone: a small compressed
-    file may declare arrays of gigabytes, which `check_declared` refuses before anything is decompressed."""
-    import zipfile
-
-    out = {}
-    try:
-        with zipfile.ZipFile(path) as z:
-            for info in z.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
-                with z.open(info) as f:
-                    major, _ = np.lib.format.read_magic(f)
-                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                    shape, _, dtype = read(f)
-                out[info.filename[:-4]] = (tuple(shape), np.dtype(dtype))
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise IgptError(f"cannot read {path} as an npz archive ({e.__class__.__name__}: {e})") from None
-    return out
-
-
-def check_declared(path: Path, headers: dict[str, tuple[tuple[int, ...], np.dtype]], share: float = 0.5) -> None:
-    """Refuse, in one line and before reading, an .npz whose arrays would take more than `share` of the
-    memory available."""
-    from igpt.hardware import available_memory
-
-    total = sum(int(np.prod(shape, dtype=np.float64)) * dtype.itemsize for shape, dtype in headers.values())
-    budget = share * available_memory()
-    if total > budget:
-        raise IgptError(
-            f"{path} declares {total / 2**30:,.1f} GiB of arrays, more than the {budget / 2**30:,.1f} GiB "
-            "this machine can spare; split it into smaller files"
-        )
-
-
 def load_npz(path: Path, test_fraction: float, seed: int) -> ImageSet:
     """A `.npz` with `x_train` (and usually `x_test`), optional `y_train`/`y_test`, optional `class_names`.
     Without `x_test`, a seeded `test_fraction` of `x_train` becomes the test split."""
@@ -515,7 +356,9 @@ def load_source(name: str, data_dir: str | None, settings: Any = None) -> ImageS
     (`PrepareConfig`: test_fraction, seed, resolution, strict), defaults where None."""
     src = source(name)
     if src.read is None:  # streamed: it can hold more images than fit in memory
-        raise IgptError(f"'{name}' is prepared in chunks by igpt.data.streaming; call igpt.prepare('{name}', ...)")
+        raise IgptError(
+            f"'{name}' is prepared in chunks by igpt.data.streaming; call igpt.prepare('{name}', ...)"
+        )
     return src.read(data_path(src, data_dir), settings if settings is not None else _DEFAULTS)
 
 
@@ -546,10 +389,18 @@ register_source(
     )
 )
 register_source(
-    Source("cifar10", "the CIFAR-10 python batches (cifar-10-batches-py)", read=lambda p, s: load_cifar(p, "cifar10"))
+    Source(
+        "cifar10",
+        "the CIFAR-10 python batches (cifar-10-batches-py)",
+        read=lambda p, s: load_cifar(p, "cifar10"),
+    )
 )
 register_source(
-    Source("cifar100", "the CIFAR-100 python batches (cifar-100-python)", read=lambda p, s: load_cifar(p, "cifar100"))
+    Source(
+        "cifar100",
+        "the CIFAR-100 python batches (cifar-100-python)",
+        read=lambda p, s: load_cifar(p, "cifar100"),
+    )
 )
 register_source(
     Source(

@@ -5,6 +5,7 @@ trains with, and accuracy."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,10 +14,14 @@ import torch.nn.functional as F
 
 from igpt.data.palette import order_index
 from igpt.errors import IgptError
+from igpt.hardware import muon_ns_dtype
 from igpt.model.gpt import IGPT
 from igpt.probes.features import extract_features, grid_side, pool_states
 from igpt.probes.logistic import feature_std, fit_logistic, fit_logistic_many
 from igpt.training.engine import autocast, mirror_index, random_flips
+from igpt.training.optim import Optimizers
+
+from .config import FinetuneConfig
 
 
 def check_layer(layer: int, n_layer: int) -> None:
@@ -176,3 +181,31 @@ def accuracy(
         correct += int((pred == labels[s : s + batch]).sum())
     model.train()
     return correct / max(1, len(tokens))
+
+
+def make_optimizer(model: Classifier, args: FinetuneConfig, lr: float) -> torch.optim.Optimizer | Optimizers:
+    """AdamW over the layer-decay groups, or Muon for the blocks' matrices beside AdamW for the rest (no
+    weight decay either way); every group carries the `scale` the schedule multiplies its rate by."""
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(
+            param_groups(model, args.layer_decay), lr=lr, betas=(0.9, 0.95), weight_decay=0.0
+        )
+    named = [(n.removeprefix("backbone."), p) for n, p in model.named_parameters()]
+    return Optimizers(named, "muon", lr, 0.0, 0.95, fused=False, ns_dtype=muon_ns_dtype(args.device))
+
+
+def param_groups(model: Classifier, decay: float) -> list[dict[str, Any]]:
+    """AdamW groups with a rate `scale`: decay^(L - i) for block i, decay^(L + 1) for the embeddings
+    (and BERT's mask token), 1 for the final norm, the output head and the classifier head."""
+    L = model.backbone.config.n_layer
+    scales: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if name.startswith("backbone.h."):
+            depth = int(name.split(".")[2])
+            s = decay ** (L - depth)
+        elif name.startswith(("backbone.wte", "backbone.wpe", "backbone.mask_token")):
+            s = decay ** (L + 1)
+        else:
+            s = 1.0
+        scales.setdefault(s, []).append(p)
+    return [{"params": ps, "scale": s} for s, ps in scales.items()]

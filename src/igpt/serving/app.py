@@ -31,33 +31,35 @@ from typing import Any
 import numpy as np
 import torch
 
+from igpt.data.decode import printable_text
 from igpt.data.images import default_scale, mark_hidden, png_bytes
 from igpt.data.palette import decode, from_sequence, quantize, to_channels, to_sequence
 from igpt.data.prepared import PreparedData
-from igpt.data.sources import printable_text
 from igpt.errors import IgptError
 from igpt.generation.complete import check_sampling_options, complete, generate_steps
 from igpt.runs import Run
 from igpt.settings import build_config
 
 from .page import PAGE
+from .requests import (
+    CLOSE,
+    FORM_TYPES,
+    LOOPBACK_NAMES,
+    BadRequest,
+    bounded_body,
+    float_field,
+    int_field,
+    json_form,
+    parse_form,
+    same_origin_only,
+)
 
 MAX_SAMPLES = 16
 MAX_TEMPERATURE = 5.0
 MAX_CONCURRENT = 2
 """Completions sampled at once; one per core of a 2-core machine keeps memory flat and each one quick."""
-BODY_TIMEOUT = 10.0
-"""Seconds a request body may pause between chunks."""
 HEADER_TIMEOUT = 10.0
 """Seconds a connection has to send its request headers."""
-
-
-class BadRequest(Exception):
-    """A request the server refuses: an HTTP status and a message for the user."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
 
 
 MAX_UPLOAD_PIXELS = 16_000_000
@@ -146,7 +148,7 @@ class Completer:
     def upload_tokens(self, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
         """An uploaded file -> (tokens, the resized image): centre-cropped, box-resized, quantized with the
         run's palette, exactly as `igpt prepare folder` treats images."""
-        from igpt.data.sources import load_image, max_image_pixels
+        from igpt.data.decode import load_image, max_image_pixels
 
         try:
             limit = min(MAX_UPLOAD_PIXELS, max_image_pixels())  # IGPT_MAX_IMAGE_PIXELS may lower it further
@@ -202,130 +204,6 @@ class Completer:
         return {"rows_done": rows_done, "samples": [png_data_url(im, self.scale) for im in imgs]}
 
 
-def _int(form: Any, name: str, default: int) -> int:
-    v = form.get(name)
-    if v is None or v == "":
-        return default
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        raise BadRequest(400, f"{name} must be an integer, got '{str(v)[:40]}'") from None
-
-
-def _float(form: Any, name: str, default: float) -> float:
-    v = form.get(name)
-    if v is None or v == "":
-        return default
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        raise BadRequest(400, f"{name} must be a number, got '{str(v)[:40]}'") from None
-    if not np.isfinite(x):
-        raise BadRequest(400, f"{name} must be finite")
-    return x
-
-
-CLOSE = {"Connection": "close"}
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json", "")
-
-
-async def bounded_body(request: Any, limit: int, max_upload: int, timeout: float | None = None) -> bytes:
-    """The request body, read as it arrives and refused (413) as soon as it passes `limit` bytes, so a body
-    without Content-Length (chunked) cannot fill the memory or the disk before the refusal; a body that stops
-    arriving for `timeout` seconds is refused with 408. Both refusals close the connection."""
-    timeout = BODY_TIMEOUT if timeout is None else timeout
-    chunks, total = [], 0
-    stream = request.stream().__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(stream.__anext__(), timeout)
-        except StopAsyncIteration:
-            break
-        except asyncio.TimeoutError:
-            raise BadRequest(408, f"the request body stopped arriving for {timeout:g} s", CLOSE) from None
-        total += len(chunk)
-        if total > limit:
-            raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit", CLOSE)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def json_form(body: bytes) -> dict[str, str]:
-    """A JSON request body ({"source": "test", "index": 3, ...}) as the form's fields."""
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):  # deeply nested arrays exhaust the parser's recursion
-        raise BadRequest(400, "the body is not valid JSON") from None
-    if not isinstance(obj, dict) or len(obj) > 20:
-        raise BadRequest(400, "a JSON body must be an object of at most 20 fields (source, index, ...)")
-    if "file" in obj:
-        raise BadRequest(400, "upload a file with a multipart form, not JSON")
-    bad = [k for k, v in obj.items() if not isinstance(v, str | int | float) or isinstance(v, bool)]
-    if bad:
-        raise BadRequest(400, f"field {str(bad[0])[:40]} must be a number or a string")
-    return {str(k): str(v) for k, v in obj.items()}
-
-
-def body_request(request: Any, body: bytes) -> Any:
-    """A request like `request` whose body is the bytes already read (for Starlette's form parser)."""
-    from starlette.requests import Request
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return Request(request.scope, receive)
-
-
-async def parse_form(request: Any, body: bytes) -> Any:
-    """The multipart (or URL-encoded) form of an already read body, with a message that names what is wrong
-    with it: too many fields or files, or not a form at all."""
-    from starlette.exceptions import HTTPException
-    from starlette.formparsers import MultiPartException
-
-    try:
-        return await body_request(request, body).form(max_files=1, max_fields=20, max_part_size=64 * 1024)
-    except (MultiPartException, HTTPException) as e:  # inside an app, Starlette wraps the first in the second
-        text = str(getattr(e, "detail", None) or e)
-        if "Too many files" in text:
-            raise BadRequest(400, "send at most one file") from None
-        if "Too many fields" in text:
-            raise BadRequest(400, "the form has more than 20 fields") from None
-        if "exceeded maximum size" in text or "Part exceeded" in text:
-            raise BadRequest(400, "a form field (or its name) is larger than 64 KiB") from None
-        raise BadRequest(400, f"the multipart form is malformed ({text[:80]})") from None
-    except Exception:  # noqa: BLE001 - other malformed bodies
-        raise BadRequest(400, "expected a multipart form (source, index or file, keep_rows, ...)") from None
-
-
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
-
-
-def same_origin_only(app: Any, hosts: tuple[str, ...] | None) -> Any:
-    """`app` behind two checks that keep other web pages out of the local API: the Host header must name
-    one of `hosts` (the names this server listens on; None accepts any, for a server bound to all
-    addresses), which defeats DNS rebinding, and a request that carries an Origin must come from this
-    server's own origin (a page elsewhere that calls the API is refused with 403)."""
-    from starlette.responses import JSONResponse
-
-    async def checked(scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            host = headers.get(b"host", "").strip().lower()
-            name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
-            origin = headers.get(b"origin")
-            why = None
-            if hosts is not None and name not in hosts:
-                why = f"this server does not answer to the host name {host[:60]!r}"
-            elif origin is not None and origin.strip().lower() != f"http://{host}":
-                why = "cross-origin requests are refused; open the page this server serves"
-            if why:
-                await JSONResponse({"error": why}, status_code=403)(scope, receive, send)
-                return
-        await app(scope, receive, send)
-
-    return checked
-
-
 def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024, hosts: tuple[str, ...] | None = None):
     """The Starlette application serving `completer`; uploads larger than `max_upload` bytes are refused.
     Requests must name one of `hosts` (when given) and, with an Origin, come from the page itself
@@ -347,7 +225,7 @@ def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024, hosts: t
 
     async def test_image(request: Request) -> Response:
         try:
-            index = _int(request.path_params, "index", 0)
+            index = int_field(request.path_params, "index", 0)
             _, img = completer.test_tokens(index)
         except BadRequest as e:
             return error(e)
@@ -368,16 +246,16 @@ def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024, hosts: t
             else:
                 form = await parse_form(request, body)
             R = completer.R
-            keep_rows = _int(form, "keep_rows", R // 2)
+            keep_rows = int_field(form, "keep_rows", R // 2)
             if not 0 <= keep_rows <= R:
                 raise BadRequest(400, f"keep_rows must be in [0, {R}], got {keep_rows}")
-            num = _int(form, "num", 4)
+            num = int_field(form, "num", 4)
             if not 1 <= num <= MAX_SAMPLES:
                 raise BadRequest(400, f"num must be in [1, {MAX_SAMPLES}], got {num}")
-            temperature = _float(form, "temperature", 1.0)
+            temperature = float_field(form, "temperature", 1.0)
             if not 0 <= temperature <= MAX_TEMPERATURE:
                 raise BadRequest(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature:g}")
-            seed = _int(form, "seed", 0)
+            seed = int_field(form, "seed", 0)
             try:
                 check_sampling_options(temperature, None, None, seed)
             except IgptError as e:
@@ -399,7 +277,7 @@ def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024, hosts: t
     async def _inputs(completer: Completer, form: Any, source: str, max_upload: int) -> tuple:
         """The tokens and image to complete: a test image, or the uploaded file decoded off the event loop."""
         if source == "test":
-            return completer.test_tokens(_int(form, "index", 0))
+            return completer.test_tokens(int_field(form, "index", 0))
         f = form.get("file")
         if f is None or isinstance(f, str):
             raise BadRequest(400, "source is upload but no file was sent")
