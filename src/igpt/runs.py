@@ -256,9 +256,10 @@ class Run:
         except (OSError, ValueError) as e:
             raise IgptError(f"cannot read {p} ({e.__class__.__name__})") from None
         K = self.model_config.vocab_size
-        ok = a.ndim == 2 and a.shape[1] in (1, 3) and a.dtype.kind in "fiu" and a.shape[0] == K
-        if not ok:
-            raise IgptError(f"{p} must be a numeric ({K}, 1) or ({K}, 3) palette, got {a.dtype} {a.shape}")
+        if not (a.ndim == 2 and a.shape[1] in (1, 3) and a.dtype.kind in "fiu"):
+            raise IgptError(f"{p} must be a numeric (K, 1) or (K, 3) palette, got {a.dtype} {a.shape}")
+        if a.shape[0] != K:
+            raise IgptError(f"{p} holds {a.shape[0]} colours but run.json's vocab_size is {K}; they disagree")
         if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 255.0001):
             raise IgptError(f"{p} must hold finite colours on the 0-255 scale")
         channels = (self.data_meta or {}).get("channels")
