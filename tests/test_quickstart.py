@@ -370,3 +370,24 @@ def test_a_quickstart_whose_probe_would_not_fit_in_memory_is_refused_before_pret
     err = capsys.readouterr().err.strip().splitlines()
     assert "GiB available; free some memory, or pass a smaller --resolution or --preset" in err[-1], err
     assert not (tmp_path / "q" / "run").exists()
+
+
+def test_the_smoke_quickstart_runs_as_documented_even_where_its_stages_are_predicted_slow(
+    tmp_path, monkeypatch, capsys
+):
+    """`igpt quickstart --smoke --out DIR`, as the README writes it, on a machine whose timing predicts the
+    later stages at more than the smoke budget (a slow or noisy calibration): pretraining shrinks to its
+    floor instead of the job being refused."""
+    real = schedule.calibrate
+
+    def slow(*a, **k):
+        s = real(*a, **k)
+        return replace(s, feature_seconds_per_image=s.feature_seconds_per_image * 200)
+
+    monkeypatch.setattr(schedule, "calibrate", slow)
+    main(["quickstart", "--smoke", "--out", str(tmp_path / "qs")])
+    err = capsys.readouterr().err
+    assert "pretraining gets its floor of 0.1 minutes" in err
+    state = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
+    assert state["budget"]["pretrain_minutes"] == plans.SMOKE.min_pretrain_minutes
+    assert state["done"][-1] == "report" and (tmp_path / "qs" / "report.html").is_file()

@@ -324,13 +324,21 @@ class BudgetPlan:
 
 
 def share_out(
-    minutes: float, spent_before: float, predicted: dict[str, float], speeds: Speeds, min_pretrain: float
+    minutes: float,
+    spent_before: float,
+    predicted: dict[str, float],
+    speeds: Speeds,
+    min_pretrain: float,
+    shrink: bool = False,
 ) -> BudgetPlan | float:
     """Pretraining's minutes from the budget, or (when too little is left) the least budget, in minutes,
-    that leaves `min_pretrain` minutes of pretraining here."""
+    that leaves `min_pretrain` minutes of pretraining here; with `shrink`, pretraining gets `min_pretrain`
+    instead (the job may then end past its minutes)."""
     rest = sum(predicted.values()) * MARGIN + MARGIN_SECONDS
     left = (60 * minutes - spent_before - rest) / 60
-    if left < min_pretrain:
+    if left < min_pretrain and shrink:
+        left = min_pretrain
+    elif left < min_pretrain:
         return math.ceil((spent_before + rest) / 60 + min_pretrain)
     shares = {k: round(v * MARGIN, 1) for k, v in predicted.items()}
     return BudgetPlan(minutes, round(left, 2), shares, round(spent_before, 1), asdict(speeds))

@@ -91,6 +91,10 @@ class QuickstartPlan:
     compile: bool
     """torch.compile pretraining and the probes' feature pass (faster on CPU after some seconds of compiling;
     see BENCHMARKS.md); each falls back to eager PyTorch, with a notice, where compiling fails."""
+    shrinks: bool = False
+    """Where the later stages are predicted to leave pretraining less than its floor, pretrain for the floor
+    (and perhaps end past the budget) instead of refusing: the smoke run's way, whose predictions are
+    dominated by fixed costs that vary from machine to machine."""
 
     def pretrain_settings(self) -> dict[str, Any]:
         """The plan's pretraining settings as `igpt.pretrain` keywords (all but the budget)."""
@@ -167,6 +171,7 @@ SMOKE = QuickstartPlan(
     finetune_low_data=False,
     attentive=False,
     compile=False,
+    shrinks=True,
 )
 
 

@@ -5,6 +5,7 @@ actual seconds (`budget_lines`)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,8 @@ def _share(
     else:
         speeds = speeds.faster(floor)
     predicted = predict(w, speeds)
-    return share_out(plan.minutes, spent, predicted, speeds, plan.min_pretrain_minutes), predicted
+    shared = share_out(plan.minutes, spent, predicted, speeds, plan.min_pretrain_minutes, shrink=plan.shrinks)
+    return shared, predicted
 
 
 def _plan_words(shared: BudgetPlan) -> str:
@@ -76,6 +78,14 @@ def plan_budget(plan: QuickstartPlan, out: Path, st: Stages) -> float:
             f"--minutes {plan.minutes:g} leaves no time for pretraining on this machine: the other stages "
             f"are predicted to take about {sum(predicted.values()) / 60:.1f} minutes here; use --minutes "
             f"{shared:g} or more"
+        )
+    over = shared.spent_before / 60 + sum(shared.predicted.values()) / 60 + shared.pretrain_minutes
+    if over > plan.minutes:  # a shrinking plan (the smoke run): pretraining at its floor, said once
+        print(
+            f"igpt: notice: the later stages are predicted to take {sum(predicted.values()) / 60:.1f} "
+            f"minutes here, more than --minutes {plan.minutes:g} leaves; pretraining gets its floor of "
+            f"{shared.pretrain_minutes:g} minutes and the job may end after its budget",
+            file=sys.stderr,
         )
     st.state["budget"] = shared.to_json()
     st.save()
