@@ -422,3 +422,43 @@ def torch_nan():
     import torch
 
     return torch.tensor(float("nan"), requires_grad=True)
+
+
+# outside 7: library calls check their arguments' types as the command line does
+@pytest.mark.parametrize(
+    "call, expect",
+    [
+        (
+            lambda igpt, t: igpt.prepare("digits", out=t / "d", resolution="8"),
+            "--resolution must be an integer",
+        ),
+        (lambda igpt, t: igpt.prepare("digits", out=t / "d", clusters=2.5), "--clusters must be an integer"),
+        (lambda igpt, t: igpt.pretrain(data=t, out=t / "r", steps=2.5), "--steps must be an integer"),
+        (lambda igpt, t: igpt.pretrain(data=t, out=t / "r", lr="fast"), "--lr must be a number"),
+        (lambda igpt, t: igpt.probe(t, train_limit=[1]), "--train-limit must be an integer"),
+        (lambda igpt, t: igpt.finetune(t, out=t / "f", augment="yes"), "--augment must be true or false"),
+    ],
+)
+def test_library_calls_refuse_wrong_types_in_one_line(tmp_path, call, expect):
+    import igpt
+    from igpt.errors import IgptError
+
+    with pytest.raises(IgptError, match=expect):
+        call(igpt, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_library_calls_take_paths_and_whole_numbers(digits, tmp_path):
+    import igpt
+
+    s = igpt.pretrain(
+        data=digits,
+        out=tmp_path / "r",
+        preset="micro",
+        steps=2,
+        lr=1,
+        batch_size=16,
+        eval_images=16,
+        progress=False,
+    )  # a Path for data, an int for a float
+    assert s["steps"] == 2

@@ -8,10 +8,15 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import os
 import textwrap
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Any
+
+import numpy as np
 
 from .errors import IgptError
 
@@ -76,9 +81,44 @@ def first_sentence(doc: str) -> str:
 
 
 def build_config(cls: type, stage: str, **settings: Any) -> Any:
-    """`cls(**settings)` for a stage's keyword form, refusing names that are not fields of `cls`."""
+    """`cls(**settings)` for a stage's keyword form, refusing names that are not fields of `cls` and values
+    of the wrong type in one line, as the command line would (`resolution="8"` or `steps=2.5` are refused;
+    an integer where a float is declared, a path where a string is, are taken)."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise TypeError(f"{stage}() got unknown settings {unknown}; it takes {sorted(known)}")
-    return cls(**settings)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: checked_value(flag_name(k), v, hints[k]) for k, v in settings.items()})
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
+def checked_value(flag: str, value: Any, hint: Any) -> Any:
+    """`value` as a setting declared `hint` takes it: None where the hint allows it, a bool for bool, an
+    integer (not a bool, not 2.5) for int, any real number for float, text (or a path, or an integer) for
+    str; IgptError naming the flag otherwise. Other hints (lists, mappings) pass unchecked."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return checked_value(flag, value, inner[0])
+        return value
+    if hint is bool and isinstance(value, bool | np.bool_):
+        return bool(value)
+    if hint is int and isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_):
+        return int(value)
+    if (
+        hint is float
+        and isinstance(value, int | float | np.integer | np.floating)
+        and not isinstance(value, bool)
+    ):
+        return float(value)
+    if hint is str and isinstance(value, str | os.PathLike | int) and not isinstance(value, bool):
+        return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    if hint not in _KINDS:
+        return value
+    raise IgptError(f"{flag} must be {_KINDS[hint]}, got {value!r} ({type(value).__name__})")

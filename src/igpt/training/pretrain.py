@@ -8,6 +8,7 @@ checkpoint and, on CPU, reproduces the uninterrupted run's losses and weights ex
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from igpt.errors import IgptError
 from igpt.model.gpt import IGPTConfig
 from igpt.model.objectives import DEFAULT_OBJECTIVE
 from igpt.runs import Run, is_run
+from igpt.settings import checked_value, flag_name
 
 from .config import ModelChoice, TrainConfig
 from .distributed import Dist, RunLock, check_batch_split
@@ -51,10 +53,15 @@ def given_settings(
         raise TypeError(
             f"pretrain() got unknown settings {unknown}; it takes {sorted({*MODEL_KEYS, *TRAIN_KEYS})}"
         )
+    hints = {**typing.get_type_hints(TrainConfig), **typing.get_type_hints(ModelChoice)}
     given = {
         **({k: v for k, v in asdict(config).items() if k in TRAIN_KEYS} if config else {}),
         **(asdict(model) if model else {}),
-        **{k: v for k, v in settings.items() if v is not None},
+        **{
+            k: v if k == "keep_steps" else checked_value(flag_name(k), v, hints[k])
+            for k, v in settings.items()
+            if v is not None
+        },
     }
     if data is not None:
         given["data"] = str(data)
