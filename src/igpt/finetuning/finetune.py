@@ -372,24 +372,12 @@ def _fit_one(
     t_val = time.perf_counter() - t_val
     if initial_val is not None:  # epoch 0, the head's start, is a candidate too: training must beat it
         stop.update(0, initial_val, r.model)
-    history = []
     # the end needs one more validation pass, the test pass (at the validation pass's rate) and the save
     evaluation = t_val * (1 + len(te) / len(va)) if len(va) else 0.0
     r.budget_seconds = clock.training_seconds(evaluation + SAVE_SECONDS)
     r.started = t0 = time.perf_counter()  # the schedule's clock starts with training
 
-    for epoch in range(1, args.epochs + 1):
-        loss = _train_epoch(args, r, data, tr, epoch)
-        val = val_accuracy()
-        history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": val})
-        if args.progress:
-            print(f"epoch {epoch}: train loss {loss:.4f}, val accuracy {val:.4f}", file=sys.stderr)
-        if stop.update(epoch, val, r.model, always=not len(va)):
-            print(f"early stop: no validation gain for {args.patience} epochs", file=sys.stderr)
-            break
-        if r.out_of_time():
-            print("stopping: --minutes budget reached", file=sys.stderr)
-            break
+    history = _train_epochs(args, r, data, tr, stop, val_accuracy, early=bool(len(va)))
     stop.restore(r.model)
     t_test = time.perf_counter()
     test_acc = (
@@ -397,14 +385,58 @@ def _fit_one(
         if len(te)
         else None
     )
-    result = {
+    times = {"set_up": t0 - t_setup, "training": t_test - t0, "test": time.perf_counter() - t_test}
+    record = {"initial_val_accuracy": initial_val, "history": history, "seconds_split": times}
+    return _result(args, r, split, stop, test_acc, record), stop.state
+
+
+def _train_epochs(
+    args: FinetuneConfig,
+    r: Recipe,
+    data: PreparedData,
+    rows: np.ndarray,
+    stop: EarlyStopping,
+    val_accuracy: Any,
+    early: bool,
+) -> list[dict[str, Any]]:
+    """Epochs until `args.epochs`, early stopping (with validation rows: `early`) or the clock ends them;
+    returns the history, one row per epoch."""
+    history = []
+    for epoch in range(1, args.epochs + 1):
+        loss = _train_epoch(args, r, data, rows, epoch)
+        val = val_accuracy()
+        history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": val})
+        if args.progress:
+            print(f"epoch {epoch}: train loss {loss:.4f}, val accuracy {val:.4f}", file=sys.stderr)
+        if stop.update(epoch, val, r.model, always=not early):
+            print(f"early stop: no validation gain for {args.patience} epochs", file=sys.stderr)
+            break
+        if r.out_of_time():
+            print("stopping: --minutes budget reached", file=sys.stderr)
+            break
+    return history
+
+
+def _result(
+    args: FinetuneConfig,
+    r: Recipe,
+    split: _Split,
+    stop: EarlyStopping,
+    test_acc: float | None,
+    record: dict[str, Any],
+) -> dict[str, Any]:
+    """One fine-tuning's result, as finetune.json holds it (`record`: the initial validation accuracy, the
+    history and the seconds of set-up, training and test)."""
+    tr, va, te = split.train, split.val, split.test
+    times = record["seconds_split"]
+    return {
         "test_accuracy": test_acc,
         "best_epoch": stop.best_epoch,
         "steps": r.step,
         "best_val_accuracy": stop.best_score if len(va) else None,
-        "initial_val_accuracy": initial_val,
+        "initial_val_accuracy": record["initial_val_accuracy"],
         "head_lambda": r.head_lambda,
-        "history": history,
+        "history": record["history"],
         "init": args.init,
         "optimizer": args.optimizer,
         "pool": args.pool,
@@ -429,15 +461,10 @@ def _fit_one(
             "precision_reason": r.precision_reason,
             "compile": r.forward.active,
         },
-        "seconds": round(t_test - t0, 2),
-        "seconds_split": {
-            "set_up": round(t0 - t_setup, 2),
-            "training": round(t_test - t0, 2),
-            "test": round(time.perf_counter() - t_test, 2),
-        },
+        "seconds": round(times["training"], 2),
+        "seconds_split": {k: round(v, 2) for k, v in times.items()},
         "pretrained_run": str(Path(args.run).resolve()),
     }
-    return result, stop.state
 
 
 def _save(

@@ -204,6 +204,59 @@ class Completer:
         return {"rows_done": rows_done, "samples": [png_data_url(im, self.scale) for im in imgs]}
 
 
+async def read_form(request: Any, max_upload: int) -> Any:
+    """A completion request's fields: its multipart form or JSON object, the body read within the upload
+    limit (refused early from a Content-Length over it)."""
+    limit = max_upload + 64 * 1024  # the file plus the form's other fields
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > limit:
+        raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit", CLOSE)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in FORM_TYPES:
+        raise BadRequest(415, f"send a multipart form or JSON, not {kind[:60]}")
+    body = await bounded_body(request, limit, max_upload)
+    return json_form(body) if kind == "application/json" else await parse_form(request, body)
+
+
+def completion_settings(form: Any, R: int) -> tuple[int, int, float, int, str]:
+    """(keep_rows, num, temperature, seed, source) of a completion request, each checked against its bound."""
+    keep_rows = int_field(form, "keep_rows", R // 2)
+    if not 0 <= keep_rows <= R:
+        raise BadRequest(400, f"keep_rows must be in [0, {R}], got {keep_rows}")
+    num = int_field(form, "num", 4)
+    if not 1 <= num <= MAX_SAMPLES:
+        raise BadRequest(400, f"num must be in [1, {MAX_SAMPLES}], got {num}")
+    temperature = float_field(form, "temperature", 1.0)
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise BadRequest(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature:g}")
+    seed = int_field(form, "seed", 0)
+    try:
+        check_sampling_options(temperature, None, None, seed)
+    except IgptError as e:
+        raise BadRequest(400, str(e).replace("--", "")) from None
+    source = form.get("source", "test")
+    if source not in ("test", "upload"):
+        raise BadRequest(400, f"source must be test or upload, got '{str(source)[:40]}'")
+    return keep_rows, num, temperature, seed, source
+
+
+async def completion_inputs(completer: Completer, form: Any, source: str, max_upload: int) -> tuple:
+    """The tokens and image to complete: a test image, or the uploaded file decoded off the event loop."""
+    from starlette.concurrency import run_in_threadpool
+
+    if source == "test":
+        return completer.test_tokens(int_field(form, "index", 0))
+    f = form.get("file")
+    if f is None or isinstance(f, str):
+        raise BadRequest(400, "source is upload but no file was sent")
+    raw = await f.read(max_upload + 1)
+    if len(raw) > max_upload:
+        raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit")
+    if not raw:
+        raise BadRequest(400, "the uploaded file is empty")
+    return await run_in_threadpool(completer.upload_tokens, raw)
+
+
 def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024, hosts: tuple[str, ...] | None = None):
     """The Starlette application serving `completer`; uploads larger than `max_upload` bytes are refused.
     Requests must name one of `hosts` (when given) and, with an Origin, come from the page itself
@@ -233,39 +286,11 @@ def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024, hosts: t
 
     async def complete_route(request: Request) -> Response:
         try:
-            limit = max_upload + 64 * 1024  # the file plus the form's other fields
-            size = request.headers.get("content-length")
-            if size is not None and size.isdigit() and int(size) > limit:
-                raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit", CLOSE)
-            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if kind not in FORM_TYPES:
-                raise BadRequest(415, f"send a multipart form or JSON, not {kind[:60]}")
-            body = await bounded_body(request, limit, max_upload)
-            if kind == "application/json":
-                form = json_form(body)
-            else:
-                form = await parse_form(request, body)
-            R = completer.R
-            keep_rows = int_field(form, "keep_rows", R // 2)
-            if not 0 <= keep_rows <= R:
-                raise BadRequest(400, f"keep_rows must be in [0, {R}], got {keep_rows}")
-            num = int_field(form, "num", 4)
-            if not 1 <= num <= MAX_SAMPLES:
-                raise BadRequest(400, f"num must be in [1, {MAX_SAMPLES}], got {num}")
-            temperature = float_field(form, "temperature", 1.0)
-            if not 0 <= temperature <= MAX_TEMPERATURE:
-                raise BadRequest(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature:g}")
-            seed = int_field(form, "seed", 0)
-            try:
-                check_sampling_options(temperature, None, None, seed)
-            except IgptError as e:
-                raise BadRequest(400, str(e).replace("--", "")) from None
-            source = form.get("source", "test")
-            if source not in ("test", "upload"):
-                raise BadRequest(400, f"source must be test or upload, got '{str(source)[:40]}'")
+            form = await read_form(request, max_upload)
+            keep_rows, num, temperature, seed, source = completion_settings(form, completer.R)
             completer.take_slot()  # decoding an upload counts against the cap as its completion does
             try:
-                tokens, img = await _inputs(completer, form, source, max_upload)
+                tokens, img = await completion_inputs(completer, form, source, max_upload)
                 lines = completer.guarded(completer.stream(tokens, img, keep_rows, num, temperature, seed))
             except BaseException:
                 completer.release()
@@ -273,20 +298,6 @@ def create_app(completer: Completer, max_upload: int = 2 * 1024 * 1024, hosts: t
         except BadRequest as e:
             return error(e)
         return StreamingResponse(lines, media_type="application/x-ndjson")
-
-    async def _inputs(completer: Completer, form: Any, source: str, max_upload: int) -> tuple:
-        """The tokens and image to complete: a test image, or the uploaded file decoded off the event loop."""
-        if source == "test":
-            return completer.test_tokens(int_field(form, "index", 0))
-        f = form.get("file")
-        if f is None or isinstance(f, str):
-            raise BadRequest(400, "source is upload but no file was sent")
-        raw = await f.read(max_upload + 1)
-        if len(raw) > max_upload:
-            raise BadRequest(413, f"the upload is larger than the {max_upload // 1024} KiB limit")
-        if not raw:
-            raise BadRequest(400, "the uploaded file is empty")
-        return await run_in_threadpool(completer.upload_tokens, raw)  # off the event loop
 
     routes = [
         Route("/", page),
