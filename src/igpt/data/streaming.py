@@ -326,25 +326,15 @@ def _prepare_from_store(
     t0: float,
 ) -> dict[str, Any]:
     """Fill the store, fit the palette on its sample, and write the prepared set from it."""
-    src = listing.source
     workers = cfg.workers or default_workers()
     t_list = time.perf_counter()
     notes = listing.notes + fill_store(store, listing, size, workers, cfg.strict, progress)
     t_decode = time.perf_counter()
 
-    tr_where, tr_labels, colour_tr = stored_rows(store, "train")
-    te_where, te_labels, colour_te = stored_rows(store, "test")
-    if cfg.limit and listing.kind == "imagenet":  # a folder's limit applied when listing
-        tr_where, tr_labels = tr_where[: cfg.limit], tr_labels[: cfg.limit]
-        te_where, te_labels = te_where[: cfg.limit], te_labels[: cfg.limit]
-    if len(tr_labels) < 2 or len(te_labels) < 1:
-        raise IgptError(f"too few readable images in {src} ({len(tr_labels)} train, {len(te_labels)} test)")
-    channels = 3 if (colour_tr or colour_te) else 1
-    tr_rows, va_rows = split_validation(tr_labels, cfg.val_fraction, cfg.seed)
-    if len(tr_rows) == 0 or len(va_rows) == 0:
-        raise IgptError(f"--val-fraction {cfg.val_fraction} leaves no training or no validation images")
-
-    colour = colour_tr or colour_te
+    (tr_where, tr_labels, tr_rows, va_rows), (te_where, te_labels), colour = _stored_splits(
+        cfg, store, listing
+    )
+    channels = 3 if colour else 1
     palette, n_sample = _streamed_palette(cfg, store, (tr_where, tr_rows), size, channels, colour)
     t_fit = time.perf_counter()
 
@@ -385,6 +375,25 @@ def _prepare_from_store(
             print(f"  {line}", file=sys.stderr)
     meta["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     return meta
+
+
+def _stored_splits(cfg: Any, store: ChunkStore, listing: Listing) -> tuple[tuple, tuple, bool]:
+    """Where the readable images lie in the store: (train positions, their labels, the training and the
+    validation rows among them), (test positions, their labels), and whether any image was in colour;
+    refused in one line when too few images were readable or the validation split leaves nothing."""
+    tr_where, tr_labels, colour_tr = stored_rows(store, "train")
+    te_where, te_labels, colour_te = stored_rows(store, "test")
+    if cfg.limit and listing.kind == "imagenet":  # a folder's limit applied when listing
+        tr_where, tr_labels = tr_where[: cfg.limit], tr_labels[: cfg.limit]
+        te_where, te_labels = te_where[: cfg.limit], te_labels[: cfg.limit]
+    if len(tr_labels) < 2 or len(te_labels) < 1:
+        raise IgptError(
+            f"too few readable images in {listing.source} ({len(tr_labels)} train, {len(te_labels)} test)"
+        )
+    tr_rows, va_rows = split_validation(tr_labels, cfg.val_fraction, cfg.seed)
+    if len(tr_rows) == 0 or len(va_rows) == 0:
+        raise IgptError(f"--val-fraction {cfg.val_fraction} leaves no training or no validation images")
+    return (tr_where, tr_labels, tr_rows, va_rows), (te_where, te_labels), colour_tr or colour_te
 
 
 def _streamed_palette(

@@ -79,22 +79,35 @@ class TrainerState:
         if resuming:
             self._restore()
         self.wrapped = wrap_model(self.model, cfg, env)
-        # parameter groups are taken after wrapping: FSDP replaces parameters with sharded ones
-        self.opt = Optimizers(
+        self.opt = self._optimizer()
+        self.sharded = cfg.fsdp and env.world > 1  # FSDP over several processes: the state is in shards
+        if resuming and self._opt_tensors:
+            load_optimizer(self.model, self.opt, self._opt_tensors, sharded=self.sharded)
+        self.recipe = self._step_recipe()
+        self.stop_requested = False  # agreed by every process (see _tick)
+        self._stop_local = False  # this process received a stop signal
+
+    def _optimizer(self) -> Optimizers:
+        """The optimizer over the model's parameters, taken after wrapping (FSDP replaces parameters with
+        sharded ones); fused on CUDA (one kernel per step) except under FSDP."""
+        cfg, env = self.cfg, self.env
+        return Optimizers(
             list(self.model.named_parameters()),
             cfg.optimizer,
             cfg.lr,
             cfg.weight_decay,
             cfg.beta2,
-            fused=env.device.startswith("cuda") and not (cfg.fsdp and env.world > 1),  # one kernel per step
+            fused=env.device.startswith("cuda") and not (cfg.fsdp and env.world > 1),
             ns_dtype=muon_ns_dtype(env.device),
             adamw_lr_ratio=cfg.adamw_lr_ratio,
         )
-        self.sharded = cfg.fsdp and env.world > 1  # FSDP over several processes: the state is in shards
-        if resuming and self._opt_tensors:
-            load_optimizer(self.model, self.opt, self._opt_tensors, sharded=self.sharded)
-        order = self.data.meta["order"]
-        self.recipe = StepRecipe(  # what every step of this run does the same way
+
+    def _step_recipe(self) -> StepRecipe:
+        """What every step of this run does the same way: its share of the batch, masks, flips and shifts,
+        clipping, device and precision."""
+        cfg, env, mcfg = self.cfg, self.env, self.mcfg
+        order, R = self.data.meta["order"], self.data.resolution
+        return StepRecipe(
             rank=env.rank,
             world=env.world,
             grad_accum=cfg.grad_accum,
@@ -104,12 +117,10 @@ class TrainerState:
             grad_clip=cfg.grad_clip,
             device=env.device,
             precision=cfg.precision,
-            flip_perm=mirror_index(self.data.resolution, order) if cfg.flip else None,
-            shifts=shift_table(self.data.resolution, order, cfg.shift) if cfg.shift else None,
+            flip_perm=mirror_index(R, order) if cfg.flip else None,
+            shifts=shift_table(R, order, cfg.shift) if cfg.shift else None,
             prefix_causal=mcfg.prefix_causal,
         )
-        self.stop_requested = False  # agreed by every process (see _tick)
-        self._stop_local = False  # this process received a stop signal
 
     # ------------------------------------------------------------------------------------------ state
     def _restore(self) -> None:
