@@ -118,9 +118,7 @@ def full_probe(
     the best layer chosen on validation, one score on test; beside the paper's mean pooling and raw pixels,
     and (when asked) concatenated layers, BERT mask ensembles and the attentive head."""
     C, L = data.num_classes, Labelled.of(cfg, data)
-    for variant in VARIANTS:  # refuse impossible settings before the feature pass, not after it
-        if variant.wanted(cfg) and variant.check is not None:
-            variant.check(cfg, model, layers)
+    _check_variants(cfg, model, layers)
     t0 = time.perf_counter()
     kw = feature_settings(cfg, data)
     fine = further_pool(cfg.pool, cfg.fine_pool, data.resolution)
@@ -138,18 +136,9 @@ def full_probe(
         for i in layers
     }
     best = max(layers, key=lambda i: (sweeps[i].best, -i))  # chosen on validation, not test
-    fine_sweep, fine_layer = None, best
-    if fine:  # swept at the layers the coarse sweeps rank highest, fitted at the best of its own sweeps
-        ffine = cache.sibling(fine)
-        fine_sweeps = {}
-        for i in sorted(layers, key=lambda i: (-sweeps[i].best, i))[:FINE_CANDIDATES]:
-            x = (ffine("train", L.tr[sw], "", layers=[i])[i], ffine("val", L.va, "", layers=[i])[i])
-            fine_sweeps[i] = sweep_lambda(
-                x[0], L.ytr[sw], x[1], L.yva, C, FINE_LAMBDAS, cfg.device, cfg.precision
-            )
-            del x
-        fine_layer = max(fine_sweeps, key=lambda i: (fine_sweeps[i].best, -i))
-        fine_sweep = fine_sweeps[fine_layer]
+    fine_sweeps = _fine_sweeps(cfg, cache.sibling(fine), sweeps, L, sw, C) if fine else {}
+    fine_layer = max(fine_sweeps, key=lambda i: (fine_sweeps[i].best, -i)) if fine else best
+    if fine:
         cache.drop("train", fine, keep=[fine_layer])
     del fsw  # the sweep rows' features: the merge below holds every training row anew
     # then every training row and the test rows (the fine grid: the chosen layer, and every layer of the
@@ -160,7 +149,7 @@ def full_probe(
     t_feat += time.perf_counter() - t1
     res = _refit_layers(cfg, sweeps, (ftr, fte), L, C)
     if fine:
-        res["fine_probe"] = _fine_probe(cfg, cache.sibling(fine), fine_layer, fine_sweep, L, C)
+        res["fine_probe"] = _fine_probe(cfg, cache.sibling(fine), fine_layer, fine_sweeps[fine_layer], L, C)
         res["fine_probe"]["val_by_layer"] = {str(i): s.best for i, s in fine_sweeps.items()}
         cache.drop("train", fine)
         cache.drop("val", fine)
@@ -182,18 +171,48 @@ def full_probe(
         feature_dim=int(ftr[layers[0]].shape[1]),
         pool=cfg.pool,
         head="linear",
-        classifier="multinomial logistic regression, torch L-BFGS, L2 chosen on the validation split from "
-        f"{list(LAMBDAS)} (the sweep fitted on at most 20,000 training rows), then refitted on all",
+        classifier=CLASSIFIER,
         seconds={"features": round(t_feat, 2), "probes": round(t_fit, 2)},
     )
-    ctx = ProbeContext(cfg, model, data, layers, L, C, (ftr, fva, fte), best, kw)
-    for variant in VARIANTS:  # the extra probes the settings ask for (igpt.probes.variants)
-        if variant.wanted(cfg):
+    _run_variants(ProbeContext(cfg, model, data, layers, L, C, (ftr, fva, fte), best, kw), res)
+    res["chosen"] = _chosen(res)
+    return res
+
+
+CLASSIFIER = (
+    "multinomial logistic regression, torch L-BFGS, L2 chosen on the validation split from "
+    f"{list(LAMBDAS)} (the sweep fitted on at most 20,000 training rows), then refitted on all"
+)
+"""How probe.json describes the full probe's classifier."""
+
+
+def _check_variants(cfg: ProbeConfig, model: IGPT, layers: list[int]) -> None:
+    """Refuse a variant's impossible settings before the feature pass, not after it."""
+    for variant in VARIANTS:
+        if variant.wanted(cfg) and variant.check is not None:
+            variant.check(cfg, model, layers)
+
+
+def _run_variants(ctx: ProbeContext, res: dict[str, Any]) -> None:
+    """The extra probes the settings ask for (`igpt.probes.variants`), each stored under its key."""
+    for variant in VARIANTS:
+        if variant.wanted(ctx.cfg):
             res[variant.key] = variant.run(ctx, res)
             if variant.finish is not None:
                 variant.finish(res)
-    res["chosen"] = _chosen(res)
-    return res
+
+
+def _fine_sweeps(
+    cfg: ProbeConfig, ffine: FeatureCache, sweeps: dict[int, Sweep], L: Labelled, sw: np.ndarray, C: int
+) -> dict[int, Sweep]:
+    """The finer grid's lambda sweeps at the FINE_CANDIDATES layers the coarse sweeps rank highest (the
+    full probe then fits it at the best of these)."""
+    out = {}
+    for i in sorted(sweeps, key=lambda i: (-sweeps[i].best, i))[:FINE_CANDIDATES]:
+        x = (ffine("train", L.tr[sw], "", layers=[i])[i], ffine("val", L.va, "", layers=[i])[i])
+        out[i] = sweep_lambda(x[0], L.ytr[sw], x[1], L.yva, C, FINE_LAMBDAS, cfg.device, cfg.precision)
+        del x
+    return out
 
 
 FEATURES_SHARE = 0.9
