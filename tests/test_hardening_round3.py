@@ -327,18 +327,16 @@ def test_a_finished_prepare_is_not_reused_after_its_folder_changed(tmp_path, cli
     first = igpt.prepare("folder", out=tmp_path / "set", **kw)
     assert igpt.prepare("folder", out=tmp_path / "set", **kw)["n_train"] == first["n_train"]  # reused
     (src / "a" / "new.png").write_bytes((src / "a" / "0.png").read_bytes())
-    msg = cli_error(
+    again_cmd = (
         "prepare",
         "folder",
         "--data-dir",
         src,
         "--out",
         tmp_path / "set",
-        "--resolution",
-        "8",
-        "--clusters",
-        "4",
+        *"--resolution 8 --clusters 4".split(),
     )
+    msg = cli_error(*again_cmd)
     assert "before it changed" in msg and "--force" in msg
     again = igpt.prepare("folder", out=tmp_path / "set", force=True, **kw)
     assert again["n_train"] + again["n_val"] + again["n_test"] == 25
@@ -347,18 +345,7 @@ def test_a_finished_prepare_is_not_reused_after_its_folder_changed(tmp_path, cli
     data = (src / "b" / "4.png").read_bytes()
     p.write_bytes(data)
     os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
-    msg = cli_error(
-        "prepare",
-        "folder",
-        "--data-dir",
-        src,
-        "--out",
-        tmp_path / "set",
-        "--resolution",
-        "8",
-        "--clusters",
-        "4",
-    )
+    msg = cli_error(*again_cmd)
     assert "before it changed" in msg
 
 
