@@ -15,7 +15,7 @@ from igpt.cli import main
 from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
 from igpt.finetuning.classifier import HEAD_LAMBDAS
-from igpt.finetuning.finetune import load_classifier
+from igpt.finetuning.saving import load_classifier
 from igpt.probes.logistic import balanced_subset
 
 QUICK = {

@@ -37,7 +37,7 @@ _EXPORTS = {
     "Run": "runs",
     "complete": "generation.complete",
     "generate": "model.decoding",
-    "load_classifier": "finetuning.finetune",
+    "load_classifier": "finetuning.saving",
     "IGPT": "model.gpt",
     "IGPTConfig": "model.gpt",
     "IgptError": "errors",

@@ -18,16 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
-from igpt.files import atomic_directory
 from igpt.finetuning.classifier import make_optimizer
 from igpt.finetuning.config import COMPILE_MIN_ROWS, MUON_LR, FinetuneConfig, resolve_head
 from igpt.hardware import auto_precision
 from igpt.model.compiling import CompiledOrEager
-from igpt.model.gpt import IGPT, IGPTConfig
+from igpt.model.gpt import IGPT
 from igpt.probes.features import check_pool
 from igpt.probes.logistic import balanced_subset, check_trainable
 from igpt.probes.setup import labelled_rows, open_labelled_run
@@ -37,6 +35,7 @@ from igpt.training.engine import NO_FLIP, EarlyStopping, autocast, bert_mask, lr
 from igpt.training.optim import Optimizers
 
 from .classifier import Augment, Classifier, accuracy, check_layer, standardise_head, truncate
+from .saving import save_finetuned
 
 
 def tokens_rows(data: PreparedData, rows: np.ndarray) -> np.ndarray:
@@ -201,7 +200,7 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
     result["world_size"] = 1  # the processes that shared the work
     result["minutes"] = args.minutes
     result["seconds_total"] = round(time.perf_counter() - clock.start, 2)
-    _save(Path(args.out), fits[0][1], info, shape, data.num_classes, data, result, args.pool)
+    save_finetuned(Path(args.out), fits[0][1], info, shape, data.num_classes, data, result, args.pool)
     return result
 
 
@@ -465,53 +464,3 @@ def _result(
         "seconds_split": {k: round(v, 2) for k, v in times.items()},
         "pretrained_run": str(Path(args.run).resolve()),
     }
-
-
-def _save(
-    out: Path,
-    state: dict,
-    pretrained: Run,
-    shape: IGPTConfig,
-    num_classes: int,
-    data: PreparedData,
-    result: dict,
-    pool: str,
-) -> None:
-    """FTRUN: model.safetensors (backbone.*, head.* and the feature statistics), run.json (a "finetuned"
-    run: the backbone's shape, the classes, the head) and finetune.json; written in a temporary directory and
-    renamed into place."""
-    with atomic_directory(out) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
-        finetune = {
-            "pretrained_run": str(pretrained.path.resolve()),
-            "num_classes": num_classes,
-            "class_names": data.meta.get("class_names", []),
-            "head": f"linear, on the standardised {pool} pool of the final normed states",
-            "pool": pool,
-            "init": result["init"],
-            "layer": shape.n_layer,
-            "blocks_dropped": pretrained.model_config.n_layer - shape.n_layer,
-        }
-        Run.create(
-            tmp,
-            "finetuned",
-            shape,
-            preset=pretrained.preset,
-            data_dir=str(data.dir),
-            data_meta=data.meta,
-            palette=data.palette,
-            finetune=finetune,
-        )
-        Run.write_finetune_result(tmp, result)
-
-
-def load_classifier(run: str | Path, device: str = "cpu") -> Classifier:
-    """A fine-tuned run's backbone and head, in eval mode: `model(tokens)` gives (class logits, L_GEN)."""
-    r = Run.open(run)
-    if r.kind != "finetuned":
-        raise IgptError(f"{run} is a {r.kind} run, not a fine-tuned one (igpt finetune makes those)")
-    ft = r.info["finetune"]
-    pool = ft.get("pool", "mean")  # runs written before the pool option had the mean
-    model = Classifier(r.load_model(), int(ft["num_classes"]), pool, r.resolution, r.order)
-    model.load_state_dict(r.finetuned_state())
-    return model.to(device).eval()

@@ -170,10 +170,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool | 
     Through `F.scaled_dot_product_attention`, except in one measured case: training on CPU in bf16 with short
     sequences (T <= MATMUL_ATTENTION_MAX_T, with gradients), where the (T, T) scores are small and the same
     softmax(q k^T / sqrt(hs)) v as two batched products (the softmax in fp32) trains faster than the CPU's
-    fused kernel, whose backward pass dominated the step: a `tiny` step at T = 196, batch 32, compiled, went
-    from 412.5 to 333.1 ms (medians, 1.24x) on a 2-core AMD EPYC with AVX512_BF16
-    (benchmarks/bench_attention.py). In fp32, at T = 784 and without gradients (the feature pass, generation)
-    the fused kernel was as fast or faster, so it keeps those."""
+    fused kernel, whose backward pass dominated the step (1.24x faster for `tiny`; elsewhere the fused kernel
+    was as fast or faster: docs/decisions/probe-settings.md, benchmarks/bench_attention.py)."""
     T, S = q.shape[-2], k.shape[-2]  # causal masks align at the top left, as the fused kernel's do
     if not (
         q.device.type == "cpu"

@@ -179,8 +179,8 @@ def calibrate(
 
 
 CV_TIMED_ITERS = 20
-"""L-BFGS iterations timed per low-data fit shape; its time grows linearly with them (a 1,000 x 1,000 fit
-took 0.49 s for 20 and 2.40 s for 100 on a 2-core AMD EPYC with AVX512_BF16)."""
+"""L-BFGS iterations timed per low-data fit shape; a fit's time grows linearly with them
+(docs/decisions/probe-settings.md)."""
 
 
 def _cv_fit_seconds(rows: int, width: int, num_classes: int, rounds: int) -> float:

@@ -20,42 +20,24 @@ from igpt.errors import IgptError
 
 LAMBDAS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 CV_LAMBDAS = (10.0, 1.0, *LAMBDAS)
-"""The low-data probes' cross-validated strengths reach further: with 10 labels per class the wide (7x7 grid)
-features often chose 1 or 10 (validation accuracy 0.7402 against 0.7322 with `LAMBDAS`, 5 subsets, a default
-quickstart model on a 2-core AMD EPYC with AVX512_BF16)."""
+"""The low-data probes' cross-validated strengths reach further (docs/decisions/probe-settings.md)."""
 SWEEP_ROWS = 20_000
 """The lambda sweep fits on at most this many training rows (a seeded, class-stratified share)."""
 SWEEP_ITERS, REFIT_ITERS, CV_ITERS = 150, 150, 100
-"""L-BFGS iteration caps: the sweep, the refit on all rows at the chosen lambda, the cross-validation fits.
-Halved from 300 and 200 on validation evidence (2-core AMD EPYC with AVX512_BF16, layer-3 3x3-grid features
-of a default quickstart model): the sweep chose the same lambda (1e-3) and the refit scored 0.8944 on
-validation against 0.8940, in 35 s instead of 49; the low-data cross-validation scores were level (mean
-0.684 against 0.688 at 10 labels per class over 5 subsets, 0.828 against 0.826 at 100 over 3) in half the
-time. The seconds saved go to pretraining through the quickstart's budget."""
+"""L-BFGS iteration caps: the sweep, the refit on all rows at the chosen lambda, the cross-validation fits
+(halved from 300 and 200 on validation evidence: docs/decisions/probe-settings.md)."""
 FINE_LAMBDAS, FINE_REFIT_ITERS = LAMBDAS[:3], 75
-"""The finer pooling's probe at the chosen layer (`--fine-pool`; 6,272 features for a 7x7 grid at width 128)
-sweeps only the three strongest L2 strengths and refits with half the iterations. On the validation split
-(layer 3 of a 2,875-step default quickstart model, 2-core AMD EPYC with AVX512_BF16) the weaker strengths
-scored 0.8784-0.8788 against 0.8896 at 0.01; the three strongest chose the same 0.01 in a 47 s sweep
-instead of 71; the refit at 75 iterations scored 0.8996 on validation against 0.9000 at 150 (test 0.8958
-against 0.8963), in 58 s instead of 112. The seconds go to pretraining through the quickstart's budget."""
+"""The finer pooling's probe at the chosen layer (`--fine-pool`) sweeps only the three strongest L2
+strengths and refits with half the iterations (docs/decisions/probe-settings.md)."""
 FINE_CANDIDATES = 2
 """The finer pooling is swept at this many layers, those whose coarse-pooled sweeps score best on validation,
-and fitted at the one whose own sweep scores best there. The coarse grid's ranking of neighbouring layers is
-within noise: on a 4,630-step default quickstart model (2-core AMD EPYC with AVX512_BF16) the 3x3 grid put
-layer 2 ahead of layer 3 on validation (0.8816 against 0.8802), and the 7x7 grid fitted at layer 2 alone
-scored 0.8905 on test, where on earlier models its sweeps had ranked layer 3 clearly first (0.8922 against
-0.8856 and 0.8870 at layers 2 and 4). One more sweep costs about 17 s in bf16 there."""
+and fitted at the one whose own sweep scores best there (docs/decisions/probe-settings.md)."""
 CV_FOLDS = 5
 """Folds of the low-data probes' cross-validation (fewer when a class has fewer labels)."""
 FIT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-"""The fits' matrix products by precision. In bf16 the standardised features are rounded to bf16 once and
-the products run in bf16 (oneDNN accumulates in fp32 and rounds each output); the loss, the gradient's
-sums, the weights and L-BFGS's state stay fp32. On a 2-core AMD EPYC with AVX512_BF16 (layer-3 features of
-a default quickstart model, validation split) that made the full probe's fits about 3x faster: the 7x7
-grid's sweep and refit 34 s against 93, each 3x3-grid layer 10-11 s against 28-33. The sweeps chose the same
-strengths and the refits scored 0.9036 / 0.8840 / 0.8926 / 0.8912 on validation against fp32's 0.9042 /
-0.8844 / 0.8944 / 0.8910 (grid7 layer 3; grid3 layers 2-4): within one standard error (0.45 points)."""
+"""The fits' matrix products by precision: in bf16 the standardised features are rounded to bf16 once and
+the products run in bf16; the loss, the gradient's sums, the weights and L-BFGS's state stay fp32 (about 3x
+faster, the same choices: docs/decisions/probe-settings.md)."""
 
 
 @dataclass
@@ -346,10 +328,7 @@ def cv_lambda(
 
     The log-loss chooses, not the accuracy: with 10 labels per class a fold holds 20 rows, so its accuracy
     moves in steps of 5 points and ties are common (they fell to the strongest L2), where the log-loss ranks
-    smoothly. On the validation split (2-core AMD EPYC with AVX512_BF16; 4,630- and 3,374-step default
-    quickstart models; 10 subsets of 10 labels per class), each subset's single best choice of L2, pooling and
-    layer by log-loss scored 0.7446 / 0.7411 against accuracy's 0.7384 / 0.7408, and raw pixels 0.7046
-    against 0.6907; with 100 labels per class (5 subsets) 0.8376 against 0.8340, raw pixels level."""
+    smoothly; it chose better on validation (docs/decisions/probe-settings.md)."""
     rng = np.random.default_rng(seed)
     yn = y.numpy()
     fold = np.empty(len(yn), dtype=np.int64)

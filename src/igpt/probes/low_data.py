@@ -20,11 +20,7 @@ from .setup import ProbeConfig, feature_settings, labelled_rows
 
 # Each subset chooses its layer (and L2 strength) among the finest pooling compared, by its cross-validation's
 # log-loss (`logistic.cv_lambda`), and keeps that single probe; the coarser poolings are fitted and reported
-# beside it. On the validation split (2-core AMD EPYC with AVX512_BF16; 10 subsets of 10 labels per class;
-# 4,630- and 3,374-step default quickstart models) choosing among the 7x7 grid's layers scored 0.7525 / 0.7453
-# against 0.7446 / 0.7411 when the 3x3 grid and the mean were candidates too (their picks were the occasional
-# misses), and the single best beat averaging the top 2, 3 or 5 choices' probabilities (0.7436 / 0.7419,
-# 0.7429 / 0.7397, 0.7398 / 0.7346). With 100 labels per class (5 subsets) the rules tied at 0.8376.
+# beside it (chosen on validation: docs/decisions/probe-settings.md).
 
 
 def choice_pool(pools: list[str]) -> str:

@@ -23,14 +23,9 @@ from .logistic import check_trainable
 
 HEADS = ("linear", "attentive")
 FINE_POOL = "grid7"
-"""The probes' further, finer pooling. For the low-data probes it was chosen on the validation split of a
-default quickstart model (2-core AMD EPYC with AVX512_BF16; layer 3, each subset's L2 by cross-validation):
-with 10 labels per class the finer the grid, the better (mean 0.695, grid3 0.730, grid4 0.736, grid5 0.744,
-grid7 0.746, the unpooled 14x14 states 0.749, raw pixels 0.689; 5 subsets); with 100, grid7 0.840 against
-grid3 0.833 (3 subsets). The 7x7 grid keeps nearly all of the unpooled states' gain at a quarter of their
-width. With all labels its fits cost minutes per layer, so the full probe fits it on the layer chosen on
-validation only; there it scored 0.8892 against grid3's 0.8784 on validation (layer 3 of a 2,875-step
-default quickstart model, same CPU kind) and 0.8910 against 0.8864 with a 4,543-step one."""
+"""The probes' further, finer pooling: the low-data probes choose among its layers, and the full probe fits
+it at the layer chosen on validation (its fits cost minutes per layer with all labels); chosen on validation,
+docs/decisions/probe-settings.md."""
 
 
 MAX_SEEDS = 1000
