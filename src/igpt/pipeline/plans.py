@@ -69,7 +69,7 @@ class QuickstartPlan:
     probe_precision: str
     """The probes' feature pass: fp32, bf16, or auto (bf16 where the CPU has AMX)."""
     pool: str
-    """Probe pooling: 'grid3' (means over a 3x3 grid) beat the paper's 'mean' at this scale (see README)."""
+    """Probe pooling: 'grid3' (means over a 3x3 grid) beat the paper's 'mean' here (docs/decisions)."""
     low_data: tuple[tuple[int, int], ...]
     """(labels per class, seeds) pairs for the low-data probes."""
     completions: tuple[int, int]

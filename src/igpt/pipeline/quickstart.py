@@ -5,7 +5,7 @@ Stages: prepare -> AR pretraining -> a linear probe of every layer -> low-data p
 predicted on this machine (`igpt.pipeline.budget`), and pretraining gets the rest (re-planned once, halfway
 through pretraining, with a second timing: `replan_budget`). Each finished stage leaves its output in `--out`,
 and a second run with the same `--out` skips what is done (an interrupted pretraining resumes from its last
-checkpoint). The defaults were chosen by measured sweeps on 2-core CPUs (see README)."""
+checkpoint). The defaults were chosen by measured sweeps (docs/decisions/quickstart-defaults.md)."""
 
 from __future__ import annotations
 
