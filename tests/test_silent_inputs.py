@@ -53,6 +53,7 @@ def test_imagenet_batches_with_a_gap_are_all_read_and_fractional_labels_refused(
     src = _batches(tmp_path / "gap", (1, 3))
     meta = igpt.prepare("imagenet16", out=tmp_path / "p", data_dir=src, clusters=8, progress=False)
     assert meta["n_train"] + meta["n_val"] == 40  # both batches, not only the first
+    assert meta["skipped_files"] == 0  # a missing batch is said, not counted as a skipped file
     assert "no train_data_batch_2" in capsys.readouterr().err
     bad = _batches(tmp_path / "frac", (1,), labels=[5.7] * 20)
     msg = cli_error("prepare", "imagenet16", "--data-dir", bad, "--out", tmp_path / "q", "--clusters", "8")

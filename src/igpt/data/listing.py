@@ -116,10 +116,8 @@ def list_imagenet(directory: Path) -> Listing:
         if p is not None:
             train.append((str(p), i))
     numbers = [i for _, i in train]
-    notes = []
-    if numbers and numbers != list(range(1, len(numbers) + 1)):
+    if numbers and numbers != list(range(1, len(numbers) + 1)):  # said once; no file was skipped
         missing = sorted(set(range(1, max(numbers) + 1)) - set(numbers))
-        notes.append(f"missing training batches (the others are read)\ttrain_data_batch_{missing[0]}")
         print(
             f"igpt: note: {directory} has no train_data_batch_{missing[0]}; the "
             f"{len(numbers)} batches present are read",
@@ -132,7 +130,7 @@ def list_imagenet(directory: Path) -> Listing:
             "pickled or .npz)"
         )
     names = [str(i) for i in range(1000)]
-    return Listing("imagenet", {"train": train, "test": [(str(test), 0)]}, names, notes, str(directory))
+    return Listing("imagenet", {"train": train, "test": [(str(test), 0)]}, names, [], str(directory))
 
 
 def read_imagenet_batch(path: Path, classes: int = 1000) -> tuple[np.ndarray, np.ndarray]:

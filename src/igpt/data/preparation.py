@@ -247,16 +247,16 @@ def _reuse_or_refuse(
             "(igpt replaces only directories it wrote)"
         )
     old = json.loads((out / "meta.json").read_text())
-    same_source = digest is None or old.get("source_digest") in (None, digest)
-    if old.get("settings") == settings and same_source:
-        _log(f"{out} already holds this prepared set; reusing it")
-        return old
-    if old.get("settings") == settings and not force:
-        raise IgptError(
-            f"{out} was prepared from {old.get('source', 'its source')} before it changed (images added, "
-            "removed or replaced since); pass --force to prepare it again"
-        )
-    if not force:
+    if old.get("settings") == settings:
+        if digest is None or old.get("source_digest") in (None, digest):
+            _log(f"{out} already holds this prepared set; reusing it")
+            return old
+        if not force:
+            raise IgptError(
+                f"{out} was prepared from {old.get('source', 'its source')} before it changed (images "
+                "added, removed or replaced since); pass --force to prepare it again"
+            )
+    elif not force:
         raise IgptError(f"{out} holds a set prepared with other settings; pass --force to replace it")
     return None
 

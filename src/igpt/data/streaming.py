@@ -164,14 +164,13 @@ class ChunkStore:
         out: list[str] = []
         for split in ("train", "test"):
             for i in self.chunks(split):
-                z = self.get(split, i)
-                out += [str(n) for n in z.get("notes", [])]
+                out += [str(n) for n in self.get(split, i, ("notes",)).get("notes", [])]
         return out
 
     def get(self, split: str, index: int, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """A stored chunk's arrays (only `keys`, when given: the others are not read)."""
+        """A stored chunk's arrays (only those of `keys` it holds, when given: the others are not read)."""
         with np.load(self.path(split, index), allow_pickle=False) as z:
-            return {k: z[k] for k in (keys or z.files)}
+            return {k: z[k] for k in (keys or z.files) if k in z.files}
 
     def chunks(self, split: str) -> list[int]:
         return sorted(int(p.stem.split("_")[-1]) for p in self.work.glob(f"{split}_*.npz"))
