@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import igpt
+
 PREP = ["--resolution", "8", "--clusters", "4", "--limit", "60"]
 
 
@@ -449,3 +451,83 @@ def test_library_calls_take_paths_and_whole_numbers(digits, tmp_path):
         progress=False,
     )  # a Path for data, an int for a float
     assert s["steps"] == 2
+
+
+# outside 7: odd types in a run record are refused in one line
+@pytest.mark.parametrize(
+    "where, value, expect",
+    [
+        ("schema", "2", "'schema' must be a whole number"),
+        ("schema", None, "'schema' must be a whole number"),
+        ("schema", [2], "'schema' must be a whole number"),
+        ("schema", True, "'schema' must be a whole number"),
+        ("meta", [1], "data.meta must be an object"),
+        ("resolution", "x", "data.meta.resolution must be a whole number"),
+        ("order", "spiral", "data.meta.order must be raster or snake"),
+    ],
+)
+def test_odd_types_in_a_run_record_are_refused(micro_run, tmp_path, cli_error, where, value, expect):
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    info = json.loads((run / "run.json").read_text())
+    if where == "schema":
+        info["schema"] = value
+    elif where == "meta":
+        info["data"]["meta"] = value
+    else:
+        info["data"]["meta"][where] = value
+    (run / "run.json").write_text(json.dumps(info))
+    assert expect in cli_error("sample", run, "--out", tmp_path / "g.png", "--num", "1")
+    assert expect in cli_error("probe", run)
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(micro_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "hf"
+    igpt.convert_to_hf(micro_run, out)
+    return out
+
+
+# outside 7: a Hugging Face directory whose config.json disagrees with its weights, or whose
+# preprocessor_config.json is damaged, is refused in one line naming what disagrees
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        ({"vocab_size": "+1"}, "wte.weight is (9, 32)"),
+        ({"vocab_size": "9"}, "vocab_size must be a positive whole number, got '9'"),
+        ({"n_positions": "*4"}, "wpe.weight is (64, 32)"),
+        ({"n_embd": "*2"}, "the config's vocab_size or n_embd"),
+        ({"n_layer": "+1"}, "weights lack h.2.ln_1.weight"),
+        ({"n_layer": "-1"}, "more blocks than config.json's n_layer=1"),
+        ({"n_layer": 2.0}, "n_layer must be a positive whole number"),
+        ({"n_inner": 129}, "n_inner=129"),
+        ("{", "preprocessor_config.json is not valid JSON"),
+        ("[1]", "preprocessor_config.json is not a JSON object"),
+        ('{"clusters": [[0, 0, 0], [1]]}', "triples of numbers"),
+        ('{"clusters": [[0, 0], [1, 1]]}', "triples of numbers"),
+        ('{"clusters": [[0, 0, 5], [1, 1, 1]]}', "finite values in [-1, 1]"),
+    ],
+)
+def test_a_hugging_face_directory_that_disagrees_with_itself_is_refused(
+    hf_dir, tmp_path, cli_error, change, expect
+):
+    import json
+    import shutil
+
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_dir, hf)
+    if isinstance(change, dict):
+        c = json.loads((hf / "config.json").read_text())
+        for key, v in change.items():
+            if isinstance(v, str) and v[0] in "+-*":
+                v = {"+": c[key] + int(v[1:]), "-": c[key] - int(v[1:]), "*": c[key] * int(v[1:])}[v[0]]
+            c[key] = v
+        (hf / "config.json").write_text(json.dumps(c))
+    else:
+        (hf / "preprocessor_config.json").write_text(change)
+    assert expect in cli_error("convert", "--from-hf", hf, "--out", tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -113,19 +113,69 @@ def hf_config_to_igpt(c: dict, bias: bool) -> IGPTConfig:
     ):
         if c.get(key, want) != want:
             raise IgptError(f"config.json sets {key}={c[key]}, which igpt does not implement")
-    d = c.get("n_embd", 512)
+    d = _whole(c, "n_embd", 512)
     if c.get("n_inner") not in (None, 4 * d):
         raise IgptError(f"config.json sets n_inner={c['n_inner']}; igpt's MLP is 4 x n_embd")
+    vocab = _whole(c, "vocab_size", 513)
+    if vocab < 3:
+        raise IgptError(f"config.json sets vocab_size={vocab}; an ImageGPT vocabulary is its colours plus SOS")
     return IGPTConfig(
-        vocab_size=c.get("vocab_size", 513) - 1,
-        n_positions=c.get("n_positions", 1024),
-        n_layer=c.get("n_layer", 24),
+        vocab_size=vocab - 1,
+        n_positions=_whole(c, "n_positions", 1024),
+        n_layer=_whole(c, "n_layer", 24),
         n_embd=d,
-        n_head=c.get("n_head", 8),
+        n_head=_whole(c, "n_head", 8),
         bias=bias,
         objective=DEFAULT_OBJECTIVE,
         norm_eps=c.get("layer_norm_epsilon", 1e-5),
     )
+
+
+def _whole(c: dict, key: str, default: int) -> int:
+    """config.json's `key` as a positive whole number (its default when absent); one line otherwise."""
+    v = c.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise IgptError(f"config.json's {key} must be a positive whole number, got {v!r}")
+    return v
+
+
+def _expected_hf_shapes(cfg: IGPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The shape each Hugging Face tensor must have under `cfg`, with the config field that sizes it."""
+    d, K = cfg.n_embd, cfg.vocab_size
+    want = {
+        "wte.weight": ((K + 1, d), "vocab_size or n_embd"),
+        "wpe.weight": ((cfg.n_positions, d), "n_positions or n_embd"),
+        "ln_f.weight": ((d,), "n_embd"),
+        "lm_head.weight": ((K, d), "vocab_size or n_embd"),
+    }
+    for i in range(cfg.n_layer):
+        p = f"h.{i}."
+        want[p + "ln_1.weight"] = want[p + "ln_2.weight"] = ((d,), "n_embd")
+        for name, (n_in, n_out) in zip(_LINEARS, ((d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)), strict=True):
+            want[p + name + ".weight"] = ((n_in, n_out), "n_embd or n_inner")  # Conv1D: (in, out)
+            want[p + name + ".bias"] = ((n_out,), "n_embd or n_inner")
+    return want
+
+
+def check_hf_shapes(sd: dict[str, torch.Tensor], cfg: IGPTConfig, where: Path) -> None:
+    """Compare a Hugging Face state dict with what config.json describes before any model is built, naming
+    the first tensor and config field that disagree (a layer count off by one included)."""
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    for key, (shape, field) in _expected_hf_shapes(cfg).items():
+        if key not in sd:
+            if key == "lm_head.weight" or key.endswith(".bias"):
+                continue  # an ImageGPTModel has no head; biases are optional
+            raise IgptError(f"{where}'s weights lack {key}: config.json's n_layer or the checkpoint is wrong")
+        if tuple(sd[key].shape) != shape:
+            raise IgptError(
+                f"{where}: config.json disagrees with the weights: {key} is {tuple(sd[key].shape)}, the "
+                f"config's {field} make it {shape}"
+            )
+    extra = sorted(k for k in sd if k.startswith(f"h.{cfg.n_layer}."))
+    if extra:
+        raise IgptError(
+            f"{where}: the weights hold more blocks than config.json's n_layer={cfg.n_layer} ({extra[0]})"
+        )
 
 
 def from_hf(hf_dir: str | Path, out: str | Path, palette: str | None = None) -> Path:
@@ -146,10 +196,8 @@ def from_hf(hf_dir: str | Path, out: str | Path, palette: str | None = None) -> 
     biases = [v for k, v in sd.items() if k.endswith(".bias") and ".attn.bias" not in k]
     # OpenAI's converted weights carry all-zero biases: drop them, as the original model has none
     cfg = hf_config_to_igpt(c, bias=any(bool(b.abs().max() > 0) for b in biases))
-    try:
-        state = hf_to_igpt_state(sd, cfg)
-    except KeyError as e:
-        raise IgptError(f"{hf}'s weights lack {e.args[0]}; is this an ImageGPT checkpoint?") from None
+    check_hf_shapes(sd, cfg, hf)
+    state = hf_to_igpt_state(sd, cfg)
     model = IGPT(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -193,17 +241,37 @@ def _palette_for(hf: Path, palette: str | None, k: int) -> np.ndarray:
     if palette:
         pal = load_palette(palette)
     else:
-        pre = hf / "preprocessor_config.json"
-        clusters = json.loads(pre.read_text()).get("clusters") if pre.is_file() else None
-        if clusters is None:
-            raise IgptError(
-                f"{hf} has no palette (no clusters in preprocessor_config.json); pass --palette "
-                "kmeans_centers.npy"
-            )
-        pal = 127.5 * (np.asarray(clusters, dtype=np.float32) + 1.0)
+        pal = _clusters_palette(hf / "preprocessor_config.json")
     if len(pal) != k:
         raise IgptError(f"the palette has {len(pal)} colours but the model predicts {k}")
     return pal.astype(np.float32)
+
+
+def _clusters_palette(pre: Path) -> np.ndarray:
+    """The palette (0-255) from preprocessor_config.json's `clusters`: a (K, 3) list of numbers in [-1, 1]."""
+    clusters = None
+    if pre.is_file():
+        try:
+            obj = json.loads(pre.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise IgptError(f"{pre} is not valid JSON ({e.__class__.__name__})") from None
+        if not isinstance(obj, dict):
+            raise IgptError(f"{pre} is not a JSON object")
+        clusters = obj.get("clusters")
+    if clusters is None:
+        raise IgptError(
+            f"{pre.parent} has no palette (no clusters in preprocessor_config.json); pass --palette "
+            "kmeans_centers.npy"
+        )
+    try:
+        c = np.asarray(clusters, dtype=np.float32)
+    except (TypeError, ValueError):
+        c = None
+    if c is None or c.ndim != 2 or c.shape[1] != 3 or len(c) < 2:
+        raise IgptError(f"{pre}: 'clusters' must be a list of at least two [r, g, b] triples of numbers")
+    if not np.isfinite(c).all() or c.min() < -1.0001 or c.max() > 1.0001:
+        raise IgptError(f"{pre}: 'clusters' must hold finite values in [-1, 1] (ImageGPT's scale)")
+    return np.clip(127.5 * (c + 1.0), 0, 255)
 
 
 def to_hf(run: str | Path, out: str | Path, checkpoint: str | None = None) -> Path:

@@ -112,6 +112,21 @@ def _upgrade(info: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def _check_recorded_meta(record: Path, meta: Any) -> None:
+    """Refuse a run record whose data meta is not an object or holds a resolution, class count or order that
+    no prepare writes: they size sampling, probing and the report."""
+    if meta is None:
+        return
+    if not isinstance(meta, dict):
+        raise IgptError(f"{record}: data.meta must be an object, got {type(meta).__name__}")
+    for key, least in (("resolution", 1), ("num_classes", 0), ("channels", 1)):
+        v = meta.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+            raise IgptError(f"{record}: data.meta.{key} must be a whole number of at least {least}, got {v!r}")
+    if meta.get("order", "raster") not in ("raster", "snake"):
+        raise IgptError(f"{record}: data.meta.order must be raster or snake, got {meta.get('order')!r}")
+
+
 @dataclass
 class Run:
     """An opened run directory. `Run.open(path)` reads one; `Run.create(...)` starts one."""
@@ -141,12 +156,15 @@ class Run:
             if info.get(key) is not None and not isinstance(info[key], dict):
                 raise IgptError(f"{p} is not an igpt run record ({key} is not an object)")
         schema = info.get("schema", 1)
+        if isinstance(schema, bool) or not isinstance(schema, int) or schema < 1:
+            raise IgptError(f"{p}: 'schema' must be a whole number of at least 1, got {schema!r}")
         if schema > SCHEMA:
             raise IgptError(f"{path} was written by a newer igpt (run schema {schema}); upgrade igpt")
         if schema < SCHEMA:
             info = _upgrade(info)
         if info.get("kind") not in KINDS:
             raise IgptError(f"{p}: unknown run kind {info.get('kind')!r}")
+        _check_recorded_meta(p, (info.get("data") or {}).get("meta"))
         run = cls(path, info, upgraded=schema < SCHEMA)
         run.model_config  # validates the recorded shape  # noqa: B018
         return run
