@@ -462,7 +462,7 @@ def test_library_calls_take_paths_and_whole_numbers(digits, tmp_path):
         ("schema", [2], "'schema' must be a whole number"),
         ("schema", True, "'schema' must be a whole number"),
         ("meta", [1], "data.meta must be an object"),
-        ("resolution", "x", "data.meta.resolution must be a whole number"),
+        ("resolution", "x", "data.meta.resolution must be a whole number >="),
         ("order", "spiral", "data.meta.order must be raster or snake"),
     ],
 )

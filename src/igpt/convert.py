@@ -118,7 +118,7 @@ def hf_config_to_igpt(c: dict, bias: bool) -> IGPTConfig:
         raise IgptError(f"config.json sets n_inner={c['n_inner']}; igpt's MLP is 4 x n_embd")
     vocab = _whole(c, "vocab_size", 513)
     if vocab < 3:
-        raise IgptError(f"config.json sets vocab_size={vocab}; an ImageGPT vocabulary is its colours plus SOS")
+        raise IgptError(f"config.json sets vocab_size={vocab}; ImageGPT's vocabulary is colours plus SOS")
     return IGPTConfig(
         vocab_size=vocab - 1,
         n_positions=_whole(c, "n_positions", 1024),

@@ -122,7 +122,7 @@ def _check_recorded_meta(record: Path, meta: Any) -> None:
     for key, least in (("resolution", 1), ("num_classes", 0), ("channels", 1)):
         v = meta.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
-            raise IgptError(f"{record}: data.meta.{key} must be a whole number of at least {least}, got {v!r}")
+            raise IgptError(f"{record}: data.meta.{key} must be a whole number >= {least}, got {v!r}")
     if meta.get("order", "raster") not in ("raster", "snake"):
         raise IgptError(f"{record}: data.meta.order must be raster or snake, got {meta.get('order')!r}")
 
