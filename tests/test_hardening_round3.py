@@ -531,3 +531,36 @@ def test_a_hugging_face_directory_that_disagrees_with_itself_is_refused(
         (hf / "preprocessor_config.json").write_text(change)
     assert expect in cli_error("convert", "--from-hf", hf, "--out", tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+# outside 7: Ctrl-C during `prepare --workers 2` reaches every process of the terminal's group; the workers
+# leave it to the parent, which says "igpt: interrupted" once, instead of each printing a traceback
+def test_decoding_workers_leave_ctrl_c_to_the_parent(tmp_path):
+    import multiprocessing as mp
+    import signal
+    import time
+    import types
+
+    import numpy as np
+    from PIL import Image
+
+    from igpt.data import streaming
+
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(files[-1])
+    todo = [("train", j, [(str(f), 0) for f in files]) for j in range(6)]
+    before = set(mp.active_children())
+    jobs = streaming._decoded(types.SimpleNamespace(kind="folder"), todo, 8, 2, False)
+    first = next(jobs)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the parent's own is back
+    workers = [p for p in mp.active_children() if p not in before]
+    assert len(workers) == 2
+    for w in workers:
+        os.kill(w.pid, signal.SIGINT)
+    time.sleep(0.5)
+    alive = [w.is_alive() for w in workers]
+    rest = list(jobs) if all(alive) else jobs.close()
+    assert all(alive), "a decoding worker died of SIGINT"
+    assert first[1].all() and len(rest) == 5

@@ -350,7 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `igpt` and `python -m igpt`."""
-    parser = build_parser()
+    try:  # building the parser imports torch: a Ctrl-C there is an interruption too, not a traceback
+        parser = build_parser()
+    except KeyboardInterrupt:
+        print("igpt: interrupted", file=sys.stderr)
+        sys.exit(130)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

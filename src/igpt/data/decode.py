@@ -8,12 +8,16 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import signal
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
 from igpt.errors import IgptError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+"""The file name endings a folder source reads as images."""
 
 
 def _numeric_scalar(dtype: Any, data: Any = None) -> Any:
@@ -182,3 +186,40 @@ def check_declared(
             f"{path} declares {total / 2**30:,.1f} GiB of arrays, more than the {budget / 2**30:,.1f} GiB "
             "this machine can spare; split it into smaller files"
         )
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def decode_files(job: tuple[list[str], int, bool]) -> tuple[np.ndarray, np.ndarray, bool, list[str]]:
+    """A worker's job: decode, crop and box-resize files to (n, R, R, 3) uint8 (grey is repeated over the
+    channels). Returns (images, ok mask, whether any was in colour, skip notes). Runs in a worker process."""
+    files, size, strict = job
+    out = np.zeros((len(files), size, size, 3), np.uint8)
+    ok = np.zeros(len(files), bool)
+    colour, notes = False, []
+    for i, f in enumerate(files):
+        path = Path(f)
+        if path.suffix.lower() not in IMAGE_EXTENSIONS and not strict:
+            notes.append(f"not an image file extension\t{safe_name(path)}")
+            continue
+        try:
+            a = load_image(path, size)
+        except IgptError as e:
+            if strict:
+                raise
+            notes.append(f"over the pixel limit\t{safe_name(path)} ({e})")
+            continue
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
+            if strict:
+                raise IgptError(f"cannot read image {safe_name(path)}: {safe_name(e)}") from None
+            notes.append(f"unreadable ({e.__class__.__name__})\t{safe_name(path)}")
+            continue
+        colour |= a.shape[2] == 3
+        out[i] = a if a.shape[2] == 3 else np.repeat(a, 3, axis=2)
+        ok[i] = True
+    return out, ok, colour, notes
+
+
+def ignore_interrupts() -> None:
+    """A decoding worker's start: SIGINT (the terminal's Ctrl-C reaches every process of the group) is left
+    to the parent, so an interrupted prepare prints no worker tracebacks."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -18,7 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from igpt.data.decode import check_declared, npz_headers, printable_text, safe_name, unpickle
+from igpt.data.decode import (
+    IMAGE_EXTENSIONS,
+    check_declared,
+    npz_headers,
+    printable_text,
+    safe_name,
+    unpickle,
+)
 from igpt.errors import IgptError
 
 FASHION_CLASSES = [
@@ -33,7 +40,6 @@ FASHION_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 
 
 @dataclass

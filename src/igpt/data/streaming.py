@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
@@ -35,11 +36,10 @@ import numpy as np
 from igpt.errors import IgptError
 from igpt.files import NpyWriter, atomic_directory, atomic_file, disk_errors, write_json_atomic
 
-from .decode import load_image, safe_name
+from .decode import decode_files, ignore_interrupts
 from .listing import Listing, read_imagenet_batch
 from .prepared import meta_record
 from .sources import (
-    IMAGE_EXTENSIONS,
     data_path,
     source,
     split_validation,
@@ -58,37 +58,6 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
-
-
-# ---------------------------------------------------------------------------------------------- decoding
-def decode_files(job: tuple[list[str], int, bool]) -> tuple[np.ndarray, np.ndarray, bool, list[str]]:
-    """A worker's job: decode, crop and box-resize files to (n, R, R, 3) uint8 (grey is repeated over the
-    channels). Returns (images, ok mask, whether any was in colour, skip notes). Runs in a worker process."""
-    files, size, strict = job
-    out = np.zeros((len(files), size, size, 3), np.uint8)
-    ok = np.zeros(len(files), bool)
-    colour, notes = False, []
-    for i, f in enumerate(files):
-        path = Path(f)
-        if path.suffix.lower() not in IMAGE_EXTENSIONS and not strict:
-            notes.append(f"not an image file extension\t{safe_name(path)}")
-            continue
-        try:
-            a = load_image(path, size)
-        except IgptError as e:
-            if strict:
-                raise
-            notes.append(f"over the pixel limit\t{safe_name(path)} ({e})")
-            continue
-        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
-            if strict:
-                raise IgptError(f"cannot read image {safe_name(path)}: {safe_name(e)}") from None
-            notes.append(f"unreadable ({e.__class__.__name__})\t{safe_name(path)}")
-            continue
-        colour |= a.shape[2] == 3
-        out[i] = a if a.shape[2] == 3 else np.repeat(a, 3, axis=2)
-        ok[i] = True
-    return out, ok, colour, notes
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -236,7 +205,14 @@ def _decoded(listing: Listing, todo: list, size: int, workers: int, strict: bool
     import multiprocessing as mp
 
     # spawn: workers import only numpy and Pillow, and never inherit torch's threads
-    with mp.get_context("spawn").Pool(workers) as pool:
+    # workers ignore Ctrl-C from their first instruction (an ignored SIGINT is inherited through exec, and
+    # the initializer keeps it so): the parent alone is interrupted, says so in one line and ends them
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pool = mp.get_context("spawn").Pool(workers, initializer=ignore_interrupts)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with pool:
         for res in pool.imap(decode_files, jobs):
             yield (*res, None)
 
