@@ -564,3 +564,44 @@ def test_decoding_workers_leave_ctrl_c_to_the_parent(tmp_path):
     rest = list(jobs) if all(alive) else jobs.close()
     assert all(alive), "a decoding worker died of SIGINT"
     assert first[1].all() and len(rest) == 5
+
+
+# outside 8: a named checkpoint must be one of the run's own
+def test_another_runs_checkpoint_is_refused(micro_run, tmp_path, cli_error):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(micro_run, other)
+    ckpt = sorted((other / "checkpoints").iterdir())[-1]
+    msg = cli_error("sample", micro_run, "--checkpoint", ckpt, "--out", tmp_path / "g.png", "--num", "1")
+    assert f"no checkpoint {ckpt} in {micro_run}" in msg and "its latest: step_" in msg
+    igpt.sample(micro_run, out=tmp_path / "g.png", num=1, checkpoint=ckpt.name)  # its own, by name
+    assert (tmp_path / "g.png").is_file()
+
+
+# outside 8: a second quickstart into one directory asks for the same data and model, or is refused
+def test_a_quickstart_with_another_preset_is_refused_in_a_finished_ones_directory(tmp_path, cli_error):
+    import json
+
+    from igpt.pipeline.plans import QuickstartOptions, make_plan
+
+    out = tmp_path / "qs"
+    out.mkdir()
+    plan, _ = make_plan(QuickstartOptions(smoke=True, dataset="digits"))
+    recorded = {"plan": {**plan.__dict__, "preset": "tiny"}, "done": ["prepare", "pretrain"], "seconds": {}}
+    (out / "quickstart.json").write_text(json.dumps(recorded))
+    msg = cli_error("quickstart", "--smoke", "--dataset", "digits", "--out", out)
+    assert "holds a quickstart with preset 'tiny', not 'micro'; give --preset tiny to resume it" in msg
+    assert (out / "quickstart.json").read_text() == json.dumps(recorded)  # untouched
+    assert sorted(p.name for p in out.iterdir()) == ["quickstart.json"]
+
+
+# outside 8: the digits are 8x8: a smaller side is used, a larger one refused, never silently replaced
+def test_the_digits_quickstart_keeps_a_small_resolution_and_refuses_a_large_one(tmp_path, cli_error):
+    from igpt.pipeline.plans import QuickstartOptions, make_plan
+
+    assert make_plan(QuickstartOptions(smoke=True, dataset="digits", resolution=4))[0].resolution == 4
+    assert make_plan(QuickstartOptions(dataset="digits"))[0].resolution == 8
+    msg = cli_error("quickstart", "--dataset", "digits", "--resolution", "12", "--out", tmp_path / "q")
+    assert "--resolution must be at most 8 for the digits (8x8 images), got 12" in msg
+    assert not (tmp_path / "q").exists()

@@ -379,8 +379,10 @@ class Run:
             path = self.path / CKPT_DIR / checkpoint
             if not path.is_dir():
                 path = Path(checkpoint)
-            if not is_checkpoint(path):
-                raise IgptError(f"no checkpoint {checkpoint} in {self.path}")
+            own = (self.path / CKPT_DIR).resolve()
+            if not is_checkpoint(path) or path.resolve().parent != own:  # another run's weights are not this
+                names = ", ".join(p.name for p in list_checkpoints(self.path)[-3:]) or "none"
+                raise IgptError(f"no checkpoint {checkpoint} in {self.path} (its latest: {names})")
             self.loaded_checkpoint = path.name
             return read_checkpoint(path, shapes)[0]
         saved = list_checkpoints(self.path)

@@ -13,12 +13,32 @@ from pathlib import Path
 from typing import Any
 
 from igpt.data.prepared import PreparedData
+from igpt.errors import IgptError
 from igpt.files import write_json_atomic
 from igpt.probes.features import FeatureCache
 from igpt.probes.setup import ProbeConfig, open_labelled_run
 
 from .plans import RECORD, QuickstartOptions, QuickstartPlan
 from .report import CLASSICAL_BASELINES
+
+IDENTITY = ("dataset", "resolution", "clusters", "limit", "preset")
+"""The plan's settings that make a quickstart's data and model what they are: a second command into the same
+directory must ask for the same ones (it resumes or skips), never silently take over the first's stages."""
+
+
+def check_same_job(out: Path, recorded: Any, plan: QuickstartPlan) -> None:
+    """Refuse a quickstart whose data or model settings differ from those `out` was made with, naming the
+    first that differs (a finished `--preset micro` run is not a `--preset tiny` one)."""
+    if not isinstance(recorded, dict):
+        return
+    for key in IDENTITY:
+        if key in recorded and recorded[key] != getattr(plan, key):
+            flag = {"dataset": "--dataset", "resolution": "--resolution", "preset": "--preset"}.get(key)
+            how = f"give {flag} {recorded[key]} to resume it" if flag else "run it with the same options"
+            raise IgptError(
+                f"{out} holds a quickstart with {key} {recorded[key]!r}, not {getattr(plan, key)!r}; "
+                f"{how}, or choose another --out"
+            )
 
 
 class Stages:
@@ -27,6 +47,7 @@ class Stages:
     def __init__(self, out: Path, plan: QuickstartPlan):
         self.path = out / RECORD
         self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        check_same_job(out, self.state.get("plan"), plan)
         self.state["plan"] = asdict(plan)
         self.state.setdefault("seconds", {})
         self.state.setdefault("done", [])

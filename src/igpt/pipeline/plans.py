@@ -253,7 +253,12 @@ def make_plan(opts: QuickstartOptions) -> tuple[QuickstartPlan, str | None]:
                 f"Fashion-MNIST is not in {FASHION_DIR} (install it with `apt-get install "
                 "dataset-fashion-mnist`); using scikit-learn's 8x8 digits instead"
             )
-    if dataset == "digits":
-        over.update(resolution=8, limit=None)
+    if dataset == "digits":  # 8x8 images: a side up to 8 is the user's, a larger one is refused or noted
+        side = opts.resolution or 8
+        if side > 8 and not notice:
+            raise IgptError(f"--resolution must be at most 8 for the digits (8x8 images), got {side}")
+        if notice and side > 8:
+            notice += f", at 8x8 (not {side}x{side})"
+        over.update(resolution=min(side, 8), limit=None)
     over["dataset"] = dataset
     return QuickstartPlan(**{**asdict(base), **over}), notice
