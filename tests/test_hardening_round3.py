@@ -605,3 +605,33 @@ def test_the_digits_quickstart_keeps_a_small_resolution_and_refuses_a_large_one(
     msg = cli_error("quickstart", "--dataset", "digits", "--resolution", "12", "--out", tmp_path / "q")
     assert "--resolution must be at most 8 for the digits (8x8 images), got 12" in msg
     assert not (tmp_path / "q").exists()
+
+
+# outside 9: two prepares or two fine-tunings into one --out: the second is refused at once, in one line
+def test_a_second_prepare_or_fine_tuning_into_the_same_out_is_refused(micro_run, tmp_path, cli_error):
+    from igpt.files import exclusive
+
+    with exclusive(tmp_path / "d", "preparing"):
+        msg = cli_error("prepare", "digits", *PREP, "--out", tmp_path / "d")
+        assert (
+            msg == f"igpt: error: another igpt process is preparing {tmp_path / 'd'}; wait for it to finish"
+        )
+    with exclusive(tmp_path / "ft", "fine-tuning into"):
+        msg = cli_error("finetune", micro_run, "--out", tmp_path / "ft", "--epochs", "1")
+        assert "another igpt process is fine-tuning into" in msg
+    assert not (tmp_path / "d").exists() and not (tmp_path / "ft").exists()
+    assert not list(tmp_path.glob(".*.lock"))  # released and removed
+    igpt.prepare("digits", out=tmp_path / "d", resolution=8, clusters=4, limit=60, progress=False)
+    assert not list(tmp_path.glob(".*"))
+
+
+# outside 9: weight files follow the umask like every other file of a run (safetensors writes 0600)
+def test_weight_files_have_the_same_mode_as_the_rest_of_the_run(micro_run, tmp_path):
+    import stat
+
+    def modes(d: Path) -> set[int]:
+        return {stat.S_IMODE(p.stat().st_mode) for p in d.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    assert len(modes(micro_run)) == 1
+    igpt.convert_to_hf(micro_run, tmp_path / "hf")
+    assert modes(tmp_path / "hf") == modes(micro_run)

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from igpt.data.palette import load_palette
 from igpt.errors import IgptError
-from igpt.files import atomic_directory
+from igpt.files import atomic_directory, save_tensors
 from igpt.runs import Run
 from igpt.training.checkpoint import save_checkpoint
 
@@ -325,7 +325,7 @@ def to_hf(run: str | Path, out: str | Path, checkpoint: str | None = None) -> Pa
         "size": {"height": res, "width": res},
     }
     with atomic_directory(out) as tmp:
-        save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_tensors(sd, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre) + "\n")
     return out

@@ -5,6 +5,7 @@ leaves the previous version, or nothing, behind."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -77,6 +78,15 @@ def atomic_file(path: str | Path, needed: int | None = None) -> Iterator[Path]:
             raise
 
 
+def save_tensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, leaving the file with the mode a plain `open` gives (0666 less the umask)
+    instead of safetensors' 0600, like every other file of a run, so a shared run reads for its group."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~umask())
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_file(path) as tmp:
@@ -125,6 +135,30 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+@contextmanager
+def exclusive(target: str | Path, doing: str) -> Iterator[None]:
+    """Hold an exclusive lock on writing `target` (a flock on the hidden sibling `.NAME.lock`) for the body:
+    a second igpt process writing the same output is refused at once, in one line, instead of both racing
+    and one result being lost. The kernel drops the lock when a process dies, so a kill leaves no stale
+    lock; the file is removed on release (a waiter that locked the removed file sees it and is refused)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.parent / f".{target.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(lock).st_ino:  # locked a file its holder had just removed
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
+        os.close(fd)
+        raise IgptError(f"another igpt process is {doing} {target}; wait for it to finish") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def clean_stale(parent: Path, prefix: str, files: bool = False) -> None:

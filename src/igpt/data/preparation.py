@@ -18,7 +18,7 @@ import numpy as np
 
 from igpt.checks import check_seed
 from igpt.errors import IgptError
-from igpt.files import atomic_directory, write_json_atomic
+from igpt.files import atomic_directory, exclusive, write_json_atomic
 from igpt.settings import build_config, check_choices, choice
 
 from .palette import (
@@ -131,6 +131,12 @@ def prepare_config(
     chunks, in parallel and resumably (`igpt.data.streaming`); the other sources are small enough to read
     whole: load and split, resize, fit (or reuse) the palette, quantize, write."""
     out = check_out(Path(out), cfg.data_dir)
+    with exclusive(out, "preparing"):  # a second prepare into OUT is refused, not raced on its chunks
+        return _prepare_locked(cfg, out, force, progress)
+
+
+def _prepare_locked(cfg: PrepareConfig, out: Path, force: bool, progress: bool) -> dict[str, Any]:
+    """`prepare_config` once `out` is checked and locked."""
     settings = cfg.compared_settings()
     listed = list_streamed(cfg) if source(cfg.dataset).streamed else None
     reused = _reuse_or_refuse(out, settings, force, listed[0].digest() if listed else None)

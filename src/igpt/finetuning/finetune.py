@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
+from igpt.files import exclusive
 from igpt.finetuning.classifier import make_optimizer
 from igpt.finetuning.config import COMPILE_MIN_ROWS, MUON_LR, FinetuneConfig, resolve_head
 from igpt.hardware import auto_precision
@@ -173,6 +174,11 @@ def _check_head(args: FinetuneConfig, backbone: IGPT, data: PreparedData) -> Non
 
 def _finetune(args: FinetuneConfig) -> dict[str, Any]:
     clock = Clock(args.minutes)
+    with exclusive(args.out, "fine-tuning into"):  # a second fine-tuning into OUT is refused, not raced
+        return _finetune_locked(args, clock)
+
+
+def _finetune_locked(args: FinetuneConfig, clock: Clock) -> dict[str, Any]:
     info, backbone, data = _open(args)
     args, note = resolve_head(args, info)
     _check_head(args, backbone, data)

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
-from igpt.files import atomic_directory
+from igpt.files import atomic_directory, save_tensors
 from igpt.model.gpt import IGPTConfig
 from igpt.runs import Run
 
@@ -30,7 +28,7 @@ def save_finetuned(
     run: the backbone's shape, the classes, the head) and finetune.json; written in a temporary directory and
     renamed into place."""
     with atomic_directory(out) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
+        save_tensors({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
         finetune = {
             "pretrained_run": str(pretrained.path.resolve()),
             "num_classes": num_classes,

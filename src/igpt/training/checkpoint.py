@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from igpt.errors import IgptError
-from igpt.files import disk_errors, fsync_dir
+from igpt.files import disk_errors, fsync_dir, save_tensors
 
 CKPT_DIR = "checkpoints"
 
@@ -131,10 +131,10 @@ def save_checkpoint(
             d.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            save_file(
+            save_tensors(
                 {k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors"
             )
-            save_file(extra_tensors, tmp / "optimizer.safetensors")
+            save_tensors(extra_tensors, tmp / "optimizer.safetensors")
             with open(tmp / STATE, "w") as f:
                 json.dump(state, f, indent=2)
                 f.flush()
