@@ -635,3 +635,21 @@ def test_weight_files_have_the_same_mode_as_the_rest_of_the_run(micro_run, tmp_p
     assert len(modes(micro_run)) == 1
     igpt.convert_to_hf(micro_run, tmp_path / "hf")
     assert modes(tmp_path / "hf") == modes(micro_run)
+
+
+# outside 9: --concat is checked before the feature pass and named as itself
+@pytest.mark.parametrize(
+    "value, expect",
+    [
+        ("a,b", "--concat must be all, best or comma-separated integers"),
+        ("0,9", "--concat: layers [9] are out"),
+    ],
+)
+def test_a_bad_concat_is_named_concat(micro_run, cli_error, value, expect, monkeypatch):
+    from igpt.probes import features
+
+    def no_pass(*a, **k):
+        raise AssertionError("the feature pass ran before --concat was checked")
+
+    monkeypatch.setattr(features.FeatureCache, "__call__", no_pass)
+    assert expect in cli_error("probe", micro_run, "--concat", value)

@@ -138,3 +138,33 @@ def test_igpts_own_dark_palette_is_not_read_as_openais_scale(tmp_path):
     assert load_palette(openai).min() == pytest.approx(0.0) and load_palette(openai).max() == pytest.approx(
         255
     )
+
+
+def test_an_unreadable_class_folder_is_named_unreadable_not_empty(tmp_path, monkeypatch):
+    from igpt.data import sources
+
+    _images(tmp_path / "f" / "cats")
+    _images(tmp_path / "f" / "dogs", colour=100)
+    _images(tmp_path / "f" / "owls", colour=180)
+    real = os.scandir
+
+    def scandir(path):  # as a folder without read permission behaves for a user who is not root
+        if Path(path).name == "owls":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(sources.os, "scandir", scandir)
+    classes, entries, notes = sources.list_folder(tmp_path / "f")
+    assert classes == ["cats", "dogs"] and len(entries) == 12
+    assert notes == [
+        f"an unreadable class folder (Permission denied; not made a class)\t{tmp_path / 'f' / 'owls'}"
+    ]
+
+
+def test_a_one_class_set_is_named_so_by_the_probe(tmp_path, cli_error):
+    _images(tmp_path / "f" / "cats", 12)
+    data = tmp_path / "d"
+    igpt.prepare("folder", data_dir=tmp_path / "f", out=data, resolution=8, clusters=4, progress=False)
+    igpt.pretrain(data=data, out=tmp_path / "r", preset="micro", steps=1, batch_size=4, progress=False)
+    msg = cli_error("probe", tmp_path / "r")
+    assert "has one class, nothing to tell apart" in msg

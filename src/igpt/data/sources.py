@@ -238,6 +238,12 @@ def list_folder(directory: Path) -> tuple[list[str], list[tuple[Path, int]], lis
         )
     if dirs:
         for d in dirs:
+            try:  # rglob passes over a folder it may not read, as if it were empty: ask first
+                with os.scandir(d) as it:
+                    next(it, None)
+            except OSError as e:
+                notes.append(f"an unreadable class folder ({e.strerror}; not made a class)\t{safe_name(d)}")
+                continue
             files = [p for p in sorted(d.rglob("*")) if p.is_file() and not p.name.startswith(".")]
             if not files:
                 notes.append(f"an empty class folder (not made a class)\t{safe_name(d)}")

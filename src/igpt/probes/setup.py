@@ -133,6 +133,10 @@ def open_labelled_run(
     if not data_dir:
         raise IgptError(f"{run} records no data directory (a converted model?); pass --data DIR")
     data = PreparedData(data_dir)
+    if data.num_classes == 1:
+        raise IgptError(
+            f"{data_dir} has one class, nothing to tell apart; a probe or classifier needs two or more"
+        )
     if data.num_classes < 2 or (data.labels("train") < 0).all():
         raise IgptError(f"{data_dir} has no labels, so there is nothing to probe; prepare a labelled dataset")
     model = r.load_model(checkpoint)
@@ -167,15 +171,15 @@ def labelled_rows(labels: np.ndarray, limit: int | None) -> np.ndarray:
     return rows[:limit] if limit else rows
 
 
-def parse_layers(text: str, n_layer: int, run: Run) -> list[int]:
-    """The layers `--layers` names: all, best (of the run's latest probe) or i,j,..."""
+def parse_layers(text: str, n_layer: int, run: Run, flag: str = "--layers") -> list[int]:
+    """The layers `--layers` (or the named `flag`) names: all, best (of the run's latest probe) or i,j,..."""
     if text == "all":
         return list(range(n_layer + 1))
     if text == "best":
         p = run.probe_file(LATEST_PROBE)
         if not p.is_file():
             raise IgptError(
-                f"--layers best needs an earlier full probe ({p.name}); run `igpt probe RUN` first"
+                f"{flag} best needs an earlier full probe ({p.name}); run `igpt probe RUN` first"
             )
         best = (run.probe_result(LATEST_PROBE) or {}).get("best_layer")  # None when damaged
         if isinstance(best, bool) or not isinstance(best, int) or not 0 <= best <= n_layer:
@@ -187,10 +191,10 @@ def parse_layers(text: str, n_layer: int, run: Run) -> list[int]:
     try:
         layers = sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
-        raise IgptError(f"--layers must be all, best or comma-separated integers, got '{text}'") from None
+        raise IgptError(f"{flag} must be all, best or comma-separated integers, got '{text}'") from None
     bad = [i for i in layers if not 0 <= i <= n_layer]
     if bad or not layers:
-        raise IgptError(f"layers {bad or text} are out of range: this model has layers 0..{n_layer}")
+        raise IgptError(f"{flag}: layers {bad or text} are out of range: this model has layers 0..{n_layer}")
     return layers
 
 

@@ -67,7 +67,8 @@ class ProbeVariant:
 
 # ---------------------------------------------------------------------------------------------- concat
 def _concat_layers(cfg: ProbeConfig, model: IGPT) -> list[int]:
-    return parse_layers(cfg.concat, model.config.n_layer, Run.open(cfg.run) if is_run(cfg.run) else None)
+    run = Run.open(cfg.run) if is_run(cfg.run) else None
+    return parse_layers(cfg.concat, model.config.n_layer, run, flag="--concat")
 
 
 def _check_concat(cfg: ProbeConfig, model: IGPT, layers: list[int]) -> None:
