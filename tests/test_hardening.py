@@ -226,15 +226,15 @@ def test_full_disk_keeps_the_last_good_checkpoint(micro_run, tmp_path, monkeypat
 
     data = micro_run.parent / "data"
     igpt.pretrain(data=data, out=tmp_path / "r", steps=10, eval_interval=5, **MICRO)
-    real = checkpoint.save_file
+    real = checkpoint.save_tensors
 
     def full(tensors, path, *a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", full)
+    monkeypatch.setattr(checkpoint, "save_tensors", full)
     with pytest.raises(IgptError, match="no space left on the device"):
         igpt.pretrain(out=tmp_path / "r", steps=20, resume=True, progress=False)
-    monkeypatch.setattr(checkpoint, "save_file", real)
+    monkeypatch.setattr(checkpoint, "save_tensors", real)
     names = [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()]
     assert "step_00000010" in names and not [n for n in names if n.startswith(".tmp")]
     assert igpt.pretrain(out=tmp_path / "r", steps=20, resume=True, progress=False)["steps"] == 20

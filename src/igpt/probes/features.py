@@ -113,23 +113,36 @@ def extract_pooled(
     batch_size: int = 128,
     resolution: int | None = None,
     order: str = "raster",
+    into: dict[str, dict[int, tuple[torch.Tensor, np.ndarray]]] | None = None,
     **pass_settings: Any,
 ) -> dict[str, dict[int, torch.Tensor]]:
     """{pooling: {layer: features}} of every row of `tokens` (N, T) from one pass of `layer_batches` (whose
     settings `pass_settings` are: device, compile, precision, progress, mask_ratio, seed): each pooling of
     `wants` for its own layers. Pooling runs in float32; features wider than WIDE_FEATURES are kept in
-    bfloat16."""
+    bfloat16. With `into` ({pooling: {layer: (tensor, destination row of each token row, -1 for none)}}),
+    each row is written straight into its place in a tensor the caller holds (`FeatureCache` grows its
+    store so, without a second copy of the new rows), and those tensors are returned."""
     layers = sorted({i for ls in wants.values() for i in ls})
     out: dict[str, dict[int, torch.Tensor]] = {p: {} for p in wants}  # filled in place: no second copy
     for s, n, hs in layer_batches(model, tokens, layers, batch_size, **pass_settings):
         for p, ls in wants.items():
             for i in ls:
                 f = pool_states(hs[i].float(), p, resolution, order).cpu()
+                if into is not None:
+                    out[p][i], dest = into[p][i]
+                    d = dest[s : s + n]
+                    keep = d >= 0
+                    out[p][i][torch.from_numpy(d[keep])] = f[torch.from_numpy(keep)].to(out[p][i].dtype)
+                    continue
                 if i not in out[p]:
-                    dtype = torch.bfloat16 if f.shape[1] > WIDE_FEATURES else torch.float32
-                    out[p][i] = torch.empty(len(tokens), f.shape[1], dtype=dtype)
+                    out[p][i] = torch.empty(len(tokens), f.shape[1], dtype=feature_dtype(f.shape[1]))
                 out[p][i][s : s + n] = f
     return out
+
+
+def feature_dtype(width: int) -> torch.dtype:
+    """How pooled features of `width` are held: bfloat16 past WIDE_FEATURES, else float32."""
+    return torch.bfloat16 if width > WIDE_FEATURES else torch.float32
 
 
 def extract_features(
@@ -198,37 +211,42 @@ class FeatureCache:
         )
         if len(missing):
             wants["mean"] = sorted(set(wants.get("mean", [])) | set(self.layers))
-            new = extract_pooled(
-                self.model,
-                self.data.tokens(split)[missing],
-                wants,
-                progress=None if self.quiet or not label else label,
-                **self.kw,
-            )
-            for p, by_layer in new.items():
-                for i, f in by_layer.items():
-                    self._merge((split, p, i), missing, f)
+            into = {p: {i: self._grow((split, p, i), missing) for i in ls} for p, ls in wants.items()}
+            try:
+                extract_pooled(
+                    self.model,
+                    self.data.tokens(split)[missing],
+                    wants,
+                    into=into,
+                    progress=None if self.quiet or not label else label,
+                    **self.kw,
+                )
+            except BaseException:  # rows not yet written must never be served: forget what was growing
+                for p, ls in wants.items():
+                    for i in ls:
+                        self.store.pop((split, p, i), None)
+                raise
         return {i: self._rows((split, pool, i), rows) for i in layers}
 
     def _held(self, split: str, pool: str, layer: int) -> np.ndarray:
         entry = self.store.get((split, pool, layer))
         return entry[0] if entry is not None else np.empty(0, dtype=np.int64)
 
-    def _merge(self, key: tuple[str, str, int], rows: np.ndarray, f: torch.Tensor) -> None:
-        """Add the rows of `f` (computed for sorted `rows`) that `key` lacks, keeping its rows sorted."""
-        if key not in self.store:
-            self.store[key] = (rows, f)
-            return
-        have, held = self.store[key]
-        add = np.flatnonzero(~np.isin(rows, have))
-        if not len(add):
-            return
-        all_rows = np.concatenate([have, rows[add]])
-        order = np.argsort(all_rows, kind="stable")
-        self.store[key] = (
-            all_rows[order],
-            torch.cat([held, f[torch.from_numpy(add)]])[torch.from_numpy(order)],
-        )
+    def _grow(self, key: tuple[str, str, int], missing: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Make room in `key`'s entry for the sorted `missing` rows it lacks, keeping its rows sorted: one
+        tensor of the grown size, the held rows copied in and the old tensor let go at once (no second copy
+        of a split's features, which are the probe's peak). Returns it with each missing row's place in it
+        (-1 for a row the entry already holds, which keeps its features)."""
+        have, held = self.store.get(key, (np.empty(0, dtype=np.int64), None))
+        fresh = ~np.isin(missing, have)
+        rows = np.union1d(have, missing[fresh])
+        width = grid_side(key[1]) ** 2 * self.model.config.n_embd
+        grown = torch.empty(len(rows), width, dtype=feature_dtype(width))
+        if held is not None:
+            grown[torch.from_numpy(np.searchsorted(rows, have))] = held
+        self.store[key] = (rows, grown)
+        del held
+        return grown, np.where(fresh, np.searchsorted(rows, missing), -1)
 
     def _rows(self, key: tuple[str, str, int], rows: np.ndarray) -> torch.Tensor:
         have, f = self.store[key]

@@ -154,18 +154,9 @@ def fit_logistic_many(
     if precision not in FIT_DTYPES:
         raise IgptError(f"unknown fit precision '{precision}'; choose one of {', '.join(FIT_DTYPES)}")
     pd = FIT_DTYPES[precision]
-    y = y.to(device)
     mean, std = stats if stats is not None else column_stats(x)
     mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
-    basis = None
-    if span and x.shape[1] > x.shape[0]:
-        xs = standardised(x, mean, std, torch.float32, device)
-        basis = torch.linalg.qr(xs.T).Q  # (d, n): orthonormal columns spanning the rows
-        xs = (xs @ basis).to(pd)  # (n, n): each row's coordinates in that basis
-        if init is not None:
-            init = (basis.T @ init[0].to(device, torch.float32), init[1])
-    else:
-        xs = standardised(x, mean, std, pd, device)
+    xs, basis, init = _fit_space(x, mean, std, init, span, pd, device)
     (n, d), P, C = xs.shape, len(lams), num_classes
     if weights is None:
         weights = torch.ones(P, n)
@@ -176,6 +167,49 @@ def fit_logistic_many(
     if init is not None:
         w.copy_(init[0].to(device).repeat(1, P))
         b.copy_(init[1].to(device).repeat(P))
+    onehot = F.one_hot(y.to(device), C).to(torch.float32)[:, None, :]  # (N, 1, C)
+    _minimise(xs, onehot, m, lam, w, b, max_iter)
+    if basis is not None:
+        w = basis @ w  # back to one weight per feature
+    return [
+        LinearProbe(mean, std, w[:, p * C : (p + 1) * C].clone(), b[p * C : (p + 1) * C].clone(), lams[p])
+        for p in range(P)
+    ]
+
+
+def _fit_space(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    init: tuple[torch.Tensor, torch.Tensor] | None,
+    span: bool,
+    pd: torch.dtype,
+    device: str,
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The features L-BFGS works on, standardised, in dtype `pd`: with `span` and more features than rows,
+    each row's coordinates in an orthonormal basis of the rows' span (`init` carried into it). Returns the
+    features, the basis (None: the features themselves) and `init`."""
+    if not (span and x.shape[1] > x.shape[0]):
+        return standardised(x, mean, std, pd, device), None, init
+    xs = standardised(x, mean, std, torch.float32, device)
+    basis = torch.linalg.qr(xs.T).Q  # (d, n): orthonormal columns spanning the rows
+    if init is not None:
+        init = (basis.T @ init[0].to(device, torch.float32), init[1])
+    return (xs @ basis).to(pd), basis, init  # (n, n): each row's coordinates in that basis
+
+
+def _minimise(
+    xs: torch.Tensor,
+    onehot: torch.Tensor,
+    m: torch.Tensor,
+    lam: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    max_iter: int,
+) -> None:
+    """Fit the P problems' weights `w` (d, P*C) and biases `b` in place by one L-BFGS on the sum of their
+    row-weighted (`m`, (N, P)) cross-entropies plus L2 (`lam`, per column)."""
+    n, P, C = xs.shape[0], m.shape[1], onehot.shape[-1]
     opt = torch.optim.LBFGS(
         [w, b],
         lr=1,
@@ -185,26 +219,19 @@ def fit_logistic_many(
         tolerance_change=1e-9,
         line_search_fn="strong_wolfe",
     )
-    onehot = F.one_hot(y, C).to(torch.float32)[:, None, :]  # (N, 1, C)
 
     def closure() -> torch.Tensor:
         # the gradient by hand: autograd would form xs.T @ g through a transposed view, much slower on CPU
         # than (g.T @ xs).T, and these products over the N x d features are the whole cost of a probe
-        logits = ((xs @ w.to(pd)).float() + b).view(n, P, C)
+        logits = ((xs @ w.to(xs.dtype)).float() + b).view(n, P, C)
         logp = torch.log_softmax(logits, -1)
         loss = -(m * (logp * onehot).sum(-1)).sum() + 0.5 * (lam * (w * w).sum(0)).sum()
         g = ((logp.exp() - onehot) * m[..., None]).view(n, P * C)  # (N, P*C)
-        w.grad = (g.to(pd).T @ xs).T.float().contiguous() + lam * w
+        w.grad = (g.to(xs.dtype).T @ xs).T.float().contiguous() + lam * w
         b.grad = g.sum(0)
         return loss
 
     opt.step(closure)
-    if basis is not None:
-        w = basis @ w  # back to one weight per feature
-    return [
-        LinearProbe(mean, std, w[:, p * C : (p + 1) * C].clone(), b[p * C : (p + 1) * C].clone(), lams[p])
-        for p in range(P)
-    ]
 
 
 def sweep_rows(y: np.ndarray, seed: int = 0, select_rows: int | None = SWEEP_ROWS) -> np.ndarray:

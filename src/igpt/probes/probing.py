@@ -138,8 +138,9 @@ def full_probe(
     best = max(layers, key=lambda i: (sweeps[i].best, -i))  # chosen on validation, not test
     fine_sweeps = _fine_sweeps(cfg, cache.sibling(fine), sweeps, L, sw, C) if fine else {}
     fine_layer = max(fine_sweeps, key=lambda i: (fine_sweeps[i].best, -i)) if fine else best
-    if fine:
+    if fine:  # swept: of the fine grid, only the chosen layer's training rows are wanted again
         cache.drop("train", fine, keep=[fine_layer])
+        cache.drop("val", fine)
     del fsw  # the sweep rows' features: the merge below holds every training row anew
     # then every training row and the test rows (the fine grid: the chosen layer, and every layer of the
     # test rows, which a low-data probe sharing this cache reads next)
@@ -148,33 +149,18 @@ def full_probe(
     fte = cache("test", L.te, "test features", also=also)
     t_feat += time.perf_counter() - t1
     res = _refit_layers(cfg, sweeps, (ftr, fte), L, C)
-    if fine:
-        res["fine_probe"] = _fine_probe(cfg, cache.sibling(fine), fine_layer, fine_sweeps[fine_layer], L, C)
-        res["fine_probe"]["val_by_layer"] = {str(i): s.best for i, s in fine_sweeps.items()}
-        cache.drop("train", fine)
-        cache.drop("val", fine)
     res["paper_probe"] = _paper_probe(
         cfg, cache, layers, (L.tr, L.va, L.te), (L.ytr, L.yva, L.yte), C, res, best
     )
-    t_fit = time.perf_counter() - t0 - t_feat
-    raw = (raw_cache or {}).get("raw") or _raw_probe(cfg, data, L, C)
-    if raw_cache is not None:
-        raw_cache["raw"] = raw
-    res.update(
-        best_layer=best,
-        best_accuracy=res["layers"][str(best)],
-        raw_pixel_accuracy=raw["test_accuracy"],
-        raw_pixel_val_accuracy=raw["val_accuracy"],
-        n_train=len(L.tr),
-        n_val=len(L.va),
-        n_test=len(L.te),
-        feature_dim=int(ftr[layers[0]].shape[1]),
-        pool=cfg.pool,
-        head="linear",
-        classifier=CLASSIFIER,
-        seconds={"features": round(t_feat, 2), "probes": round(t_fit, 2)},
-    )
+    res.update(_headline(cfg, data, L, C, res, best, raw_cache), feature_dim=int(ftr[layers[0]].shape[1]))
     _run_variants(ProbeContext(cfg, model, data, layers, L, C, (ftr, fva, fte), best, kw), res)
+    if fine:  # last, once the coarser grid's training rows are let go: the fine fit's float32 copy is large
+        del ftr, fva, fte
+        if cfg.pool != "mean":
+            cache.drop("train", cfg.pool)
+        res["fine_probe"] = _fine_probe(cfg, cache.sibling(fine), fine_layer, fine_sweeps, L, C)
+        cache.drop("train", fine)
+    res["seconds"] = {"features": round(t_feat, 2), "probes": round(time.perf_counter() - t0 - t_feat, 2)}
     res["chosen"] = _chosen(res)
     return res
 
@@ -222,18 +208,24 @@ laptop with about 6.3 GB free still runs the quickstart."""
 
 
 def probe_bytes(n_train: int, n_other: int, layers: int, d: int, pool: str, fine: str | None) -> int:
-    """Bytes the full probe's features come to at their peak, an upper estimate: `pool` and the mean at every
-    layer for `n_train` training and `n_other` validation and test images; with `fine`, that grid at every
-    layer for the validation, test and sweep rows and at one layer for every training row; and the fit's
-    float32 standardised copy of the widest training features."""
+    """Bytes the full probe's features come to at their peak, an upper estimate over its phases. Held
+    throughout: `pool` and the mean at every layer for the `n_other` validation and test images, and the mean
+    for the `n_train` training ones. While every layer is refitted: `pool` for every training row too, with a
+    fit's float32 standardised copy of one layer. With `fine`: that grid at every layer for the sweep's rows
+    while it is swept, at every layer for the test rows (and at one for every training row) from the training
+    pass on; its own fit comes last, once `pool`'s training rows are let go, with its float32 copy."""
     width = grid_side(pool) ** 2 * d
-    rows = n_train + n_other
-    need = layers * (held_bytes(rows, width) + (held_bytes(rows, d) if pool != "mean" else 0))
-    if fine:
-        fw = grid_side(fine) ** 2 * d
-        need += layers * held_bytes(n_other + min(SWEEP_ROWS, n_train), fw) + held_bytes(n_train, fw)
-        width = fw
-    return need + 4 * n_train * width
+    coarse_train = layers * held_bytes(n_train, width)
+    mean = layers * held_bytes(n_train + n_other, d) if pool != "mean" else 0
+    base = layers * held_bytes(n_other, width) + mean
+    refits = base + coarse_train + 4 * n_train * width
+    if not fine:
+        return refits
+    fw = grid_side(fine) ** 2 * d
+    sweep = base + layers * (held_bytes(min(SWEEP_ROWS, n_train), width + fw) + held_bytes(n_other, fw))
+    held_fine = layers * held_bytes(n_other, fw) + held_bytes(n_train, fw)
+    fine_fit = base + held_fine + 4 * n_train * fw
+    return max(sweep, refits + held_fine, fine_fit)
 
 
 def check_features_fit(
@@ -289,10 +281,11 @@ def _refit_layers(
 
 
 def _fine_probe(
-    cfg: ProbeConfig, cache: FeatureCache, layer: int, sweep: Sweep, L: Labelled, C: int
+    cfg: ProbeConfig, cache: FeatureCache, layer: int, sweeps: dict[int, Sweep], L: Labelled, C: int
 ) -> dict[str, Any]:
-    """The finer pooling's probe at the chosen layer: its own lambda sweep (given; `FINE_LAMBDAS`), refitted
-    on all training rows (`FINE_REFIT_ITERS`), scored on test."""
+    """The finer pooling's probe at the chosen layer: its own lambda sweep (given, with the other candidate
+    layers'; `FINE_LAMBDAS`), refitted on all training rows (`FINE_REFIT_ITERS`), scored on test."""
+    sweep = sweeps[layer]
     x = cache("train", L.tr, "", layers=[layer])[layer]
     probe = refit(x, L.ytr, C, sweep, cfg.device, FINE_REFIT_ITERS, cfg.precision)
     test = probe.accuracy(cache("test", L.te, "", layers=[layer])[layer], L.yte)
@@ -309,7 +302,36 @@ def _fine_probe(
         "val_accuracy": sweep.best,
         "lambda": sweep.probe.lam,
         "feature_dim": int(probe.weight.shape[0]),
+        "val_by_layer": {str(i): s.best for i, s in sweeps.items()},
     }
+
+
+def _headline(
+    cfg: ProbeConfig,
+    data: PreparedData,
+    L: Labelled,
+    C: int,
+    res: dict[str, Any],
+    best: int,
+    raw_cache: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The full probe's headline fields: the layer chosen on validation and its test score beside raw
+    pixels' (fitted once per `raw_cache`), the split sizes and how the probe was made."""
+    raw = (raw_cache or {}).get("raw") or _raw_probe(cfg, data, L, C)
+    if raw_cache is not None:
+        raw_cache["raw"] = raw
+    return dict(
+        best_layer=best,
+        best_accuracy=res["layers"][str(best)],
+        raw_pixel_accuracy=raw["test_accuracy"],
+        raw_pixel_val_accuracy=raw["val_accuracy"],
+        n_train=len(L.tr),
+        n_val=len(L.va),
+        n_test=len(L.te),
+        pool=cfg.pool,
+        head="linear",
+        classifier=CLASSIFIER,
+    )
 
 
 def _raw_probe(cfg: ProbeConfig, data: PreparedData, L: Labelled, C: int) -> dict[str, Any]:

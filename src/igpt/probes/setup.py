@@ -178,9 +178,7 @@ def parse_layers(text: str, n_layer: int, run: Run, flag: str = "--layers") -> l
     if text == "best":
         p = run.probe_file(LATEST_PROBE)
         if not p.is_file():
-            raise IgptError(
-                f"{flag} best needs an earlier full probe ({p.name}); run `igpt probe RUN` first"
-            )
+            raise IgptError(f"{flag} best needs an earlier full probe ({p.name}); run `igpt probe RUN` first")
         best = (run.probe_result(LATEST_PROBE) or {}).get("best_layer")  # None when damaged
         if isinstance(best, bool) or not isinstance(best, int) or not 0 <= best <= n_layer:
             raise IgptError(

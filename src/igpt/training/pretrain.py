@@ -100,6 +100,39 @@ def pretrain(
     model_given = {k: given.pop(k) for k in MODEL_KEYS if k in given}
     out = Path(out)
     resuming = resume and is_run(out)
+    device = _checked_before_writing(out, given, model_given, resuming)
+    env = Dist(device or "cpu")
+    lock = None
+    try:
+        if env.world > 1:  # every process must have been given the same settings: one decision for all
+            _check_same_settings(env, {"given": given, "model": model_given, "resume": resume})
+        # rank 0 creates or checks the run directory, then tells the others what it decided (or why not)
+        msg: list[Any] = [None]
+        if env.main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                lock = RunLock(out)
+                msg = [_setup_run(out, resume, given, model_given)]
+            except IgptError as e:
+                msg = [str(e)]
+        if env.world > 1:
+            dist.broadcast_object_list(msg, src=0)
+        if isinstance(msg[0], str):
+            raise IgptError(msg[0])
+        cfg, info, resuming = msg[0]
+        return Trainer(cfg, Run(out, info), env, resuming, progress=progress, replan=replan).fit()
+    finally:
+        if lock:
+            lock.release()
+        env.close()
+
+
+def _checked_before_writing(
+    out: Path, given: dict[str, Any], model_given: dict[str, Any], resuming: bool
+) -> str | None:
+    """Everything a pretraining's settings must satisfy before the run directory is touched (a new run's
+    against its data and this machine; --fsdp's launcher and torch). Returns the device to start on: the
+    one given, else a resumed run's own."""
     if resuming and given.get("precision") == "auto":
         del given["precision"]  # the run keeps the precision that auto chose when it was created
     if not resuming:
@@ -122,37 +155,19 @@ def pretrain(
             raise IgptError(
                 f"--fsdp needs torch 2.6 or newer (FSDP2); this is torch {torch.__version__}"
             ) from None
-    env = Dist(device or "cpu")
-    lock = None
-    try:
-        if env.world > 1:  # every process must have been given the same settings: one decision for all
-            seen: list[Any] = [None] * env.world
-            dist.all_gather_object(seen, {"given": given, "model": model_given, "resume": resume})
-            if any(x != seen[0] for x in seen):
-                bad = next(i for i, x in enumerate(seen) if x != seen[0])
-                raise IgptError(
-                    f"the processes were given different settings (rank 0 and rank {bad}); "
-                    "launch every rank with the same command"
-                )
-        # rank 0 creates or checks the run directory, then tells the others what it decided (or why not)
-        msg: list[Any] = [None]
-        if env.main:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                lock = RunLock(out)
-                msg = [_setup_run(out, resume, given, model_given)]
-            except IgptError as e:
-                msg = [str(e)]
-        if env.world > 1:
-            dist.broadcast_object_list(msg, src=0)
-        if isinstance(msg[0], str):
-            raise IgptError(msg[0])
-        cfg, info, resuming = msg[0]
-        return Trainer(cfg, Run(out, info), env, resuming, progress=progress, replan=replan).fit()
-    finally:
-        if lock:
-            lock.release()
-        env.close()
+    return device
+
+
+def _check_same_settings(env: Dist, mine: dict[str, Any]) -> None:
+    """Under torchrun: refuse, on every rank, processes launched with different settings."""
+    seen: list[Any] = [None] * env.world
+    dist.all_gather_object(seen, mine)
+    if any(x != seen[0] for x in seen):
+        bad = next(i for i, x in enumerate(seen) if x != seen[0])
+        raise IgptError(
+            f"the processes were given different settings (rank 0 and rank {bad}); "
+            "launch every rank with the same command"
+        )
 
 
 def check_new_run(cfg: TrainConfig, prepared: PreparedData, model_given: dict[str, Any]) -> None:
