@@ -203,8 +203,8 @@ def _fine_sweeps(
 
 FEATURES_SHARE = 0.9
 """The share of the memory available that the full probe's features may take (`check_features_fit`). Their
-estimate is an upper one (5.6 GiB for the default quickstart, whose whole process peaked at 5.45 GB), so a
-laptop with about 6.3 GB free still runs the quickstart."""
+estimate is an upper one (3.3 GiB for the default quickstart's probe, whose whole process peaked at 3.6 GiB),
+so a laptop with about 4 GB free still runs the quickstart's probe."""
 
 
 def probe_bytes(n_train: int, n_other: int, layers: int, d: int, pool: str, fine: str | None) -> int:
