@@ -413,6 +413,7 @@ def test_column_stats_match_a_float64_copys_in_chunks():
 
 
 def test_a_probe_whose_features_would_not_fit_in_memory_is_refused_before_any_pass(runs, monkeypatch, capsys):
+    import igpt.probes.memory as memory
     import igpt.probes.probing as probing
 
     run = runs / "ar"
@@ -424,8 +425,8 @@ def test_a_probe_whose_features_would_not_fit_in_memory_is_refused_before_any_pa
     m = PreparedData(runs / "data").meta
     n_train, other = int(m["n_train"]), int(m["n_val"]) + int(m["n_test"])
     # memory for 500 training images' features but not for all of them
-    avail = int(probing.probe_bytes(600, other, 3, d, "grid3", "grid7") / probing.FEATURES_SHARE)
-    monkeypatch.setattr(probing, "available_memory", lambda: avail)
+    avail = int(memory.probe_bytes(600, other, 3, d, "grid3", "grid7") / memory.FEATURES_SHARE)
+    monkeypatch.setattr(memory, "available_memory", lambda: avail)
     passes = []
     monkeypatch.setattr(probing.FeatureCache, "__call__", lambda *a, **k: passes.append(1))
     with pytest.raises(SystemExit):
@@ -434,8 +435,8 @@ def test_a_probe_whose_features_would_not_fit_in_memory_is_refused_before_any_pa
     assert len(err.splitlines()) == 1 and "GiB" in err, err
     assert "pass --train-limit 500 or --fine-pool none" in err and not passes
     assert sorted(p.name for p in run.iterdir()) == before  # nothing written
-    assert probing.probe_bytes(n_train, other, 3, d, "grid3", "grid7") > probing.FEATURES_SHARE * avail
+    assert memory.probe_bytes(n_train, other, 3, d, "grid3", "grid7") > memory.FEATURES_SHARE * avail
     # the figure named is the peak estimate: the 7x7 grid's share grows with the images, as the cache does
-    assert probing.probe_bytes(n_train, other, 3, d, "grid3", None) < probing.probe_bytes(
+    assert memory.probe_bytes(n_train, other, 3, d, "grid3", None) < memory.probe_bytes(
         n_train, other, 3, d, "grid3", "grid7"
     )

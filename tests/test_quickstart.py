@@ -362,9 +362,9 @@ def test_budget_is_replanned_once_with_the_faster_timing(monkeypatch, tmp_path, 
 def test_a_quickstart_whose_probe_would_not_fit_in_memory_is_refused_before_pretraining(
     monkeypatch, tmp_path, capsys
 ):
-    import igpt.probes.probing as probing
+    import igpt.probes.memory as memory
 
-    monkeypatch.setattr(probing, "available_memory", lambda: 1 << 16)  # 64 KiB available
+    monkeypatch.setattr(memory, "available_memory", lambda: 1 << 16)  # 64 KiB available
     with pytest.raises(SystemExit):
         main(["quickstart", "--out", str(tmp_path / "q"), *ARGS])
     err = capsys.readouterr().err.strip().splitlines()

@@ -11,7 +11,7 @@ from typing import Any
 
 from igpt.errors import IgptError
 from igpt.model.gpt import IGPTConfig
-from igpt.probes.probing import check_features_fit
+from igpt.probes.memory import check_features_fit
 from igpt.probes.setup import ProbeConfig
 
 from .budget import (

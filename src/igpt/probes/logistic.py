@@ -9,6 +9,7 @@ lambda * ||W||^2 / 2. Fitting 60,000 x 512 features takes seconds, so a sweep ov
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,7 +128,7 @@ def fit_logistic(
 
 
 def fit_logistic_many(
-    x: torch.Tensor,
+    x: torch.Tensor | RowChunks,
     y: torch.Tensor,
     num_classes: int,
     lams: list[float],
@@ -150,13 +151,18 @@ def fit_logistic_many(
     weights' component in that span, and the L2 term drives the rest to zero. L-BFGS then moves (n, P*C)
     weights instead of (d, P*C), which made the low-data probes several times faster.
 
-    `precision` bf16 runs the two products in bf16 (see FIT_DTYPES), where this CPU does them faster."""
+    `precision` bf16 runs the two products in bf16 (see FIT_DTYPES), where this CPU does them faster.
+
+    `x` may be `RowChunks`, features on disk larger than memory: the statistics, then every L-BFGS pass,
+    read them a chunk of rows at a time and sum the loss and gradient over the chunks (the same objective,
+    so the same optimum as the fit in memory to float tolerance), holding one chunk and the solver's state."""
     if precision not in FIT_DTYPES:
         raise IgptError(f"unknown fit precision '{precision}'; choose one of {', '.join(FIT_DTYPES)}")
     pd = FIT_DTYPES[precision]
     mean, std = stats if stats is not None else column_stats(x)
     mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
-    xs, basis, init = _fit_space(x, mean, std, init, span, pd, device)
+    on_disk = isinstance(x, RowChunks)
+    xs, basis, init = (x, None, init) if on_disk else _fit_space(x, mean, std, init, span, pd, device)
     (n, d), P, C = xs.shape, len(lams), num_classes
     if weights is None:
         weights = torch.ones(P, n)
@@ -168,7 +174,19 @@ def fit_logistic_many(
         w.copy_(init[0].to(device).repeat(1, P))
         b.copy_(init[1].to(device).repeat(P))
     onehot = F.one_hot(y.to(device), C).to(torch.float32)[:, None, :]  # (N, 1, C)
-    _minimise(xs, onehot, m, lam, w, b, max_iter)
+    if on_disk:  # each pass reads and standardises one chunk at a time
+
+        def parts() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            for s in x.starts():
+                rows = slice(s, s + x.rows)
+                yield standardised(x[rows], mean, std, pd, device), onehot[rows], m[rows]
+
+    else:
+
+        def parts() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            yield xs, onehot, m
+
+    _minimise(parts, lam, w, b, max_iter)
     if basis is not None:
         w = basis @ w  # back to one weight per feature
     return [
@@ -199,17 +217,17 @@ def _fit_space(
 
 
 def _minimise(
-    xs: torch.Tensor,
-    onehot: torch.Tensor,
-    m: torch.Tensor,
+    parts: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
     lam: torch.Tensor,
     w: torch.Tensor,
     b: torch.Tensor,
     max_iter: int,
 ) -> None:
     """Fit the P problems' weights `w` (d, P*C) and biases `b` in place by one L-BFGS on the sum of their
-    row-weighted (`m`, (N, P)) cross-entropies plus L2 (`lam`, per column)."""
-    n, P, C = xs.shape[0], m.shape[1], onehot.shape[-1]
+    row-weighted cross-entropies plus L2 (`lam`, per column). `parts()` yields the rows as (standardised
+    features (n, d), one-hot labels (n, 1, C), row weights (n, P)) blocks: one block in memory, or row chunks
+    read from disk for features larger than memory; the loss and gradient are summed over the blocks, so
+    both give the same optimum."""
     opt = torch.optim.LBFGS(
         [w, b],
         lr=1,
@@ -221,17 +239,50 @@ def _minimise(
     )
 
     def closure() -> torch.Tensor:
-        # the gradient by hand: autograd would form xs.T @ g through a transposed view, much slower on CPU
-        # than (g.T @ xs).T, and these products over the N x d features are the whole cost of a probe
-        logits = ((xs @ w.to(xs.dtype)).float() + b).view(n, P, C)
-        logp = torch.log_softmax(logits, -1)
-        loss = -(m * (logp * onehot).sum(-1)).sum() + 0.5 * (lam * (w * w).sum(0)).sum()
-        g = ((logp.exp() - onehot) * m[..., None]).view(n, P * C)  # (N, P*C)
-        w.grad = (g.to(xs.dtype).T @ xs).T.float().contiguous() + lam * w
-        b.grad = g.sum(0)
+        loss = 0.5 * (lam * (w * w).sum(0)).sum()
+        gw, gb = lam * w, torch.zeros_like(b)
+        for xs, onehot, m in parts():
+            n, P, C = xs.shape[0], m.shape[1], onehot.shape[-1]
+            # the gradient by hand: autograd would form xs.T @ g through a transposed view, much slower on
+            # CPU than (g.T @ xs).T, and these products over the N x d features are the whole cost of a probe
+            logits = ((xs @ w.to(xs.dtype)).float() + b).view(n, P, C)
+            logp = torch.log_softmax(logits, -1)
+            loss = loss - (m * (logp * onehot).sum(-1)).sum()
+            g = ((logp.exp() - onehot) * m[..., None]).view(n, P * C)  # (n, P*C)
+            gw = gw + (g.to(xs.dtype).T @ xs).T.float()
+            gb = gb + g.sum(0)
+        w.grad, b.grad = gw.contiguous(), gb
         return loss
 
     opt.step(closure)
+
+
+class RowChunks:
+    """Features larger than memory: an (N, d) array on disk (a read-only `np.load(..., mmap_mode="r")`),
+    read `rows` rows at a time as float32 tensors. `fit_logistic_many` and `column_stats` take it where they
+    take a tensor; the fit then holds one chunk and its own state, never the whole matrix."""
+
+    def __init__(self, array: np.ndarray, rows: int = 16_384):
+        if array.ndim != 2 or array.dtype.kind != "f":
+            raise IgptError(f"features on disk must be a 2-D float array, got {array.dtype} {array.shape}")
+        self.array, self.rows = array, rows
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.array.shape
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.array[rows], dtype=np.float32))
+
+    def starts(self) -> range:
+        return range(0, len(self), self.rows)
 
 
 def sweep_rows(y: np.ndarray, seed: int = 0, select_rows: int | None = SWEEP_ROWS) -> np.ndarray:
