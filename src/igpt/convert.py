@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from igpt.checks import is_whole
 from igpt.data.palette import load_palette
 from igpt.errors import IgptError
 from igpt.files import atomic_directory, save_tensors
@@ -134,7 +135,7 @@ def hf_config_to_igpt(c: dict, bias: bool) -> IGPTConfig:
 def _whole(c: dict, key: str, default: int) -> int:
     """config.json's `key` as a positive whole number (its default when absent); one line otherwise."""
     v = c.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    if not is_whole(v, 1):
         raise IgptError(f"config.json's {key} must be a positive whole number, got {v!r}")
     return v
 

@@ -41,6 +41,7 @@ from igpt.training.checkpoint import (
 from igpt.training.config import TrainConfig
 
 from . import __version__
+from .checks import is_whole
 from .errors import IgptError
 from .files import write_json_atomic
 from .results import FinetuneResult, LowDataResult, PretrainSummary, ProbeResult
@@ -121,7 +122,7 @@ def _check_recorded_meta(record: Path, meta: Any) -> None:
         raise IgptError(f"{record}: data.meta must be an object, got {type(meta).__name__}")
     for key, least in (("resolution", 1), ("num_classes", 0), ("channels", 1)):
         v = meta.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+        if v is not None and not is_whole(v, least):
             raise IgptError(f"{record}: data.meta.{key} must be a whole number >= {least}, got {v!r}")
     if meta.get("order", "raster") not in ("raster", "snake"):
         raise IgptError(f"{record}: data.meta.order must be raster or snake, got {meta.get('order')!r}")
@@ -156,7 +157,7 @@ class Run:
             if info.get(key) is not None and not isinstance(info[key], dict):
                 raise IgptError(f"{p} is not an igpt run record ({key} is not an object)")
         schema = info.get("schema", 1)
-        if isinstance(schema, bool) or not isinstance(schema, int) or schema < 1:
+        if not is_whole(schema, 1):
             raise IgptError(f"{p}: 'schema' must be a whole number of at least 1, got {schema!r}")
         if schema > SCHEMA:
             raise IgptError(f"{path} was written by a newer igpt (run schema {schema}); upgrade igpt")

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from igpt.checks import is_whole
 from igpt.errors import IgptError
 
 from .palette import decode, from_sequence
@@ -54,7 +55,7 @@ class PreparedData:
         m = self.meta
         for key, least in (("resolution", 1), ("clusters", 2), ("num_classes", 0)):
             v = m.get(key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            if not is_whole(v, least):
                 raise IgptError(f"{path}: '{key}' must be an integer of at least {least}, got {v!r}")
         if m["resolution"] > MAX_RESOLUTION:
             raise IgptError(

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from igpt.checks import is_whole
 from igpt.errors import IgptError
 
 from .decoding import generate
@@ -71,7 +72,7 @@ class IGPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_whole(v, 1):
                 raise IgptError(f"{name} must be a positive integer, got {v!r}")
         if self.n_embd % self.n_head:
             raise IgptError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from igpt.checks import check_device, check_seed
+from igpt.checks import check_device, check_seed, is_whole
 from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
 from igpt.hardware import PRECISIONS, auto_precision
@@ -180,7 +180,7 @@ def parse_layers(text: str, n_layer: int, run: Run, flag: str = "--layers") -> l
         if not p.is_file():
             raise IgptError(f"{flag} best needs an earlier full probe ({p.name}); run `igpt probe RUN` first")
         best = (run.probe_result(LATEST_PROBE) or {}).get("best_layer")  # None when damaged
-        if isinstance(best, bool) or not isinstance(best, int) or not 0 <= best <= n_layer:
+        if not is_whole(best, 0, n_layer):
             raise IgptError(
                 f"{p} does not name a best layer of this model (damaged, or from another run); run "
                 "`igpt probe RUN` again"
