@@ -48,8 +48,6 @@ def test_force_refuses_root_and_working_directory(out, tmp_path, cli_error, monk
 
 
 def test_force_replaces_a_prepared_set_but_not_one_holding_a_users_file(tmp_path, cli_error):
-    import igpt
-
     out = tmp_path / "set"
     igpt.prepare("digits", out=out, resolution=8, clusters=4, limit=60)
     msg = cli_error(
@@ -87,7 +85,6 @@ def test_out_as_a_file_is_refused(tmp_path, cli_error):
 def test_finetune_defaults_are_the_recipe_with_the_head_from_the_probe(digits, tmp_path, capsys):
     import json
 
-    import igpt
     from igpt.finetuning.config import MUON_LR
 
     MICRO = dict(preset="micro", batch_size=16, eval_images=16, progress=False)
@@ -112,7 +109,6 @@ def test_finetune_defaults_are_the_recipe_with_the_head_from_the_probe(digits, t
 
 # README 3: --minutes bounds the whole command, set-up included, and the split is said
 def test_finetune_minutes_bound_the_whole_command(digits, tmp_path, capsys):
-    import igpt
     from igpt.cli import main
 
     igpt.pretrain(data=digits, out=tmp_path / "r", steps=4, preset="micro", batch_size=16, progress=False)
@@ -151,7 +147,6 @@ def test_batches_with_numpy_scalar_labels_are_read_and_other_objects_refused(cif
 
     import numpy as np
 
-    import igpt
     from igpt.data.decode import unpickle
     from igpt.errors import IgptError
 
@@ -238,8 +233,6 @@ def test_a_sample_grid_too_large_is_refused_before_sampling(micro_run, tmp_path,
 
 
 def test_a_tiny_minutes_budget_still_trains_a_step_and_saves_it(digits, tmp_path):
-    import igpt
-
     s = igpt.pretrain(
         data=digits,
         out=tmp_path / "r",
@@ -322,8 +315,6 @@ def _folder(root, n=12):
 def test_a_finished_prepare_is_not_reused_after_its_folder_changed(tmp_path, cli_error):
     import os
 
-    import igpt
-
     src = _folder(tmp_path / "img")
     kw = dict(data_dir=src, resolution=8, clusters=4, workers=1, progress=False)
     first = igpt.prepare("folder", out=tmp_path / "set", **kw)
@@ -354,8 +345,6 @@ def test_a_finished_prepare_is_not_reused_after_its_folder_changed(tmp_path, cli
 def test_a_refused_prepare_resumes_once_corrected_and_skipped_files_are_retried(
     tmp_path, monkeypatch, cli_error
 ):
-    import igpt
-
     src = _folder(tmp_path / "img")
     out = tmp_path / "set"
     # every image over a tiny decoding limit: skipped, and then too few images; the chunks are kept
@@ -429,7 +418,6 @@ def torch_nan():
     ],
 )
 def test_library_calls_refuse_wrong_types_in_one_line(tmp_path, call, expect):
-    import igpt
     from igpt.errors import IgptError
 
     with pytest.raises(IgptError, match=expect):
@@ -438,8 +426,6 @@ def test_library_calls_refuse_wrong_types_in_one_line(tmp_path, call, expect):
 
 
 def test_library_calls_take_paths_and_whole_numbers(digits, tmp_path):
-    import igpt
-
     s = igpt.pretrain(
         data=digits,
         out=tmp_path / "r",
@@ -653,3 +639,14 @@ def test_a_bad_concat_is_named_concat(micro_run, cli_error, value, expect, monke
 
     monkeypatch.setattr(features.FeatureCache, "__call__", no_pass)
     assert expect in cli_error("probe", micro_run, "--concat", value)
+
+
+def test_a_run_being_trained_is_locked_against_a_second_trainer(tmp_path):
+    from igpt.errors import IgptError
+    from igpt.training.distributed import RunLock
+
+    first = RunLock(tmp_path)
+    with pytest.raises(IgptError, match=f"another igpt process is training {tmp_path}"):
+        RunLock(tmp_path)
+    first.release()
+    RunLock(tmp_path).release()  # free again once released

@@ -146,19 +146,27 @@ def exclusive(target: str | Path, doing: str) -> Iterator[None]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = target.parent / f".{target.name}.lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(fd).st_ino != os.stat(lock).st_ino:  # locked a file its holder had just removed
-            raise BlockingIOError
-    except (BlockingIOError, FileNotFoundError):
-        os.close(fd)
-        raise IgptError(f"another igpt process is {doing} {target}; wait for it to finish") from None
+    fd = lock_or_refuse(lock, f"another igpt process is {doing} {target}; wait for it to finish")
     try:
         yield
     finally:
         lock.unlink(missing_ok=True)
         os.close(fd)
+
+
+def lock_or_refuse(lock: Path, refusal: str) -> int:
+    """An exclusive, non-blocking flock on the file `lock` (created if need be), returned as its open
+    descriptor (closing it releases the lock); IgptError(`refusal`) when another process holds it, or held
+    it and removed the file meanwhile (the lock taken would then guard nothing)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(lock).st_ino:
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
+        os.close(fd)
+        raise IgptError(refusal) from None
+    return fd
 
 
 def clean_stale(parent: Path, prefix: str, files: bool = False) -> None:

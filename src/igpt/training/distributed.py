@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch.distributed as dist
 
 from igpt.checks import check_device
 from igpt.errors import IgptError
+from igpt.files import lock_or_refuse
 
 
 def check_batch_split(batch_size: int, world: int, grad_accum: int) -> None:
@@ -55,12 +55,7 @@ class RunLock:
     left by a killed run never blocks a resume."""
 
     def __init__(self, run: Path):
-        self.f = open(run / ".lock", "w")  # noqa: SIM115 - held for the whole run
-        try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise IgptError(f"another igpt process is training {run}") from None
+        self.fd = lock_or_refuse(run / ".lock", f"another igpt process is training {run}")
 
     def release(self) -> None:
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()
+        os.close(self.fd)  # closing the only descriptor drops the flock
