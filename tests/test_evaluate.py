@@ -400,8 +400,10 @@ def test_feature_cache_computes_missing_rows_only_and_asked_poolings_in_the_same
     assert len(calls) == 2 and fine[1].dtype == torch.bfloat16 and fine[1].shape == (50, 49 * 32)
     torch.testing.assert_close(fine[1].float(), direct["grid7"][1][::2].bfloat16().float())
     cache.drop("train", "grid7")
+    mean0 = cache.store[("train", "mean", 0)][1]
     cache.sibling("grid7")("train", rows[::2], "", layers=[1])
     assert len(calls) == 3
+    assert cache.store[("train", "mean", 0)][1] is mean0  # held whole already: not copied again
 
 
 def test_column_stats_match_a_float64_copys_in_chunks():

@@ -239,6 +239,8 @@ class FeatureCache:
         (-1 for a row the entry already holds, which keeps its features)."""
         have, held = self.store.get(key, (np.empty(0, dtype=np.int64), None))
         fresh = ~np.isin(missing, have)
+        if held is not None and not fresh.any():  # holds them all already: nothing to grow or write
+            return held, np.full(len(missing), -1)
         rows = np.union1d(have, missing[fresh])
         width = grid_side(key[1]) ** 2 * self.model.config.n_embd
         grown = torch.empty(len(rows), width, dtype=feature_dtype(width))
