@@ -415,8 +415,11 @@ def test_column_stats_match_a_float64_copys_in_chunks():
 
 
 def test_a_probe_whose_features_would_not_fit_in_memory_is_refused_before_any_pass(runs, monkeypatch, capsys):
+    """Past memory the training features are fitted from disk (tests/test_out_of_core.py); where even that
+    would not fit, one line before any pass."""
     import igpt.probes.memory as memory
     import igpt.probes.probing as probing
+    from igpt.probes.scale import CHUNK_ROWS
 
     run = runs / "ar"
     before = sorted(p.name for p in run.iterdir())
@@ -426,8 +429,8 @@ def test_a_probe_whose_features_would_not_fit_in_memory_is_refused_before_any_pa
     d = Run.open(run).load_model().config.n_embd
     m = PreparedData(runs / "data").meta
     n_train, other = int(m["n_train"]), int(m["n_val"]) + int(m["n_test"])
-    # memory for 500 training images' features but not for all of them
-    avail = int(memory.probe_bytes(600, other, 3, d, "grid3", "grid7") / memory.FEATURES_SHARE)
+    from_disk = memory.out_of_core_bytes(n_train, other, 3, d, "grid3", "grid7", CHUNK_ROWS)
+    avail = int(0.9 * from_disk / memory.FEATURES_SHARE)
     monkeypatch.setattr(memory, "available_memory", lambda: avail)
     passes = []
     monkeypatch.setattr(probing.FeatureCache, "__call__", lambda *a, **k: passes.append(1))
@@ -435,7 +438,8 @@ def test_a_probe_whose_features_would_not_fit_in_memory_is_refused_before_any_pa
         main(["probe", str(run), "--pool", "grid3"])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "GiB" in err, err
-    assert "pass --train-limit 500 or --fine-pool none" in err and not passes
+    assert "even fitting the training features from disk" in err and "--fine-pool none" in err
+    assert not passes
     assert sorted(p.name for p in run.iterdir()) == before  # nothing written
     assert memory.probe_bytes(n_train, other, 3, d, "grid3", "grid7") > memory.FEATURES_SHARE * avail
     # the figure named is the peak estimate: the 7x7 grid's share grows with the images, as the cache does

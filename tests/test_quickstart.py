@@ -8,13 +8,13 @@ from dataclasses import replace
 
 import pytest
 
+from igpt import results
 from igpt.cli import main
 from igpt.data.prepared import PreparedData
 from igpt.finetuning.config import HEAD_POOLS, MUON_LR
 from igpt.pipeline import budget, plans, schedule
 from igpt.pipeline import quickstart as pipeline
 from igpt.pipeline.budget import Speeds
-from igpt.probes import probing
 from igpt.probes.logistic import balanced_subset
 
 ARGS = ["--smoke", "--dataset", "digits", "--pretrain-minutes", "0.1", "--no-progress"]
@@ -316,7 +316,7 @@ def test_calibration_keeps_the_fastest_round(monkeypatch):
 
 def test_low_data_summary_leads_with_each_subsets_own_choice(qs):
     low = json.loads((qs / "run" / "probe_10_per_class.json").read_text())
-    line = probing.probe_line(low)
+    line = results.probe_line(low)
     assert line.startswith(f"10 labels per class: accuracy {low['mean_accuracy']:.4f}")
     assert f"shared by all subsets (layer {low['best_layer']}" in line
     page = (qs / "report.html").read_text()

@@ -186,11 +186,14 @@ def add_probe(sub: Sub) -> None:
 
 
 def run_probe(args: argparse.Namespace) -> None:
-    from igpt.probes.probing import ProbeConfig, probe, probe_line
+    from igpt.probes.probing import ProbeConfig, probe
+    from igpt.results import probe_line
 
     from .runs import CHECKPOINTS_PROBE, LATEST_PROBE, Run
 
     res = probe(ProbeConfig(**config_kwargs(args, ProbeConfig)))
+    if not res:  # a torchrun rank other than 0: rank 0 writes and reports
+        return
     if args.checkpoints == "all":
         for r in res["checkpoints"]:
             print(

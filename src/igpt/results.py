@@ -159,3 +159,25 @@ class FinetuneResult(Result):
         if not isinstance(s.get("lr"), int | float):
             return ""
         return f" ({s.get('optimizer', 'adamw')}, lr {s['lr']:g})"
+
+
+def probe_line(res: dict[str, Any]) -> str:
+    """One line that sums up a probe result: the best layer's accuracy beside raw pixels."""
+    if "mean_accuracy" in res:  # low data: a user holds one subset, so each subset's own choice leads
+        low = LowDataResult.from_json(res)
+        return (
+            f"{low.labels_per_class} labels per class: accuracy {low.mean_accuracy:.4f} (std "
+            f"{low.std_accuracy:.4f}) with each subset's own choice; raw pixels "
+            f"{low.raw_pixel_accuracy:.4f}; the choice shared by all subsets (layer {low.best_layer}, "
+            f"{low.best_pool or low.pool} pooling) {low.best_accuracy:.4f}"
+        )
+    full = ProbeResult.from_json(res)
+    head = f", {full.head} head" if full.head != "linear" else ""
+    line = (
+        f"best layer {full.best_layer}{head}: accuracy {full.best_accuracy:.4f}; "
+        f"raw pixels {full.raw_pixel_accuracy:.4f}"
+    )
+    if full.chosen:
+        c = full.chosen
+        line += f"; the best on validation of every probe run ({c['probe']}) {c['test_accuracy']:.4f}"
+    return line

@@ -23,8 +23,8 @@ from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
 from igpt.finetuning.finetune import finetune
 from igpt.generation.sample import sample
-from igpt.probes.probing import probe_and_save, probe_line
-from igpt.results import FinetuneResult, PretrainSummary
+from igpt.probes.probing import probe_and_save
+from igpt.results import FinetuneResult, PretrainSummary, probe_line
 from igpt.runs import FULL_PROBE, LATEST_PROBE, Run, is_run, low_data_stem
 from igpt.settings import build_config
 from igpt.training.pretrain import pretrain

@@ -106,28 +106,46 @@ def check_pool(pool: str, resolution: int) -> None:
         )
 
 
-def extract_pooled(
+def pooled_batches(
     model: IGPT,
     tokens: np.ndarray,
     wants: dict[str, list[int]],
     batch_size: int = 128,
     resolution: int | None = None,
     order: str = "raster",
-    into: dict[str, dict[int, tuple[torch.Tensor, np.ndarray]]] | None = None,
     **pass_settings: Any,
-) -> dict[str, dict[int, torch.Tensor]]:
-    """{pooling: {layer: features}} of every row of `tokens` (N, T) from one pass of `layer_batches` (whose
-    settings `pass_settings` are: device, compile, precision, progress, mask_ratio, seed): each pooling of
-    `wants` for its own layers. Pooling runs in float32; features wider than WIDE_FEATURES are kept in
-    bfloat16. With `into` ({pooling: {layer: (tensor, destination row of each token row, -1 for none)}}),
-    each row is written straight into its place in a tensor the caller holds (`FeatureCache` grows its
-    store so, without a second copy of the new rows), and those tensors are returned."""
+) -> Iterator[tuple[int, int, dict[str, dict[int, torch.Tensor]]]]:
+    """(first row, rows, {pooling: {layer: float32 features (rows, width)}}) for each batch of `tokens`
+    (N, T): every pooling of `wants` at its own layers, from one pass of `layer_batches` (whose settings
+    `pass_settings` are: device, compile, precision, progress, mask_ratio, seed), on the CPU."""
     layers = sorted({i for ls in wants.values() for i in ls})
-    out: dict[str, dict[int, torch.Tensor]] = {p: {} for p in wants}  # filled in place: no second copy
     for s, n, hs in layer_batches(model, tokens, layers, batch_size, **pass_settings):
-        for p, ls in wants.items():
-            for i in ls:
-                f = pool_states(hs[i].float(), p, resolution, order).cpu()
+        yield (
+            s,
+            n,
+            {
+                p: {i: pool_states(hs[i].float(), p, resolution, order).cpu() for i in ls}
+                for p, ls in wants.items()
+            },
+        )
+
+
+def extract_pooled(
+    model: IGPT,
+    tokens: np.ndarray,
+    wants: dict[str, list[int]],
+    into: dict[str, dict[int, tuple[torch.Tensor, np.ndarray]]] | None = None,
+    **settings: Any,
+) -> dict[str, dict[int, torch.Tensor]]:
+    """{pooling: {layer: features}} of every row of `tokens` (N, T): `pooled_batches` (its `settings`)
+    gathered. Features wider than WIDE_FEATURES are kept in bfloat16. With `into` ({pooling: {layer:
+    (tensor, destination row of each token row, -1 for none)}}), each row is written straight into its place
+    in a tensor the caller holds (`FeatureCache` grows its store so, without a second copy of the new rows),
+    and those tensors are returned."""
+    out: dict[str, dict[int, torch.Tensor]] = {p: {} for p in wants}  # filled in place: no second copy
+    for s, n, pooled in pooled_batches(model, tokens, wants, **settings):
+        for p, by_layer in pooled.items():
+            for i, f in by_layer.items():
                 if into is not None:
                     out[p][i], dest = into[p][i]
                     d = dest[s : s + n]

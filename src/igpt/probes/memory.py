@@ -37,6 +37,39 @@ def probe_bytes(n_train: int, n_other: int, layers: int, d: int, pool: str, fine
     return max(sweep, refits + held_fine, fine_fit)
 
 
+def feature_budget(limit_gib: float | None = None, share: float = FEATURES_SHARE) -> float | None:
+    """Bytes the probe's features may take in memory: `limit_gib` (`--memory-limit`) where given, else
+    `share` of the memory available now (None where the system does not say)."""
+    if limit_gib is not None:
+        return limit_gib * 2**30
+    avail = available_memory()
+    return None if avail is None else share * avail
+
+
+def store_bytes(n_train: int, n_other: int, layers: int, d: int, pool: str, fine: str | None) -> int:
+    """Disk the feature store takes for a full probe (an upper estimate): `pool` and the mean at every layer
+    for every row; the fine grid at every layer for the validation and test rows and the sweep's training
+    rows, and at the chosen layer for all training rows; the sweep's rows twice (their own pass, then all
+    training rows')."""
+    width, fw = grid_side(pool) ** 2 * d, (grid_side(fine) ** 2 * d if fine else 0)
+    coarse = held_bytes(1, width) + (held_bytes(1, d) if pool != "mean" else 0)
+    fine_row = held_bytes(1, fw) if fine else 0
+    sweep = min(SWEEP_ROWS, n_train)
+    per_layer = (n_train + sweep + n_other) * coarse + (sweep + n_other) * fine_row
+    return layers * per_layer + n_train * fine_row
+
+
+def out_of_core_bytes(
+    n_train: int, n_other: int, layers: int, d: int, pool: str, fine: str | None, chunk_rows: int
+) -> int:
+    """Memory a full probe takes when its training features are fitted from disk (an upper estimate): the
+    in-memory probe's validation and test features, and the fits' chunks of training rows (a chunk read in
+    float32 and its standardised copy, at the widest pooling; the sweep's indexed rows)."""
+    widest = grid_side(fine or pool) ** 2 * d
+    held = probe_bytes(0, n_other, layers, d, pool, fine)
+    return held + 3 * 4 * min(chunk_rows, n_train) * widest
+
+
 def check_features_fit(
     n_train: int,
     other: int,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,10 @@ from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
 from igpt.files import atomic_file
 from igpt.model.gpt import IGPT
-from igpt.results import LowDataResult, ProbeResult
 from igpt.runs import CHECKPOINTS_PROBE, FULL_PROBE, LATEST_PROBE, Run, low_data_stem
 from igpt.settings import build_config
 from igpt.training.checkpoint import read_state
+from igpt.training.distributed import Dist, check_same_settings
 
 from .features import FeatureCache, check_pool, raw_pixels
 from .logistic import (
@@ -30,6 +30,7 @@ from .logistic import (
     FINE_LAMBDAS,
     FINE_REFIT_ITERS,
     LAMBDAS,
+    RowChunks,
     Sweep,
     probe_with_validation,
     refit,
@@ -39,26 +40,53 @@ from .logistic import (
 from .low_data import further_pool, low_data_probe
 from .memory import check_features_fit
 from .plots import plot_checkpoints, plot_layers
+from .scale import PixelRows, open_cache
 from .setup import Labelled, ProbeConfig, feature_settings, open_labelled_run, parse_layers
+from .store import TIMEOUT, StoreCache
 from .variants import VARIANTS, ProbeContext
 
 
 def probe(run: str | Path | ProbeConfig, **settings: Any) -> dict[str, Any]:
     """Probe a run's features and return what is written to RUN/probe.json (or, with `checkpoints="all"`,
     to probe_checkpoints.json). Takes a `ProbeConfig`, or the run and `ProbeConfig`'s fields by name, as the
-    command's flags name them: `igpt.probe("runs/r", pool="grid3", labels_per_class=10, seeds=3)`."""
+    command's flags name them: `igpt.probe("runs/r", pool="grid3", labels_per_class=10, seeds=3)`.
+
+    Under torchrun (`torchrun --nproc_per_node N -m igpt probe RUN`, or this call in each process) the
+    processes split the rows of every feature pass through the run's feature store; rank 0 fits, writes and
+    returns the result, the others return {}. Training features too large for memory are fitted from that
+    store on disk (`igpt.probes.scale`)."""
     cfg = (
         run if isinstance(run, ProbeConfig) else build_config(ProbeConfig, "probe", run=str(run), **settings)
     )
-    info, model, data = open_labelled_run(cfg.run, cfg.data, cfg.checkpoint)
-    check_pool(cfg.pool, data.resolution)
-    layers = parse_layers(cfg.layers, model.config.n_layer, info)
-    if cfg.checkpoints == "all":
-        res = checkpoints_probe(cfg, data, layers)
-        info.write_probe(CHECKPOINTS_PROBE, res, latest=False)
-        plot_checkpoints(info.probe_file(CHECKPOINTS_PROBE, ".png"), res["checkpoints"])
+    env = Dist(cfg.device, timeout=TIMEOUT)  # under torchrun: the processes that share the feature pass
+    try:
+        if env.world > 1:
+            check_same_settings(env, asdict(cfg))
+            if cfg.checkpoints == "all":
+                raise IgptError("--checkpoints all probes in one process; run it without torchrun")
+        info, model, data = open_labelled_run(cfg.run, cfg.data, cfg.checkpoint)
+        check_pool(cfg.pool, data.resolution)
+        layers = parse_layers(cfg.layers, model.config.n_layer, info)
+        if cfg.checkpoints == "all":
+            res = checkpoints_probe(cfg, data, layers)
+            info.write_probe(CHECKPOINTS_PROBE, res, latest=False)
+            plot_checkpoints(info.probe_file(CHECKPOINTS_PROBE, ".png"), res["checkpoints"])
+            return res
+        cache = open_cache(cfg, info, model, data, layers, env)
+        if cache is None:
+            return probe_and_save(cfg, model, data, layers, checkpoint_used=info.loaded_checkpoint)
+        if not env.main:  # the other ranks compute their shares of rank 0's passes; rank 0 writes
+            cache.serve()
+            return {}
+        try:
+            res = probe_and_save(cfg, model, data, layers, cache, None, info.loaded_checkpoint, env.world)
+        except BaseException as e:
+            cache.finish(str(e) if isinstance(e, IgptError) else f"rank 0 failed ({type(e).__name__})")
+            raise
+        cache.finish()
         return res
-    return probe_and_save(cfg, model, data, layers, checkpoint_used=info.loaded_checkpoint)
+    finally:
+        env.close()
 
 
 def probe_and_save(
@@ -69,9 +97,11 @@ def probe_and_save(
     cache: FeatureCache | None = None,
     baselines: dict[str, float] | None = None,
     checkpoint_used: str | None = None,
+    world: int = 1,
 ) -> dict[str, Any]:
     """One full or low-data probe of `cfg.run`: probe_full.json or probe_N_per_class.json, probe.json (the
-    latest probe) and the matching plots; `baselines` are extra named lines for the plot."""
+    latest probe) and the matching plots; `baselines` are extra named lines for the plot, `world` the
+    processes that shared the feature passes."""
     run = Run.open(cfg.run)
     t0 = time.perf_counter()
     if cfg.labels_per_class:
@@ -83,7 +113,7 @@ def probe_and_save(
         name = FULL_PROBE
         title = f"linear probe, {res['n_train']:,} training images"
     res.update(
-        world_size=1,  # the processes that shared the work
+        world_size=world,  # the processes that shared the work
         objective=model.config.objective,
         checkpoint=checkpoint_used or cfg.checkpoint or "latest",
         precision=cfg.precision,  # of the feature pass (and the full probe's fits; see ProbeConfig)
@@ -110,7 +140,7 @@ def full_probe(
     model: IGPT,
     data: PreparedData,
     layers: list[int],
-    cache: FeatureCache | None = None,
+    cache: FeatureCache | StoreCache | None = None,
     raw_cache: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The standard protocol: features of every layer, a fit per layer with lambda chosen on validation,
@@ -121,8 +151,11 @@ def full_probe(
     t0 = time.perf_counter()
     kw = feature_settings(cfg, data)
     fine = further_pool(cfg.pool, cfg.fine_pool, data.resolution)
-    check_features_fit(len(L.tr), len(L.va) + len(L.te), len(layers), model.config.n_embd, cfg.pool, fine)
+    if not isinstance(cache, StoreCache):  # the store's probe was checked when it was opened (`scale`)
+        n = (len(L.tr), len(L.va) + len(L.te), len(layers), model.config.n_embd)
+        check_features_fit(*n, cfg.pool, fine)
     cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
+    on_disk = isinstance(cache, StoreCache) and cache.on_disk
     # first the rows that choose: validation and the training rows the lambda sweeps fit on, with the fine
     # grid of every layer, since the layer it is fitted on is chosen from these rows' sweeps
     sw = sweep_rows(L.ytr.numpy(), cfg.seed)
@@ -151,7 +184,9 @@ def full_probe(
     res["paper_probe"] = _paper_probe(
         cfg, cache, layers, (L.tr, L.va, L.te), (L.ytr, L.yva, L.yte), C, res, best
     )
-    res.update(_headline(cfg, data, L, C, res, best, raw_cache), feature_dim=int(ftr[layers[0]].shape[1]))
+    res.update(
+        _headline(cfg, data, L, C, res, best, raw_cache, on_disk), feature_dim=int(ftr[layers[0]].shape[1])
+    )
     _run_variants(ProbeContext(cfg, model, data, layers, L, C, (ftr, fva, fte), best, kw), res)
     if fine:  # last, once the coarser grid's training rows are let go: the fine fit's float32 copy is large
         del ftr, fva, fte
@@ -253,10 +288,11 @@ def _headline(
     res: dict[str, Any],
     best: int,
     raw_cache: dict[str, Any] | None,
+    on_disk: bool = False,
 ) -> dict[str, Any]:
     """The full probe's headline fields: the layer chosen on validation and its test score beside raw
     pixels' (fitted once per `raw_cache`), the split sizes and how the probe was made."""
-    raw = (raw_cache or {}).get("raw") or _raw_probe(cfg, data, L, C)
+    raw = (raw_cache or {}).get("raw") or _raw_probe(cfg, data, L, C, on_disk)
     if raw_cache is not None:
         raw_cache["raw"] = raw
     return dict(
@@ -273,9 +309,13 @@ def _headline(
     )
 
 
-def _raw_probe(cfg: ProbeConfig, data: PreparedData, L: Labelled, C: int) -> dict[str, Any]:
-    """The same probe on the decoded pixels: the baseline every layer is judged against."""
-    pixels = {k: raw_pixels(data, k, r) for k, r in (("train", L.tr), ("val", L.va), ("test", L.te))}
+def _raw_probe(cfg: ProbeConfig, data: PreparedData, L: Labelled, C: int, on_disk: bool) -> dict[str, Any]:
+    """The same probe on the decoded pixels: the baseline every layer is judged against (with `on_disk`,
+    its training pixels decoded a chunk of rows at a time on each pass of the fit)."""
+    pixels: dict[str, Any] = {k: raw_pixels(data, k, r) for k, r in (("val", L.va), ("test", L.te))}
+    pixels["train"] = (
+        RowChunks(PixelRows(data, "train", L.tr)) if on_disk else raw_pixels(data, "train", L.tr)
+    )
     return probe_with_validation(
         pixels["train"],
         L.ytr,
@@ -391,25 +431,3 @@ def checkpoints_probe(cfg: ProbeConfig, data: PreparedData, layers: list[int]) -
             "--keep-every N"
         )
     return {"checkpoints": rows, "raw_pixel_accuracy": r["raw_pixel_accuracy"]}
-
-
-def probe_line(res: dict[str, Any]) -> str:
-    """One line that sums up a probe result: the best layer's accuracy beside raw pixels."""
-    if "mean_accuracy" in res:  # low data: a user holds one subset, so each subset's own choice leads
-        low = LowDataResult.from_json(res)
-        return (
-            f"{low.labels_per_class} labels per class: accuracy {low.mean_accuracy:.4f} (std "
-            f"{low.std_accuracy:.4f}) with each subset's own choice; raw pixels "
-            f"{low.raw_pixel_accuracy:.4f}; the choice shared by all subsets (layer {low.best_layer}, "
-            f"{low.best_pool or low.pool} pooling) {low.best_accuracy:.4f}"
-        )
-    full = ProbeResult.from_json(res)
-    head = f", {full.head} head" if full.head != "linear" else ""
-    line = (
-        f"best layer {full.best_layer}{head}: accuracy {full.best_accuracy:.4f}; "
-        f"raw pixels {full.raw_pixel_accuracy:.4f}"
-    )
-    if full.chosen:
-        c = full.chosen
-        line += f"; the best on validation of every probe run ({c['probe']}) {c['test_accuracy']:.4f}"
-    return line

@@ -93,6 +93,10 @@ class ProbeConfig:
     rounding is enough to move a subset's cross-validated choices."""
     progress: bool = True
     """Progress bars and per-layer lines on stderr."""
+    memory_limit: float | None = None
+    """GiB the full probe's features may take in memory (default: 90% of the memory available). Past it,
+    the training features are written to the run's feature store (RUN/features/, reused by later probes of
+    the same weights) and the fits read them from disk in row chunks."""
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -117,6 +121,8 @@ class ProbeConfig:
                 "--head attentive runs with the full probe; --labels-per-class and --checkpoints all use "
                 "linear heads"
             )
+        if self.memory_limit is not None and not self.memory_limit > 0:
+            raise IgptError(f"--memory-limit must be a positive number of GiB, got {self.memory_limit}")
         if self.attentive_epochs < 1:
             raise IgptError(f"--attentive-epochs must be at least 1, got {self.attentive_epochs}")
         check_seed(self.seed)

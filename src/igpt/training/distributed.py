@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,7 +27,7 @@ def check_batch_split(batch_size: int, world: int, grad_accum: int) -> None:
 class Dist:
     """torchrun's environment: rank, world size, local device."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, timeout: timedelta | None = None):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -39,7 +41,7 @@ class Dist:
             backend = "nccl" if device == "cuda" else "gloo"
             if device == "cuda":
                 torch.cuda.set_device(self.local_rank)
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=timeout)
 
     @property
     def main(self) -> bool:
@@ -48,6 +50,18 @@ class Dist:
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def check_same_settings(env: Dist, mine: dict[str, Any]) -> None:
+    """Under torchrun: refuse, on every rank, processes launched with different settings."""
+    seen: list[Any] = [None] * env.world
+    dist.all_gather_object(seen, mine)
+    if any(x != seen[0] for x in seen):
+        bad = next(i for i, x in enumerate(seen) if x != seen[0])
+        raise IgptError(
+            f"the processes were given different settings (rank 0 and rank {bad}); "
+            "launch every rank with the same command"
+        )
 
 
 class RunLock:

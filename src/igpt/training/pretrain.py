@@ -24,7 +24,7 @@ from igpt.runs import Run, is_run
 from igpt.settings import checked_value, flag_name
 
 from .config import ModelChoice, TrainConfig
-from .distributed import Dist, RunLock, check_batch_split
+from .distributed import Dist, RunLock, check_batch_split, check_same_settings
 from .state import Replan
 from .trainer import Trainer
 
@@ -105,7 +105,7 @@ def pretrain(
     lock = None
     try:
         if env.world > 1:  # every process must have been given the same settings: one decision for all
-            _check_same_settings(env, {"given": given, "model": model_given, "resume": resume})
+            check_same_settings(env, {"given": given, "model": model_given, "resume": resume})
         # rank 0 creates or checks the run directory, then tells the others what it decided (or why not)
         msg: list[Any] = [None]
         if env.main:
@@ -156,18 +156,6 @@ def _checked_before_writing(
                 f"--fsdp needs torch 2.6 or newer (FSDP2); this is torch {torch.__version__}"
             ) from None
     return device
-
-
-def _check_same_settings(env: Dist, mine: dict[str, Any]) -> None:
-    """Under torchrun: refuse, on every rank, processes launched with different settings."""
-    seen: list[Any] = [None] * env.world
-    dist.all_gather_object(seen, mine)
-    if any(x != seen[0] for x in seen):
-        bad = next(i for i, x in enumerate(seen) if x != seen[0])
-        raise IgptError(
-            f"the processes were given different settings (rank 0 and rank {bad}); "
-            "launch every rank with the same command"
-        )
 
 
 def check_new_run(cfg: TrainConfig, prepared: PreparedData, model_given: dict[str, Any]) -> None:
