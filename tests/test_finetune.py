@@ -183,7 +183,7 @@ def test_muon_fine_tuning_steps_the_blocks_matrices_with_muon(micro_run, tmp_pat
 
 
 def test_schedule_follows_the_clock_when_the_budget_ends_first():
-    from igpt.finetuning.finetune import Recipe
+    from igpt.finetuning.engine import Recipe
 
     none = dict.fromkeys(("model", "opt", "lr", "aug", "flip", "mask_ratio", "gen", "forward"))
     r = Recipe(**none, total_steps=10_000, budget_seconds=100.0, precision="fp32", precision_reason="")

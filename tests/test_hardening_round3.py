@@ -385,7 +385,7 @@ def test_a_prepare_refused_before_its_first_chunk_leaves_nothing(tmp_path, cli_e
 def test_a_diverging_fine_tuning_is_refused_without_a_result(micro_run, tmp_path, cli_error, monkeypatch):
     import torch.nn.functional as F
 
-    from igpt.finetuning import finetune as ft
+    from igpt.finetuning import engine as ft
 
     monkeypatch.setattr(ft, "F", type("F", (), {"cross_entropy": staticmethod(lambda *a, **k: torch_nan())}))
     msg = cli_error(

@@ -222,6 +222,8 @@ def run_finetune(args: argparse.Namespace) -> None:
     from .runs import FINETUNE
 
     res = finetune(FinetuneConfig(**config_kwargs(args, FinetuneConfig)))
+    if not res:  # a torchrun rank other than 0: rank 0 writes and reports
+        return
     r = FinetuneResult.from_json(res)
     parts = [s.get("seconds_split", {}) for s in res.get("subsets", [res])]
     split = {k: sum(p.get(k, 0.0) for p in parts) for k in ("set_up", "training", "test")}

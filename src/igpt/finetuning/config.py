@@ -61,7 +61,7 @@ class FinetuneConfig:
     labels_per_class: int | None = None
     """Fine-tune on N labelled images per class (the low-data regime); early stopping then uses a seeded
     class-balanced draw of at most N images per class from the validation split, as a user with N labels per
-    class would have."""
+    class would have. Runs in one process: refused under torchrun (the subsets are small)."""
     seeds: int = 1
     """With `labels_per_class`: fine-tune on this many seeded subsets (the low-data probes' subsets for the
     same `seed`) and report their mean and std."""
@@ -83,7 +83,7 @@ class FinetuneConfig:
     """probe (start the head at a linear probe of the features, its L2 strength chosen on the validation rows
     early stopping reads) or zero."""
     batch_size: int = 32
-    """Images per step."""
+    """Images per step (under torchrun the global batch, split evenly over the processes)."""
     patience: int = 2
     """Epochs without validation gain before stopping."""
     train_limit: int | None = None

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
@@ -32,11 +31,12 @@ from igpt.probes.logistic import balanced_subset, check_trainable
 from igpt.probes.setup import labelled_rows, open_labelled_run
 from igpt.runs import Run
 from igpt.settings import build_config
-from igpt.training.engine import NO_FLIP, EarlyStopping, autocast, bert_mask, lr_at
-from igpt.training.optim import Optimizers
+from igpt.training.distributed import Dist, check_same_settings
+from igpt.training.engine import NO_FLIP, EarlyStopping
 
-from .classifier import Augment, Classifier, accuracy, check_layer, standardise_head, truncate
+from .classifier import Augment, Classifier, check_layer, standardise_head, truncate
 from .clock import SAVE_SECONDS, Clock
+from .engine import Recipe, Share, train_epoch
 from .saving import save_finetuned
 
 
@@ -112,7 +112,13 @@ def validation_only(args: FinetuneConfig) -> list[dict[str, Any]]:
 
 
 def _fit_subsets(
-    args: FinetuneConfig, info: Run, backbone: IGPT, data: PreparedData, splits: list[_Split], clock: Clock
+    args: FinetuneConfig,
+    info: Run,
+    backbone: IGPT,
+    data: PreparedData,
+    splits: list[_Split],
+    clock: Clock,
+    share: Share | None = None,
 ) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
     """`_fit_one` on each split in turn, each from the run's weights (scratch makes its own), seeded
     seed + s, the subsets sharing what is left of the clock equally: (result, best weights) per split."""
@@ -123,7 +129,7 @@ def _fit_subsets(
             print(f"igpt finetune: subset {s + 1}/{len(splits)}", file=sys.stderr)
         if s > 0 and args.init == "pretrained":
             backbone = info.load_model()  # every subset starts from the same weights
-        out.append(_fit_one(args, info, backbone, data, split, args.seed + s, clock))
+        out.append(_fit_one(args, info, backbone, data, split, args.seed + s, clock, share or Share()))
     return out
 
 
@@ -148,19 +154,47 @@ def _check_head(args: FinetuneConfig, backbone: IGPT, data: PreparedData) -> Non
 
 def _finetune(args: FinetuneConfig) -> dict[str, Any]:
     clock = Clock(args.minutes)
-    with exclusive(args.out, "fine-tuning into"):  # a second fine-tuning into OUT is refused, not raced
-        return _finetune_locked(args, clock)
+    env = Dist(args.device)  # under torchrun: DDP over the processes
+    try:
+        share = Share(env.world, env.rank)
+        if env.world > 1:
+            check_same_settings(env, asdict(args))
+            _check_shareable(args, env.world)
+            args.device = env.device
+        if not env.main:
+            _finetune_locked(args, clock, share)
+            return {}
+        # a second fine-tuning into OUT is refused, not raced (rank 0 holds the lock for every rank)
+        with exclusive(args.out, "fine-tuning into"):
+            return _finetune_locked(args, clock, share)
+    finally:
+        env.close()
 
 
-def _finetune_locked(args: FinetuneConfig, clock: Clock) -> dict[str, Any]:
+def _check_shareable(args: FinetuneConfig, world: int) -> None:
+    """What a fine-tuning across `world` processes refuses, in one line on every rank."""
+    if args.labels_per_class:
+        raise IgptError(
+            "the low-data fine-tunings (--labels-per-class) run in one process (they are small); run them "
+            "without torchrun"
+        )
+    if args.batch_size % world:
+        raise IgptError(
+            f"--batch-size {args.batch_size} is the global batch; it must divide by the {world} processes"
+        )
+
+
+def _finetune_locked(args: FinetuneConfig, clock: Clock, share: Share) -> dict[str, Any]:
     info, backbone, data = _open(args)
     args, note = resolve_head(args, info)
     _check_head(args, backbone, data)
     splits = _subsets(args, data)
-    if note:  # said once every setting has been checked
+    if note and share.main:  # said once every setting has been checked
         print(note, file=sys.stderr)
     L = backbone.config.n_layer
-    fits = _fit_subsets(args, info, backbone, data, splits, clock)
+    fits = _fit_subsets(args, info, backbone, data, splits, clock, share)
+    if not share.main:  # rank 0 writes
+        return {}
     results = [res for res, _ in fits]
     result = results[0]
     if len(results) > 1:
@@ -177,49 +211,21 @@ def _finetune_locked(args: FinetuneConfig, clock: Clock) -> dict[str, Any]:
             "seconds": round(sum(r["seconds"] for r in results), 2),
         }
     shape = dataclasses.replace(backbone.config, n_layer=args.layer or L)  # the blocks the head reads
-    result["world_size"] = 1  # the processes that shared the work
+    result["world_size"] = share.world  # the processes that shared the work
     result["minutes"] = args.minutes
     result["seconds_total"] = round(time.perf_counter() - clock.start, 2)
     save_finetuned(Path(args.out), fits[0][1], info, shape, data.num_classes, data, result, args.pool)
     return result
 
 
-@dataclass
-class Recipe:
-    """One fine-tuning's moving parts: the classifier, its optimizer and schedule, augmentation, the
-    generator that orders batches and draws masks, and the (possibly compiled) forward."""
-
-    model: Classifier
-    opt: torch.optim.Optimizer | Optimizers
-    lr: float
-    aug: Augment | None
-    flip: bool
-    mask_ratio: float
-    gen: torch.Generator
-    total_steps: int
-    forward: CompiledOrEager
-    budget_seconds: float | None
-    precision: str
-    precision_reason: str
-    head_lambda: float | None = None
-    started: float = dataclasses.field(default_factory=time.perf_counter)
-    step: int = 0
-
-    def progress(self) -> float:
-        """How far through the schedule the next step is: by steps, or by the clock where a time budget
-        would end the run first (as pretraining does), so the rate decays within the budget."""
-        p = (self.step + 1) / self.total_steps
-        if self.budget_seconds:
-            p = max(p, (time.perf_counter() - self.started) / self.budget_seconds)
-        return p
-
-    def out_of_time(self) -> bool:
-        """Whether the time budget, counted on the schedule's clock, is spent."""
-        return bool(self.budget_seconds) and time.perf_counter() - self.started > self.budget_seconds
-
-
 def _recipe(
-    args: FinetuneConfig, info: Run, backbone: IGPT, data: PreparedData, split: _Split, seed: int
+    args: FinetuneConfig,
+    info: Run,
+    backbone: IGPT,
+    data: PreparedData,
+    split: _Split,
+    seed: int,
+    share: Share,
 ) -> Recipe:
     """The classifier (pretrained or, for the control, freshly initialised with `seed`) with its head
     started from a probe of the features, and the recipe around it; prints the start-up line."""
@@ -249,17 +255,26 @@ def _recipe(
     precision, why = args.precision, ""
     if precision == "auto":
         precision, why = auto_precision(args.device, model.backbone.config.n_embd)
-    print(
-        f"igpt finetune ({args.init} init, {args.pool} pool of layer {model.backbone.config.n_layer}): "
-        f"{len(split.train):,} training / "
-        f"{len(split.val):,} validation / {len(split.test):,} test images, {C} classes; "
-        f"{args.optimizer}, lr {lr:g}"
-        f"{f' (layer decay {args.layer_decay:g})' if args.layer_decay < 1 else ''}, "
-        f"gen weight {args.gen_weight:g}, batch {args.batch_size}, up to {args.epochs} epochs x "
-        f"{steps_per_epoch} steps; augment {'shifts' + (' + flips' if flip else '') if aug else 'off'}; "
-        f"{precision}{f' ({why})' if why else ''}{', compiled' if compiled else ''}",
-        file=sys.stderr,
-    )
+    procs = f" ({share.world} processes)" if share.world > 1 else ""
+    L = model.backbone.config.n_layer
+    if share.main:
+        print(
+            f"igpt finetune{procs} ({args.init} init, {args.pool} pool of layer {L}): "
+            f"{len(split.train):,} training / "
+            f"{len(split.val):,} validation / {len(split.test):,} test images, {C} classes; "
+            f"{args.optimizer}, lr {lr:g}"
+            f"{f' (layer decay {args.layer_decay:g})' if args.layer_decay < 1 else ''}, "
+            f"gen weight {args.gen_weight:g}, batch {args.batch_size}, up to {args.epochs} epochs x "
+            f"{steps_per_epoch} steps; augment {'shifts' + (' + flips' if flip else '') if aug else 'off'}; "
+            f"{precision}{f' ({why})' if why else ''}{', compiled' if compiled else ''}",
+            file=sys.stderr,
+        )
+    net: torch.nn.Module = model
+    if share.world > 1:  # every rank starts from the same seeded weights; DDP averages the gradients
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [torch.device(args.device).index] if "cuda" in args.device else None
+        net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=not model.backbone.causal)
     return Recipe(
         model=model,
         opt=opt,
@@ -269,60 +284,13 @@ def _recipe(
         mask_ratio=train.mask_ratio if train else 0.15,  # BERT: mask as the backbone was pretrained
         gen=torch.Generator().manual_seed(seed),
         total_steps=steps_per_epoch * args.epochs,
-        forward=CompiledOrEager(model, "the fine-tuning forward", enabled=compiled),
+        forward=CompiledOrEager(net, "the fine-tuning forward", enabled=compiled),
         budget_seconds=None,  # set by `_fit_one` from the clock once set-up is paid for
         precision=precision,
         precision_reason=why,
         head_lambda=head_lambda,
+        share=share,
     )
-
-
-def _train_epoch(args: FinetuneConfig, r: Recipe, data: PreparedData, rows: np.ndarray, epoch: int) -> float:
-    """One pass over `rows` in a seeded order (cut short when the budget runs out): the joint loss
-    L_CLF + gen_weight * L_GEN, clipped optimizer steps on the shared schedule. Returns the mean loss."""
-    from tqdm import tqdm
-
-    y_all, tokens, device = data.labels("train"), data.tokens("train"), args.device
-    causal = r.model.backbone.causal
-    perm = rows[torch.randperm(len(rows), generator=r.gen).numpy()]
-    losses = []
-    bar = tqdm(
-        range(0, len(perm), args.batch_size),
-        desc=f"epoch {epoch}",
-        unit="step",
-        leave=False,
-        disable=not args.progress,
-        mininterval=1.0,
-        file=sys.stderr,
-    )
-    for s in bar:
-        idx = np.sort(perm[s : s + args.batch_size])
-        x = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
-        if r.aug is not None:
-            x = r.aug(x, r.gen)
-        y = torch.from_numpy(y_all[idx]).to(device)
-        mask = None if causal else bert_mask(tuple(x.shape), r.mask_ratio, r.gen).to(device)
-        for g in r.opt.param_groups:
-            g["lr"] = lr_at(r.progress(), r.lr, 0.05) * g["scale"]
-        with autocast(device, r.precision):
-            logits, l_gen = r.forward(x.to(device), mask if args.gen_weight > 0 else None)
-        loss = F.cross_entropy(logits.float(), y) + args.gen_weight * l_gen.float()
-        if not torch.isfinite(loss):  # a result from here on would be the untrained start's, or noise
-            raise IgptError(
-                f"the fine-tuning loss became {float(loss.detach())} at step {r.step + 1}; nothing was "
-                "written; try a lower --lr"
-            )
-        r.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(r.model.parameters(), 1.0)
-        r.opt.step()
-        r.step += 1
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
-        if r.out_of_time():
-            break  # the epoch is cut short; it is still validated and may be the best
-    bar.close()
-    return float(np.mean(losses))
 
 
 def _fit_one(
@@ -333,17 +301,21 @@ def _fit_one(
     split: _Split,
     seed: int,
     clock: Clock | None = None,
+    share: Share | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Train one classifier on `split` (early stopping on its validation rows) and score its best epoch on
     the test rows, within this subset's share of the clock: (result, the best epoch's weights)."""
     clock = clock or Clock(args.minutes)
     t_setup = time.perf_counter()
-    r = _recipe(args, info, backbone, data, split, seed)
+    share = share or Share()
+    r = _recipe(args, info, backbone, data, split, seed, share)
     tr, va, te = split.train, split.val, split.test
     y_va, tok_va = data.labels("val"), data.tokens("val")
 
     def val_accuracy() -> float:
-        return accuracy(r.model, tok_va[va], y_va[va], args.device, r.precision) if len(va) else float("nan")
+        return (
+            share.accuracy(r.model, tok_va[va], y_va[va], args.device, r.precision) if len(va) else math.nan
+        )
 
     stop = EarlyStopping(args.patience)
     t_val = time.perf_counter()
@@ -353,14 +325,15 @@ def _fit_one(
         stop.update(0, initial_val, r.model)
     # the end needs one more validation pass, the test pass (at the validation pass's rate) and the save
     evaluation = t_val * (1 + len(te) / len(va)) if len(va) else 0.0
-    r.budget_seconds = clock.training_seconds(evaluation + SAVE_SECONDS)
+    budget = clock.training_seconds(evaluation + SAVE_SECONDS)
+    r.budget_seconds = share.agree([budget or 0.0])[0] or None  # rank 0's
     r.started = t0 = time.perf_counter()  # the schedule's clock starts with training
 
     history = _train_epochs(args, r, data, tr, stop, val_accuracy, early=bool(len(va)))
     stop.restore(r.model)
     t_test = time.perf_counter()
     test_acc = (
-        accuracy(r.model, data.tokens("test")[te], data.labels("test")[te], args.device, r.precision)
+        share.accuracy(r.model, data.tokens("test")[te], data.labels("test")[te], args.device, r.precision)
         if len(te)
         else None
     )
@@ -382,16 +355,19 @@ def _train_epochs(
     returns the history, one row per epoch."""
     history = []
     for epoch in range(1, args.epochs + 1):
-        loss = _train_epoch(args, r, data, rows, epoch)
+        loss = train_epoch(args, r, data, rows, epoch)
         val = val_accuracy()
         history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": val})
-        if args.progress:
+        say = r.share.main  # every rank reaches the same decisions from the same summed counts
+        if args.progress and say:
             print(f"epoch {epoch}: train loss {loss:.4f}, val accuracy {val:.4f}", file=sys.stderr)
         if stop.update(epoch, val, r.model, always=not early):
-            print(f"early stop: no validation gain for {args.patience} epochs", file=sys.stderr)
+            if say:
+                print(f"early stop: no validation gain for {args.patience} epochs", file=sys.stderr)
             break
-        if r.out_of_time():
-            print("stopping: --minutes budget reached", file=sys.stderr)
+        if r.clock()[1]:
+            if say:
+                print("stopping: --minutes budget reached", file=sys.stderr)
             break
     return history
 
