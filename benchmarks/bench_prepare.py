@@ -3,12 +3,14 @@
 1. All of Fashion-MNIST (70,000 28x28 grey images) at K=16, when the Debian files are present.
 2. 50,000 32x32 RGB crops cut from scikit-learn's bundled sample photos, at K=512, palette fit included.
 3. With --jpegs N: a generated folder of N JPEGs of ImageNet-like sizes (about 400x350, varied; crops of the
-   sample photos in 100 class folders), prepared at 32x32 with 512 colours by the streamed folder reader:
-   images/s with 1 and 2 workers, peak RSS of the preparing process at N/4 and N images, the time to resume
-   after a SIGKILL at about half way, and whether the outputs are byte-identical across worker counts and
-   after the resume. Each prepare runs in its own process, so RSS is its own.
+   sample photos in 100 class folders), prepared at --size (32) with --clusters (512) colours by the streamed
+   folder reader: each phase and the whole prepare with 1 and 2 workers and their ratio, peak RSS of the
+   preparing process at N/4 and N images, an estimate for ImageNet's 1.28M images from the measured rates,
+   the time to resume after a SIGKILL at about half way, and whether the outputs are byte-identical across
+   worker counts and after the resume. Each prepare runs in its own process, so RSS is its own.
 
-Run:  .venv/bin/python benchmarks/bench_prepare.py [--jpegs 50000] [--skip-small] [--keep DIR]
+Run:  .venv/bin/python benchmarks/bench_prepare.py [--jpegs 50000] [--size 64 --clusters 64] [--skip-small]
+      [--no-kill] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -87,18 +89,22 @@ def make_jpeg_folder(root: Path, n: int) -> Path:
 
 PREPARE = (
     "import json, resource, sys; from igpt.data.preparation import prepare; "
-    "m = prepare('folder', out=sys.argv[1], data_dir=sys.argv[2], resolution=32, clusters=512, "
-    "workers=int(sys.argv[3]), progress=False); "
+    "m = prepare('folder', out=sys.argv[1], data_dir=sys.argv[2], resolution=int(sys.argv[4]), "
+    "clusters=int(sys.argv[5]), workers=int(sys.argv[3]), progress=False); "
     "print(json.dumps({'seconds': m['seconds'], 'n': m['n_train'] + m['n_val'] + m['n_test'], "
     "'skipped': m['skipped_files'], 'rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
     "'worker_rss_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))"
 )
 
 
+SHAPE = ["32", "512"]
+"""--size and --clusters of the JPEG benchmark's prepares (set from the command line)."""
+
+
 def run_prepare(out: Path, src: Path, workers: int) -> dict:
     t = time.perf_counter()
     r = subprocess.run(
-        [sys.executable, "-c", PREPARE, str(out), str(src), str(workers)],
+        [sys.executable, "-c", PREPARE, str(out), str(src), str(workers), *SHAPE],
         capture_output=True,
         text=True,
         check=True,
@@ -113,7 +119,20 @@ def identical(a: Path, b: Path) -> bool:
     return bool(names) and all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
 
-def jpeg_benchmark(n: int, keep: str | None) -> None:
+IMAGENET = 1_281_167
+"""ImageNet's training images: the estimate's size."""
+
+
+def imagenet_estimate(r: dict) -> str:
+    """Minutes a prepare of ImageNet's training images would take at the rates of the run `r` (an estimate:
+    decoding and quantizing scale with the images; the palette is fitted on a fixed-size sample)."""
+    s, n = r["seconds"], r["n"]
+    per_image = (s["decode"] + s["quantize"]) / n
+    total = IMAGENET * per_image + s["palette"] + s["list"] * IMAGENET / n
+    return f"{total / 60:,.0f} min ({IMAGENET * per_image / 60:,.0f} decoding and quantizing)"
+
+
+def jpeg_benchmark(n: int, keep: str | None, kill: bool = True) -> None:
     tmp = Path(keep or tempfile.mkdtemp(prefix="bench_jpegs_"))
     t = time.perf_counter()
     src = make_jpeg_folder(tmp / f"jpegs{n}", n)
@@ -131,9 +150,20 @@ def jpeg_benchmark(n: int, keep: str | None) -> None:
             f"{rate:,.0f} images/s ({rate / workers:,.0f} per worker); phases {r['seconds']}; peak RSS "
             f"{r['rss_mib']:.0f} MiB (largest worker {r['worker_rss_mib']:.0f} MiB)"
         )
-    speedup = res[1]["seconds"]["decode"] / res[2]["seconds"]["decode"]
     same = identical(tmp / "out_w1", tmp / "out_w2")
-    print(f"2 workers against 1 (decode): {speedup:.2f}x; identical outputs: {same}")
+    ratios = {
+        k: res[1]["seconds"][k] / max(res[2]["seconds"][k], 1e-9) for k in ("decode", "palette", "quantize")
+    }
+    whole = res[1]["seconds"]["total"] / res[2]["seconds"]["total"]
+    print(
+        f"2 workers against 1: the whole prepare {whole:.2f}x (decode {ratios['decode']:.2f}x, palette "
+        f"{ratios['palette']:.2f}x, quantize {ratios['quantize']:.2f}x); identical outputs: {same}"
+    )
+    for w in (1, 2):
+        print(
+            f"estimate for ImageNet's {IMAGENET:,} training images at {SHAPE[0]}x{SHAPE[0]}, {w} worker(s): "
+            f"{imagenet_estimate(res[w])}"
+        )
     out_q = tmp / "out_quarter"
     subprocess.run(["rm", "-rf", str(out_q)], check=True)
     rq = run_prepare(out_q, quarter, 2)
@@ -141,12 +171,14 @@ def jpeg_benchmark(n: int, keep: str | None) -> None:
         f"peak RSS, 2 workers: {rq['rss_mib']:.0f} MiB at {rq['n']:,} images, {res[2]['rss_mib']:.0f} MiB at "
         f"{res[2]['n']:,} ({res[2]['rss_mib'] / rq['rss_mib'] - 1:+.1%})"
     )
+    if not kill:
+        return
     # SIGKILL at about half way, then the same command again
     out_k = tmp / "out_killed"
     subprocess.run(["rm", "-rf", str(out_k), str(tmp / ".out_killed.partial")], check=True)
     chunks = -(-int(n * 0.9) // 1024) + -(-int(n * 0.1) // 1024)
     p = subprocess.Popen(
-        [sys.executable, "-c", PREPARE, str(out_k), str(src), "2"],
+        [sys.executable, "-c", PREPARE, str(out_k), str(src), "2", *SHAPE],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -170,9 +202,13 @@ def main() -> None:
     ap.add_argument("--jpegs", type=int, default=0, help="also benchmark a generated folder of N JPEGs")
     ap.add_argument("--skip-small", action="store_true", help="skip benchmarks 1 and 2")
     ap.add_argument("--keep", help="directory for the generated JPEGs and outputs (reused when present)")
+    ap.add_argument("--size", type=int, default=32, help="the JPEG benchmark's resolution")
+    ap.add_argument("--clusters", type=int, default=512, help="the JPEG benchmark's palette size")
+    ap.add_argument("--no-kill", action="store_true", help="skip the JPEG benchmark's kill-and-resume")
     a = ap.parse_args()
+    SHAPE[:] = [str(a.size), str(a.clusters)]
     if a.jpegs:
-        jpeg_benchmark(a.jpegs, a.keep)
+        jpeg_benchmark(a.jpegs, a.keep, kill=not a.no_kill)
     if a.skip_small:
         return
     tmp = tempfile.mkdtemp(prefix="bench_prepare_")

@@ -525,31 +525,30 @@ def test_decoding_workers_leave_ctrl_c_to_the_parent(tmp_path):
     import multiprocessing as mp
     import signal
     import time
-    import types
 
     import numpy as np
     from PIL import Image
 
-    from igpt.data import streaming
+    from igpt.data import workers
 
     files = []
     for i in range(4):
         files.append(tmp_path / f"{i}.png")
         Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(files[-1])
-    todo = [("train", j, [(str(f), 0) for f in files]) for j in range(6)]
+    todo = [([str(f) for f in files], 8, False, str(tmp_path / f"c{j}.npz"), [0] * 4) for j in range(6)]
     before = set(mp.active_children())
-    jobs = streaming._decoded(types.SimpleNamespace(kind="folder"), todo, 8, 2, False)
+    jobs = workers.run_jobs(workers.decode_and_store, todo, 2)
     first = next(jobs)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the parent's own is back
-    workers = [p for p in mp.active_children() if p not in before]
-    assert len(workers) == 2
-    for w in workers:
+    procs = [p for p in mp.active_children() if p not in before]
+    assert len(procs) == 2
+    for w in procs:
         os.kill(w.pid, signal.SIGINT)
     time.sleep(0.5)
-    alive = [w.is_alive() for w in workers]
+    alive = [w.is_alive() for w in procs]
     rest = list(jobs) if all(alive) else jobs.close()
     assert all(alive), "a decoding worker died of SIGINT"
-    assert first[1].all() and len(rest) == 5
+    assert first[0] == 4 and not first[2] and len(rest) == 5 and len(list(tmp_path.glob("c*.npz"))) == 6
 
 
 # outside 8: a named checkpoint must be one of the run's own

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import igpt
-from igpt.data import streaming
+from igpt.data import streaming, workers
 from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
 
@@ -57,7 +57,7 @@ def test_an_interrupted_prepare_resumes_without_redoing_finished_chunks(tmp_path
     src = image_folder(tmp_path / "img")
     kw = dict(data_dir=str(src), resolution=8, clusters=8, workers=1, progress=False)
     igpt.prepare("folder", out=tmp_path / "straight", **kw)
-    real, calls = streaming.decode_files, []
+    real, calls = workers.decode_files, []
 
     def dying(job):
         calls.append(len(job[0]))
@@ -65,7 +65,7 @@ def test_an_interrupted_prepare_resumes_without_redoing_finished_chunks(tmp_path
             raise KeyboardInterrupt  # as Ctrl-C (or a kill) in the middle of the fourth chunk
         return real(job)
 
-    monkeypatch.setattr(streaming, "decode_files", dying)
+    monkeypatch.setattr(workers, "decode_files", dying)
     with pytest.raises(KeyboardInterrupt):
         igpt.prepare("folder", out=tmp_path / "r", **kw)
     # three chunks of 5 finished; the fourth died half-way and left nothing
@@ -73,18 +73,18 @@ def test_an_interrupted_prepare_resumes_without_redoing_finished_chunks(tmp_path
     assert not (tmp_path / "r").exists() and len(stored) == 3
     clean = sum(bool(np.load(p)["ok"].all()) for p in stored)  # a chunk that skipped a file is retried
     calls.clear()
-    monkeypatch.setattr(streaming, "decode_files", lambda job: calls.append(len(job[0])) or real(job))
+    monkeypatch.setattr(workers, "decode_files", lambda job: calls.append(len(job[0])) or real(job))
     igpt.prepare("folder", out=tmp_path / "r", **kw)
     assert sum(calls) == 37 - clean * 5  # of 37 files, only those of unfinished chunks are decoded again
     same_arrays(tmp_path / "straight", tmp_path / "r")
     # a resume with another decoding setting is refused, naming it; a palette setting may change
     calls.clear()
-    monkeypatch.setattr(streaming, "decode_files", dying)
+    monkeypatch.setattr(workers, "decode_files", dying)
     with pytest.raises(KeyboardInterrupt):
         igpt.prepare("folder", out=tmp_path / "s", **kw)
     with pytest.raises(IgptError, match="used resolution=8, not 6"):
         igpt.prepare("folder", out=tmp_path / "s", **{**kw, "resolution": 6})
-    monkeypatch.setattr(streaming, "decode_files", real)
+    monkeypatch.setattr(workers, "decode_files", real)
     assert igpt.prepare("folder", out=tmp_path / "s", **{**kw, "clusters": 16})["clusters"] == 16
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from igpt.errors import IgptError
+
+# torch is imported only by the resize (a downsampled ImageNet's batches): a folder's prepare, its workers
+# and its k-means run on numpy alone, without torch's seconds-long import
 
 ORDERS = ("raster", "snake")
 
@@ -38,6 +40,8 @@ def resize_images(images: np.ndarray, resolution: int, chunk: int = 4096) -> np.
     n, h, w, c = images.shape
     if (h, w) == (resolution, resolution):
         return images
+    import torch
+
     wh = torch.from_numpy(_box_weights(h, resolution))
     ww = torch.from_numpy(_box_weights(w, resolution))
     out = np.empty((n, resolution, resolution, c), dtype=np.uint8)
@@ -74,96 +78,144 @@ def _distinct_colours(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _assign(
-    points: torch.Tensor, centres: torch.Tensor, chunk: int = 65536
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centre (squared Euclidean) of each point, and that squared distance; chunked so memory stays
-    bounded at chunk x K floats."""
+    points: np.ndarray, centres: np.ndarray, threads: int = 1, chunk: int = 32768
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centre (squared Euclidean, float32) of each of the float32 `points` (n, C), and that squared
+    distance: the k-means fit's assignment (quantizing uses `nearest`). Chunks of `chunk` points, so memory
+    stays at chunk x K floats, shared among `threads` threads (numpy's products and argmin let go of the
+    GIL)."""
     c2 = (centres * centres).sum(1)
-    idx = torch.empty(len(points), dtype=torch.long)
-    dist = torch.empty(len(points), dtype=torch.float32)
-    for s in range(0, len(points), chunk):
+    m = -2.0 * centres.T
+    idx = np.empty(len(points), dtype=np.int64)
+    dist = np.empty(len(points), dtype=np.float32)
+
+    def part(s: int) -> None:
         p = points[s : s + chunk]
-        d = torch.addmm(c2, p, centres.T, alpha=-2.0)  # (n, K): |c|^2 - 2 p.c
-        m, i = d.min(1)
+        d = p @ m  # (n, K): |c|^2 - 2 p.c
+        d += c2
+        i = d.argmin(1)
         idx[s : s + chunk] = i
-        dist[s : s + chunk] = (m + (p * p).sum(1)).clamp_(min=0)
+        dist[s : s + chunk] = np.maximum(d[np.arange(len(p)), i] + (p * p).sum(1), 0.0)
+
+    starts = range(0, len(points), chunk)
+    if threads > 1 and len(starts) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(part, starts))
+    else:
+        for s in starts:
+            part(s)
     return idx, dist
 
 
 def fit_palette(
-    images: np.ndarray, clusters: int, seed: int = 0, max_pixels: int = 500_000, max_iter: int = 100
+    images: np.ndarray,
+    clusters: int,
+    seed: int = 0,
+    max_pixels: int = 500_000,
+    max_iter: int = 100,
+    threads: int = 1,
 ) -> np.ndarray:
     """Fit a K-cluster palette to uint8 (N, H, W, C) images: weighted k-means (k-means++ seeding, Lloyd
     iterations) over the distinct colours of up to `max_pixels` pixels sampled with `seed`. Grey images use
     every pixel (a 256-bin histogram is exact and cheap). Returns float32 (K, C) centres on 0-255, sorted by
-    brightness so that token order is meaningful to a human."""
+    brightness so that token order is meaningful to a human. The assignments run on `threads` threads (the
+    prepare's `--workers`), each product on one BLAS thread: the same palette for any number."""
+    from threadpoolctl import threadpool_limits
+
     c = images.shape[3]
     pixels = images.reshape(-1, c)
     rng = np.random.default_rng(seed)
     if c != 1 and len(pixels) > max_pixels:
         pixels = pixels[rng.choice(len(pixels), max_pixels, replace=False)]
-    colours, weights = _distinct_colours(pixels)
+    pts, w = _distinct_colours(pixels)
     if clusters < 2:
         raise IgptError(f"--clusters must be at least 2, got {clusters}")
-    if clusters > len(colours):
+    if clusters > len(pts):
         raise IgptError(
-            f"--clusters {clusters} exceeds the {len(colours)} distinct colours in the training images"
+            f"--clusters {clusters} exceeds the {len(pts)} distinct colours in the training images"
         )
-    pts = torch.from_numpy(colours)
-    w = torch.from_numpy(weights)
-    gen = torch.Generator().manual_seed(seed)
-    # k-means++: each new centre drawn with probability proportional to weight x squared distance.
-    centres = torch.empty(clusters, c)
-    centres[0] = pts[torch.multinomial(w, 1, generator=gen)]
-    best = ((pts - centres[0]) ** 2).sum(1).double()
-    for k in range(1, clusters):
-        p = w * best
-        pick = (
-            torch.multinomial(p / p.sum(), 1, generator=gen) if p.sum() > 0 else torch.randint(len(pts), (1,))
-        )
-        centres[k] = pts[pick]
-        best = torch.minimum(best, ((pts - centres[k]) ** 2).sum(1).double())
-    prev = None
-    for _ in range(max_iter):
-        idx, dist = _assign(pts, centres)
-        if prev is not None and torch.equal(idx, prev):
-            break
-        prev = idx
-        sums = torch.zeros(clusters, c, dtype=torch.float64).index_add_(0, idx, pts.double() * w[:, None])
-        mass = torch.zeros(clusters, dtype=torch.float64).index_add_(0, idx, w)
-        empty = mass == 0
-        new = (sums / mass.clamp(min=1e-12)[:, None]).float()
-        if empty.any():  # re-seed empty clusters at the worst-served colours
-            far = torch.argsort(dist.double() * w, descending=True)[: int(empty.sum())]
-            new[empty] = pts[far]
-        centres = new
-    order = torch.argsort(centres.sum(1), stable=True)
-    return centres[order].numpy().astype(np.float32)
+    with threadpool_limits(1):
+        # k-means++: each new centre drawn with probability proportional to weight x squared distance
+        centres = np.empty((clusters, c), dtype=np.float32)
+        centres[0] = pts[rng.choice(len(pts), p=w / w.sum())]
+        best = ((pts - centres[0]) ** 2).sum(1).astype(np.float64)
+        for k in range(1, clusters):
+            p = w * best
+            total = p.sum()
+            centres[k] = pts[rng.choice(len(pts), p=p / total) if total > 0 else rng.integers(len(pts))]
+            best = np.minimum(best, ((pts - centres[k]) ** 2).sum(1))
+        prev = None
+        for _ in range(max_iter):
+            idx, dist = _assign(pts, centres, threads)
+            if prev is not None and np.array_equal(idx, prev):
+                break
+            prev = idx
+            mass = np.bincount(idx, weights=w, minlength=clusters)
+            sums = np.stack(
+                [np.bincount(idx, weights=pts[:, j] * w, minlength=clusters) for j in range(c)], 1
+            )
+            empty = mass == 0
+            new = (sums / np.maximum(mass, 1e-12)[:, None]).astype(np.float32)
+            if empty.any():  # re-seed empty clusters at the worst-served colours
+                far = np.argsort(-(dist.astype(np.float64) * w), kind="stable")[: int(empty.sum())]
+                new[empty] = pts[far]
+            centres = new
+    order = np.argsort(centres.sum(1), kind="stable")
+    return centres[order].astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- quantizing
-def quantize(images: np.ndarray, palette: np.ndarray, chunk_pixels: int = 1 << 22) -> np.ndarray:
-    """Nearest-centre tokens of uint8 (N, H, W, C) images: (N, H, W) int64. Vectorised through a lookup
-    table: every distinct colour is matched once (256 entries for grey; for RGB, the colours met so far in a
-    table of 2^24 entries filled chunk by chunk), then tokens are one gather per pixel."""
+SNAP = 2.0**-14
+"""Centre coordinates nearer zero than this count as zero in `nearest`'s distances (a 60,000th of a grey
+level): with them, every product of an integer colour and a centre, and their sums, are exact in float64."""
+
+
+def nearest(colours: np.ndarray, palette: np.ndarray, block: int = 8192) -> np.ndarray:
+    """Index of the nearest centre of `palette` (K, C) for each integer colour of `colours` (n, C), ties to
+    the lower index, as argmin of |c|^2 - 2 p.c in float64. That is the same on every machine, thread count
+    and batch: p.c is exact (8-bit integers times float32 centres at least SNAP from zero sum without
+    rounding whatever order a BLAS kernel takes), and |c|^2 is computed once per palette. So a colour's token
+    never depends on which worker, or with which other colours, it was quantized."""
+    c = palette.astype(np.float64)
+    c[np.abs(c) < SNAP] = 0.0
+    c2 = (c * c).sum(1)
+    out = np.empty(len(colours), dtype=np.int64)
+    for s in range(0, len(colours), block):
+        p = np.asarray(colours[s : s + block], dtype=np.float64)
+        out[s : s + block] = (c2 - 2.0 * (p @ c.T)).argmin(1)
+    return out
+
+
+def quantize(
+    images: np.ndarray, palette: np.ndarray, chunk_pixels: int = 1 << 22, lut: np.ndarray | None = None
+) -> np.ndarray:
+    """Nearest-centre tokens of uint8 (N, H, W, C) images: (N, H, W) int64 (`nearest`, numpy only).
+    Vectorised through a lookup table: every distinct colour is matched once (256 entries for grey; for
+    RGB, the colours met so far in a table of 2^24 entries filled chunk by chunk, the new ones found with a
+    2^24-bit map rather than a sort), then tokens are one gather per pixel. `lut`, a table this palette
+    filled before (-1 where not yet), carries the colours met from call to call (a prepare's worker keeps
+    one: a colour's token is the same whichever call meets it first)."""
     n, h, w, c = images.shape
     if c != palette.shape[1]:
         raise IgptError(f"the images have {c} channel(s) but the palette has {palette.shape[1]}")
-    centres = torch.from_numpy(np.ascontiguousarray(palette, dtype=np.float32))
     if c == 1:
-        lut, _ = _assign(torch.arange(256, dtype=torch.float32)[:, None], centres)
-        return lut.numpy()[images[..., 0]]
-    lut = np.full(1 << 24, -1, dtype=np.int32)
+        return nearest(np.arange(256)[:, None], palette)[images[..., 0]]
+    lut = np.full(1 << 24, -1, dtype=np.int32) if lut is None else lut
     flat = images.reshape(-1, 3)
     out = np.empty(len(flat), dtype=np.int64)
     for s in range(0, len(flat), chunk_pixels):
         p = flat[s : s + chunk_pixels]
         packed = (p[:, 0].astype(np.int32) << 16) | (p[:, 1].astype(np.int32) << 8) | p[:, 2]
         tok = lut[packed]
-        missing = np.unique(packed[tok < 0])
-        if len(missing):
-            rgb = np.stack([(missing >> 16) & 255, (missing >> 8) & 255, missing & 255], 1).astype(np.float32)
-            lut[missing] = _assign(torch.from_numpy(rgb), centres)[0].numpy()
+        new = tok < 0
+        if new.any():
+            seen = np.zeros(1 << 24, dtype=bool)
+            seen[packed[new]] = True
+            missing = np.flatnonzero(seen)
+            rgb = np.stack([(missing >> 16) & 255, (missing >> 8) & 255, missing & 255], 1)
+            lut[missing] = nearest(rgb, palette)
             tok = lut[packed]
         out[s : s + chunk_pixels] = tok
     return out.reshape(n, h, w)

@@ -66,8 +66,9 @@ class PrepareConfig:
     """Share of the training split held out for validation (seeded, class-stratified): every choice is made
     on it and nothing trains on it. The default keeps 5,000 of Fashion-MNIST's 60,000."""
     workers: int | None = None
-    """Processes decoding a folder's images (default: the cores this process may use). The output is the
-    same for any number; it is not part of the settings a reuse or resume compares."""
+    """The cores a folder's or downsampled ImageNet's prepare uses (default: the cores this process may
+    use): processes decoding a folder's images, processes quantizing, threads fitting the palette. The
+    output is byte-identical for any number; it is not part of the settings a reuse or resume compares."""
     strict: bool = False
     """Fail on an unreadable image in a folder instead of skipping and counting it."""
 

@@ -20,23 +20,21 @@ and their order are fixed, and each image is decoded on its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from igpt.errors import IgptError
-from igpt.files import NpyWriter, atomic_directory, atomic_file, disk_errors, write_json_atomic
+from igpt.files import NpyWriter, atomic_directory, disk_errors, write_json_atomic
 
-from .decode import decode_files, ignore_interrupts
 from .listing import Listing, read_imagenet_batch
 from .prepared import meta_record
 from .sources import (
@@ -44,6 +42,7 @@ from .sources import (
     source,
     split_validation,
 )
+from .workers import decode_and_store, quantize_stored, run_jobs, save_chunk
 
 CHUNK = 1024
 """Images per chunk: the unit of work of a worker, of a resume, and of memory."""
@@ -123,10 +122,7 @@ class ChunkStore:
         notes: list[str],
     ) -> None:
         """Save a finished chunk whole (a temporary file renamed into place), with its skip notes."""
-        with atomic_file(self.path(split, index), needed=images.nbytes) as tmp:
-            with open(tmp, "wb") as f:
-                note_array = np.array(notes, dtype=str) if notes else np.zeros(0, dtype="<U1")
-                np.savez(f, images=images, ok=ok, labels=labels, colour=np.array(colour), notes=note_array)
+        save_chunk(self.path(split, index), images, ok, labels, colour, notes)
 
     def notes(self) -> list[str]:
         """The skip notes of every stored chunk, in split and chunk order."""
@@ -155,8 +151,9 @@ def _jobs(listing: Listing, split: str) -> list[tuple[int, list[tuple[str, int]]
 def fill_store(
     store: ChunkStore, listing: Listing, size: int, workers: int, strict: bool, progress: bool
 ) -> list[str]:
-    """Decode every chunk not yet in the store, or stored with skipped files (in parallel for a folder), and
-    save it; returns the skip notes of every chunk, decoded now or before."""
+    """Decode every chunk not yet in the store, or stored with skipped files (a folder's in `workers`
+    processes, each storing its own chunks), and save it; returns the skip notes of every chunk, decoded
+    now or before."""
     todo = [(s, i, rows) for s in ("train", "test") for i, rows in _jobs(listing, s) if not store.done(s, i)]
     if not todo:
         return store.notes()
@@ -174,47 +171,25 @@ def fill_store(
         file=sys.stderr,
     )
     try:
-        for (split, i, rows), (images, ok, colour, new, labels) in zip(
-            todo, _decoded(listing, todo, size, workers, strict), strict=True
-        ):
-            if labels is None:
-                labels = np.array([lab for _, lab in rows], np.int64)
-            store.put(split, i, images, ok, labels, colour, new)
-            bar.update(len(images))
+        if folder:
+            jobs = [
+                ([f for f, _ in rows], size, strict, str(store.path(split, i)), [lab for _, lab in rows])
+                for split, i, rows in todo
+            ]
+            for n, _, _ in run_jobs(decode_and_store, jobs, workers):
+                bar.update(n)
+        else:
+            from .palette import resize_images
+
+            for split, i, rows in todo:
+                images, labels = read_imagenet_batch(Path(rows[0][0]))
+                if images.shape[1] != size:
+                    images = resize_images(images, size)
+                store.put(split, i, images, np.ones(len(images), bool), labels, True, [])
+                bar.update(len(images))
     finally:
         bar.close()
     return store.notes()
-
-
-def _decoded(listing: Listing, todo: list, size: int, workers: int, strict: bool) -> Iterator[tuple]:
-    """(images, ok, colour, notes, labels or None) per job of `todo`, in order."""
-    if listing.kind == "imagenet":
-        from .palette import resize_images
-
-        for _, _, rows in todo:
-            images, labels = read_imagenet_batch(Path(rows[0][0]))
-            if images.shape[1] != size:
-                images = resize_images(images, size)
-            yield images, np.ones(len(images), bool), True, [], labels
-        return
-    jobs = [([f for f, _ in rows], size, strict) for _, _, rows in todo]
-    if workers <= 1:
-        for job in jobs:
-            yield (*decode_files(job), None)
-        return
-    import multiprocessing as mp
-
-    # spawn: workers import only numpy and Pillow, and never inherit torch's threads
-    # workers ignore Ctrl-C from their first instruction (an ignored SIGINT is inherited through exec, and
-    # the initializer keeps it so): the parent alone is interrupted, says so in one line and ends them
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        pool = mp.get_context("spawn").Pool(workers, initializer=ignore_interrupts)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    with pool:
-        for res in pool.imap(decode_files, jobs):
-            yield (*res, None)
 
 
 # ---------------------------------------------------------------------------------------------- assembly
@@ -310,13 +285,13 @@ def _prepare_from_store(
         cfg, store, listing
     )
     channels = 3 if colour else 1
-    palette, n_sample = _streamed_palette(cfg, store, (tr_where, tr_rows), size, channels, colour)
+    palette, n_sample = _streamed_palette(cfg, store, (tr_where, tr_rows), size, channels, colour, workers)
     t_fit = time.perf_counter()
 
     labelled = bool((np.concatenate([tr_labels, te_labels]) >= 0).any())
     with atomic_directory(out) as tmp:
         parts = {"train": tr_where[tr_rows], "val": tr_where[va_rows], "test": te_where}
-        sq_err = _write_tokens(tmp, store, parts, palette, size, channels, cfg.order)
+        sq_err = _write_tokens(tmp, store, parts, palette, size, channels, cfg.order, workers)
         labels = {"train": tr_labels[tr_rows], "val": tr_labels[va_rows], "test": te_labels}
         for name, y in labels.items():
             np.save(tmp / f"{name}_labels.npy", y.astype(np.int64))
@@ -372,10 +347,16 @@ def _stored_splits(cfg: Any, store: ChunkStore, listing: Listing) -> tuple[tuple
 
 
 def _streamed_palette(
-    cfg: Any, store: ChunkStore, train: tuple[np.ndarray, np.ndarray], size: int, channels: int, colour: bool
+    cfg: Any,
+    store: ChunkStore,
+    train: tuple[np.ndarray, np.ndarray],
+    size: int,
+    channels: int,
+    colour: bool,
+    workers: int,
 ) -> tuple[np.ndarray, int]:
     """The palette given, or k-means fitted on a seeded sample of the training images (as many as
-    PALETTE_SAMPLE_PIXELS allows): (palette, images sampled)."""
+    PALETTE_SAMPLE_PIXELS allows), its products on `workers` threads: (palette, images sampled)."""
     from .palette import fit_palette, load_palette
 
     if cfg.palette:
@@ -387,7 +368,8 @@ def _streamed_palette(
     n_sample = max(1, min(len(tr_rows), PALETTE_SAMPLE_PIXELS // (size * size)))
     pick = np.sort(np.random.default_rng(cfg.seed).choice(tr_rows, n_sample, replace=False))
     sample = _channels(gather(store, "train", tr_where[pick]), channels, colour)
-    return fit_palette(sample, cfg.clusters or (16 if channels == 1 else 512), seed=cfg.seed), n_sample
+    clusters = cfg.clusters or (16 if channels == 1 else 512)
+    return fit_palette(sample, clusters, seed=cfg.seed, threads=workers), n_sample
 
 
 def _write_tokens(
@@ -398,22 +380,47 @@ def _write_tokens(
     size: int,
     channels: int,
     order: str,
+    workers: int,
 ) -> float:
-    """Quantize each split's stored images chunk by chunk into SPLIT_tokens.npy; returns the test split's
-    summed squared error against the palette (for the quantization RMSE)."""
-    from .palette import decode, quantize, to_sequence, token_dtype
+    """Quantize each split's stored images, CHUNK rows at a time in `workers` processes (`quantize_stored`:
+    the same tokens on any worker), into SPLIT_tokens.npy, written in order as they come; returns the test
+    split's summed squared error against the palette (for the quantization RMSE)."""
+    from .palette import token_dtype
 
     dtype, sq_err = token_dtype(len(palette)), 0.0
-    for name, where in parts.items():
-        split = "test" if name == "test" else "train"
-        with NpyWriter(tmp / f"{name}_tokens.npy", dtype, (len(where), size * size)) as toks:
-            for s in range(0, len(where), CHUNK):
-                imgs = _channels(gather(store, split, where[s : s + CHUNK]), palette.shape[1], channels == 3)
-                grid = quantize(imgs, palette)
-                toks.write(to_sequence(grid, order).astype(dtype))
-                if name == "test":
-                    sq_err += float(((decode(grid, palette).astype(np.float64) - imgs) ** 2).sum())
+    jobs = [  # every split's chunks in one stream, so that one pool serves them all
+        (
+            name,
+            (
+                _parts(store, "test" if name == "test" else "train", where[s : s + CHUNK]),
+                palette,
+                channels == 3,
+                order,
+                dtype.str,
+                name == "test",
+            ),
+        )
+        for name, where in parts.items()
+        for s in range(0, len(where), CHUNK)
+    ]
+    with contextlib.ExitStack() as files:
+        toks = {
+            name: files.enter_context(NpyWriter(tmp / f"{name}_tokens.npy", dtype, (len(where), size * size)))
+            for name, where in parts.items()
+        }
+        results = run_jobs(quantize_stored, [job for _, job in jobs], workers)
+        for (name, _), (rows, err) in zip(jobs, results, strict=True):
+            toks[name].write(rows)
+            sq_err += err
     return sq_err
+
+
+def _parts(store: ChunkStore, split: str, where: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """(chunk file, rows in it) of the stored images at (chunk, row) positions `where`, in order."""
+    if not len(where):
+        return []
+    cut = np.flatnonzero(np.diff(where[:, 0])) + 1
+    return [(str(store.path(split, int(w[0, 0]))), w[:, 1]) for w in np.split(where, cut)]
 
 
 def _channels(images: np.ndarray, channels: int, colour: bool) -> np.ndarray:

@@ -1,0 +1,116 @@
+"""The streamed prepare's worker processes: what they run (decode a chunk of files and store it; quantize
+stored chunks into token rows), and the pool they run in. Workers import numpy and Pillow only (never torch,
+whose import alone takes seconds), ignore Ctrl-C (the parent is interrupted, says so in one line and ends
+them), and hand back small results: chunks go to the store's files, not through the parent's memory, and
+at most a few jobs are in flight, so the parent's memory stays flat however many images there are."""
+
+from __future__ import annotations
+
+import signal
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from igpt.files import atomic_file
+
+from .decode import decode_files, ignore_interrupts
+from .palette import decode, quantize, to_channels, to_sequence
+
+
+def save_chunk(
+    path: Path, images: np.ndarray, ok: np.ndarray, labels: np.ndarray, colour: bool, notes: list[str]
+) -> None:
+    """A finished chunk as one .npz, whole (a temporary file renamed into place)."""
+    with atomic_file(path, needed=images.nbytes) as tmp:
+        with open(tmp, "wb") as f:
+            note_array = np.array(notes, dtype=str) if notes else np.zeros(0, dtype="<U1")
+            np.savez(f, images=images, ok=ok, labels=labels, colour=np.array(colour), notes=note_array)
+
+
+def decode_and_store(job: tuple[list[str], int, bool, str, list[int]]) -> tuple[int, bool, list[str]]:
+    """A worker's job: decode a chunk's files (`decode_files`) and store them with their labels at the path
+    given; returns (images, whether any was in colour, skip notes)."""
+    files, size, strict, path, labels = job
+    images, ok, colour, notes = decode_files((files, size, strict))
+    save_chunk(Path(path), images, ok, np.asarray(labels, np.int64), colour, notes)
+    return len(images), colour, notes
+
+
+def read_stored(parts: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """The images at `parts` ((chunk file, rows in it), in order), concatenated."""
+    out = []
+    for path, rows in parts:
+        with np.load(path, allow_pickle=False) as z:
+            out.append(z["images"][rows])
+    return np.concatenate(out) if out else np.zeros((0,), np.uint8)
+
+
+def quantize_stored(
+    job: tuple[list[tuple[str, np.ndarray]], np.ndarray, bool, str, str, bool],
+) -> tuple[np.ndarray, float]:
+    """A worker's job: stored images (`read_stored`) to token rows in `order` and `dtype`, quantized with
+    `palette` (`quantize`, the same on any worker); with `error`, also their summed squared error against
+    the palette's colours (the quantization RMSE's numerator)."""
+    parts, palette, colour, order, dtype, error = job
+    imgs = read_stored(parts)
+    c = palette.shape[1]
+    imgs = imgs[..., :1] if c == 1 and not colour else to_channels(imgs, c)
+    grid = quantize(imgs, palette, lut=_table(palette) if c == 3 else None)
+    err = float(((decode(grid, palette).astype(np.float64) - imgs) ** 2).sum()) if error else 0.0
+    return to_sequence(grid, order).astype(dtype), err
+
+
+def _worker_start() -> None:
+    """A worker's first steps: Ctrl-C ignored (`ignore_interrupts`), numpy's BLAS on one thread."""
+    ignore_interrupts()
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)  # kept for the worker's life
+
+
+_TABLES: dict[bytes, np.ndarray] = {}
+
+
+def _table(palette: np.ndarray) -> np.ndarray:
+    """This process's colour table for `palette` (`quantize`'s `lut`), kept from job to job: one palette at
+    a time (64 MB)."""
+    key = palette.tobytes()
+    if key not in _TABLES:
+        _TABLES.clear()
+        _TABLES[key] = np.full(1 << 24, -1, dtype=np.int32)
+    return _TABLES[key]
+
+
+def run_jobs(fn: Callable[[Any], Any], jobs: Iterable[Any], workers: int) -> Iterator[Any]:
+    """`fn` of each job, in order: in this process with one worker, else in a pool of spawned workers with
+    at most 2 x `workers` jobs in flight (results that arrive early wait, but never more than that). Each
+    worker, and this process with one, runs numpy's BLAS on one thread: `workers` is the cores used."""
+    if workers <= 1:
+        from threadpoolctl import threadpool_limits
+
+        try:
+            with threadpool_limits(1):
+                yield from map(fn, jobs)
+        finally:
+            _TABLES.clear()  # this process goes on (to pretraining, in a quickstart): let the table go
+        return
+    import multiprocessing as mp
+
+    # spawn: workers import only numpy and Pillow, and never inherit torch's threads. An ignored SIGINT is
+    # inherited through exec and the initializer keeps it so, from the workers' first instruction
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pool = mp.get_context("spawn").Pool(workers, initializer=_worker_start)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.apply_async(fn, (job,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
