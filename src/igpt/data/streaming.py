@@ -42,7 +42,7 @@ from .sources import (
     source,
     split_validation,
 )
-from .workers import decode_and_store, quantize_stored, run_jobs, save_chunk
+from .workers import colour_table, decode_and_store, quantize_stored, run_jobs, save_chunk
 
 CHUNK = 1024
 """Images per chunk: the unit of work of a worker, of a resume, and of memory."""
@@ -388,6 +388,7 @@ def _write_tokens(
     from .palette import token_dtype
 
     dtype, sq_err = token_dtype(len(palette)), 0.0
+    table = colour_table(store.work / "colours.lut") if palette.shape[1] == 3 else None
     jobs = [  # every split's chunks in one stream, so that one pool serves them all
         (
             name,
@@ -398,6 +399,7 @@ def _write_tokens(
                 order,
                 dtype.str,
                 name == "test",
+                table,
             ),
         )
         for name, where in parts.items()
@@ -412,6 +414,8 @@ def _write_tokens(
         for (name, _), (rows, err) in zip(jobs, results, strict=True):
             toks[name].write(rows)
             sq_err += err
+    if table:
+        Path(table).unlink(missing_ok=True)
     return sq_err
 
 

@@ -48,17 +48,21 @@ def read_stored(parts: list[tuple[str, np.ndarray]]) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0,), np.uint8)
 
 
-def quantize_stored(
-    job: tuple[list[tuple[str, np.ndarray]], np.ndarray, bool, str, str, bool],
-) -> tuple[np.ndarray, float]:
+QuantizeJob = tuple[list[tuple[str, np.ndarray]], np.ndarray, bool, str, str, bool, str | None]
+"""(stored parts, palette, colour, order, token dtype, error wanted, shared colour table or None)."""
+
+
+def quantize_stored(job: QuantizeJob) -> tuple[np.ndarray, float]:
     """A worker's job: stored images (`read_stored`) to token rows in `order` and `dtype`, quantized with
     `palette` (`quantize`, the same on any worker); with `error`, also their summed squared error against
-    the palette's colours (the quantization RMSE's numerator)."""
-    parts, palette, colour, order, dtype, error = job
+    the palette's colours (the quantization RMSE's numerator). An RGB palette's colour table is the file
+    `table`, shared by every worker (`colour_table`), so a colour met by one is not matched again by another
+    (each worker writes only the tokens that `nearest` gives anyone: the order of writes does not matter)."""
+    parts, palette, colour, order, dtype, error, table = job
     imgs = read_stored(parts)
     c = palette.shape[1]
     imgs = imgs[..., :1] if c == 1 and not colour else to_channels(imgs, c)
-    grid = quantize(imgs, palette, lut=_table(palette) if c == 3 else None)
+    grid = quantize(imgs, palette, lut=_open_table(table) if c == 3 and table else None)
     err = float(((decode(grid, palette).astype(np.float64) - imgs) ** 2).sum()) if error else 0.0
     return to_sequence(grid, order).astype(dtype), err
 
@@ -71,17 +75,25 @@ def _worker_start() -> None:
     threadpool_limits(1)  # kept for the worker's life
 
 
-_TABLES: dict[bytes, np.ndarray] = {}
+def colour_table(path: Path) -> str:
+    """A new colour table file for one palette (2^24 int32 entries, all -1: no colour matched yet), which
+    every worker maps shared (`quantize`'s `lut`). The caller removes it."""
+    with open(path, "wb") as f:
+        block = np.full(1 << 20, -1, dtype=np.int32).tobytes()
+        for _ in range(16):
+            f.write(block)
+    return str(path)
 
 
-def _table(palette: np.ndarray) -> np.ndarray:
-    """This process's colour table for `palette` (`quantize`'s `lut`), kept from job to job: one palette at
-    a time (64 MB)."""
-    key = palette.tobytes()
-    if key not in _TABLES:
+_TABLES: dict[str, np.ndarray] = {}
+
+
+def _open_table(path: str) -> np.ndarray:
+    """The shared colour table at `path`, mapped once per process (one at a time)."""
+    if path not in _TABLES:
         _TABLES.clear()
-        _TABLES[key] = np.full(1 << 24, -1, dtype=np.int32)
-    return _TABLES[key]
+        _TABLES[path] = np.memmap(path, dtype=np.int32, mode="r+", shape=(1 << 24,))
+    return _TABLES[path]
 
 
 def run_jobs(fn: Callable[[Any], Any], jobs: Iterable[Any], workers: int) -> Iterator[Any]:
