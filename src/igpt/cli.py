@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import types
@@ -327,6 +328,26 @@ def run_serve(args: argparse.Namespace) -> None:
     serve(ServeConfig(**config_kwargs(args, ServeConfig)))
 
 
+# ---------------------------------------------------------------------------------------------- plan
+def add_plan(sub: Sub) -> None:
+    from igpt.pipeline.scale import PlanConfig
+
+    p = sub.add_parser(
+        "plan",
+        help="what the paper's protocol needs at scale (memory, disk, time per stage), without running it",
+    )
+    add_config_flags(p, PlanConfig)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    from igpt.pipeline.scale import PlanConfig, plan, plan_lines
+
+    res = plan(**config_kwargs(args, PlanConfig))
+    print(json.dumps(res, indent=1) if args.json else "\n".join(plan_lines(res)))
+
+
 # ---------------------------------------------------------------------------------------------- main
 COMMANDS: list[Callable[[Sub], None]] = [
     add_prepare,
@@ -337,6 +358,7 @@ COMMANDS: list[Callable[[Sub], None]] = [
     add_convert,
     add_quickstart,
     add_serve,
+    add_plan,
 ]
 
 

@@ -290,7 +290,7 @@ class RowChunks:
             rows = np.asarray(rows)
         a = np.asarray(self.array[rows])
         if self.bf16:
-            return torch.from_numpy(np.ascontiguousarray(a)).view(torch.bfloat16).float()
+            return torch.from_numpy(np.array(a)).view(torch.bfloat16).float()  # a copy: the map is read-only
         return torch.from_numpy(np.array(a, dtype=np.float32))  # a copy: the map is read-only
 
     def held(self) -> torch.Tensor:
