@@ -161,3 +161,31 @@ def test_a_train_split_with_classes_and_a_flat_val_is_one_line(tmp_path, cli_err
     err = cli_error("prepare", "folder", *argv)
     assert "train/ has class folders and the other split does not" in err
     assert not (tmp_path / "p").exists()
+
+
+def test_a_folders_prepare_runs_without_torch_and_its_quantizer_is_the_same_however_fed(tmp_path):
+    """The workers (and the k-means) use numpy alone, and a colour's token is the nearest centre whatever
+    batch and table state meets it, so any worker count gives the same bytes."""
+    import subprocess
+    import sys
+
+    from igpt.data.palette import nearest, quantize
+
+    src = image_folder(tmp_path / "img")
+    code = (
+        "import sys; from igpt.data.preparation import prepare; "
+        f"prepare('folder', out=r'{tmp_path / 'p'}', data_dir=r'{src}', resolution=8, clusters=8, workers=2, "
+        "progress=False); print('torch' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-1000:]
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (6, 9, 9, 3), dtype=np.uint8)
+    pal = rng.uniform(0, 255, (40, 3)).astype(np.float32)
+    pal[0, 1] = 1e-7  # a coordinate nearer zero than SNAP
+    whole = quantize(imgs, pal)
+    lut = np.full(1 << 24, -1, dtype=np.int32)
+    halves = np.concatenate([quantize(imgs[3:], pal, lut=lut), quantize(imgs[:3], pal, lut=lut)])
+    assert (np.concatenate([halves[3:], halves[:3]]) == whole).all()
+    brute = ((imgs[..., None, :].astype(np.float64) - pal.astype(np.float64)) ** 2).sum(-1).argmin(-1)
+    assert (whole == brute).mean() > 0.999 and (nearest(imgs.reshape(-1, 3), pal) == whole.ravel()).all()

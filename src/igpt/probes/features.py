@@ -181,6 +181,14 @@ def raw_pixels(data: PreparedData, split: str, rows: np.ndarray) -> torch.Tensor
     return torch.cat(out).float()
 
 
+def merged_wants(wants: dict[str, list[int]], more: dict[str, list[int]] | None) -> dict[str, list[int]]:
+    """{pooling: sorted layers} of `wants` and `more` together: what one feature pass computes."""
+    out = {p: sorted(ls) for p, ls in wants.items()}
+    for p, ls in (more or {}).items():
+        out[p] = sorted(set(out.get(p, [])) | set(ls))
+    return out
+
+
 class FeatureCache:
     """Pooled features of a model's layers, held per (split, pooling, layer) with the sorted rows computed:
     a request for rows held (a low-data subset after the full probe, say) is answered by indexing; for rows
@@ -219,16 +227,14 @@ class FeatureCache:
         probe asks for it)."""
         pool = "mean" if mean else self.pool
         layers = list(self.layers if layers is None else layers)
-        wants = {pool: layers}
-        for p, ls in (also or {}).items():
-            wants[p] = sorted(set(wants.get(p, [])) | set(ls))
+        wants = merged_wants({pool: layers}, also)
         missing = np.unique(
             np.concatenate(
                 [np.setdiff1d(rows, self._held(split, p, i)) for p, ls in wants.items() for i in ls]
             )
         )
         if len(missing):
-            wants["mean"] = sorted(set(wants.get("mean", [])) | set(self.layers))
+            wants = merged_wants(wants, {"mean": self.layers})
             into = {p: {i: self._grow((split, p, i), missing) for i in ls} for p, ls in wants.items()}
             try:
                 extract_pooled(

@@ -7,16 +7,14 @@ read from disk in row chunks (the same objective, so the same optimum to float t
 from __future__ import annotations
 
 import shutil
-from typing import Any
 
 import numpy as np
-import torch.distributed as dist
 
 from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
 from igpt.model.gpt import IGPT
 from igpt.runs import Run
-from igpt.training.distributed import Dist
+from igpt.training.distributed import Dist, rank0_decides
 
 from .low_data import further_pool
 from .memory import feature_budget, out_of_core_bytes, probe_bytes, store_bytes
@@ -34,25 +32,14 @@ def open_cache(
     """The probe's feature cache on every rank: None where one process holds its features in memory (the
     probe makes its own `FeatureCache`), else a `StoreCache` (rank 0 decides, or refuses, and tells the
     others, so every rank fails with the same line)."""
-    decision: list[Any] = [None]
-    if env.main:
-        try:
-            decision = [_on_disk(cfg, run, model, data, layers, env.world)]
-        except IgptError as e:
-            decision = [str(e)]
-    if env.world > 1:
-        dist.broadcast_object_list(decision, src=0)
-    if isinstance(decision[0], str):
-        raise IgptError(decision[0])
-    if decision[0] is None:
+    on_disk = rank0_decides(env, lambda: _on_disk(cfg, run, model, data, layers, env.world))
+    if on_disk is None:
         return None
     kw = feature_settings(cfg, data)
     kw["device"] = env.device
     about = {"precision": cfg.precision, "resolution": data.resolution, "order": kw["order"]}
     store = FeatureStore(run.path, model, about, main=env.main)
-    cache = StoreCache(
-        model, data, layers, store, env.world, env.rank, bool(decision[0]), not cfg.progress, **kw
-    )
+    cache = StoreCache(model, data, layers, store, env.world, env.rank, on_disk, not cfg.progress, **kw)
     cache.chunk_rows = CHUNK_ROWS
     return cache
 

@@ -31,7 +31,7 @@ from igpt.errors import IgptError
 from igpt.files import clean_stale, disk_errors, fsync_dir, write_json_atomic
 from igpt.model.gpt import IGPT
 
-from .features import feature_dtype, grid_side, pooled_batches
+from .features import feature_dtype, grid_side, merged_wants, pooled_batches
 from .logistic import RowChunks
 
 VERSION = 1
@@ -268,14 +268,12 @@ class StoreCache:
         one pass computing the missing ones with `also` and the mean of every layer."""
         pool = "mean" if mean else self.pool
         layers = list(self.layers if layers is None else layers)
-        wants = {pool: layers}
-        for p, ls in (also or {}).items():
-            wants[p] = sorted(set(wants.get(p, [])) | set(ls))
+        wants = merged_wants({pool: layers}, also)
         rows = np.asarray(rows, dtype=np.int64)
         tokens = self.store.tokens(self.data, split)
         entry = self.store.find(split, tokens, rows, wants)
         if entry is None:
-            wants["mean"] = sorted(set(wants.get("mean", [])) | set(self.layers))
+            wants = merged_wants(wants, {"mean": self.layers})
             entry = self._pass(split, tokens, rows, wants, label)
         disk = self.on_disk and split == "train"
         out: dict[int, torch.Tensor | RowChunks] = {}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,29 @@ def check_same_settings(env: Dist, mine: dict[str, Any]) -> None:
             f"the processes were given different settings (rank 0 and rank {bad}); "
             "launch every rank with the same command"
         )
+
+
+class _Refused:
+    """An IgptError's line, as rank 0 tells it to the other ranks."""
+
+    def __init__(self, line: str):
+        self.line = line
+
+
+def rank0_decides(env: Dist, decide: Callable[[], Any]) -> Any:
+    """`decide()` run on rank 0 alone and its result told to every rank; where it refuses (IgptError), every
+    rank raises the same line, so none waits for a rank that gave up."""
+    msg: list[Any] = [None]
+    if env.main:
+        try:
+            msg = [decide()]
+        except IgptError as e:
+            msg = [_Refused(str(e))]
+    if env.world > 1:
+        dist.broadcast_object_list(msg, src=0)
+    if isinstance(msg[0], _Refused):
+        raise IgptError(msg[0].line)
+    return msg[0]
 
 
 class RunLock:

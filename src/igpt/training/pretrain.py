@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
@@ -24,7 +23,7 @@ from igpt.runs import Run, is_run
 from igpt.settings import checked_value, flag_name
 
 from .config import ModelChoice, TrainConfig
-from .distributed import Dist, RunLock, check_batch_split, check_same_settings
+from .distributed import Dist, RunLock, check_batch_split, check_same_settings, rank0_decides
 from .state import Replan
 from .trainer import Trainer
 
@@ -102,27 +101,20 @@ def pretrain(
     resuming = resume and is_run(out)
     device = _checked_before_writing(out, given, model_given, resuming)
     env = Dist(device or "cpu")
-    lock = None
+    locks: list[RunLock] = []  # rank 0's, on the run directory, released however training ends
     try:
         if env.world > 1:  # every process must have been given the same settings: one decision for all
             check_same_settings(env, {"given": given, "model": model_given, "resume": resume})
-        # rank 0 creates or checks the run directory, then tells the others what it decided (or why not)
-        msg: list[Any] = [None]
-        if env.main:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                lock = RunLock(out)
-                msg = [_setup_run(out, resume, given, model_given)]
-            except IgptError as e:
-                msg = [str(e)]
-        if env.world > 1:
-            dist.broadcast_object_list(msg, src=0)
-        if isinstance(msg[0], str):
-            raise IgptError(msg[0])
-        cfg, info, resuming = msg[0]
+
+        def set_up() -> tuple:  # rank 0 creates or checks the run directory; the others hear what it decided
+            out.mkdir(parents=True, exist_ok=True)
+            locks.append(RunLock(out))
+            return _setup_run(out, resume, given, model_given)
+
+        cfg, info, resuming = rank0_decides(env, set_up)
         return Trainer(cfg, Run(out, info), env, resuming, progress=progress, replan=replan).fit()
     finally:
-        if lock:
+        for lock in locks:
             lock.release()
         env.close()
 
