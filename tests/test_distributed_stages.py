@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 from test_out_of_core import KEYS, KW, close
 from test_streaming import imagenet_files
@@ -69,9 +70,13 @@ def test_ranks_given_other_settings_are_refused_on_every_rank(micro_run, tmp_pat
 FT = "--epochs 2 --train-limit 200 --batch-size 16 --optimizer adamw --head-init zero --no-progress".split()
 
 
-def test_a_two_process_finetune_follows_one_process_and_writes_once(micro_run, tmp_path):
+@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+def test_a_two_process_finetune_follows_one_process_and_writes_once(micro_run, tmp_path, how):
     one = torchrun("finetune", micro_run, "--out", tmp_path / "one", *FT, port=0, procs=1)
-    two = torchrun("finetune", micro_run, "--out", tmp_path / "two", *FT, port=29563)
+    extra = ["--fsdp"] if how == "fsdp" else []
+    two = torchrun(
+        "finetune", micro_run, "--out", tmp_path / "two", *FT, *extra, port=29563 + 10 * (how == "fsdp")
+    )
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("test accuracy") == 1  # rank 0 reports and writes
     a, b = (json.loads((tmp_path / k / "finetune.json").read_text()) for k in ("one", "two"))
@@ -88,6 +93,7 @@ def test_finetunes_that_cannot_share_are_refused_on_every_rank(micro_run, tmp_pa
     for extra, expect in (
         (["--labels-per-class", "5"], "run in one process"),
         (["--batch-size", "15"], "must divide by the 2 processes"),
+        (["--fsdp"], "muon needs whole matrices"),
     ):
         r = torchrun("finetune", micro_run, "--out", tmp_path / "o", "--no-progress", *extra, port=29564)
         lines = [ln for ln in r.stderr.splitlines() if ln.startswith("igpt: error:")]
@@ -120,3 +126,8 @@ def test_the_chain_on_downsampled_imagenet_under_torchrun(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     for path in (run / "summary.json", run / "probe.json", tmp_path / "ft" / "finetune.json"):
         assert json.loads(path.read_text())["world_size"] == 2, path
+
+
+def test_fsdp_fine_tuning_needs_torchrun(micro_run, tmp_path, cli_error):
+    err = cli_error("finetune", micro_run, "--out", tmp_path / "o", "--fsdp", "--optimizer", "adamw")
+    assert "launch with torchrun" in err and not (tmp_path / "o").exists()

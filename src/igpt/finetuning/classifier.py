@@ -168,15 +168,23 @@ def accuracy(
     device: str,
     precision: str = "fp32",
     batch: int = 128,
+    batches: int | None = None,
 ) -> float:
     """Share of `tokens` whose predicted class is `labels`, in eval mode (under bf16 autocast with
-    `precision` bf16)."""
+    `precision` bf16). `batches`: run exactly this many forward passes (at least those the rows need),
+    the extra ones on a repeated row and not counted, so that every FSDP rank runs the same collectives."""
     model.eval()
     correct = 0
-    for s in range(0, len(tokens), batch):
-        x = torch.from_numpy(np.asarray(tokens[s : s + batch], dtype=np.int64)).to(device)
+    starts = list(range(0, len(tokens), batch))
+    for s in starts + [None] * max(0, (batches or 0) - len(starts)):
+        rows = slice(s, s + batch) if s is not None else slice(0, 1)
+        x = torch.from_numpy(np.asarray(tokens[rows], dtype=np.int64)).to(device)
+        if not len(x):  # an empty share: one dummy row, for the collectives
+            x = torch.zeros(1, model.backbone.config.n_positions, dtype=torch.long, device=device)
         with autocast(device, precision):
             logits = model(x)[0]
+        if s is None:
+            continue
         pred = logits.argmax(-1).cpu().numpy()
         correct += int((pred == labels[s : s + batch]).sum())
     model.train()

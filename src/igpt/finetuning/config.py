@@ -104,6 +104,10 @@ class FinetuneConfig:
     start-up measurement says so; never on AVX2-only CPUs), for training and evaluation alike."""
     progress: bool = True
     """Progress bars and per-epoch lines on stderr."""
+    fsdp: bool = False
+    """Under torchrun: shard the classifier over the processes (FSDP2: each block, then the whole) instead
+    of replicating it (DDP), for backbones too large for one device; with --optimizer adamw (Muon needs
+    whole matrices), as pretraining's --fsdp."""
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -117,6 +121,8 @@ class FinetuneConfig:
             )
         if not (math.isfinite(self.layer_decay) and 0 < self.layer_decay <= 1):
             raise IgptError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if self.optimizer == "muon" and self.fsdp:
+            raise IgptError("--optimizer muon needs whole matrices; it does not run with --fsdp (use adamw)")
         if self.optimizer == "muon" and self.layer_decay < 1:
             raise IgptError("--layer-decay applies to adamw; --optimizer muon trains every layer at one rate")
         if not (math.isfinite(self.gen_weight) and self.gen_weight >= 0):

@@ -8,6 +8,7 @@ validation and test counts are summed over the ranks' shares (`Share.accuracy`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -20,11 +21,14 @@ import torch.nn.functional as F
 from igpt.data.prepared import PreparedData
 from igpt.errors import IgptError
 from igpt.model.compiling import CompiledOrEager
-from igpt.training.engine import autocast, bert_mask, lr_at
+from igpt.training.engine import autocast, bert_mask, grad_norm, lr_at
 from igpt.training.optim import Optimizers
 
 from .classifier import Augment, Classifier, accuracy
 from .config import FinetuneConfig
+
+BATCH = 128
+"""Images per evaluation batch."""
 
 
 @dataclass
@@ -34,6 +38,10 @@ class Share:
 
     world: int = 1
     rank: int = 0
+    device: str = "cpu"
+    """The training device: the collectives' tensors live there (NCCL takes CUDA tensors only)."""
+    sharded: bool = False
+    """FSDP: every rank must run every forward, so shares are padded to the same number of batches."""
 
     @property
     def main(self) -> bool:
@@ -52,7 +60,7 @@ class Share:
         """Rank 0's `values` on every rank (its clock's reading: the schedule and the end)."""
         if self.world == 1:
             return values
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.broadcast(t, src=0)
         return t.tolist()
 
@@ -60,17 +68,19 @@ class Share:
         """`values` summed over the ranks."""
         if self.world == 1:
             return values
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
 
     def accuracy(
         self, model: Classifier, tokens: np.ndarray, labels: np.ndarray, device: str, precision: str
     ) -> float:
-        """`classifier.accuracy` over all of `tokens`, each rank scoring its contiguous share."""
+        """`classifier.accuracy` over all of `tokens`, each rank scoring its contiguous share (under FSDP in
+        as many batches as the largest share needs: a sharded forward is a collective)."""
         n = len(tokens)
         a, b = n * self.rank // self.world, n * (self.rank + 1) // self.world
-        correct = accuracy(model, tokens[a:b], labels[a:b], device, precision) * (b - a)
+        batches = math.ceil(math.ceil(n / self.world) / BATCH) if self.sharded else None
+        correct = accuracy(model, tokens[a:b], labels[a:b], device, precision, BATCH, batches) * (b - a)
         right, rows = self.total([correct, b - a])
         return right / max(1.0, rows)
 
@@ -116,6 +126,20 @@ class Recipe:
         return p, bool(late)
 
 
+def clip_gradients(model: torch.nn.Module, share: Share, most: float = 1.0) -> None:
+    """Scale the gradients down to a global norm of at most `most`: torch's clip in one process or under
+    DDP; under FSDP each rank holds shards of the gradients, whose squares are summed over the ranks
+    (`engine.grad_norm`), so every rank scales by the same factor."""
+    if not share.sharded:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), most)
+        return
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = grad_norm(params, sharded=True, device=share.device)
+    coef = min(1.0, most / (norm + 1e-6))
+    for p in params:
+        p.grad.mul_(coef)
+
+
 def train_epoch(args: FinetuneConfig, r: Recipe, data: PreparedData, rows: np.ndarray, epoch: int) -> float:
     """One pass over `rows` in a seeded order (cut short when the budget runs out): the joint loss
     L_CLF + gen_weight * L_GEN, clipped optimizer steps on the shared schedule. Returns the mean over steps
@@ -159,7 +183,7 @@ def train_epoch(args: FinetuneConfig, r: Recipe, data: PreparedData, rows: np.nd
             )
         r.opt.zero_grad(set_to_none=True)
         (loss * weight).backward()
-        torch.nn.utils.clip_grad_norm_(r.model.parameters(), 1.0)
+        clip_gradients(r.model, r.share)
         r.opt.step()
         r.step += 1
         losses.append(float(loss.detach()) * weight / r.share.world)

@@ -156,7 +156,11 @@ def _finetune(args: FinetuneConfig) -> dict[str, Any]:
     clock = Clock(args.minutes)
     env = Dist(args.device)  # under torchrun: DDP over the processes
     try:
-        share = Share(env.world, env.rank)
+        share = Share(env.world, env.rank, env.device, sharded=args.fsdp and env.world > 1)
+        if args.fsdp and env.world == 1:
+            raise IgptError(
+                "--fsdp shards the model over torchrun processes; launch with torchrun --nproc_per_node N"
+            )
         if env.world > 1:
             check_same_settings(env, asdict(args))
             _check_shareable(args, env.world)
@@ -246,6 +250,7 @@ def _recipe(
     )
     train = info.train_config
     lr = args.lr or (MUON_LR if args.optimizer == "muon" else (train.lr if train else 1e-3) / 10)
+    net = _over_processes(model, args, share)  # before the optimizer: FSDP makes the parameters shards
     opt = make_optimizer(model, args, lr)
     flip = data.meta.get("dataset") not in NO_FLIP
     R, order = data.resolution, data.meta["order"]
@@ -269,12 +274,6 @@ def _recipe(
             f"{precision}{f' ({why})' if why else ''}{', compiled' if compiled else ''}",
             file=sys.stderr,
         )
-    net: torch.nn.Module = model
-    if share.world > 1:  # every rank starts from the same seeded weights; DDP averages the gradients
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [torch.device(args.device).index] if "cuda" in args.device else None
-        net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=not model.backbone.causal)
     return Recipe(
         model=model,
         opt=opt,
@@ -291,6 +290,35 @@ def _recipe(
         head_lambda=head_lambda,
         share=share,
     )
+
+
+def _over_processes(model: Classifier, args: FinetuneConfig, share: Share) -> torch.nn.Module:
+    """The module the training step runs: the classifier in one process; under torchrun, DDP (every rank
+    starts from the same seeded weights and the gradients are averaged) or, with --fsdp, the classifier
+    itself sharded in place (each block, then the whole)."""
+    if share.world == 1:
+        return model
+    if share.sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.backbone.h:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.device(args.device).index] if "cuda" in args.device else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=not model.backbone.causal)
+
+
+def _full_weights(model: Classifier, share: Share) -> dict[str, torch.Tensor]:
+    """The classifier's whole weights on the CPU: gathered from the shards under FSDP (every rank takes part;
+    rank 0 keeps them), its own state otherwise."""
+    if not share.sharded:
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _fit_one(
@@ -339,7 +367,8 @@ def _fit_one(
     )
     times = {"set_up": t0 - t_setup, "training": t_test - t0, "test": time.perf_counter() - t_test}
     record = {"initial_val_accuracy": initial_val, "history": history, "seconds_split": times}
-    return _result(args, r, split, stop, test_acc, record), stop.state
+    best = _full_weights(r.model, share) if share.sharded else stop.state  # restored above: the best epoch's
+    return _result(args, r, split, stop, test_acc, record), best
 
 
 def _train_epochs(
