@@ -186,3 +186,18 @@ def test_a_pass_that_fails_or_dies_leaves_nothing_a_rerun_trusts(micro_run, tmp_
     got = cache("val", np.arange(100), "")
     assert got[0].shape[0] == 100 and torch.isfinite(got[0]).all()
     assert len([p for p in store.root.glob("val-*") if (p / "entry.json").is_file()]) == 1
+
+
+def test_store_arrays_are_read_with_plain_reads_in_any_order(tmp_path):
+    from igpt.probes.store import NpyRows
+
+    a = np.arange(40 * 3, dtype=np.float32).reshape(40, 3)
+    np.save(tmp_path / "a.npy", a)
+    rows = NpyRows(tmp_path / "a.npy")
+    assert rows.shape == (40, 3) and (rows[5:17] == a[5:17]).all() and (rows[slice(None)] == a).all()
+    pick = np.array([30, 2, 3, 4, 39, 0])
+    assert (rows[pick] == a[pick]).all()
+    chunks = RowChunks(rows, rows=7, index=np.array([1, 5, 6, 7, 20]))
+    assert torch.equal(chunks[1:4], torch.from_numpy(a[[5, 6, 7]])) and torch.equal(
+        chunks.held(), torch.from_numpy(a[[1, 5, 6, 7, 20]])
+    )

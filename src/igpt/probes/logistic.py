@@ -295,8 +295,8 @@ class RowChunks:
 
     def held(self) -> torch.Tensor:
         """All the rows in memory (one copy), in their stored precision: bfloat16 stays bfloat16."""
-        a = np.array(self.array) if self.index is None else self.array[self.index]
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        a = self.array[slice(None)] if self.index is None else self.array[self.index]
+        t = torch.from_numpy(np.array(a) if isinstance(a, np.memmap) else np.ascontiguousarray(a))
         return t.view(torch.bfloat16) if self.bf16 else t.float()
 
     def starts(self) -> range:

@@ -82,10 +82,63 @@ class Entry:
 
     def read(self, pool: str, layer: int, rows: np.ndarray, rows_per_chunk: int) -> RowChunks:
         """The features of `rows` (sorted, all held) at (`pool`, `layer`), read from disk as asked."""
-        arr = np.load(self.path / array_name(pool, layer), mmap_mode="r")
+        arr = NpyRows(self.path / array_name(pool, layer))
         same = len(rows) == len(self.rows)
         index = None if same else np.searchsorted(self.rows, rows)
         return RowChunks(arr, rows_per_chunk, index=index, bf16=self.arrays[(pool, layer)])
+
+
+class NpyRows:
+    """A 2-D .npy file read a block of rows at a time with positioned reads, not a memory map: the pages
+    read stay in the kernel's page cache (given back under pressure) instead of counting in this process's
+    resident memory, which a fit from disk must keep small. Indexes as `RowChunks` asks: a slice, or
+    positions (read in order, run by run, and returned in the order asked)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read(f)
+            self.offset = f.tell()
+        if len(shape) != 2:
+            raise IgptError(f"{path} is not a 2-D feature array")
+        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), 2
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(self.shape[0])
+            if step != 1:
+                raise ValueError("NpyRows reads contiguous slices")
+            runs = [(start, max(start, stop))]
+        else:
+            pos = np.asarray(rows, dtype=np.int64)
+            if len(pos) and (np.diff(pos) < 0).any():  # read in file order, hand back in the order asked
+                order = np.argsort(pos, kind="stable")
+                back = np.empty_like(order)
+                back[order] = np.arange(len(order))
+                return self[pos[order]][back]
+            cut = np.flatnonzero(np.diff(pos) != 1) + 1
+            runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(pos, cut) if len(r)]
+        n = sum(b - a for a, b in runs)
+        out = np.empty((n, self.shape[1]), dtype=self.dtype)
+        buf = out.reshape(-1).view(np.uint8)
+        at = 0
+        with open(self.path, "rb") as f:
+            for a, b in runs:
+                size = (b - a) * self.row_bytes
+                got = os.preadv(
+                    f.fileno(), [memoryview(buf[at : at + size])], self.offset + a * self.row_bytes
+                )
+                if got != size:
+                    raise IgptError(f"{self.path} is shorter than its header says; probe again to rebuild it")
+                at += size
+        return out
 
 
 def array_name(pool: str, layer: int) -> str:
@@ -292,9 +345,11 @@ class StoreCache:
         try:
             if self.world > 1:
                 dist.broadcast_object_list([("pass", split, rows, wants, str(tmp), label)], src=0)
-            self._write_share(split, rows, wants, tmp, label)
-            if self.world > 1:
-                dist.barrier()
+            try:
+                self._write_share(split, rows, wants, tmp, label)
+            finally:  # the ranks meet here even when this one failed, then hear its error (`finish`)
+                if self.world > 1:
+                    dist.barrier()
             return self.store.commit(tmp, split, tokens, widths, self.bf16)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
