@@ -419,7 +419,6 @@ def test_a_probe_whose_features_would_not_fit_in_memory_is_refused_before_any_pa
     would not fit, one line before any pass."""
     import igpt.probes.memory as memory
     import igpt.probes.probing as probing
-    from igpt.probes.scale import CHUNK_ROWS
 
     run = runs / "ar"
     before = sorted(p.name for p in run.iterdir())
@@ -429,7 +428,7 @@ def test_a_probe_whose_features_would_not_fit_in_memory_is_refused_before_any_pa
     d = Run.open(run).load_model().config.n_embd
     m = PreparedData(runs / "data").meta
     n_train, other = int(m["n_train"]), int(m["n_val"]) + int(m["n_test"])
-    from_disk = memory.out_of_core_bytes(n_train, other, 3, d, "grid3", "grid7", CHUNK_ROWS)
+    from_disk = memory.out_of_core_bytes(n_train, other, 3, d, "grid3", "grid7")
     avail = int(0.9 * from_disk / memory.FEATURES_SHARE)
     monkeypatch.setattr(memory, "available_memory", lambda: avail)
     passes = []

@@ -68,7 +68,6 @@ def _between(run) -> float:
     """A --memory-limit (GiB) under what the in-memory probe holds, over what the probe from disk holds."""
     from igpt.data.prepared import PreparedData
     from igpt.probes.memory import out_of_core_bytes, probe_bytes
-    from igpt.probes.scale import CHUNK_ROWS
     from igpt.runs import Run
 
     info = Run.open(run)
@@ -76,7 +75,7 @@ def _between(run) -> float:
     m = info.load_model()
     n_train = int((d.labels("train") >= 0).sum())
     sizes = (n_train, len(d.labels("val")) + len(d.labels("test")), m.config.n_layer + 1, m.config.n_embd)
-    low, high = out_of_core_bytes(*sizes, "grid", "grid4", CHUNK_ROWS), probe_bytes(*sizes, "grid", "grid4")
+    low, high = out_of_core_bytes(*sizes, "grid", "grid4"), probe_bytes(*sizes, "grid", "grid4")
     assert low < high
     return (low + high) / 2 / 2**30
 

@@ -6,7 +6,6 @@ import pytest
 
 from igpt.pipeline.scale import plan
 from igpt.probes.memory import out_of_core_bytes, probe_bytes, store_bytes
-from igpt.probes.scale import CHUNK_ROWS
 
 
 def test_the_plan_is_igpts_own_estimates_and_shares_the_pass_over_gpus():
@@ -15,7 +14,7 @@ def test_the_plan_is_igpts_own_estimates_and_shares_the_pass_over_gpus():
     sizes = (n_train, 60_000, 25, 512, "mean", None)  # iGPT-S: 24 blocks + the embeddings, 512 wide
     assert one["estimate"] and one["model"]["layers"] == 24
     assert one["probe"]["memory_in_memory"] == probe_bytes(*sizes)
-    assert one["probe"]["memory_from_disk"] == out_of_core_bytes(*sizes, CHUNK_ROWS)
+    assert one["probe"]["memory_from_disk"] == out_of_core_bytes(*sizes)
     assert one["probe"]["disk_store"] == store_bytes(*sizes)
     assert not one["probe"]["fits_in_memory"]  # 66 GiB of mean features on a 64 GiB node: from disk
     assert plan(memory_gib=512)["probe"]["fits_in_memory"]

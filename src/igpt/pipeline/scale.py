@@ -12,7 +12,6 @@ from igpt.errors import IgptError
 from igpt.model.gpt import PRESETS, IGPTConfig
 from igpt.probes.features import POOLS
 from igpt.probes.memory import FEATURES_SHARE, out_of_core_bytes, probe_bytes, store_bytes
-from igpt.probes.scale import CHUNK_ROWS
 from igpt.settings import check_choices, choice
 
 GPU_FORWARD_TOKENS_PER_SECOND = 2_000_000
@@ -104,7 +103,7 @@ def plan(**settings: Any) -> dict[str, Any]:
         "probe": {
             "memory_in_memory": in_memory,
             "fits_in_memory": in_memory <= budget,
-            "memory_from_disk": out_of_core_bytes(*sizes, CHUNK_ROWS),
+            "memory_from_disk": out_of_core_bytes(*sizes),
             "disk_store": store_bytes(*sizes),
             "feature_pass_hours": pass_seconds / 3600,
         },

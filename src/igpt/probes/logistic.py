@@ -258,6 +258,15 @@ def _minimise(
     opt.step(closure)
 
 
+CHUNK_BYTES = 1 << 28
+"""A fit from disk reads its features in chunks of about this many bytes of float32 (256 MiB)."""
+
+
+def chunk_rows(width: int) -> int:
+    """Rows of features `width` wide that make one chunk of a fit from disk (`CHUNK_BYTES`)."""
+    return max(256, CHUNK_BYTES // (4 * width))
+
+
 class RowChunks:
     """Features larger than memory: an (N, d) array on disk (a read-only `np.load(..., mmap_mode="r")`, or
     any object with `shape`, `ndim`, `dtype` and numpy row indexing), read `rows` rows at a time as float32

@@ -8,7 +8,7 @@ from igpt.errors import IgptError
 from igpt.hardware import available_memory
 
 from .features import grid_side, held_bytes
-from .logistic import SWEEP_ROWS
+from .logistic import SWEEP_ROWS, chunk_rows
 
 FEATURES_SHARE = 0.9
 """The share of the memory available that the full probe's features may take (`check_features_fit`). Their
@@ -59,15 +59,13 @@ def store_bytes(n_train: int, n_other: int, layers: int, d: int, pool: str, fine
     return layers * per_layer + n_train * fine_row
 
 
-def out_of_core_bytes(
-    n_train: int, n_other: int, layers: int, d: int, pool: str, fine: str | None, chunk_rows: int
-) -> int:
+def out_of_core_bytes(n_train: int, n_other: int, layers: int, d: int, pool: str, fine: str | None) -> int:
     """Memory a full probe takes when its training features are fitted from disk (an upper estimate): the
     in-memory probe's validation and test features, and the fits' chunks of training rows (a chunk read in
     float32 and its standardised copy, at the widest pooling; the sweep's indexed rows)."""
     widest = grid_side(fine or pool) ** 2 * d
     held = probe_bytes(0, n_other, layers, d, pool, fine)
-    return held + 3 * 4 * min(chunk_rows, n_train) * widest
+    return held + 3 * 4 * min(chunk_rows(widest), n_train) * widest
 
 
 def check_features_fit(

@@ -22,9 +22,6 @@ from .setup import Labelled, ProbeConfig, feature_settings
 from .store import STORE, FeatureStore, StoreCache, note_on_disk
 from .variants import VARIANTS
 
-CHUNK_ROWS = 16_384
-"""Rows of training features a fit from disk reads at a time."""
-
 
 def open_cache(
     cfg: ProbeConfig, run: Run, model: IGPT, data: PreparedData, layers: list[int], env: Dist
@@ -40,7 +37,6 @@ def open_cache(
     about = {"precision": cfg.precision, "resolution": data.resolution, "order": kw["order"]}
     store = FeatureStore(run.path, model, about, main=env.main)
     cache = StoreCache(model, data, layers, store, env.world, env.rank, on_disk, not cfg.progress, **kw)
-    cache.chunk_rows = CHUNK_ROWS
     return cache
 
 
@@ -66,7 +62,7 @@ def _on_disk(
             f"the probe would hold {held}; fitting from disk serves the linear probes, not "
             f"{', '.join(wanted)} (they hold every training feature): drop them or pass --train-limit N"
         )
-    memory = out_of_core_bytes(*sizes, CHUNK_ROWS)
+    memory = out_of_core_bytes(*sizes)
     if memory > budget:
         raise IgptError(
             f"the probe would hold {held}, and even fitting the training features from disk it holds "

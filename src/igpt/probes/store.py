@@ -32,7 +32,7 @@ from igpt.files import clean_stale, disk_errors, fsync_dir, write_json_atomic
 from igpt.model.gpt import IGPT
 
 from .features import feature_dtype, grid_side, merged_wants, pooled_batches
-from .logistic import RowChunks
+from .logistic import RowChunks, chunk_rows
 
 VERSION = 1
 """Raised when what a stored feature means changes (the pooling's arithmetic, the file layout)."""
@@ -80,12 +80,13 @@ class Entry:
             return False
         return bool(np.isin(rows, self.rows, assume_unique=True).all())
 
-    def read(self, pool: str, layer: int, rows: np.ndarray, rows_per_chunk: int) -> RowChunks:
-        """The features of `rows` (sorted, all held) at (`pool`, `layer`), read from disk as asked."""
+    def read(self, pool: str, layer: int, rows: np.ndarray) -> RowChunks:
+        """The features of `rows` (sorted, all held) at (`pool`, `layer`), read from disk as asked, in
+        chunks of `chunk_rows` rows."""
         arr = NpyRows(self.path / array_name(pool, layer))
         same = len(rows) == len(self.rows)
         index = None if same else np.searchsorted(self.rows, rows)
-        return RowChunks(arr, rows_per_chunk, index=index, bf16=self.arrays[(pool, layer)])
+        return RowChunks(arr, chunk_rows(arr.shape[1]), index=index, bf16=self.arrays[(pool, layer)])
 
 
 class NpyRows:
@@ -297,7 +298,6 @@ class StoreCache:
         self.pool: str = kw.pop("pool", "mean")
         self.bf16 = kw.get("precision") == "bf16"
         self.kw = kw
-        self.chunk_rows = 16_384
 
     def sibling(self, pool: str) -> StoreCache:
         view = StoreCache.__new__(StoreCache)
@@ -331,7 +331,7 @@ class StoreCache:
         disk = self.on_disk and split == "train"
         out: dict[int, torch.Tensor | RowChunks] = {}
         for i in layers:
-            chunks = entry.read(pool, i, rows, self.chunk_rows)
+            chunks = entry.read(pool, i, rows)
             out[i] = chunks if disk else chunks.held()
         return out
 
