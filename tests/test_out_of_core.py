@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from igpt.errors import IgptError
-from igpt.probes.logistic import RowChunks, column_stats, fit_logistic_many
+from igpt.probes.chunks import RowChunks
+from igpt.probes.logistic import column_stats, fit_logistic_many
 
 
 def _problem(n: int = 900, d: int = 20, C: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -190,3 +190,32 @@ def train_epoch(args: FinetuneConfig, r: Recipe, data: PreparedData, rows: np.nd
         bar.set_postfix(loss=f"{np.mean(losses[-20:]) * r.share.world:.4f}", refresh=False)
     bar.close()
     return float(np.mean(r.share.total(losses))) if losses else float("nan")
+
+
+def over_processes(model: Classifier, args: FinetuneConfig, share: Share) -> torch.nn.Module:
+    """The module the training step runs: the classifier in one process; under torchrun, DDP (every rank
+    starts from the same seeded weights and the gradients are averaged) or, with --fsdp, the classifier
+    itself sharded in place (each block, then the whole)."""
+    if share.world == 1:
+        return model
+    if share.sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.backbone.h:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.device(args.device).index] if "cuda" in args.device else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=not model.backbone.causal)
+
+
+def full_weights(model: Classifier, share: Share) -> dict[str, torch.Tensor]:
+    """The classifier's whole weights on the CPU: gathered from the shards under FSDP (every rank takes part;
+    rank 0 keeps them), its own state otherwise."""
+    if not share.sharded:
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -36,7 +36,7 @@ from igpt.training.engine import NO_FLIP, EarlyStopping
 
 from .classifier import Augment, Classifier, check_layer, standardise_head, truncate
 from .clock import SAVE_SECONDS, Clock
-from .engine import Recipe, Share, train_epoch
+from .engine import Recipe, Share, full_weights, over_processes, train_epoch
 from .saving import save_finetuned
 
 
@@ -250,7 +250,7 @@ def _recipe(
     )
     train = info.train_config
     lr = args.lr or (MUON_LR if args.optimizer == "muon" else (train.lr if train else 1e-3) / 10)
-    net = _over_processes(model, args, share)  # before the optimizer: FSDP makes the parameters shards
+    net = over_processes(model, args, share)  # before the optimizer: FSDP makes the parameters shards
     opt = make_optimizer(model, args, lr)
     flip = data.meta.get("dataset") not in NO_FLIP
     R, order = data.resolution, data.meta["order"]
@@ -260,18 +260,9 @@ def _recipe(
     precision, why = args.precision, ""
     if precision == "auto":
         precision, why = auto_precision(args.device, model.backbone.config.n_embd)
-    procs = f" ({share.world} processes)" if share.world > 1 else ""
-    L = model.backbone.config.n_layer
     if share.main:
         print(
-            f"igpt finetune{procs} ({args.init} init, {args.pool} pool of layer {L}): "
-            f"{len(split.train):,} training / "
-            f"{len(split.val):,} validation / {len(split.test):,} test images, {C} classes; "
-            f"{args.optimizer}, lr {lr:g}"
-            f"{f' (layer decay {args.layer_decay:g})' if args.layer_decay < 1 else ''}, "
-            f"gen weight {args.gen_weight:g}, batch {args.batch_size}, up to {args.epochs} epochs x "
-            f"{steps_per_epoch} steps; augment {'shifts' + (' + flips' if flip else '') if aug else 'off'}; "
-            f"{precision}{f' ({why})' if why else ''}{', compiled' if compiled else ''}",
+            _startup_line(args, model, split, (lr, flip, aug is not None, precision, why, compiled), share),
             file=sys.stderr,
         )
     return Recipe(
@@ -292,33 +283,22 @@ def _recipe(
     )
 
 
-def _over_processes(model: Classifier, args: FinetuneConfig, share: Share) -> torch.nn.Module:
-    """The module the training step runs: the classifier in one process; under torchrun, DDP (every rank
-    starts from the same seeded weights and the gradients are averaged) or, with --fsdp, the classifier
-    itself sharded in place (each block, then the whole)."""
-    if share.world == 1:
-        return model
-    if share.sharded:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.backbone.h:
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [torch.device(args.device).index] if "cuda" in args.device else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=not model.backbone.causal)
-
-
-def _full_weights(model: Classifier, share: Share) -> dict[str, torch.Tensor]:
-    """The classifier's whole weights on the CPU: gathered from the shards under FSDP (every rank takes part;
-    rank 0 keeps them), its own state otherwise."""
-    if not share.sharded:
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def _startup_line(args: FinetuneConfig, model: Classifier, split: _Split, how: tuple, share: Share) -> str:
+    """The line a fine-tuning starts with: the head, the rows, the recipe (`how`: rate, flips, augmentation,
+    precision and why, compiled) and the processes."""
+    lr, flip, augment, precision, why, compiled = how
+    procs = f" ({share.world} processes)" if share.world > 1 else ""
+    decay = f" (layer decay {args.layer_decay:g})" if args.layer_decay < 1 else ""
+    steps = math.ceil(len(split.train) / args.batch_size)
+    layer, augmented = model.backbone.config.n_layer, "shifts" + (" + flips" if flip else "")
+    return (
+        f"igpt finetune{procs} ({args.init} init, {args.pool} pool of layer {layer}): "
+        f"{len(split.train):,} training / {len(split.val):,} validation / {len(split.test):,} test images, "
+        f"{model.head.out_features} classes; {args.optimizer}, lr {lr:g}{decay}, gen weight "
+        f"{args.gen_weight:g}, batch {args.batch_size}, up to {args.epochs} epochs x {steps} steps; "
+        f"augment {augmented if augment else 'off'}; {precision}{f' ({why})' if why else ''}"
+        f"{', compiled' if compiled else ''}"
+    )
 
 
 def _fit_one(
@@ -367,7 +347,7 @@ def _fit_one(
     )
     times = {"set_up": t0 - t_setup, "training": t_test - t0, "test": time.perf_counter() - t_test}
     record = {"initial_val_accuracy": initial_val, "history": history, "seconds_split": times}
-    best = _full_weights(r.model, share) if share.sharded else stop.state  # restored above: the best epoch's
+    best = full_weights(r.model, share) if share.sharded else stop.state  # restored above: the best epoch's
     return _result(args, r, split, stop, test_acc, record), best
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +18,8 @@ import torch.nn.functional as F
 
 from igpt.data.sources import split_validation
 from igpt.errors import IgptError
+
+from .chunks import RowChunks
 
 LAMBDAS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 CV_LAMBDAS = (10.0, 1.0, *LAMBDAS)
@@ -175,25 +176,37 @@ def fit_logistic_many(
         w.copy_(init[0].to(device).repeat(1, P))
         b.copy_(init[1].to(device).repeat(P))
     onehot = F.one_hot(y.to(device), C).to(torch.float32)[:, None, :]  # (N, 1, C)
-    if on_disk:  # each pass reads and standardises one chunk at a time
-
-        def parts() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-            for s in x.starts():
-                rows = slice(s, s + x.rows)
-                yield standardised(x[rows], mean, std, pd, device), onehot[rows], m[rows]
-
-    else:
-
-        def parts() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-            yield xs, onehot, m
-
-    _minimise(parts, lam, w, b, max_iter)
+    _minimise(_blocks(xs, onehot, m, (mean, std, pd, device)), lam, w, b, max_iter)
     if basis is not None:
         w = basis @ w  # back to one weight per feature
     return [
         LinearProbe(mean, std, w[:, p * C : (p + 1) * C].clone(), b[p * C : (p + 1) * C].clone(), lams[p])
         for p in range(P)
     ]
+
+
+Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""Rows of a fit: standardised features (n, d), one-hot labels (n, 1, C), row weights (n, P)."""
+
+
+def _blocks(
+    xs: torch.Tensor | RowChunks, onehot: torch.Tensor, m: torch.Tensor, standardise: tuple
+) -> Callable[[], Iterator[Block]]:
+    """What each L-BFGS pass iterates over: the standardised features in memory as one block, or features
+    on disk read and standardised (`standardise`: mean, std, dtype, device) a chunk of rows at a time."""
+    if not isinstance(xs, RowChunks):
+
+        def whole() -> Iterator[Block]:
+            yield xs, onehot, m
+
+        return whole
+
+    def chunks() -> Iterator[Block]:
+        for s in xs.starts():
+            rows = slice(s, s + xs.rows)
+            yield standardised(xs[rows], *standardise), onehot[rows], m[rows]
+
+    return chunks
 
 
 def _fit_space(
@@ -256,60 +269,6 @@ def _minimise(
         return loss
 
     opt.step(closure)
-
-
-CHUNK_BYTES = 1 << 28
-"""A fit from disk reads its features in chunks of about this many bytes of float32 (256 MiB)."""
-
-
-def chunk_rows(width: int) -> int:
-    """Rows of features `width` wide that make one chunk of a fit from disk (`CHUNK_BYTES`)."""
-    return max(256, CHUNK_BYTES // (4 * width))
-
-
-class RowChunks:
-    """Features larger than memory: an (N, d) array on disk (a read-only `np.load(..., mmap_mode="r")`, or
-    any object with `shape`, `ndim`, `dtype` and numpy row indexing), read `rows` rows at a time as float32
-    tensors. `fit_logistic_many` and `column_stats` take it where they take a tensor; the fit then holds one
-    chunk and its own state, never the whole matrix. `index` serves those rows of the array (in that order);
-    `bf16` reads uint16 words as bfloat16 (numpy has no bfloat16; the feature store writes it so)."""
-
-    def __init__(self, array: Any, rows: int = 16_384, index: np.ndarray | None = None, bf16: bool = False):
-        kind_ok = array.dtype.kind == "f" or (bf16 and array.dtype == np.uint16)
-        if array.ndim != 2 or not kind_ok:
-            raise IgptError(f"features on disk must be a 2-D float array, got {array.dtype} {array.shape}")
-        self.array, self.rows, self.index, self.bf16 = array, rows, index, bf16
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (len(self), self.array.shape[1])
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    def __len__(self) -> int:
-        return self.array.shape[0] if self.index is None else len(self.index)
-
-    def __getitem__(self, rows: slice | np.ndarray) -> torch.Tensor:
-        """These rows (a slice, or positions) as a float32 tensor in memory."""
-        if self.index is not None:
-            rows = self.index[rows]
-        elif not isinstance(rows, slice):
-            rows = np.asarray(rows)
-        a = np.asarray(self.array[rows])
-        if self.bf16:
-            return torch.from_numpy(np.array(a)).view(torch.bfloat16).float()  # a copy: the map is read-only
-        return torch.from_numpy(np.array(a, dtype=np.float32))  # a copy: the map is read-only
-
-    def held(self) -> torch.Tensor:
-        """All the rows in memory (one copy), in their stored precision: bfloat16 stays bfloat16."""
-        a = self.array[slice(None)] if self.index is None else self.array[self.index]
-        t = torch.from_numpy(np.array(a) if isinstance(a, np.memmap) else np.ascontiguousarray(a))
-        return t.view(torch.bfloat16) if self.bf16 else t.float()
-
-    def starts(self) -> range:
-        return range(0, len(self), self.rows)
 
 
 def sweep_rows(y: np.ndarray, seed: int = 0, select_rows: int | None = SWEEP_ROWS) -> np.ndarray:

@@ -7,8 +7,9 @@ from __future__ import annotations
 from igpt.errors import IgptError
 from igpt.hardware import available_memory
 
+from .chunks import chunk_rows
 from .features import grid_side, held_bytes
-from .logistic import SWEEP_ROWS, chunk_rows
+from .logistic import SWEEP_ROWS
 
 FEATURES_SHARE = 0.9
 """The share of the memory available that the full probe's features may take (`check_features_fit`). Their

@@ -24,13 +24,13 @@ from igpt.settings import build_config
 from igpt.training.checkpoint import read_state
 from igpt.training.distributed import Dist, check_same_settings
 
+from .chunks import RowChunks
 from .features import FeatureCache, check_pool, raw_pixels
 from .logistic import (
     FINE_CANDIDATES,
     FINE_LAMBDAS,
     FINE_REFIT_ITERS,
     LAMBDAS,
-    RowChunks,
     Sweep,
     probe_with_validation,
     refit,
@@ -151,10 +151,8 @@ def full_probe(
     t0 = time.perf_counter()
     kw = feature_settings(cfg, data)
     fine = further_pool(cfg.pool, cfg.fine_pool, data.resolution)
-    if not isinstance(cache, StoreCache):  # the store's probe was checked when it was opened (`scale`)
-        n = (len(L.tr), len(L.va) + len(L.te), len(layers), model.config.n_embd)
-        check_features_fit(*n, cfg.pool, fine)
-    cache = cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
+    if not isinstance(cache, StoreCache):  # the store's probe was checked when it was opened
+        cache = _in_memory(cfg, model, data, layers, (L, fine, kw), cache)
     on_disk = isinstance(cache, StoreCache) and cache.on_disk
     # first the rows that choose: validation and the training rows the lambda sweeps fit on, with the fine
     # grid of every layer, since the layer it is fitted on is chosen from these rows' sweeps
@@ -197,6 +195,22 @@ def full_probe(
     res["seconds"] = {"features": round(t_feat, 2), "probes": round(time.perf_counter() - t0 - t_feat, 2)}
     res["chosen"] = _chosen(res)
     return res
+
+
+def _in_memory(
+    cfg: ProbeConfig,
+    model: IGPT,
+    data: PreparedData,
+    layers: list[int],
+    rows: tuple[Labelled, str | None, dict[str, Any]],
+    cache: FeatureCache | None,
+) -> FeatureCache:
+    """The in-memory feature cache of one process (the one given, or a new one), once the features are
+    checked to fit (one line otherwise); `igpt.probe` sends probes that would not to the feature store first
+    (`igpt.probes.scale`). `rows`: the labelled rows, the further pooling, the pass's settings."""
+    L, fine, kw = rows
+    check_features_fit(len(L.tr), len(L.va) + len(L.te), len(layers), model.config.n_embd, cfg.pool, fine)
+    return cache or FeatureCache(model, data, layers, quiet=not cfg.progress, **kw)
 
 
 CLASSIFIER = (

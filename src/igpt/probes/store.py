@@ -31,8 +31,8 @@ from igpt.errors import IgptError
 from igpt.files import clean_stale, disk_errors, fsync_dir, write_json_atomic
 from igpt.model.gpt import IGPT
 
+from .chunks import RowChunks, chunk_rows
 from .features import feature_dtype, grid_side, merged_wants, pooled_batches
-from .logistic import RowChunks, chunk_rows
 
 VERSION = 1
 """Raised when what a stored feature means changes (the pooling's arithmetic, the file layout)."""
