@@ -42,7 +42,7 @@ from .sources import (
     source,
     split_validation,
 )
-from .workers import colour_table, decode_and_store, quantize_stored, run_jobs, save_chunk
+from .workers import colour_table, decode_and_store, quantize_stored, run_jobs, save_chunk, stored_channels
 
 CHUNK = 1024
 """Images per chunk: the unit of work of a worker, of a resume, and of memory."""
@@ -367,7 +367,7 @@ def _streamed_palette(
     tr_where, tr_rows = train  # where each stored training image is, and the rows kept for training
     n_sample = max(1, min(len(tr_rows), PALETTE_SAMPLE_PIXELS // (size * size)))
     pick = np.sort(np.random.default_rng(cfg.seed).choice(tr_rows, n_sample, replace=False))
-    sample = _channels(gather(store, "train", tr_where[pick]), channels, colour)
+    sample = stored_channels(gather(store, "train", tr_where[pick]), channels, colour)
     clusters = cfg.clusters or (16 if channels == 1 else 512)
     return fit_palette(sample, clusters, seed=cfg.seed, threads=workers), n_sample
 
@@ -425,13 +425,3 @@ def _parts(store: ChunkStore, split: str, where: np.ndarray) -> list[tuple[str, 
         return []
     cut = np.flatnonzero(np.diff(where[:, 0])) + 1
     return [(str(store.path(split, int(w[0, 0]))), w[:, 1]) for w in np.split(where, cut)]
-
-
-def _channels(images: np.ndarray, channels: int, colour: bool) -> np.ndarray:
-    """Stored (N, R, R, 3) images as `channels` channels: a grey set (stored repeated) gives its one channel
-    back unchanged; colour becomes luma for a one-channel palette."""
-    from .palette import to_channels
-
-    if channels == 1 and not colour:
-        return images[..., :1]
-    return to_channels(images, channels)

@@ -61,7 +61,7 @@ def quantize_stored(job: QuantizeJob) -> tuple[np.ndarray, float]:
     parts, palette, colour, order, dtype, error, table = job
     imgs = read_stored(parts)
     c = palette.shape[1]
-    imgs = imgs[..., :1] if c == 1 and not colour else to_channels(imgs, c)
+    imgs = stored_channels(imgs, c, colour)
     grid = quantize(imgs, palette, lut=_open_table(table) if c == 3 and table else None)
     err = float(((decode(grid, palette).astype(np.float64) - imgs) ** 2).sum()) if error else 0.0
     return to_sequence(grid, order).astype(dtype), err
@@ -126,3 +126,11 @@ def run_jobs(fn: Callable[[Any], Any], jobs: Iterable[Any], workers: int) -> Ite
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+
+def stored_channels(images: np.ndarray, channels: int, colour: bool) -> np.ndarray:
+    """Stored (N, R, R, 3) images as `channels` channels: a grey set (stored repeated) gives its one channel
+    back unchanged; colour becomes luma for a one-channel palette."""
+    if channels == 1 and not colour:
+        return images[..., :1]
+    return to_channels(images, channels)
